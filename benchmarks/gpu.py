@@ -1,0 +1,107 @@
+"""The prepared GPU suite: one call on a lent card, a few minutes (issue: GPU figures).
+
+    bash benchmarks/gpu.sh                # on a GPU: full sizes, writes $OUT or results/gpu-<card>-<date>
+    python benchmarks/gpu.py --smoke      # CPU smoke mode (CI runs this so the script never rots)
+
+Writes `gpu_results.json` (every figure, with device and versions) and `gpu_results.md`.
+Speed runs use real shapes with random weights (labelled so); timing depends on shapes, not values.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import llmopt  # noqa: E402
+from llmopt.bench import compare_with_transformers, decode_bytes_per_token, to_transformers  # noqa: E402
+from llmopt.profiling import device_info, probe_bandwidth, probe_matmul  # noqa: E402
+
+
+def section(results: dict, name: str, fn) -> None:
+    """Run one part of the suite; a failure is recorded, never fatal for the rest."""
+    t0 = time.perf_counter()
+    try:
+        results[name] = fn()
+    except Exception as e:  # a missing backend or an OOM must not lose the other figures
+        results[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+    results[name + "_seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"[{name}] {json.dumps(results[name], default=str)[:600]}", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, seconds")
+    p.add_argument("--out", default=None)
+    p.add_argument("--preset", default="llama-3.2-1b", help="shape for the random-weight runs")
+    p.add_argument("--new-tokens", type=int, default=256)
+    args = p.parse_args(argv)
+
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    info = device_info(device)
+    card = info["device_name"].replace(" ", "-").replace("/", "-")
+    out = Path(args.out or f"results/gpu-{card}-{time.strftime('%Y-%m-%d')}")
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"device": info, "smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M"),
+                     "transformers": __import__("transformers").__version__}
+    preset = "tiny" if args.smoke else args.preset
+    new_tokens = 8 if args.smoke else args.new_tokens
+    repeats = 1 if args.smoke else 3
+
+    section(results, "probes", lambda: {
+        "copy_bandwidth_GBps": probe_bandwidth(device, nbytes=(32 if args.smoke else 1024) * 2**20) / 1e9,
+        "matmul_TFLOPs": probe_matmul(device, dtype, n=512 if args.smoke else 8192) / 1e12,
+        "matmul_dtype": str(dtype)})
+
+    def decode_vs_transformers():
+        cfg = llmopt.get_config(preset)
+        model = llmopt.build_model(cfg, device=device, dtype=dtype)
+        hf = to_transformers(model)
+        prompt = torch.randint(0, cfg.vocab_size, (32,), generator=torch.Generator().manual_seed(0)).tolist()
+        rows = compare_with_transformers(model, None, hf, prompt=prompt, new_tokens=new_tokens,
+                                         repeats=repeats, label=f"{preset} (random weights)")
+        bw = results.get("probes", {}).get("copy_bandwidth_GBps")
+        for r in rows:
+            step = decode_bytes_per_token(cfg, dtype, context=32 + new_tokens // 2)
+            r["bytes_per_step"] = step
+            if bw:
+                r["mbu"] = step * r["decode_tokens_per_s"] / (bw * 1e9)
+        del model, hf
+        return {"rows": rows, "ratio_llmopt_over_transformers":
+                rows[0]["decode_tokens_per_s"] / rows[1]["decode_tokens_per_s"]}
+
+    section(results, "decode_batch1", decode_vs_transformers)
+
+    (out / "gpu_results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    md = [f"# GPU suite: {info['device_name']}", "",
+          f"{results['date']}, torch {info['torch']}, transformers {results['transformers']}"
+          f"{' (CPU smoke mode)' if args.smoke else ''}.", ""]
+    pr = results["probes"]
+    if "error" not in pr:
+        md.append(f"- copy bandwidth: {pr['copy_bandwidth_GBps']:.1f} GB/s; matmul "
+                  f"({pr['matmul_dtype']}): {pr['matmul_TFLOPs']:.1f} TFLOP/s")
+    dec = results["decode_batch1"]
+    if "error" not in dec:
+        md += ["", f"Decode, batch 1, greedy, {new_tokens} new tokens, {preset} shape with random weights:", "",
+               "| path | decode tokens/s | TPOT ms | TTFT ms | MBU |", "|---|---|---|---|---|"]
+        for r in dec["rows"]:
+            md.append(f"| {r['label']} | {r['decode_tokens_per_s']:.1f} | {r['tpot_s'] * 1e3:.2f} | "
+                      f"{r['ttft_s'] * 1e3:.1f} | {r.get('mbu', float('nan')):.0%} |")
+        md.append(f"\nllmopt / transformers: **{dec['ratio_llmopt_over_transformers']:.2f}x**")
+    for k, v in results.items():
+        if isinstance(v, dict) and "error" in v:
+            md.append(f"\n- {k} failed: {v['error']}")
+    (out / "gpu_results.md").write_text("\n".join(md) + "\n")
+    print((out / "gpu_results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""llmopt: a small, readable library of LLM inference optimizations, with the tools to measure them.
+
+Start with notebook 00: `model, tok = llmopt.load_model("tiny")`, then
+`llmopt.generate(model, tok, "ROMEO:", max_new_tokens=64)`.
+"""
+from . import metrics, plots, profiling, widgets
+from .bench import ci_mode, to_transformers
+from .config import PRESETS, ModelConfig, get_config
+from .generate import Generation, decode_one_token, generate, prefill, stream
+from .kv_cache import DynamicKVCache, StaticKVCache, kv_bytes_per_token, kv_cache_bytes, make_cache
+from .load import load_model, save_model
+from .model import Transformer, build_model
+from .profiling import device_info, hf_generate, measure, measure_generation, peak_memory, to_frame
+from .tokenizer import Tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS", "ModelConfig", "get_config", "Generation", "decode_one_token", "generate",
+    "prefill", "stream", "DynamicKVCache", "StaticKVCache", "kv_bytes_per_token",
+    "kv_cache_bytes", "make_cache", "load_model", "save_model", "Transformer", "build_model",
+    "device_info", "hf_generate", "measure", "measure_generation", "peak_memory", "Tokenizer",
+    "ci_mode", "to_transformers", "to_frame", "metrics", "plots", "profiling", "widgets",
+]

@@ -1,0 +1,158 @@
+"""The headless before/after suite behind `python -m llmopt bench` (notebook 00).
+
+Each experiment returns result rows (plain dicts with device, dtype and model
+beside every figure); `run_bench` runs the chosen ones, prints ratios and writes
+`report.md`, `results.json` and PNG plots into one folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, get_config
+from .generate import generate
+from .profiling import device_info, hf_generate, measure_generation, probe_bandwidth
+
+DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
+
+
+def ci_mode() -> bool:
+    """True when LLMOPT_CI is set: every notebook and benchmark shrinks to CI sizes."""
+    return os.environ.get("LLMOPT_CI", "").lower() not in ("", "0", "false", "no")
+
+
+def to_transformers(model):
+    """A `transformers` model with exactly this llmopt model's weights (in memory, no disk)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    hf_cfg = model.config.to_hf()
+    model_type = hf_cfg.pop("model_type")
+    config = AutoConfig.for_model(model_type, **hf_cfg)
+    with torch.device(model.device):
+        hf = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    state = {f"model.{k}": v for k, v in model.state_dict().items() if not k.startswith("lm_head")}
+    state["lm_head.weight"] = model.lm_head.weight
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if "rotary" not in k]:
+        raise RuntimeError(f"weight names did not map onto transformers: {missing} {unexpected}")
+    return hf.eval()
+
+
+def decode_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, context: int, batch: int = 1) -> int:
+    """Bytes one decode step reads: every weight once, plus the KV cache of `context` tokens per row."""
+    bytes_per = torch.finfo(dtype).bits // 8
+    weights = cfg.n_params * bytes_per
+    kv = batch * context * 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * bytes_per
+    return weights + kv
+
+
+def compare_with_transformers(model, tokenizer, hf_model, *, prompt=DEFAULT_PROMPT,
+                              new_tokens: int = 128, repeats: int = 3, label: str = "") -> list[dict]:
+    """llmopt's generate vs `transformers` generate on the same weights: batch 1, greedy.
+
+    Returns two rows (llmopt static cache, transformers) and checks the tokens agree.
+    """
+    ids = prompt if not isinstance(prompt, str) else tokenizer.encode(prompt)
+    ids_t = torch.tensor([ids], device=model.device)
+    dtype = str(model.dtype).removeprefix("torch.")
+    ctx = dict(model=label or getattr(model, "name", "model"), device=str(model.device), dtype=dtype,
+               batch=1)
+    ours = measure_generation(
+        lambda: generate(model, tokenizer, ids, max_new_tokens=new_tokens, ignore_eos=True),
+        repeats=repeats, label="llmopt (static cache)", **ctx)
+    theirs = measure_generation(
+        lambda: hf_generate(hf_model, ids_t, max_new_tokens=new_tokens),
+        repeats=repeats, label="transformers generate", **ctx)
+    a = generate(model, tokenizer, ids, max_new_tokens=new_tokens, ignore_eos=True).token_ids
+    b = hf_generate(hf_model, ids_t, max_new_tokens=new_tokens).token_ids
+    agree = sum(x == y for x, y in zip(a, b)) / max(1, len(a))
+    for row in (ours, theirs):
+        row["greedy_token_agreement"] = agree
+    return [ours, theirs]
+
+
+def bench_baseline(quick: bool, device: str) -> dict:
+    """`tiny`: llmopt vs transformers generate, batch 1, greedy, 128 new tokens."""
+    from transformers import AutoModelForCausalLM
+    from .load import load_model, resolve
+    model, tok = load_model("tiny", device=device)
+    hf = AutoModelForCausalLM.from_pretrained(resolve("tiny")).to(device).eval()
+    new = 32 if quick else 128
+    rows = compare_with_transformers(model, tok, hf, new_tokens=new, repeats=2 if quick else 5,
+                                     label="tiny")
+    ratio = rows[0]["decode_tokens_per_s"] / rows[1]["decode_tokens_per_s"]
+    e2e_ratio = rows[0]["e2e_tokens_per_s"] / rows[1]["e2e_tokens_per_s"]
+    return {"name": "baseline", "title": f"llmopt vs transformers generate (tiny, batch 1, greedy, "
+            f"{new} new tokens)", "rows": rows,
+            "ratios": {"decode tokens/s, llmopt / transformers": ratio,
+                       "end-to-end tokens/s (prefill included), llmopt / transformers": e2e_ratio},
+            "goal": {"decode tokens/s, llmopt / transformers": 2.0}}
+
+
+EXPERIMENTS = {"baseline": bench_baseline}
+
+
+def _markdown_table(rows: list[dict], keys: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+    head = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
+    return head + "".join("| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |\n" for r in rows)
+
+
+def run_bench(only: list[str] | None = None, *, quick: bool = False, out: str | Path | None = None,
+              device: str | None = None) -> dict:
+    """Run the suite (all experiments or `only`), print ratios, write the report folder."""
+    from tqdm.auto import tqdm
+    names = only or list(EXPERIMENTS)
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        raise ValueError(f"unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS)}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(out or Path("reports") / time.strftime("bench-%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    info = device_info(device)
+    results = {"device": info, "quick": quick, "experiments": []}
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    md = [f"# llmopt bench\n\nDevice: **{info['device_name']}** ({info['device']}), torch "
+          f"{info['torch']}, {info['threads']} threads{', quick mode' if quick else ''}.\n"]
+    for name in tqdm(names, desc="bench"):
+        res = EXPERIMENTS[name](quick, device)
+        results["experiments"].append(res)
+        keys = ["label", "model", "dtype", "ttft_s", "tpot_s", "decode_tokens_per_s",
+                "e2e_tokens_per_s", "new_tokens"]
+        md.append(f"## {res['title']}\n\n" + _markdown_table(res["rows"], keys))
+        for k, v in res["ratios"].items():
+            goal = res.get("goal", {}).get(k)
+            line = f"- {k}: **{v:.2f}x**" + (f" (goal >= {goal}x)" if goal else "")
+            md.append(line)
+            print(f"[{name}] {k}: {v:.2f}x" + (f" (goal >= {goal}x)" if goal else ""))
+        md.append("")
+        _plot(res, out / f"{name}.png")
+        md.append(f"![{name}]({name}.png)\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out / "report.md").write_text("\n".join(md))
+    print(f"report written to {out}/report.md")
+    return results
+
+
+def _plot(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3))
+    labels = [r["label"] for r in res["rows"]]
+    ax.barh(labels, [r["decode_tokens_per_s"] for r in res["rows"]], color="tab:blue")
+    ax.set_xlabel("decode tokens/s (median)")
+    ax.set_title(res["title"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,204 @@
+"""Generation: prefill, one-token decode, and the loop around them (notebook 00).
+
+The path of a request:
+    text -> tokenizer -> ids -> prefill (one forward over the prompt, fills the
+    cache) -> decode steps (one token per forward, reading the cache) -> sampler -> text
+
+`prefill` and `decode_one_token` are separate functions so each can be timed or
+compiled alone. `generate` returns a `Generation`; `stream` yields text pieces.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .kv_cache import CACHE_KINDS, make_cache
+from .sampling import check_sampling, sample
+
+
+@dataclass
+class Generation:
+    """The result of one request: new token ids, their text, and timings."""
+    token_ids: list[int]
+    text: str
+    prompt_ids: list[int]
+    finish_reason: str                      # "length", "eos" or "stop"
+    stats: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return (f"Generation({len(self.token_ids)} tokens, finish={self.finish_reason!r}, "
+                f"text={self.text[:60]!r}{'...' if len(self.text) > 60 else ''})")
+
+
+def prefill(model, input_ids: torch.Tensor, cache, **kw) -> torch.Tensor:
+    """One forward over the prompt [B, T]; fills `cache`; returns last-position logits [B, V]."""
+    T = input_ids.shape[1]
+    input_pos = torch.arange(T, device=input_ids.device)
+    return model(input_ids, input_pos, cache, last_only=True, **kw)[:, -1]
+
+
+def decode_one_token(model, token: torch.Tensor, input_pos: torch.Tensor, cache, **kw) -> torch.Tensor:
+    """One forward for one new token per row: token [B, 1] at cache slot input_pos [1] -> logits [B, V]."""
+    return model(token, input_pos, cache, **kw)[:, -1]
+
+
+def encode_prompt(model, tokenizer, prompt, max_new_tokens: int) -> list[int]:
+    """Prompt text or ids -> ids, checked against the vocabulary and the context length."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt is empty: give at least one character of text (or token ids)")
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer: pass one, or give token ids")
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, torch.Tensor):
+        ids = prompt.flatten().tolist()
+    else:
+        ids = [int(i) for i in prompt]
+    if not ids:
+        raise ValueError("prompt is empty: give at least one token")
+    vocab = model.config.vocab_size
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    limit = model.config.max_seq_len
+    if len(ids) + max_new_tokens > limit:
+        raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"the model's context of {limit} tokens: shorten the prompt or ask for "
+                         f"at most {max(0, limit - len(ids))} new tokens")
+    return ids
+
+
+def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tokens: int,
+                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                  seed: int | None = None, cache: str = "static", ignore_eos: bool = False):
+    """Yields (token_id, seconds since `start`) for each new token; the loop of generate/stream."""
+    device = model.device
+    gen = None
+    if temperature > 0:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed if seed is not None else torch.seed())
+    eos = set() if ignore_eos else set(getattr(tokenizer, "eos_token_ids", []) or [])
+    with torch.inference_mode():
+        tokens = torch.tensor([ids], device=device)                     # [1, T]
+        kv = make_cache(cache, model.config, 1, len(ids) + max_new_tokens,
+                        device=device, dtype=model.dtype)
+        if kv is None:
+            logits = model(tokens, last_only=True)[:, -1]
+        else:
+            logits = prefill(model, tokens, kv)
+        pos = len(ids)
+        for i in range(max_new_tokens):
+            next_tok = sample(logits, temperature, top_k, top_p, gen)      # [1]
+            tok = int(next_tok.item())                                     # host sync
+            yield tok, time.perf_counter() - start
+            if tok in eos or i == max_new_tokens - 1:
+                return
+            if kv is None:  # no cache: recompute the whole sequence
+                tokens = torch.cat([tokens, next_tok[:, None]], dim=1)
+                logits = model(tokens, last_only=True)[:, -1]
+            else:
+                logits = decode_one_token(model, next_tok[:, None],
+                                          torch.tensor([pos], device=device), kv)
+            pos += 1
+
+
+def _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p,
+                     cache) -> list[int]:
+    """Validate every option before any work starts; returns the prompt's ids."""
+    check_sampling(temperature, top_k, top_p)
+    if cache not in CACHE_KINDS:
+        raise ValueError(f"cache must be one of {CACHE_KINDS}, got {cache!r}")
+    return encode_prompt(model, tokenizer, prompt, max_new_tokens)
+
+
+def timing_stats(times: list[float], prompt_tokens: int) -> dict:
+    """TTFT, TPOT (excluding the first token), decode tokens/s and end-to-end from arrival times."""
+    n = len(times)
+    ttft = times[0] if n else float("nan")
+    e2e = times[-1] if n else float("nan")
+    decode = e2e - ttft
+    tpot = decode / (n - 1) if n > 1 else float("nan")
+    return {"prompt_tokens": prompt_tokens, "new_tokens": n, "ttft_s": ttft, "tpot_s": tpot,
+            "decode_tokens_per_s": (n - 1) / decode if n > 1 and decode > 0 else float("nan"),
+            "e2e_s": e2e, "e2e_tokens_per_s": n / e2e if n and e2e > 0 else float("nan")}
+
+
+def _stop_at(text: str, stop) -> int | None:
+    hits = [text.find(s) for s in stop if s and s in text]
+    return min(hits) if hits else None
+
+
+def _as_stop_list(stop) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if not all(isinstance(s, str) for s in stop):
+        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+    return list(stop)
+
+
+def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             stop=None, cache: str = "static", ignore_eos: bool = False) -> Generation:
+    """Generate up to `max_new_tokens` after `prompt` (text or ids); greedy at temperature 0 (notebook 00).
+
+    Stops at the tokenizer's end-of-sequence token (unless `ignore_eos`) or when the
+    text contains one of the `stop` strings (the text is cut before it).
+    """
+    start = time.perf_counter()
+    ids = _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, cache)
+    stop = _as_stop_list(stop)
+    new, times, reason = [], [], "length"
+    for tok, t in _token_stream(model, tokenizer, ids, start, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                cache=cache, ignore_eos=ignore_eos):
+        new.append(tok)
+        times.append(t)
+        if not ignore_eos and tok in getattr(tokenizer, "eos_token_ids", []):
+            reason = "eos"
+            break
+        if stop:
+            text = tokenizer.decode(new)
+            cut = _stop_at(text, stop)
+            if cut is not None:
+                reason = "stop"
+                break
+    text = tokenizer.decode(new) if tokenizer is not None else ""  # ids in, ids out
+    if reason == "stop":
+        text = text[:_stop_at(text, stop)]
+    stats = timing_stats(times, len(ids))
+    stats.update(cache=cache, device=str(model.device), dtype=str(model.dtype).removeprefix("torch."))
+    return Generation(token_ids=new, text=text, prompt_ids=ids, finish_reason=reason, stats=stats)
+
+
+def stream(model, tokenizer, prompt, **options) -> Iterator[str]:
+    """Like `generate`, but yields the text of each new token as soon as it is sampled."""
+    start = time.perf_counter()
+    options.setdefault("max_new_tokens", 64)
+    ids = _checked_request(model, tokenizer, prompt, options["max_new_tokens"],
+                           options.get("temperature", 0.0), options.get("top_k"),
+                           options.get("top_p"), options.get("cache", "static"))
+    stop = _as_stop_list(options.pop("stop", None))
+    ignore_eos = options.get("ignore_eos", False)
+    new: list[int] = []
+    emitted = ""
+    for tok, _ in _token_stream(model, tokenizer, ids, start, **options):
+        if not ignore_eos and tok in getattr(tokenizer, "eos_token_ids", []):
+            return
+        new.append(tok)
+        text = tokenizer.decode(new)
+        cut = _stop_at(text, stop) if stop else None
+        if cut is not None:
+            text = text[:cut]
+        # byte-level BPE can end mid-character: hold back a trailing replacement char
+        if not text.endswith("\ufffd") and len(text) > len(emitted):
+            yield text[len(emitted):]
+            emitted = text
+        if cut is not None:
+            return

@@ -1,0 +1,124 @@
+"""Load and save checkpoints as Hugging Face folders, safetensors only (notebook 00).
+
+`load_model("tiny")` gives the embedded model; a local folder of a Llama, Mistral
+or Qwen2 checkpoint works the same way; a hub name works when the machine is
+online (files are fetched with `huggingface_hub`, weights still read as
+safetensors). Pickled weights (`pytorch_model.bin`) and remote code are refused.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import SUPPORTED_ARCHITECTURES, ModelConfig
+from .data import DATA_DIR
+from .model import Transformer, rope_inv_freq
+from .tokenizer import Tokenizer
+
+EMBEDDED = {"tiny": DATA_DIR / "tiny", "tiny-draft": DATA_DIR / "tiny-draft"}
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """The local folder for an embedded name, a folder path, or a hub name (downloaded)."""
+    if str(name_or_path) in EMBEDDED:
+        folder = EMBEDDED[str(name_or_path)]
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"embedded model {name_or_path!r} is missing from {folder}; "
+                                    "train it with `python -m llmopt.train --preset "
+                                    f"{name_or_path}` or re-clone the repository")
+        return folder
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} is not a checkpoint folder (no config.json)")
+        return path
+    if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
+        raise FileNotFoundError(f"no checkpoint at {name_or_path!r}: give 'tiny', 'tiny-draft', "
+                                "a local Hugging Face folder, or a hub name like 'org/model'")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(str(name_or_path), allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer.model"]))
+    except Exception as e:
+        raise FileNotFoundError(f"could not fetch {name_or_path!r} from the hub ({e}); offline, "
+                                "download it elsewhere and pass the local folder") from e
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if single.exists():
+        return load_file(str(single))
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(folder / shard)))
+        return state
+    pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]
+    hint = (f" It has {', '.join(pickled)}: pickled weights are refused for safety; convert "
+            "them to safetensors first.") if pickled else ""
+    raise FileNotFoundError(f"{folder} has no model.safetensors (or sharded index).{hint}")
+
+
+def load_model(name_or_path: str | Path = "tiny", *, device=None,
+               dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
+    """(model, tokenizer) for "tiny", "tiny-draft", a local HF folder or a hub name (notebook 00)."""
+    folder = resolve(name_or_path)
+    hf = json.loads((folder / "config.json").read_text())
+    cfg = ModelConfig.from_hf(hf)
+    state = {k.removeprefix("model."): v for k, v in _read_weights(folder).items()}
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    if dtype is None:
+        dtype = state["embed_tokens.weight"].dtype if "embed_tokens.weight" in state else torch.float32
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    unexpected = [k for k in unexpected if "rotary_emb" not in k]
+    if missing or unexpected:
+        raise ValueError(f"weights in {folder} do not match a {cfg.architecture} of this config: "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for k, v in state.items():
+        want = model.state_dict()[k].shape
+        if v.shape != want:
+            raise ValueError(f"weight {k} in {folder} has shape {tuple(v.shape)}, the config "
+                             f"says {tuple(want)}: config.json and weights disagree")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg)  # built on the meta device above; rebuild for real
+    model = model.to(device or "cpu").eval()
+    tokenizer = Tokenizer.from_folder(folder, eos_token_id=cfg.eos_token_id,
+                                      bos_token_id=cfg.bos_token_id)
+    model.name = str(name_or_path)
+    return model, tokenizer
+
+
+def save_model(model: Transformer, folder: str | Path, tokenizer=None) -> Path:
+    """Write `config.json` + `model.safetensors` (HF names) so `transformers` loads it too."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    state = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if not k.startswith("lm_head.")}
+    if not cfg.tie_embeddings:
+        state["lm_head.weight"] = model.lm_head.weight.detach().contiguous().cpu()
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    hf = cfg.to_hf()
+    hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if tokenizer is not None:
+        from .tokenizer import save_tokenizer
+        save_tokenizer(tokenizer, folder)
+    return folder
+
+
+__all__ = ["load_model", "save_model", "resolve", "SUPPORTED_ARCHITECTURES"]

@@ -1,0 +1,116 @@
+"""Quality metrics (notebooks 00 and 11).
+
+Perplexity is measured on the fixed held-out test split, never on a model's own
+samples (a model that repeats itself would score well on those). The other
+metrics compare generations (distinct-n, repetition) or two models' next-token
+distributions (top-1 agreement, KL divergence) on the same text.
+
+Every function takes a model callable as `model(input_ids [B, T]) -> logits
+[B, T, V]`; a `transformers` model works too (its `.logits` are used).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+from .data import load_text
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    out = model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def heldout_ids(tokenizer, split: str = "test", max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids of a held-out split (1-D), optionally truncated to `max_tokens`."""
+    ids = tokenizer.encode(load_text(split, eos="\n\n"))
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer=None, *, split: str = "test", ids: torch.Tensor | None = None,
+               context: int = 256, stride: int | None = None, max_tokens: int | None = None) -> float:
+    """Sliding-window perplexity of held-out text (notebook 11).
+
+    Windows of `context` tokens move by `stride` (default context/2); each token
+    is scored once, with at least context-stride tokens of history after the first
+    window. Pass `ids` to score your own text, or a tokenizer to use `split`.
+    """
+    if ids is None:
+        if tokenizer is None:
+            raise ValueError("perplexity needs a tokenizer (to encode the split) or ids")
+        ids = heldout_ids(tokenizer, split, max_tokens)
+    stride = stride or max(1, context // 2)
+    if not 0 < stride <= context:
+        raise ValueError(f"stride must be in (0, context={context}], got {stride}")
+    if len(ids) < 2:
+        raise ValueError("perplexity needs at least 2 tokens of text")
+    device = _device(model)
+    nll, counted, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids) - 1, stride):
+        end = min(begin + context, len(ids))
+        window = ids[begin:end].to(device)[None]
+        logits = _logits(model, window)[0, :-1].float()
+        targets = window[0, 1:]
+        # score only the tokens this window adds (those after the previous window's end)
+        first_new = max(prev_end - begin - 1, 0)
+        losses = F.cross_entropy(logits[first_new:], targets[first_new:], reduction="sum")
+        nll += losses.item()
+        counted += len(targets) - first_new
+        prev_end = end
+        if end == len(ids):
+            break
+    return math.exp(nll / counted)
+
+
+def distinct_n(texts_or_ids, n: int = 2) -> float:
+    """Unique n-grams / all n-grams over a set of generations (1.0 = no repeats)."""
+    grams: Counter = Counter()
+    for seq in texts_or_ids:
+        toks = seq.split() if isinstance(seq, str) else list(seq)
+        grams.update(tuple(toks[i:i + n]) for i in range(len(toks) - n + 1))
+    total = sum(grams.values())
+    return len(grams) / total if total else 0.0
+
+
+def repetition_rate(seq, n: int = 4) -> float:
+    """Share of n-grams in one generation that already occurred earlier in it."""
+    toks = seq.split() if isinstance(seq, str) else list(seq)
+    seen, repeats, total = set(), 0, 0
+    for i in range(len(toks) - n + 1):
+        g = tuple(toks[i:i + n])
+        repeats += g in seen
+        seen.add(g)
+        total += 1
+    return repeats / total if total else 0.0
+
+
+@torch.no_grad()
+def compare_next_token(model, reference, ids: torch.Tensor, context: int = 256) -> dict:
+    """Top-1 agreement and mean KL(reference || model) of next-token distributions on `ids`."""
+    ids = ids[: (len(ids) // context) * context or len(ids)]
+    agree, kl, count = 0, 0.0, 0
+    for begin in range(0, len(ids), context):
+        window = ids[begin:begin + context][None]
+        p_logits = _logits(reference, window.to(_device(reference)))[0].float().cpu()
+        q_logits = _logits(model, window.to(_device(model)))[0].float().cpu()
+        agree += (p_logits.argmax(-1) == q_logits.argmax(-1)).sum().item()
+        kl += F.kl_div(F.log_softmax(q_logits, -1), F.log_softmax(p_logits, -1),
+                       log_target=True, reduction="sum").item()
+        count += window.shape[1]
+    return {"top1_agreement": agree / count, "kl_divergence": kl / count, "tokens": count}
+
+
+def token_agreement(a, b) -> float:
+    """Share of positions where two generated id sequences agree (over the shorter length)."""
+    n = min(len(a), len(b))
+    return sum(int(x) == int(y) for x, y in zip(a[:n], b[:n])) / n if n else 1.0

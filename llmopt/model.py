@@ -1,0 +1,225 @@
+"""A Llama-family decoder, short enough to read in one sitting (notebook 00).
+
+RMSNorm, rotary position embeddings (with Llama 3 and linear rope scaling),
+grouped-query attention with optional q/k/v bias (Qwen2), a SwiGLU MLP and
+optionally tied embeddings. Module names follow Hugging Face's, so a
+checkpoint's `model.safetensors` loads with a plain `load_state_dict`.
+
+One forward serves three uses:
+- `model(ids)`                           full sequence, no cache (training, recompute);
+- `model(ids, input_pos, cache)`         prefill: writes the prompt's keys/values;
+- `model(ids[:, -1:], input_pos, cache)` decode: one token, reads the cache.
+`llmopt.generate` wraps these as `prefill` and `decode_one_token`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+ATTENTION_BACKENDS = ("sdpa", "plain")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 (as transformers does), scale in the model's dtype.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Rotary frequencies [head_dim/2], with Llama 3 or linear scaling applied."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = cfg.rope_scaling
+    if not s:
+        return inv_freq
+    kind = s.get("rope_type", s.get("type"))
+    if kind == "linear":
+        return inv_freq / s["factor"]
+    if kind == "llama3":
+        # Long wavelengths are slowed down by `factor`, short ones kept, the band
+        # between interpolated smoothly (Llama 3.1 paper, section 3.2 / HF code).
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / hi) & ~(wavelen > old_len / lo)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        self.backend = "sdpa"
+
+    def forward(self, x, cos, sin, mask, cache, input_pos):
+        B, T, _ = x.shape
+        # q: [B, H, T, D]; k, v: [B, Hkv, T, D]
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            # k, v: [B, Hkv, S, D] -- every key/value the cache holds for this layer
+            k, v = cache.update(self.layer_idx, input_pos, k, v)
+        if self.backend == "sdpa":
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                enable_gqa=self.n_heads != self.n_kv_heads)
+        else:
+            out = plain_attention(q, k, v, mask)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+def plain_attention(q, k, v, mask):
+    """softmax(Q K^T / sqrt(d)) V with the [T, S] score matrix written out (notebook 03)."""
+    T, S = q.shape[-2], k.shape[-2]
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:  # grouped-query: each kv head serves `rep` query heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, T, S]
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, input_pos):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Llama-family decoder: `forward(input_ids [B, T]) -> logits [B, T, vocab]`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # fp32 rotary frequencies; a plain attribute, so casting the model to
+        # fp16/bf16 never rounds them.
+        self.inv_freq = rope_inv_freq(cfg)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def set_attention(self, backend: str) -> "Transformer":
+        """Choose `"sdpa"` (fused kernels) or `"plain"` (explicit softmax) attention (notebook 03)."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+        for layer in self.layers:
+            layer.self_attn.backend = backend
+        return self
+
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
+                cache=None, positions: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with `last_only`).
+
+        input_pos: [T] cache slots the tokens occupy (default 0..T-1).
+        positions: [B, T] rotary positions, when rows differ (left padding); default input_pos.
+        key_mask:  [B, S] True for real tokens, False for padding, over the cache's slots.
+        """
+        B, T = input_ids.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=input_ids.device)
+        if positions is None:
+            positions = input_pos.unsqueeze(0).expand(B, T)
+        # Rotary tables in fp32, as transformers computes them: cos, sin [B, 1, T, D]
+        if self.inv_freq.device != input_ids.device:
+            self.inv_freq = self.inv_freq.to(input_ids.device)
+        freqs = positions.unsqueeze(-1).float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None]
+
+        mask = None  # None means plain causal over [T, T]
+        if cache is not None or key_mask is not None:
+            S = cache.kv_len(input_pos) if cache is not None else T
+            slots = torch.arange(S, device=input_ids.device)
+            # a query at slot p sees keys at slots <= p: [T, S]
+            mask = slots.unsqueeze(0) <= input_pos.unsqueeze(1)
+            if key_mask is not None:
+                # padding keys are hidden; a query always sees itself so no row is empty
+                mask = (mask & key_mask[:, None, :S]) | (slots.unsqueeze(0) == input_pos.unsqueeze(1))
+                mask = mask[:, None]  # [B, 1, T, S]
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache, input_pos)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+
+def build_model(cfg: ModelConfig, *, device=None, dtype: torch.dtype | None = None,
+                seed: int | None = 0) -> Transformer:
+    """A model with random weights (std 0.02, as Llama initializes), for shape-only speed runs."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device(device or "cpu"):
+        model = Transformer(cfg)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            nn.init.normal_(p, std=0.02)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()

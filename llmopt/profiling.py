@@ -1,0 +1,211 @@
+"""The one measurement protocol every notebook and benchmark uses (notebooks 00 and 01).
+
+- warm up first; synchronize the device before reading a clock;
+- repeat, report the median with the spread (min, max, p10, p90);
+- name the device, dtype and model beside every figure.
+
+Results are plain dicts; `to_frame` turns a list of them into a pandas table.
+Works for llmopt models and for a user's own `transformers` model.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def synchronize(device=None) -> None:
+    """Wait for queued device work, so a clock read after it is honest."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device is None and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def device_info(device=None) -> dict:
+    """What ran the measurement: device name, torch version, CPU threads."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_name()
+    return {"device": str(device), "device_name": name, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def summarize(samples: list[float]) -> dict:
+    """Median, spread and count of a list of measurements."""
+    s = sorted(samples)
+    q = statistics.quantiles(s, n=10, method="inclusive") if len(s) > 1 else [s[0]] * 9
+    return {"median": statistics.median(s), "min": s[0], "max": s[-1], "p10": q[0], "p90": q[-1],
+            "repeats": len(s)}
+
+
+def measure(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5, device=None) -> dict:
+    """Time `fn()`: warm-up calls, then `repeats` synchronized timings. Seconds, as `summarize`."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return summarize(times)
+
+
+GENERATION_KEYS = ("ttft_s", "tpot_s", "decode_tokens_per_s", "e2e_s", "e2e_tokens_per_s")
+
+
+def measure_generation(run: Callable[[], object], *, warmup: int = 1, repeats: int = 3,
+                       label: str = "", **context) -> dict:
+    """Median TTFT, TPOT, decode tokens/s and end-to-end of a generation callable.
+
+    `run()` returns an object with a `.stats` dict (an llmopt `Generation`, or the
+    result of `hf_generate`). The row carries `label` and any `context` given
+    (model, dtype, ...) beside the figures, plus the spread of decode tokens/s.
+    """
+    for _ in range(warmup):
+        run()
+    results = [run().stats for _ in range(repeats)]
+    row = {"label": label, **context}
+    for key in GENERATION_KEYS:
+        row[key] = statistics.median(r[key] for r in results)
+    tps = summarize([r["decode_tokens_per_s"] for r in results])
+    row.update(decode_tokens_per_s_min=tps["min"], decode_tokens_per_s_max=tps["max"],
+               new_tokens=results[0]["new_tokens"], prompt_tokens=results[0]["prompt_tokens"],
+               repeats=repeats)
+    return row
+
+
+class HFGeneration:
+    """Timings (and tokens) of one `transformers` `generate` call, shaped like a `Generation`."""
+
+    def __init__(self, token_ids: list[int], stats: dict) -> None:
+        self.token_ids, self.stats = token_ids, stats
+
+
+def hf_generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, ignore_eos: bool = True,
+                **generate_kwargs) -> HFGeneration:
+    """Run `transformers`' own `generate` (greedy by default), timing each token as it arrives.
+
+    A streamer receives every new token; we stamp its arrival (after a device
+    sync), which gives TTFT and TPOT for any Hugging Face causal LM.
+    """
+    from transformers.generation.streamers import BaseStreamer
+    from .generate import timing_stats
+
+    device = input_ids.device
+    start = [0.0]
+
+    class _Clock(BaseStreamer):
+        def __init__(self):
+            self.times, self.first = [], True
+
+        def put(self, value):
+            if self.first:      # the first call carries the prompt
+                self.first = False
+                return
+            synchronize(device)
+            self.times.append(time.perf_counter() - start[0])
+
+        def end(self):
+            pass
+
+    clock = _Clock()
+    kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens, streamer=clock)
+    if ignore_eos:
+        kwargs["min_new_tokens"] = max_new_tokens
+    kwargs.update(generate_kwargs)
+    synchronize(device)
+    start[0] = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    synchronize(device)
+    new = out[0, input_ids.shape[1]:].tolist()
+    stats = timing_stats(clock.times, input_ids.shape[1])
+    stats.update(device=str(device), dtype=str(model.dtype).removeprefix("torch."))
+    return HFGeneration(new, stats)
+
+
+def peak_memory(fn: Callable[[], object], device=None, interval_s: float = 0.002) -> dict:
+    """Peak memory while `fn()` runs: CUDA allocator peak, or on CPU the process's peak RSS rise.
+
+    CPU figures sample the resident set every `interval_s`, so they include
+    everything the process touched (allocator caches too): a rough upper bound.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return {"peak_bytes": peak, "delta_bytes": peak - base, "kind": "cuda allocator"}
+    import psutil
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = [base]
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            done.wait(interval_s)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    peak[0] = max(peak[0], proc.memory_info().rss)
+    return {"peak_bytes": peak[0], "delta_bytes": peak[0] - base, "kind": "process RSS"}
+
+
+def probe_bandwidth(device=None, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Measured device copy bandwidth in bytes/s (read + write of `nbytes`), the MBU denominator."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    t = measure(lambda: dst.copy_(src), warmup=2, repeats=repeats, device=device)["median"]
+    return 2 * nbytes / t
+
+
+def probe_matmul(device=None, dtype: torch.dtype | None = None, n: int = 1024,
+                 repeats: int = 5) -> float:
+    """Measured dense matmul rate in FLOP/s for n x n x n, the MFU denominator."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = measure(lambda: a @ b, warmup=2, repeats=repeats, device=device)["median"]
+    return 2 * n ** 3 / t
+
+
+def to_frame(rows: list[dict]):
+    """A pandas DataFrame of result rows (one measurement per row)."""
+    import pandas as pd
+    return pd.DataFrame(rows)

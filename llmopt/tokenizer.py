@@ -1,0 +1,99 @@
+"""Tokenization through Hugging Face `tokenizers` (notebook 00).
+
+`Tokenizer` is a thin wrapper with the three things generation needs: encode,
+decode and the end-of-sequence ids. `train_tokenizer` builds the embedded
+byte-level BPE tokenizer from the training split.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+EOS = "<|endoftext|>"
+
+
+class Tokenizer:
+    """Text <-> token ids, from a `tokenizer.json` (or a `transformers` tokenizer)."""
+
+    def __init__(self, backend, *, eos_token_id=None, bos_token_id=None, add_bos: bool = False,
+                 name: str = "") -> None:
+        self.backend = backend
+        self.name = name
+        ids = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
+        self.eos_token_ids = [i for i in ids if i is not None]
+        self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
+        self.bos_token_id = bos_token_id
+        self.add_bos = add_bos and bos_token_id is not None
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, eos_token_id=None, bos_token_id=None) -> "Tokenizer":
+        """Load `tokenizer.json` (+ `tokenizer_config.json`) from a checkpoint folder."""
+        folder = Path(folder)
+        cfg_path = folder / "tokenizer_config.json"
+        tcfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        if (folder / "tokenizer.json").exists():
+            from tokenizers import Tokenizer as HFTokenizer
+            backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+            # the post-processor may already add BOS (Llama 3); don't add it twice
+            add_bos = bool(tcfg.get("add_bos_token", False))
+            if add_bos and backend.post_processor is not None:
+                add_bos = False
+        else:
+            try:
+                from transformers import AutoTokenizer
+            except ImportError as e:  # pragma: no cover
+                raise FileNotFoundError(f"{folder} has no tokenizer.json, and transformers "
+                                        "(needed for other tokenizer formats) is missing") from e
+            backend = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            add_bos = False
+
+        def token_id(key):
+            tok = tcfg.get(key)
+            if isinstance(tok, dict):
+                tok = tok.get("content")
+            if tok is None:
+                return None
+            return backend.token_to_id(tok) if hasattr(backend, "token_to_id") else \
+                backend.convert_tokens_to_ids(tok)
+        eos = eos_token_id if eos_token_id is not None else token_id("eos_token")
+        bos = bos_token_id if bos_token_id is not None else token_id("bos_token")
+        return cls(backend, eos_token_id=eos, bos_token_id=bos, add_bos=add_bos, name=folder.name)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size() if hasattr(self.backend, "get_vocab_size") \
+            else len(self.backend)
+
+    def encode(self, text: str) -> list[int]:
+        if hasattr(self.backend, "get_vocab_size"):
+            ids = self.backend.encode(text).ids
+        else:
+            ids = self.backend.encode(text, add_special_tokens=False)
+        if self.add_bos:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 4096):
+    """Train a byte-level BPE tokenizer (GPT-2 style) on `texts`; returns a `tokenizers.Tokenizer`."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def save_tokenizer(tok, folder: str | Path) -> None:
+    """Write the tokenizer so both llmopt and `transformers.AutoTokenizer` load it."""
+    from transformers import PreTrainedTokenizerFast
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS,
+                                   unk_token=None, pad_token=EOS)
+    fast.save_pretrained(str(folder))

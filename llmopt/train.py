@@ -1,0 +1,165 @@
+"""Train the embedded models on the Shakespeare corpus (notebooks 00 and 05).
+
+    python -m llmopt.train --preset tiny --out data/tiny --steps 1200
+    python -m llmopt.train --preset tiny-draft --out data/tiny-draft --steps 1200
+
+Seeded and recorded: the run's settings, loss curve and held-out perplexity land
+in `training_report.json` and `TRAINING.md` beside the weights. The tokenizer is
+trained first (or reused with --tokenizer) so both models share it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import get_config
+from .data import TEST_WORKS, VALIDATION_WORKS, load_split, load_text
+from .model import build_model
+
+
+def encode_split(tok, split: str) -> torch.Tensor:
+    """All works of a split as one 1-D tensor of token ids, works separated by EOS."""
+    eos = tok.token_to_id("<|endoftext|>")
+    ids: list[int] = []
+    for text in load_split(split):
+        ids.extend(tok.encode(text).ids)
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator):
+    """Random windows: inputs [B, T] and next-token targets [B, T]."""
+    starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=gen)
+    x = torch.stack([data[s: s + seq_len] for s in starts.tolist()])
+    y = torch.stack([data[s + 1: s + seq_len + 1] for s in starts.tolist()])
+    return x, y
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def train_step(model, optimizer, x, y, *, amp_dtype: torch.dtype | None = None, scaler=None) -> float:
+    """One optimizer step; with `amp_dtype` the forward runs under autocast (notebook 05)."""
+    device_type = x.device.type
+    with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:  # fp16: scale the loss so small gradients do not underflow
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def eval_loss(model, data: torch.Tensor, seq_len: int, max_windows: int = 64) -> float:
+    """Mean next-token loss over non-overlapping windows of `data`."""
+    model.eval()
+    n = min(max_windows, (len(data) - 1) // seq_len)
+    losses = []
+    for i in range(n):
+        x = data[i * seq_len: (i + 1) * seq_len][None]
+        y = data[i * seq_len + 1: (i + 1) * seq_len + 1][None]
+        losses.append(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--tokenizer", help="reuse this folder's tokenizer.json instead of training one")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from .load import save_model
+    from .metrics import perplexity
+    from .tokenizer import Tokenizer, train_tokenizer
+
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    if args.tokenizer:
+        tok = HFTokenizer.from_file(str(Path(args.tokenizer) / "tokenizer.json"))
+    else:
+        tok = train_tokenizer(load_split("train"), vocab_size=args.vocab_size)
+    eos = tok.token_to_id("<|endoftext|>")
+    train_ids, val_ids = encode_split(tok, "train"), encode_split(tok, "validation")
+    print(f"tokenizer: {tok.get_vocab_size()} tokens; train {len(train_ids):,} tokens, "
+          f"validation {len(val_ids):,} ({time.perf_counter() - t0:.1f}s)")
+
+    cfg = get_config(args.preset).replace(vocab_size=tok.get_vocab_size(),
+                                          bos_token_id=eos, eos_token_id=eos)
+    model = build_model(cfg, seed=args.seed).train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(args.seed)
+    history = []
+    t_train = time.perf_counter()
+    bar = tqdm(range(args.steps), desc=f"train {args.preset}", mininterval=10)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        x, y = get_batch(train_ids, args.batch_size, args.seq_len, gen)
+        loss = train_step(model, opt, x, y)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            val = eval_loss(model, val_ids, args.seq_len)
+            history.append({"step": step + 1, "train_loss": round(loss, 4), "val_loss": round(val, 4),
+                            "seconds": round(time.perf_counter() - t_train, 1)})
+            bar.write(json.dumps(history[-1]))
+    train_seconds = time.perf_counter() - t_train
+
+    model.eval()
+    out = Path(args.out)
+    save_model(model, out, tokenizer=tok)
+    wrapped = Tokenizer.from_folder(out)
+    test_ppl = perplexity(model, wrapped, split="test", context=args.seq_len)
+    val_ppl = perplexity(model, wrapped, split="validation", context=args.seq_len)
+    report = {
+        "preset": args.preset, "config": cfg.to_hf(), "n_params": cfg.n_params,
+        "args": vars(args), "train_tokens": len(train_ids), "validation_works": VALIDATION_WORKS,
+        "test_works": TEST_WORKS, "history": history, "train_seconds": round(train_seconds, 1),
+        "tokens_seen": args.steps * args.batch_size * args.seq_len,
+        "validation_perplexity": round(val_ppl, 2), "test_perplexity": round(test_ppl, 2),
+        "machine": f"{platform.machine()} {platform.processor() or ''} "
+                   f"{torch.get_num_threads()} threads, torch {torch.__version__}".strip(),
+    }
+    (out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: report[k] for k in ("n_params", "train_seconds", "validation_perplexity",
+                                              "test_perplexity")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Generation: caches agree with recomputation, sampling is checked, bad input is refused clearly."""
+import pytest
+import torch
+
+import llmopt
+from llmopt.sampling import sample
+
+
+@pytest.fixture(scope="module")
+def model_and_tok(small_tokenizer_dir, tmp_path_factory):
+    from conftest import make_hf_checkpoint
+    folder = tmp_path_factory.mktemp("llama")
+    make_hf_checkpoint("llama", folder, small_tokenizer_dir)
+    return llmopt.load_model(folder)
+
+
+def test_cached_decoding_equals_full_recomputation(model_and_tok):
+    model, _ = model_and_tok
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids)                                    # [2, 40, V], no cache
+        for kind in ("static", "dynamic"):
+            cache = llmopt.make_cache(kind, model.config, 2, 40)
+            step_logits = [llmopt.prefill(model, ids[:, :10], cache)]
+            for t in range(10, 40):
+                step_logits.append(llmopt.decode_one_token(model, ids[:, t:t + 1],
+                                                           torch.tensor([t]), cache))
+            # prefill's last logits predict token 10; decode at t predicts token t+1
+            torch.testing.assert_close(torch.stack(step_logits, 1), full[:, 9:], atol=1e-5, rtol=1e-5)
+
+
+def test_static_cache_bytes_match_prediction(model_and_tok):
+    model, _ = model_and_tok
+    cache = llmopt.make_cache("static", model.config, 3, 70)
+    assert cache.nbytes == llmopt.kv_cache_bytes(model.config, 3, 70, torch.float32)
+    assert llmopt.kv_bytes_per_token(model.config, torch.bfloat16) == 2 * 2 * 2 * 16 * 2
+
+
+def test_sdpa_and_plain_attention_agree(model_and_tok):
+    model, _ = model_and_tok
+    ids = torch.randint(0, 512, (1, 33), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a = model(ids)
+        model.set_attention("plain")
+        try:
+            b = model(ids)
+            g_plain = llmopt.generate(model, None, ids[0], max_new_tokens=8, ignore_eos=True)
+        finally:
+            model.set_attention("sdpa")
+        g_sdpa = llmopt.generate(model, None, ids[0], max_new_tokens=8, ignore_eos=True)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert g_plain.token_ids == g_sdpa.token_ids
+
+
+def test_sampling_is_seeded_and_respects_top_k(model_and_tok):
+    model, tok = model_and_tok
+    kw = dict(max_new_tokens=12, temperature=1.0, top_k=5, seed=7, ignore_eos=True)
+    a = llmopt.generate(model, tok, "To be", **kw)
+    b = llmopt.generate(model, tok, "To be", **kw)
+    assert a.token_ids == b.token_ids
+    logits = torch.tensor([[0.0, 5.0, 4.0, -1.0, 3.0]])
+    gen = torch.Generator().manual_seed(0)
+    draws = {int(sample(logits, 1.0, top_k=2, generator=gen)) for _ in range(200)}
+    assert draws == {1, 2}
+    # top_p keeps the smallest set reaching p: probabilities ~ [.71, .26, .03, ...]
+    draws = {int(sample(logits, 1.0, top_p=0.9, generator=gen)) for _ in range(200)}
+    assert draws == {1, 2}
+    assert int(sample(logits, 1.0, top_p=0.5, generator=gen)) == 1
+    assert int(sample(logits)) == 1  # greedy
+
+
+def test_stop_strings_and_stream(model_and_tok):
+    model, tok = model_and_tok
+    full = llmopt.generate(model, tok, "Good morrow", max_new_tokens=20, ignore_eos=True)
+    streamed = "".join(llmopt.stream(model, tok, "Good morrow", max_new_tokens=20, ignore_eos=True))
+    assert streamed == full.text
+    stop = full.text[5:8]
+    cut = llmopt.generate(model, tok, "Good morrow", max_new_tokens=20, stop=stop, ignore_eos=True)
+    assert cut.finish_reason == "stop" and stop not in cut.text
+    assert full.text.startswith(cut.text)
+
+
+def test_stats_are_consistent(model_and_tok):
+    model, tok = model_and_tok
+    g = llmopt.generate(model, tok, "Hark", max_new_tokens=10, ignore_eos=True)
+    s = g.stats
+    assert s["new_tokens"] == 10 and len(g.token_ids) == 10
+    assert 0 < s["ttft_s"] <= s["e2e_s"]
+    assert s["tpot_s"] == pytest.approx((s["e2e_s"] - s["ttft_s"]) / 9)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt=""), "prompt is empty"),
+    (dict(prompt=[]), "prompt is empty"),
+    (dict(prompt=[99999]), "outside the vocabulary"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=10_000), "exceeds the model's context"),
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(temperature=1.0, top_k=0), "top_k must be"),
+    (dict(temperature=1.0, top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(temperature=1.0, top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(cache="paged-ish"), "cache must be one of"),
+    (dict(stop=[1, 2]), "stop must be"),
+])
+def test_bad_requests_raise_clear_errors(model_and_tok, kwargs, message):
+    model, tok = model_and_tok
+    args = dict(prompt="Hello", max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        llmopt.generate(model, tok, args.pop("prompt"), **args)

@@ -1,0 +1,18 @@
+"""The prepared GPU suite runs end to end in CPU smoke mode, so it never rots."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_suite_smoke(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--out", str(tmp_path)],
+                   check=True, cwd=ROOT, timeout=300)
+    res = json.loads((tmp_path / "gpu_results.json").read_text())
+    assert res["smoke"] and "error" not in res["probes"], res["probes"]
+    assert "error" not in res["decode_batch1"], res["decode_batch1"]
+    rows = res["decode_batch1"]["rows"]
+    assert rows[0]["greedy_token_agreement"] == 1.0
+    assert (tmp_path / "gpu_results.md").read_text().startswith("# GPU suite")
