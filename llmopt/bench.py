@@ -15,7 +15,7 @@ import torch
 
 from .config import ModelConfig, get_config
 from .generate import generate
-from .profiling import device_info, hf_generate, measure_generation, probe_bandwidth
+from .profiling import device_info, hf_generate, measure_generation, probe_bandwidth, roofline
 
 DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
 
@@ -43,10 +43,7 @@ def to_transformers(model):
 
 def decode_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, context: int, batch: int = 1) -> int:
     """Bytes one decode step reads: every weight once, plus the KV cache of `context` tokens per row."""
-    bytes_per = torch.finfo(dtype).bits // 8
-    weights = cfg.n_params * bytes_per
-    kv = batch * context * 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * bytes_per
-    return weights + kv
+    return roofline(cfg, dtype, context, batch)["bytes_per_step"]
 
 
 def compare_with_transformers(model, tokenizer, hf_model, *, prompt=DEFAULT_PROMPT,
@@ -92,7 +89,54 @@ def bench_baseline(quick: bool, device: str) -> dict:
             "goal": {"decode tokens/s, llmopt / transformers": 2.0}}
 
 
-EXPERIMENTS = {"baseline": bench_baseline}
+def bench_cache(quick: bool, device: str) -> dict:
+    """`tiny`, batch 1: the static KV cache vs recomputing the whole sequence every step."""
+    from .load import load_model
+    from .metrics import heldout_ids
+    model, tok = load_model("tiny", device=device)
+    prompt = heldout_ids(tok, "test", max_tokens=32).tolist()
+    new = 64 if quick else 512
+    rows = []
+    for kind in ("none", "dynamic", "static", "paged"):
+        rows.append(measure_generation(
+            lambda: generate(model, tok, prompt, max_new_tokens=new, cache=kind, ignore_eos=True),
+            repeats=1 if quick else 3, warmup=1, label=f"cache={kind}", model="tiny",
+            device=device, dtype="float32"))
+    by = {r["label"]: r for r in rows}
+    return {"name": "cache", "title": f"KV cache vs recompute (tiny, batch 1, 32-token prompt, {new} new tokens)",
+            "rows": rows,
+            "ratios": {"decode tokens/s, static cache / recompute":
+                       by["cache=static"]["decode_tokens_per_s"] / by["cache=none"]["decode_tokens_per_s"],
+                       "decode tokens/s, paged / static":
+                       by["cache=paged"]["decode_tokens_per_s"] / by["cache=static"]["decode_tokens_per_s"]},
+            "goal": {"decode tokens/s, static cache / recompute": 8.0}}
+
+
+def bench_attention(quick: bool, device: str) -> dict:
+    """Prefill time (TTFT) of plain softmax attention vs SDPA at long prompts, `tiny` shape."""
+    from .model import build_model
+    from .profiling import measure
+    model = build_model(get_config("tiny"), device=device)
+    rows, ratios = [], {}
+    for n in ((256, 512) if quick else (1024, 2048)):
+        ids = torch.randint(0, model.config.vocab_size, (1, n), device=device)
+        times = {}
+        for backend in ("plain", "sdpa"):
+            model.set_attention(backend)
+            with torch.inference_mode():
+                t = measure(lambda: model(ids, last_only=True), warmup=1, repeats=2 if quick else 5,
+                            device=device)["median"]
+            times[backend] = t
+            rows.append({"label": f"{backend} attention, prompt {n}", "model": "tiny (random weights)",
+                         "device": device, "dtype": "float32", "prompt_len": n, "ttft_s": t,
+                         "prefill_tokens_per_s": n / t})
+        model.set_attention("sdpa")
+        ratios[f"prefill time at {n} tokens, plain / SDPA"] = times["plain"] / times["sdpa"]
+    return {"name": "attention", "title": "SDPA vs plain attention, prefill", "rows": rows,
+            "ratios": ratios, "metric": "prefill_tokens_per_s"}
+
+
+EXPERIMENTS = {"baseline": bench_baseline, "cache": bench_cache, "attention": bench_attention}
 
 
 def _markdown_table(rows: list[dict], keys: list[str]) -> str:
@@ -127,8 +171,9 @@ def run_bench(only: list[str] | None = None, *, quick: bool = False, out: str | 
     for name in tqdm(names, desc="bench"):
         res = EXPERIMENTS[name](quick, device)
         results["experiments"].append(res)
-        keys = ["label", "model", "dtype", "ttft_s", "tpot_s", "decode_tokens_per_s",
-                "e2e_tokens_per_s", "new_tokens"]
+        keys = [k for k in ("label", "model", "dtype", "prompt_len", "ttft_s", "tpot_s",
+                            "decode_tokens_per_s", "prefill_tokens_per_s", "e2e_tokens_per_s",
+                            "new_tokens") if any(k in r for r in res["rows"])]
         md.append(f"## {res['title']}\n\n" + _markdown_table(res["rows"], keys))
         for k, v in res["ratios"].items():
             goal = res.get("goal", {}).get(k)
@@ -149,9 +194,10 @@ def _plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3))
+    metric = res.get("metric", "decode_tokens_per_s")
     labels = [r["label"] for r in res["rows"]]
-    ax.barh(labels, [r["decode_tokens_per_s"] for r in res["rows"]], color="tab:blue")
-    ax.set_xlabel("decode tokens/s (median)")
+    ax.barh(labels, [r[metric] for r in res["rows"]], color="tab:blue")
+    ax.set_xlabel(f"{metric} (median)")
     ax.set_title(res["title"], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

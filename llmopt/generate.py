@@ -27,6 +27,7 @@ class Generation:
     prompt_ids: list[int]
     finish_reason: str                      # "length", "eos" or "stop"
     stats: dict = field(default_factory=dict)
+    token_times: list[float] = field(default_factory=list, repr=False)  # arrival of each token, s
 
     def __repr__(self) -> str:
         return (f"Generation({len(self.token_ids)} tokens, finish={self.finish_reason!r}, "
@@ -174,7 +175,8 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
         text = text[:_stop_at(text, stop)]
     stats = timing_stats(times, len(ids))
     stats.update(cache=cache, device=str(model.device), dtype=str(model.dtype).removeprefix("torch."))
-    return Generation(token_ids=new, text=text, prompt_ids=ids, finish_reason=reason, stats=stats)
+    return Generation(token_ids=new, text=text, prompt_ids=ids, finish_reason=reason, stats=stats,
+                      token_times=times)
 
 
 def stream(model, tokenizer, prompt, **options) -> Iterator[str]:

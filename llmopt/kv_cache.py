@@ -15,7 +15,7 @@ import torch
 
 from .config import ModelConfig
 
-CACHE_KINDS = ("none", "dynamic", "static")
+CACHE_KINDS = ("none", "dynamic", "static", "paged")
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
@@ -83,11 +83,136 @@ class DynamicKVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
 
+class BlockManager:
+    """Bookkeeping for a pool of fixed-size KV blocks: a free list and reference counts.
+
+    Plain Python, no tensors: it only decides which physical block holds which
+    logical block of a sequence. A block with several users (a shared prompt)
+    is freed when the last one lets go.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
+        self.refcount = [0] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self.free)
+
+    def allocate(self, n: int = 1) -> list[int]:
+        if n > len(self.free):
+            raise MemoryError(f"KV cache out of blocks: need {n}, {len(self.free)} free of "
+                              f"{self.num_blocks}; finish or preempt a sequence, or add blocks")
+        blocks = [self.free.pop() for _ in range(n)]
+        for b in blocks:
+            self.refcount[b] = 1
+        return blocks
+
+    def share(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.refcount[b] += 1
+
+    def release(self, blocks: list[int]) -> None:
+        for b in blocks:
+            if self.refcount[b] <= 0:
+                raise ValueError(f"block {b} released more often than allocated")
+            self.refcount[b] -= 1
+            if self.refcount[b] == 0:
+                self.free.append(b)
+
+
+class PagedKVCache:
+    """Keys/values in fixed-size blocks from a shared pool, found through a block table.
+
+    Memory is claimed one block (say 16 tokens) at a time as sequences grow, so
+    nothing is reserved for tokens that are never generated and finished
+    sequences hand their blocks back at once (the continuous-batching engine
+    relies on this). Attention gathers a row's blocks back into order; fused
+    paged-attention kernels (vLLM) skip that copy.
+
+    pool per layer: [num_blocks * block_size, Hkv, D]; block_table: [B, max_blocks]
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, *, block_size: int = 16,
+                 num_blocks: int | None = None, device=None, dtype: torch.dtype = torch.float32,
+                 manager: BlockManager | None = None) -> None:
+        self.block_size = block_size
+        self.max_blocks = -(-max_len // block_size)              # blocks per sequence at most
+        if manager is None:
+            manager = BlockManager(num_blocks or batch_size * self.max_blocks, block_size)
+        self.manager = manager
+        slots = manager.num_blocks * block_size
+        shape = (slots, cfg.n_kv_heads, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.block_table = torch.zeros(batch_size, self.max_blocks, dtype=torch.long, device=device)
+        self.blocks: list[list[int]] = [[] for _ in range(batch_size)]   # host copy per row
+        self.device = device
+
+    def reserve(self, num_tokens: int) -> None:
+        """Make sure every row has blocks for `num_tokens` positions (allocating as needed)."""
+        need = self.manager.blocks_needed(num_tokens)
+        if need > self.max_blocks:
+            raise ValueError(f"{num_tokens} tokens exceed this cache's {self.max_blocks} blocks per row")
+        for row, blocks in enumerate(self.blocks):
+            if len(blocks) < need:
+                new = self.manager.allocate(need - len(blocks))
+                self.block_table[row, len(blocks):need] = torch.tensor(new, device=self.block_table.device)
+                blocks.extend(new)
+
+    def slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """Physical slot of each logical position: [B, T] from positions [T]."""
+        block = self.block_table[:, positions // self.block_size]          # [B, T]
+        return block * self.block_size + positions % self.block_size
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        if layer == 0:
+            self.reserve(int(input_pos[-1]) + 1)
+        B, H, T, D = k.shape
+        slots = self.slots(input_pos).flatten()                           # [B*T]
+        self.k[layer].index_copy_(0, slots, k.transpose(1, 2).reshape(B * T, H, D))
+        self.v[layer].index_copy_(0, slots, v.transpose(1, 2).reshape(B * T, H, D))
+        S = int(input_pos[-1]) + 1
+        read = self.slots(torch.arange(S, device=input_pos.device))        # [B, S]
+        # gather the row's blocks back into position order: [B, Hkv, S, D]
+        return self.k[layer][read].transpose(1, 2), self.v[layer][read].transpose(1, 2)
+
+    def kv_len(self, input_pos: torch.Tensor) -> int:
+        return int(input_pos[-1]) + 1
+
+    def free(self) -> None:
+        """Hand every row's blocks back to the pool."""
+        for blocks in self.blocks:
+            self.manager.release(blocks)
+            blocks.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the blocks actually handed out (what paging saves is nbytes - this)."""
+        used = self.manager.num_blocks - self.manager.num_free
+        return self.nbytes * used // self.manager.num_blocks
+
+
 def make_cache(kind: str, cfg: ModelConfig, batch_size: int, max_len: int, *,
                device=None, dtype: torch.dtype = torch.float32):
-    """A fresh cache of `kind` ("dynamic" or "static"); "none" returns None (recompute)."""
+    """A fresh cache of `kind` ("dynamic", "static" or "paged"); "none" returns None (recompute)."""
     if kind == "none":
         return None
+    if kind == "paged":
+        return PagedKVCache(cfg, batch_size, max_len, device=device, dtype=dtype)
     if kind == "static":
         return StaticKVCache(cfg, batch_size, max_len, device=device, dtype=dtype)
     if kind == "dynamic":

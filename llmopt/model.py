@@ -159,7 +159,8 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        """The dtype activations run in (norm weights are never quantized)."""
+        return self.norm.weight.dtype
 
     def set_attention(self, backend: str) -> "Transformer":
         """Choose `"sdpa"` (fused kernels) or `"plain"` (explicit softmax) attention (notebook 03)."""

@@ -209,3 +209,121 @@ def to_frame(rows: list[dict]):
     """A pandas DataFrame of result rows (one measurement per row)."""
     import pandas as pd
     return pd.DataFrame(rows)
+
+
+# -- Roofline: what a decode step must cost at least (notebook 01) ----------------------------
+
+def roofline(cfg, dtype: torch.dtype = torch.float32, context: int = 512, batch: int = 1) -> dict:
+    """Bytes read and FLOPs done per decode step of `batch` tokens at `context` cached tokens.
+
+    Weights: every matrix is read once per step (the embedding table only as the
+    output head, when tied). KV: each row reads its whole cache. FLOPs: 2 per
+    weight per token, plus attention's QK^T and AV (4 x layers x heads x head_dim x context).
+    """
+    bytes_per = torch.finfo(dtype).bits // 8
+    matmul_params = cfg.n_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
+    weight_bytes = matmul_params * bytes_per
+    kv_bytes = batch * context * 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * bytes_per
+    attn_flops = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * context
+    flops_per_token = 2 * matmul_params + attn_flops
+    return {"weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "bytes_per_step": weight_bytes + kv_bytes,
+            "flops_per_token": flops_per_token, "flops_per_step": batch * flops_per_token,
+            "arithmetic_intensity": batch * flops_per_token / (weight_bytes + kv_bytes)}
+
+
+def utilization(step_time_s: float, cfg, dtype: torch.dtype, context: int, batch: int = 1, *,
+                bandwidth: float, flops_rate: float) -> dict:
+    """MBU and MFU of a measured decode step against the device's measured peaks.
+
+    MBU = bytes the step must read / step time / copy bandwidth;
+    MFU = FLOPs the step must do / step time / matmul rate.
+    """
+    r = roofline(cfg, dtype, context, batch)
+    return {"mbu": r["bytes_per_step"] / step_time_s / bandwidth,
+            "mfu": r["flops_per_step"] / step_time_s / flops_rate,
+            "bandwidth_floor_s": r["bytes_per_step"] / bandwidth,
+            "compute_floor_s": r["flops_per_step"] / flops_rate}
+
+
+# -- Attention kernels (notebook 03) --------------------------------------------------------
+
+def sdpa_kernels(device=None, dtype: torch.dtype = torch.float32) -> dict:
+    """Which `scaled_dot_product_attention` kernels this device runs for `dtype`: name -> bool."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    q = torch.randn(1, 4, 64, 64, device=device, dtype=dtype)
+    found = {}
+    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+        backend = getattr(SDPBackend, name, None)
+        if backend is None:
+            continue
+        try:
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(q, q, q, is_causal=True)
+            found[name.lower()] = True
+        except RuntimeError:
+            found[name.lower()] = False
+    return found
+
+
+# -- Where the time goes: torch.profiler grouped by kind of work (notebook 01) ------------------
+
+OP_CATEGORIES = (
+    ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "softmax",
+                   "masked_fill")),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "gemm")),
+    ("norm", ("aten::pow", "aten::mean", "aten::rsqrt")),
+    ("sampling", ("aten::argmax", "aten::multinomial", "aten::topk", "aten::sort", "aten::cumsum",
+                  "_local_scalar_dense", "aten::item")),
+)
+
+
+def categorize(op_name: str) -> str:
+    """The kind of work an operator does: attention, matmul, norm, sampling or elementwise."""
+    for category, needles in OP_CATEGORIES:
+        if any(n in op_name for n in needles):
+            return category
+    return "elementwise & other"
+
+
+def op_breakdown(fn: Callable[[], object], *, device=None, steps: int = 1, warmup: int = 1,
+                 trace_path: str | None = None) -> list[dict]:
+    """Profile `fn()` and split its time into matmul, attention, norm, elementwise, sampling and
+    host overhead (wall time no operator accounts for: Python, dispatch, launches).
+
+    Times are per call of `fn` (divide by `steps` if fn runs several decode steps).
+    On CUDA the operator times are device (kernel) times. `trace_path` writes a
+    Chrome/Perfetto trace (open in https://ui.perfetto.dev or chrome://tracing).
+    """
+    from torch.profiler import ProfilerActivity, profile
+    device = torch.device(device or "cpu")
+    for _ in range(warmup):
+        fn()
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        wall = time.perf_counter() - t0
+    if trace_path:
+        prof.export_chrome_trace(trace_path)
+    per_cat: dict[str, float] = {}
+    for ev in prof.key_averages():
+        if device.type == "cuda":
+            t = getattr(ev, "self_device_time_total", 0) or getattr(ev, "self_cuda_time_total", 0)
+        else:
+            t = ev.self_cpu_time_total
+        if not ev.key.startswith("aten::") and device.type != "cuda":
+            continue
+        if t > 0:
+            cat = categorize(ev.key)
+            per_cat[cat] = per_cat.get(cat, 0.0) + t / 1e6
+    busy = sum(per_cat.values())
+    per_cat["host overhead"] = max(0.0, wall - busy)
+    total = sum(per_cat.values())
+    return [{"category": k, "seconds": v / steps, "share": v / total}
+            for k, v in sorted(per_cat.items(), key=lambda kv: -kv[1])]

@@ -19,7 +19,7 @@ def test_cached_decoding_equals_full_recomputation(model_and_tok):
     ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(ids)                                    # [2, 40, V], no cache
-        for kind in ("static", "dynamic"):
+        for kind in ("static", "dynamic", "paged"):
             cache = llmopt.make_cache(kind, model.config, 2, 40)
             step_logits = [llmopt.prefill(model, ids[:, :10], cache)]
             for t in range(10, 40):

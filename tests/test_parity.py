@@ -29,7 +29,7 @@ def test_rope_scaling_changes_logits_beyond_original_context(hf_checkpoint):
         assert not torch.allclose(plain(ids), model(ids), atol=1e-4)
 
 
-@pytest.mark.parametrize("cache", ["static", "dynamic", "none"])
+@pytest.mark.parametrize("cache", ["static", "dynamic", "paged", "none"])
 def test_greedy_generation_matches_transformers(hf_checkpoint, cache):
     family, folder, hf_model = hf_checkpoint
     model, tok = llmopt.load_model(folder)

@@ -1,0 +1,272 @@
+"""Weight-only quantization written out: int8 per channel, int4 group-wise (notebook 06).
+
+Decoding at batch 1 reads every weight once per token, so storing weights in
+fewer bits makes each step read fewer bytes. The matmul still runs in the
+activations' dtype: weights are dequantized on the fly (reference path) or
+inside a fused kernel (PyTorch's `_weight_int8pack_mm` / int4pack ops).
+
+    llmopt.quantize(model, "int8")                     # symmetric absmax, one scale per output channel
+    llmopt.quantize(model, "int4", group_size=64)      # asymmetric (zero point), one scale+zero per group
+    llmopt.quantize(model, "int4", symmetric=True)     # symmetric int4
+    llmopt.model_bytes(model)                          # every byte the model holds, scales included
+
+The quantizers apply to every `nn.Linear` (llmopt's or a `transformers` model's);
+embeddings and norms stay in full precision.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+METHODS = ("int8", "int4")
+
+
+# -- int8: symmetric, per output channel ---------------------------------------------------
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q int8 [N, K], scale [N]) with w ~= q * scale; |error| <= scale / 2."""
+    scale = w.abs().amax(dim=1).clamp(min=1e-12).float() / 127
+    q = torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale[:, None]
+
+
+# -- int4: group-wise, two values per byte -------------------------------------------------
+
+def quantize_int4(w: torch.Tensor, group_size: int = 64, symmetric: bool = False):
+    """w [N, K] -> (q uint8 [N, K] in 0..15, scale [N, K/g], zero [N, K/g]) with
+    w ~= (q - 8) * scale + zero for each group of `group_size` inputs.
+
+    Asymmetric: the group's [min, max] maps onto 0..15 (zero point = the value of code 8).
+    Symmetric: zero = 0 and scale = absmax / 7, so codes 1..15 stand for -7..7.
+    """
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"in_features ({K}) must be a multiple of group_size ({group_size}); "
+                         "choose a group size that divides it (e.g. 32, 64, 128)")
+    g = w.float().reshape(N, K // group_size, group_size)
+    if symmetric:
+        scale = g.abs().amax(-1).clamp(min=1e-12) / 7
+        zero = torch.zeros_like(scale)
+        q = torch.round(g / scale[..., None]).clamp(-7, 7) + 8
+    else:
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = (hi - lo).clamp(min=1e-12) / 15
+        zero = lo + 8 * scale
+        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15)
+    return q.to(torch.uint8).reshape(N, K), scale, zero
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    N, K = q.shape
+    groups = scale.shape[1]
+    g = (q.float().reshape(N, groups, K // groups) - 8) * scale[..., None] + zero[..., None]
+    return g.reshape(N, K)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes 0..15 -> [N, K/2] bytes: even column in the low nibble, odd in the high."""
+    return (q[:, ::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4`."""
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
+
+
+# -- Linear layers that hold quantized weights ----------------------------------------------
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale)^T + b, with q int8 [N, K] and one scale per output channel."""
+
+    def __init__(self, linear: nn.Linear, fused: bool = True) -> None:
+        super().__init__()
+        q, scale = quantize_int8(linear.weight.detach())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.bias = linear.bias
+        self.fused = fused and _int8_kernel_ok(linear.weight.device, linear.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        else:  # reference: int8 -> activation dtype, matmul, scale each output channel
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale
+        return y + self.bias if self.bias is not None else y
+
+
+class Int4Linear(nn.Module):
+    """y = x @ dequant(q)^T + b, q packed two per byte, one (scale, zero) per group of inputs."""
+
+    def __init__(self, linear: nn.Linear, group_size: int = 64, symmetric: bool = False,
+                 fused: bool = True) -> None:
+        super().__init__()
+        w = linear.weight.detach()
+        q, scale, zero = quantize_int4(w, group_size, symmetric)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.group_size, self.symmetric = group_size, symmetric
+        self.bias = linear.bias
+        self.dtype = w.dtype
+        self.fused = fused and _int4_kernel_ok(w.device, w.dtype, linear.out_features,
+                                               linear.in_features, group_size)
+        if self.fused:
+            # the kernel's own layout: still 4 bits per weight; scales and zeros [K/g, N, 2]
+            self.register_buffer("weight", _to_int4pack(q, w.device))
+            self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1)
+                                 .transpose(0, 1).contiguous().to(self.dtype))
+        else:
+            self.register_buffer("weight", pack_int4(q))                    # [N, K/2] uint8
+            self.register_buffer("scale", scale.to(self.dtype))
+            self.register_buffer("zero", zero.to(self.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            x2 = x.reshape(-1, x.shape[-1])
+            if x2.device.type == "cpu":
+                y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size,
+                                                      self.scales_and_zeros)
+            else:
+                y = torch._weight_int4pack_mm(x2, self.weight, self.group_size, self.scales_and_zeros)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        else:  # reference: unpack, dequantize the whole matrix, matmul (readable, not fast)
+            w = dequantize_int4(unpack_int4(self.weight), self.scale.float(), self.zero.float())
+            y = F.linear(x, w.to(x.dtype))
+        return y + self.bias if self.bias is not None else y
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding lookup from a quantized [vocab, dim] table (shared with a tied output head).
+
+    Rows are dequantized on lookup: int8 rows times their scale, or int4 rows
+    unpacked and mapped through their groups' scale and zero.
+    """
+
+    def __init__(self, table: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.kind = "int8" if isinstance(table, Int8Linear) else "int4"
+        self.dtype = dtype
+        self.register_buffer("weight", table.weight)          # the same tensors: stored once
+        self.register_buffer("scale", table.scale)
+        if self.kind == "int4":
+            self.register_buffer("zero", table.zero)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.flatten()
+        if self.kind == "int8":
+            rows = self.weight[flat].float() * self.scale[flat].float()[:, None]
+        else:
+            rows = dequantize_int4(unpack_int4(self.weight[flat]), self.scale[flat].float(),
+                                   self.zero[flat].float())
+        return rows.to(self.dtype).reshape(*ids.shape, -1)
+
+
+def _to_int4pack(q: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+    return torch._convert_weight_to_int4pack(pack_int4(q), 8)
+
+
+def _int8_kernel_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """The fused int8 kernel exists for this device and dtype (probed once, never assumed)."""
+    return _probe(("int8", device.type, dtype), lambda: torch._weight_int8pack_mm(
+        torch.randn(2, 64, device=device, dtype=dtype), torch.ones(32, 64, dtype=torch.int8, device=device),
+        torch.ones(32, device=device, dtype=dtype)))
+
+
+def _int4_kernel_ok(device, dtype, n: int, k: int, group_size: int) -> bool:
+    if device.type == "cpu" and dtype != torch.float32:
+        return False  # the CPU int4 kernel is accurate in fp32 only (bf16 drifts); use the reference path
+    if device.type == "cuda" and (dtype != torch.bfloat16 or k % (group_size * 8) or n % 8):
+        return False
+    def run():
+        q = torch.randint(0, 16, (64, 256), dtype=torch.uint8, device=device)
+        sz = torch.ones(256 // group_size, 64, 2, device=device, dtype=dtype)
+        x = torch.randn(2, 256, device=device, dtype=dtype)
+        w = _to_int4pack(q, device)
+        if device.type == "cpu":
+            torch._weight_int4pack_mm_for_cpu(x, w, group_size, sz)
+        else:
+            torch._weight_int4pack_mm(x, w, group_size, sz)
+    return _probe(("int4", device.type, dtype, group_size), run)
+
+
+_PROBES: dict = {}
+
+
+def _probe(key, fn) -> bool:
+    if key not in _PROBES:
+        try:
+            fn()
+            _PROBES[key] = True
+        except (RuntimeError, NotImplementedError, AttributeError):
+            _PROBES[key] = False
+    return _PROBES[key]
+
+
+def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, symmetric: bool = False,
+             fused: bool = True, embeddings: bool = True, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Replace every `nn.Linear` (except names in `skip`) with a quantized one, in place (notebook 06).
+
+    `fused=False` forces the readable reference path; otherwise PyTorch's packed
+    kernels are used where this device and dtype have them. With `embeddings`
+    the input embedding table is quantized too: shared with the output head when
+    the model ties them (an int4 tied head then runs the reference path, since
+    lookups need the readable layout), otherwise stored as int8 rows.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r} (bitsandbytes is "
+                         "used through transformers: see llmopt.quantize_bnb)")
+    if method == "int4" and group_size not in (32, 64, 128, 256):
+        raise ValueError(f"group_size must be 32, 64, 128 or 256, got {group_size}")
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else \
+        getattr(model, "embed_tokens", None)
+    dtype = emb.weight.dtype if emb is not None else torch.float32
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)
+               and not any(name == s or name.endswith("." + s) for s in skip)]
+    tied_head = None
+    for name, lin in targets:
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        tied = embeddings and emb is not None and lin.weight is emb.weight
+        if method == "int8":
+            new = Int8Linear(lin, fused=fused)
+        else:
+            new = Int4Linear(lin, group_size=group_size, symmetric=symmetric, fused=fused and not tied)
+        if tied:
+            tied_head = new
+        setattr(parent, name.rsplit(".", 1)[-1], new)
+    if embeddings and emb is not None:
+        if tied_head is None:  # untied (or head skipped): the table gets its own int8 rows
+            table = nn.Linear(emb.weight.shape[1], emb.weight.shape[0], bias=False,
+                              device=emb.weight.device, dtype=emb.weight.dtype)
+            table.weight = emb.weight
+            tied_head = Int8Linear(table, fused=False)
+        _replace_embedding(model, emb, QuantEmbedding(tied_head, dtype))
+    model.quantization = {"method": method, "group_size": group_size if method == "int4" else None,
+                          "symmetric": symmetric if method == "int4" else True, "skip": skip}
+    return model
+
+
+def _replace_embedding(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if m is old:
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], new)
+            return
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Every byte of parameters and buffers the model holds (shared tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,85 @@
+"""The measurement protocol, roofline arithmetic, op breakdown and quality metrics."""
+import math
+
+import pytest
+import torch
+
+import llmopt
+from llmopt import metrics
+from llmopt.profiling import (categorize, measure, op_breakdown, peak_memory, roofline, sdpa_kernels,
+                              summarize, utilization)
+
+
+def test_summarize_and_measure():
+    s = summarize([3.0, 1.0, 2.0, 10.0])
+    assert s["median"] == 2.5 and s["min"] == 1.0 and s["max"] == 10.0 and s["repeats"] == 4
+    calls = []
+    r = measure(lambda: calls.append(1), warmup=2, repeats=3)
+    assert len(calls) == 5 and r["repeats"] == 3 and r["min"] <= r["median"] <= r["max"]
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        measure(lambda: None, repeats=0)
+
+
+def test_roofline_counts():
+    cfg = llmopt.get_config("tiny")               # tied: the table is read once, as the output head
+    r = roofline(cfg, torch.float32, context=100)
+    assert r["weight_bytes"] == cfg.n_params * 4
+    assert r["kv_bytes"] == 100 * llmopt.kv_bytes_per_token(cfg, torch.float32)
+    assert r["flops_per_token"] == 2 * cfg.n_params + 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 100
+    untied = cfg.replace(tie_embeddings=False)
+    assert roofline(untied, torch.float32, 0)["weight_bytes"] == cfg.n_params * 4  # input table not read whole
+    u = utilization(r["bytes_per_step"] / 1e9, cfg, torch.float32, 100, bandwidth=2e9, flops_rate=1e12)
+    assert u["mbu"] == pytest.approx(0.5)
+
+
+def test_op_breakdown_covers_the_wall_time():
+    model = llmopt.build_model(llmopt.get_config("tiny"))
+    ids = torch.randint(0, 4096, (1, 16))
+    with torch.inference_mode():
+        rows = op_breakdown(lambda: model(ids))
+    cats = {r["category"] for r in rows}
+    assert {"matmul", "attention", "norm", "host overhead"} <= cats
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+    assert categorize("aten::addmm") == "matmul" and categorize("aten::multinomial") == "sampling"
+
+
+def test_sdpa_kernels_on_cpu():
+    k = sdpa_kernels("cpu")
+    assert k["math"] is True and set(k) >= {"flash_attention", "math"}
+
+
+def test_peak_memory_sees_an_allocation():
+    r = peak_memory(lambda: torch.ones(64 * 2**20 // 4).add_(1), device="cpu")
+    assert r["delta_bytes"] > 32 * 2**20
+
+
+def test_perplexity_sliding_window_scores_every_token_once():
+    V = 8
+    uniform = lambda ids: torch.zeros(*ids.shape, V)  # noqa: E731 - a model with flat logits
+    uniform.parameters = lambda: iter([torch.zeros(1)])
+    ids = torch.randint(0, V, (100,))
+    for context, stride in [(16, 8), (32, 32), (100, 50)]:
+        assert metrics.perplexity(uniform, ids=ids, context=context, stride=stride) == pytest.approx(V)
+    with pytest.raises(ValueError, match="stride"):
+        metrics.perplexity(uniform, ids=ids, context=16, stride=32)
+
+
+def test_text_metrics():
+    assert metrics.distinct_n(["a b c d"], 1) == 1.0
+    assert metrics.distinct_n(["a a a a"], 1) == 0.25
+    assert metrics.repetition_rate("x y z x y z x y z", n=3) == pytest.approx(4 / 7)
+    assert metrics.repetition_rate([1, 2, 3, 4], n=2) == 0.0
+    assert metrics.token_agreement([1, 2, 3], [1, 5, 3, 9]) == pytest.approx(2 / 3)
+
+
+def test_compare_next_token_against_itself_and_a_perturbed_copy():
+    model = llmopt.build_model(llmopt.get_config("tiny"))
+    ids = torch.randint(0, 4096, (64,))
+    same = metrics.compare_next_token(model, model, ids, context=32)
+    assert same["top1_agreement"] == 1.0 and abs(same["kl_divergence"]) < 1e-6
+    noisy = llmopt.build_model(llmopt.get_config("tiny"))
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    diff = metrics.compare_next_token(noisy, model, ids, context=32)
+    assert diff["kl_divergence"] > 1e-3 and math.isfinite(diff["kl_divergence"])

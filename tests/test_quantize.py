@@ -1,0 +1,90 @@
+"""Weight-only quantization: error within half a step, exact packing, logits close, bytes counted."""
+import pytest
+import torch
+
+import llmopt
+from llmopt.quantize import (dequantize_int4, dequantize_int8, model_bytes, pack_int4, quantize,
+                             quantize_int4, quantize_int8, unpack_int4)
+
+
+@pytest.fixture
+def w():
+    return torch.randn(96, 256, generator=torch.Generator().manual_seed(0))
+
+
+def test_int8_round_trip_within_half_a_step(w):
+    q, scale = quantize_int8(w)
+    err = (dequantize_int8(q, scale) - w).abs()
+    assert (err <= scale[:, None] / 2 + 1e-6).all()
+    assert q.dtype == torch.int8 and q.abs().max() == 127
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_round_trip_within_half_a_step(w, group_size, symmetric):
+    q, scale, zero = quantize_int4(w, group_size, symmetric)
+    assert q.max() <= 15 and q.min() >= 0
+    err = (dequantize_int4(q, scale, zero) - w).abs().reshape(96, -1, group_size)
+    assert (err <= scale[..., None] / 2 + 1e-5).all()
+
+
+def test_int4_packing_is_exact(w):
+    q, _, _ = quantize_int4(w, 64)
+    packed = pack_int4(q)
+    assert packed.shape == (96, 128) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed), q)
+
+
+def test_bad_options():
+    m = llmopt.build_model(llmopt.get_config("tiny"))
+    with pytest.raises(ValueError, match="method must be one of"):
+        quantize(m, "int3")
+    with pytest.raises(ValueError, match="group_size must be"):
+        quantize(m, "int4", group_size=48)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        quantize_int4(torch.randn(4, 40), 32)
+
+
+@pytest.mark.parametrize("method,kw", [("int8", {}), ("int4", {"group_size": 32}),
+                                       ("int4", {"group_size": 64, "symmetric": True})])
+def test_fused_and_reference_paths_agree(method, kw):
+    base = llmopt.build_model(llmopt.get_config("tiny"))
+    ids = torch.randint(0, 4096, (2, 24))
+    ref = quantize(llmopt.build_model(llmopt.get_config("tiny")), method, fused=False, **kw)
+    fused = quantize(llmopt.build_model(llmopt.get_config("tiny")), method, fused=True, **kw)
+    with torch.no_grad():
+        full, a, b = base(ids), ref(ids), fused(ids)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # quantized logits stay close to full precision (random weights, std 0.02)
+    rel = (a - full).norm() / full.norm()
+    # per-weight relative error ~ (step / sqrt(12)) / std: ~1% int8, ~8% int4, ~11% symmetric int4;
+    # it compounds over the layers
+    bound = 0.05 if method == "int8" else (0.5 if kw.get("symmetric") else 0.3)
+    assert rel < bound, rel
+
+
+def test_model_bytes_and_ratios():
+    cfg = llmopt.get_config("tiny")
+    fp32 = model_bytes(llmopt.build_model(cfg))
+    assert fp32 == cfg.n_params * 4
+    int8 = model_bytes(quantize(llmopt.build_model(cfg), "int8"))
+    int4 = model_bytes(quantize(llmopt.build_model(cfg), "int4", group_size=64))
+    assert int8 / fp32 <= 0.27 and int4 / fp32 <= 0.16
+
+
+def test_quantized_greedy_generation_runs_with_caches():
+    m = quantize(llmopt.build_model(llmopt.get_config("tiny")), "int8")
+    outs = [llmopt.generate(m, None, list(range(1, 9)), max_new_tokens=8, cache=c, ignore_eos=True).token_ids
+            for c in ("none", "static")]
+    assert outs[0] == outs[1]
+
+
+def test_transformers_model_quantizes_too(hf_checkpoint):
+    family, _, hf = hf_checkpoint
+    ids = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        before = hf(ids).logits
+        quantize(hf, "int8")
+        after = hf(ids).logits
+    assert (after - before).norm() / before.norm() < 0.02
+    assert not any(isinstance(m, torch.nn.Linear) for m in hf.modules())

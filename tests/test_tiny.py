@@ -1,0 +1,91 @@
+"""The embedded models: ordinary HF folders, loaded identically by llmopt and transformers."""
+import json
+
+import pytest
+import torch
+
+import llmopt
+from llmopt.data import TEST_WORKS, VALIDATION_WORKS, list_works, load_split, split_of
+from llmopt.load import EMBEDDED
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return llmopt.load_model("tiny")
+
+
+def test_split_is_by_whole_work_and_fixed():
+    works = list_works()
+    assert len(works) == 42
+    assert all(split_of(w) == "test" for w in TEST_WORKS)
+    assert all(split_of(w) == "validation" for w in VALIDATION_WORKS)
+    assert len(load_split("train")) == 42 - len(TEST_WORKS) - len(VALIDATION_WORKS)
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_split("dev")
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-draft"])
+def test_transformers_loads_the_folder_unchanged(name):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = EMBEDDED[name]
+    model, tok = llmopt.load_model(name)
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    hf_tok = AutoTokenizer.from_pretrained(folder)
+    text = "KING LEAR:\nBlow, winds, and crack your cheeks!"
+    ids = tok.encode(text)
+    assert ids == hf_tok(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.tensor([ids])), hf(torch.tensor([ids])).logits,
+                                   atol=1e-4, rtol=1e-4)
+    ours = llmopt.generate(model, tok, text, max_new_tokens=32, ignore_eos=True)
+    theirs = llmopt.hf_generate(hf, torch.tensor([ids]), max_new_tokens=32)
+    assert ours.token_ids == theirs.token_ids
+
+
+def test_models_share_the_tokenizer_and_fit_the_size_budget():
+    a = (EMBEDDED["tiny"] / "tokenizer.json").read_bytes()
+    b = (EMBEDDED["tiny-draft"] / "tokenizer.json").read_bytes()
+    assert a == b
+    total = sum(f.stat().st_size for n in EMBEDDED.values() for f in n.iterdir())
+    assert total < 30 * 2**20, f"embedded checkpoints are {total / 2**20:.1f} MiB"
+    tiny_cfg = json.loads((EMBEDDED["tiny"] / "config.json").read_text())
+    assert tiny_cfg["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_training_report_and_heldout_perplexity(tiny):
+    model, tok = tiny
+    report = json.loads((EMBEDDED["tiny"] / "training_report.json").read_text())
+    assert report["test_works"] == list(TEST_WORKS) and report["train_seconds"] < 40 * 60
+    # our metric on the first 4k test tokens lands near the report's full-split figure
+    ppl = llmopt.metrics.perplexity(model, tok, split="test", context=256, max_tokens=4096)
+    assert ppl < 2 * report["test_perplexity"] and report["test_perplexity"] < 100
+    draft_report = json.loads((EMBEDDED["tiny-draft"] / "training_report.json").read_text())
+    assert report["test_perplexity"] < draft_report["test_perplexity"]  # the bigger model is better
+
+
+def test_every_cache_gives_the_same_greedy_text(tiny):
+    model, tok = tiny
+    outs = {kind: llmopt.generate(model, tok, "HAMLET:\n", max_new_tokens=40, cache=kind,
+                                  ignore_eos=True).token_ids
+            for kind in ("none", "dynamic", "static", "paged")}
+    assert len({tuple(v) for v in outs.values()}) == 1
+
+
+def test_samples_look_like_verse(tiny):
+    model, tok = tiny
+    g = llmopt.generate(model, tok, "ROMEO:\n", max_new_tokens=80, temperature=0.8, top_p=0.95, seed=0)
+    words = g.text.split()
+    assert len(words) > 20
+    common = {"the", "and", "i", "to", "of", "a", "my", "you", "that", "is", "in", "not", "me", "thou"}
+    assert sum(w.lower().strip(",.;:!?'") in common for w in words) / len(words) > 0.1
+    assert llmopt.metrics.distinct_n([g.text], 2) > 0.5
+
+
+def test_bench_quick_writes_a_report(tmp_path):
+    from llmopt.bench import run_bench
+    res = run_bench(["baseline", "cache", "attention"], quick=True, out=tmp_path)
+    assert (tmp_path / "report.md").exists() and (tmp_path / "results.json").exists()
+    assert (tmp_path / "baseline.png").exists()
+    base = res["experiments"][0]
+    assert all(r["greedy_token_agreement"] == 1.0 for r in base["rows"])
+    assert all(v > 0 for e in res["experiments"] for v in e["ratios"].values())
