@@ -136,7 +136,148 @@ def bench_attention(quick: bool, device: str) -> dict:
             "ratios": ratios, "metric": "prefill_tokens_per_s"}
 
 
-EXPERIMENTS = {"baseline": bench_baseline, "cache": bench_cache, "attention": bench_attention}
+def _random_shape(preset: str, quick: bool, device: str, dtype=torch.float32):
+    """A real model's shape with random weights (speed only), cut to 2 layers in quick mode."""
+    from .model import build_model
+    cfg = get_config(preset)
+    if quick:
+        cfg = cfg.replace(n_layers=2)
+    return build_model(cfg, device=device, dtype=dtype)
+
+
+def bench_precision(quick: bool, device: str) -> dict:
+    """Per dtype: decode tokens/s, peak memory, model bytes; perplexity change on `tiny`."""
+    import warnings
+    from .load import load_model
+    from .metrics import heldout_ids, perplexity
+    from .precision import cast
+    from .profiling import peak_memory
+    from .quantize import model_bytes
+    rows, ratios = [], {}
+    new = 16 if quick else 64
+    for source in ("tiny", "llama-100m"):
+        base_ppl = None
+        for name in ("fp32", "bf16", "fp16"):
+            if source == "tiny":
+                model, tok = load_model("tiny", device=device)
+            else:
+                model, tok = _random_shape(source, quick, device), None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                cast(model, name)
+            prompt = list(range(1, 33))
+            run = lambda: generate(model, tok, prompt, max_new_tokens=new, ignore_eos=True)  # noqa: E731
+            row = measure_generation(run, repeats=1 if quick else 3, label=f"{source} {name}",
+                                     model=source + ("" if source == "tiny" else " (random weights)"),
+                                     device=device, dtype=name)
+            row["peak_mb"] = peak_memory(run, device=device)["peak_bytes"] / 1e6
+            row["model_mb"] = model_bytes(model) / 1e6
+            if source == "tiny":
+                ids = heldout_ids(tok, "test", max_tokens=2048 if quick else 16384)
+                row["perplexity"] = perplexity(model, ids=ids, context=256)
+                base_ppl = base_ppl or row["perplexity"]
+                row["perplexity_change"] = row["perplexity"] / base_ppl - 1
+            rows.append(row)
+        by = {r["label"]: r for r in rows}
+        ratios[f"{source}: bf16 / fp32 decode tokens/s"] = (by[f"{source} bf16"]["decode_tokens_per_s"]
+                                                           / by[f"{source} fp32"]["decode_tokens_per_s"])
+    return {"name": "precision", "title": "Decode speed, memory and quality by dtype", "rows": rows,
+            "ratios": ratios, "extra_keys": ["model_mb", "peak_mb", "perplexity", "perplexity_change"]}
+
+
+def bench_compile(quick: bool, device: str) -> dict:
+    """`tiny`: the compiled decode step vs eager, with the compile time beside the speed-up."""
+    from .load import load_model
+    model, tok = load_model("tiny", device=device)
+    mode = "reduce-overhead" if device.startswith("cuda") else "default"
+    new = 32 if quick else 256
+    prompt = list(range(1, 33))
+    eager = measure_generation(lambda: generate(model, tok, prompt, max_new_tokens=new, ignore_eos=True),
+                               repeats=1 if quick else 3, label="eager", model="tiny", device=device,
+                               dtype="float32")
+    t0 = time.perf_counter()
+    first = generate(model, tok, prompt, max_new_tokens=new, ignore_eos=True, compile=mode)
+    compile_s = time.perf_counter() - t0 - eager["e2e_s"]
+    comp = measure_generation(lambda: generate(model, tok, prompt, max_new_tokens=new, ignore_eos=True,
+                                               compile=mode),
+                              repeats=1 if quick else 3, label=f"compiled ({mode})", model="tiny",
+                              device=device, dtype="float32")
+    comp["compile_s"] = compile_s
+    same = first.token_ids == generate(model, tok, prompt, max_new_tokens=new, ignore_eos=True).token_ids
+    for r in (eager, comp):
+        r["greedy_identical"] = same
+    return {"name": "compile", "title": f"Compiled vs eager decode (tiny, batch 1, {new} new tokens)",
+            "rows": [eager, comp],
+            "ratios": {"decode tokens/s, compiled / eager": comp["decode_tokens_per_s"] / eager["decode_tokens_per_s"]},
+            "extra_keys": ["compile_s", "greedy_identical"]}
+
+
+QUANT_METHODS = (("fp32", None, {}), ("int8", "int8", {}), ("int4 g32", "int4", {"group_size": 32}),
+                 ("int4 g64", "int4", {"group_size": 64}), ("int4 g128", "int4", {"group_size": 128}),
+                 ("int4 g64 symmetric", "int4", {"group_size": 64, "symmetric": True}))
+
+
+def bench_quantization(quick: bool, device: str) -> dict:
+    """Weight-only quantization: bytes and held-out perplexity on `tiny`; CPU decode speed on a
+    ~100M-parameter shape against `transformers` fp32 generate."""
+    from .load import load_model
+    from .metrics import compare_next_token, heldout_ids, perplexity
+    from .quantize import model_bytes, quantize
+    rows, ratios = [], {}
+    ref, tok = load_model("tiny", device=device)
+    ids = heldout_ids(tok, "test", max_tokens=2048 if quick else 16384)
+    fp32_bytes, fp32_ppl = model_bytes(ref), perplexity(ref, ids=ids, context=256)
+    for label, method, kw in QUANT_METHODS:
+        model = load_model("tiny", device=device)[0]
+        if method:
+            quantize(model, method, **kw)
+        ppl = perplexity(model, ids=ids, context=256)
+        agree = compare_next_token(model, ref, ids[:1024], context=256)
+        rows.append({"label": f"tiny {label}", "model": "tiny", "device": device, "method": label,
+                     "bytes_ratio": model_bytes(model) / fp32_bytes, "perplexity": ppl,
+                     "perplexity_change": ppl / fp32_ppl - 1, **agree})
+    by = {r["method"]: r for r in rows}
+    ratios["tiny int8 weight bytes / fp32"] = by["int8"]["bytes_ratio"]
+    ratios["tiny int8 perplexity change (fraction)"] = by["int8"]["perplexity_change"]
+    ratios["tiny int4 g64 weight bytes / fp32"] = by["int4 g64"]["bytes_ratio"]
+    ratios["tiny int4 g64 perplexity change (fraction)"] = by["int4 g64"]["perplexity_change"]
+
+    # speed: a ~100M-parameter Llama shape (random weights), batch 1 decode
+    base = _random_shape("llama-100m", quick, device)
+    hf = to_transformers(base)
+    prompt = list(range(1, 33))
+    new = 16 if quick else 64
+    reps = 1 if quick else 3
+    speed = [measure_generation(lambda: hf_generate(hf, torch.tensor([prompt], device=device),
+                                                    max_new_tokens=new),
+                                repeats=reps, label="transformers fp32 generate", model="llama-100m (random)",
+                                device=device, dtype="float32")]
+    del hf
+    for label, method, kw in (("llmopt fp32", None, {}), ("llmopt int8", "int8", {}),
+                              ("llmopt int4 g64", "int4", {"group_size": 64}),
+                              ("llmopt int4 g128", "int4", {"group_size": 128})):
+        model = _random_shape("llama-100m", quick, device)
+        if method:
+            quantize(model, method, **kw)
+        speed.append(measure_generation(
+            lambda: generate(model, None, prompt, max_new_tokens=new, ignore_eos=True),
+            repeats=reps, label=label, model="llama-100m (random)", device=device, dtype="float32"))
+        speed[-1]["bytes_ratio"] = model_bytes(model) / model_bytes(base)
+    best = max(speed[1:], key=lambda r: r["decode_tokens_per_s"])
+    ratios[f"llama-100m decode tokens/s, best llmopt ({best['label']}) / transformers fp32"] = (
+        best["decode_tokens_per_s"] / speed[0]["decode_tokens_per_s"])
+    return {"name": "quantization", "title": "Weight-only quantization: size, quality, speed",
+            "rows": rows + speed, "ratios": ratios,
+            "goal": {"tiny int8 weight bytes / fp32": "<= 0.27", "tiny int4 g64 weight bytes / fp32": "<= 0.16",
+                     "tiny int8 perplexity change (fraction)": "<= 0.01",
+                     "tiny int4 g64 perplexity change (fraction)": "<= 0.10",
+                     f"llama-100m decode tokens/s, best llmopt ({best['label']}) / transformers fp32": 4.0},
+            "extra_keys": ["bytes_ratio", "perplexity", "perplexity_change", "top1_agreement",
+                           "kl_divergence"]}
+
+
+EXPERIMENTS = {"baseline": bench_baseline, "cache": bench_cache, "attention": bench_attention,
+               "precision": bench_precision, "compile": bench_compile, "quantization": bench_quantization}
 
 
 def _markdown_table(rows: list[dict], keys: list[str]) -> str:
@@ -173,13 +314,14 @@ def run_bench(only: list[str] | None = None, *, quick: bool = False, out: str | 
         results["experiments"].append(res)
         keys = [k for k in ("label", "model", "dtype", "prompt_len", "ttft_s", "tpot_s",
                             "decode_tokens_per_s", "prefill_tokens_per_s", "e2e_tokens_per_s",
-                            "new_tokens") if any(k in r for r in res["rows"])]
+                            "new_tokens", *res.get("extra_keys", [])) if any(k in r for r in res["rows"])]
         md.append(f"## {res['title']}\n\n" + _markdown_table(res["rows"], keys))
         for k, v in res["ratios"].items():
             goal = res.get("goal", {}).get(k)
-            line = f"- {k}: **{v:.2f}x**" + (f" (goal >= {goal}x)" if goal else "")
-            md.append(line)
-            print(f"[{name}] {k}: {v:.2f}x" + (f" (goal >= {goal}x)" if goal else ""))
+            goal_txt = "" if goal is None else (f" (goal >= {goal}x)" if isinstance(goal, float)
+                                                else f" (goal {goal})")
+            md.append(f"- {k}: **{v:.3g}**{goal_txt}")
+            print(f"[{name}] {k}: {v:.3g}{goal_txt}")
         md.append("")
         _plot(res, out / f"{name}.png")
         md.append(f"![{name}]({name}.png)\n")
@@ -196,7 +338,7 @@ def _plot(res: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3))
     metric = res.get("metric", "decode_tokens_per_s")
     labels = [r["label"] for r in res["rows"]]
-    ax.barh(labels, [r[metric] for r in res["rows"]], color="tab:blue")
+    ax.barh(labels, [r.get(metric, 0) for r in res["rows"]], color="tab:blue")
     ax.set_xlabel(f"{metric} (median)")
     ax.set_title(res["title"], fontsize=9)
     fig.tight_layout()

@@ -46,6 +46,28 @@ def decode_one_token(model, token: torch.Tensor, input_pos: torch.Tensor, cache,
     return model(token, input_pos, cache, **kw)[:, -1]
 
 
+_COMPILED: "weakref.WeakKeyDictionary" = None  # model -> {mode: compiled decode step}
+COMPILE_BUCKET = 256  # compiled caches are sized in multiples of this, so lengths share one graph
+
+
+def compiled_decode(model, mode: str = "default"):
+    """`decode_one_token` compiled with `torch.compile` for this model (notebook 08).
+
+    Compiled once per model and mode, reused by every `generate(..., compile=...)`.
+    Only the fixed-shape decode step is compiled; prefill stays eager (compiling it
+    for every prompt length is very slow). mode="reduce-overhead" adds CUDA graphs on GPU.
+    """
+    global _COMPILED
+    import weakref
+    if _COMPILED is None:
+        _COMPILED = weakref.WeakKeyDictionary()
+    per_model = _COMPILED.setdefault(model, {})
+    if mode not in per_model:
+        per_model[mode] = torch.compile(decode_one_token, mode=None if mode == "default" else mode,
+                                        fullgraph=True, dynamic=False)
+    return per_model[mode]
+
+
 def encode_prompt(model, tokenizer, prompt, max_new_tokens: int) -> list[int]:
     """Prompt text or ids -> ids, checked against the vocabulary and the context length."""
     if isinstance(prompt, str):
@@ -76,9 +98,16 @@ def encode_prompt(model, tokenizer, prompt, max_new_tokens: int) -> list[int]:
 
 def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tokens: int,
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                  seed: int | None = None, cache: str = "static", ignore_eos: bool = False):
+                  seed: int | None = None, cache: str = "static", ignore_eos: bool = False,
+                  compile: str | bool = False):
     """Yields (token_id, seconds since `start`) for each new token; the loop of generate/stream."""
     device = model.device
+    decode = decode_one_token
+    max_len = len(ids) + max_new_tokens
+    if compile:
+        decode = compiled_decode(model, "default" if compile is True else compile)
+        # one graph serves every length in a bucket: fixed cache shape
+        max_len = min(model.config.max_seq_len, -(-max_len // COMPILE_BUCKET) * COMPILE_BUCKET)
     gen = None
     if temperature > 0:
         gen = torch.Generator(device=device)
@@ -86,8 +115,7 @@ def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tok
     eos = set() if ignore_eos else set(getattr(tokenizer, "eos_token_ids", []) or [])
     with torch.inference_mode():
         tokens = torch.tensor([ids], device=device)                     # [1, T]
-        kv = make_cache(cache, model.config, 1, len(ids) + max_new_tokens,
-                        device=device, dtype=model.dtype)
+        kv = make_cache(cache, model.config, 1, max_len, device=device, dtype=model.dtype)
         if kv is None:
             logits = model(tokens, last_only=True)[:, -1]
         else:
@@ -103,17 +131,21 @@ def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tok
                 tokens = torch.cat([tokens, next_tok[:, None]], dim=1)
                 logits = model(tokens, last_only=True)[:, -1]
             else:
-                logits = decode_one_token(model, next_tok[:, None],
-                                          torch.tensor([pos], device=device), kv)
+                logits = decode(model, next_tok[:, None], torch.tensor([pos], device=device), kv)
             pos += 1
 
 
 def _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p,
-                     cache) -> list[int]:
+                     cache, compile=False) -> list[int]:
     """Validate every option before any work starts; returns the prompt's ids."""
     check_sampling(temperature, top_k, top_p)
     if cache not in CACHE_KINDS:
         raise ValueError(f"cache must be one of {CACHE_KINDS}, got {cache!r}")
+    if compile not in (False, True, "default", "reduce-overhead", "max-autotune"):
+        raise ValueError("compile must be False, True, 'default', 'reduce-overhead' or "
+                         f"'max-autotune', got {compile!r}")
+    if compile and cache != "static":
+        raise ValueError(f"compile needs cache='static' (fixed shapes), got cache={cache!r}")
     return encode_prompt(model, tokenizer, prompt, max_new_tokens)
 
 
@@ -146,19 +178,22 @@ def _as_stop_list(stop) -> list[str]:
 
 def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop=None, cache: str = "static", ignore_eos: bool = False) -> Generation:
+             stop=None, cache: str = "static", ignore_eos: bool = False,
+             compile: str | bool = False) -> Generation:
     """Generate up to `max_new_tokens` after `prompt` (text or ids); greedy at temperature 0 (notebook 00).
 
     Stops at the tokenizer's end-of-sequence token (unless `ignore_eos`) or when the
-    text contains one of the `stop` strings (the text is cut before it).
+    text contains one of the `stop` strings (the text is cut before it). `compile`
+    runs the decode step through `torch.compile` (notebook 08).
     """
     start = time.perf_counter()
-    ids = _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, cache)
+    ids = _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, cache,
+                           compile)
     stop = _as_stop_list(stop)
     new, times, reason = [], [], "length"
     for tok, t in _token_stream(model, tokenizer, ids, start, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                cache=cache, ignore_eos=ignore_eos):
+                                cache=cache, ignore_eos=ignore_eos, compile=compile):
         new.append(tok)
         times.append(t)
         if not ignore_eos and tok in getattr(tokenizer, "eos_token_ids", []):
@@ -174,7 +209,8 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
     if reason == "stop":
         text = text[:_stop_at(text, stop)]
     stats = timing_stats(times, len(ids))
-    stats.update(cache=cache, device=str(model.device), dtype=str(model.dtype).removeprefix("torch."))
+    stats.update(cache=cache, device=str(model.device), dtype=str(model.dtype).removeprefix("torch."),
+                 compiled=bool(compile))
     return Generation(token_ids=new, text=text, prompt_ids=ids, finish_reason=reason, stats=stats,
                       token_times=times)
 
@@ -185,7 +221,8 @@ def stream(model, tokenizer, prompt, **options) -> Iterator[str]:
     options.setdefault("max_new_tokens", 64)
     ids = _checked_request(model, tokenizer, prompt, options["max_new_tokens"],
                            options.get("temperature", 0.0), options.get("top_k"),
-                           options.get("top_p"), options.get("cache", "static"))
+                           options.get("top_p"), options.get("cache", "static"),
+                           options.get("compile", False))
     stop = _as_stop_list(options.pop("stop", None))
     ignore_eos = options.get("ignore_eos", False)
     new: list[int] = []

@@ -92,6 +92,8 @@ def measure_generation(run: Callable[[], object], *, warmup: int = 1, repeats: i
     for key in GENERATION_KEYS:
         row[key] = statistics.median(r[key] for r in results)
     tps = summarize([r["decode_tokens_per_s"] for r in results])
+    for key in ("device", "dtype"):  # every figure names its device and dtype
+        row.setdefault(key, results[0].get(key, ""))
     row.update(decode_tokens_per_s_min=tps["min"], decode_tokens_per_s_max=tps["max"],
                new_tokens=results[0]["new_tokens"], prompt_tokens=results[0]["prompt_tokens"],
                repeats=repeats)

@@ -71,6 +71,48 @@ def train_step(model, optimizer, x, y, *, amp_dtype: torch.dtype | None = None, 
     return loss.item()
 
 
+_SPLIT_IDS: dict = {}
+
+
+def split_ids(tokenizer, split: str = "train") -> torch.Tensor:
+    """A split's token ids for an llmopt `Tokenizer` (memoized: encoding takes a few seconds)."""
+    key = (id(tokenizer), split)
+    if key not in _SPLIT_IDS:
+        _SPLIT_IDS[key] = encode_split(tokenizer.backend, split)
+    return _SPLIT_IDS[key]
+
+
+def finetune(model, tokenizer, *, steps: int = 20, batch_size: int = 8, seq_len: int = 128,
+             lr: float = 3e-4, amp_dtype: torch.dtype | None = None, seed: int = 0) -> dict:
+    """A short fine-tune on the training split, fp32 or mixed precision (notebook 05).
+
+    With `amp_dtype` the forward runs under autocast; fp16 also gets a GradScaler
+    (its gradients would underflow otherwise). Returns the loss curve, the median
+    step time and the tokens per second.
+    """
+    import statistics
+    device = next(model.parameters()).device
+    data = split_ids(tokenizer, "train")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    gen = torch.Generator().manual_seed(seed)
+    losses, times = [], []
+    for _ in range(steps):
+        x, y = get_batch(data, batch_size, seq_len, gen)
+        x, y = x.to(device), y.to(device)
+        t0 = time.perf_counter()
+        losses.append(train_step(model, opt, x, y, amp_dtype=amp_dtype, scaler=scaler))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    model.eval()
+    step = statistics.median(times[1:] if len(times) > 1 else times)
+    return {"losses": losses, "step_time_s": step, "tokens_per_s": batch_size * seq_len / step,
+            "epoch_time_s": len(data) / (batch_size * seq_len) * step,
+            "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32"}
+
+
 @torch.no_grad()
 def eval_loss(model, data: torch.Tensor, seq_len: int, max_windows: int = 64) -> float:
     """Mean next-token loss over non-overlapping windows of `data`."""
@@ -83,6 +125,33 @@ def eval_loss(model, data: torch.Tensor, seq_len: int, max_windows: int = 64) ->
         losses.append(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
     model.train()
     return sum(losses) / len(losses)
+
+
+def write_report_md(folder: str | Path) -> Path:
+    """`TRAINING.md` beside the weights: a readable summary of `training_report.json`."""
+    folder = Path(folder)
+    r = json.loads((folder / "training_report.json").read_text())
+    a, c = r["args"], r["config"]
+    lines = [f"# {r['preset']}: training report", "",
+             f"- Architecture: `{c['architectures'][0]}`, {r['n_params']:,} parameters: "
+             f"{c['num_hidden_layers']} layers, hidden {c['hidden_size']}, {c['num_attention_heads']} heads "
+             f"({c['num_key_value_heads']} kv heads), SwiGLU {c['intermediate_size']}, vocabulary "
+             f"{c['vocab_size']}, tied embeddings: {c['tie_word_embeddings']}.",
+             f"- Data: Shakespeare corpus (`data/shakespeare`, see its SOURCE.md), {r['train_tokens']:,} "
+             f"training tokens; validation works {', '.join(r['validation_works'])}; test works "
+             f"{', '.join(r['test_works'])}.",
+             f"- Run: `python -m llmopt.train --preset {r['preset']} --out {a['out']}"
+             + (f" --tokenizer {a['tokenizer']}" if a.get("tokenizer") else "")
+             + f" --steps {a['steps']}` (seed {a['seed']}, batch {a['batch_size']} x {a['seq_len']} "
+             f"tokens, AdamW lr {a['lr']} with warm-up and cosine decay), {r['tokens_seen']:,} tokens "
+             f"seen in {r['train_seconds'] / 60:.1f} minutes on {r['machine']}.",
+             f"- Held-out perplexity (sliding window of {a['seq_len']} tokens): validation "
+             f"**{r['validation_perplexity']}**, test **{r['test_perplexity']}**.", "",
+             "| step | train loss | validation loss | seconds |", "|---|---|---|---|"]
+    lines += [f"| {h['step']} | {h['train_loss']} | {h['val_loss']} | {h['seconds']} |" for h in r["history"]]
+    path = folder / "TRAINING.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
                    f"{torch.get_num_threads()} threads, torch {torch.__version__}".strip(),
     }
     (out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report_md(out)
     print(json.dumps({k: report[k] for k in ("n_params", "train_seconds", "validation_perplexity",
                                               "test_perplexity")}))
 

@@ -1,0 +1,80 @@
+"""Pruning: the sparsity asked for, structured pruning equal to zeroing the removed parts, 2:4 pattern."""
+import pytest
+import torch
+
+import llmopt
+from llmopt import prune
+
+
+@pytest.fixture
+def model():
+    return llmopt.build_model(llmopt.get_config("tiny"), seed=0)
+
+
+def test_magnitude_prune_layer_and_global(model):
+    masks = prune.magnitude_prune(model, 0.5, scope="layer")
+    for name, m in prune.prunable(model):
+        assert abs((m.weight == 0).float().mean().item() - 0.5) < 0.01, name
+        assert torch.equal(masks[name] == 0, m.weight == 0)
+    m2 = llmopt.build_model(llmopt.get_config("tiny"), seed=0)
+    prune.magnitude_prune(m2, 0.7, scope="global")
+    assert abs(prune.sparsity(m2) - 0.7) < 0.01
+    assert model.lm_head.weight.ne(0).all()          # the output head is never pruned
+    with pytest.raises(ValueError, match="amount must be in"):
+        prune.magnitude_prune(model, 1.0)
+
+
+def test_two_four_pattern(model):
+    prune.semi_structured_2_4(model)
+    for _, m in prune.prunable(model):
+        zeros = (m.weight.reshape(-1, 4) == 0).sum(1)
+        assert (zeros >= 2).all()
+    assert abs(prune.sparsity(model) - 0.5) < 0.01
+
+
+def test_removing_heads_equals_zeroing_them(model):
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (1, 20))
+    reference = llmopt.build_model(cfg, seed=0)
+    prune.prune_heads(model, keep_kv_heads=2)
+    assert model.config.n_kv_heads == 2 and model.config.n_heads == 4
+    hd, rep = cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
+    with torch.no_grad():
+        for layer, ref_layer in zip(model.layers, reference.layers):
+            # find which groups were kept by matching k_proj rows
+            kept = [g for g in range(cfg.n_kv_heads)
+                    if any(torch.equal(ref_layer.self_attn.k_proj.weight[g * hd:(g + 1) * hd],
+                                       layer.self_attn.k_proj.weight[j * hd:(j + 1) * hd]) for j in range(2))]
+            assert len(kept) == 2
+            for g in range(cfg.n_kv_heads):
+                if g not in kept:   # zero the group's query heads' contribution
+                    ref_layer.self_attn.o_proj.weight[:, g * rep * hd:(g + 1) * rep * hd] = 0
+        torch.testing.assert_close(model(ids), reference(ids), atol=1e-5, rtol=1e-5)
+    # the smaller model still generates through every cache, and its cache is smaller
+    outs = {c: llmopt.generate(model, None, ids[0], max_new_tokens=6, cache=c, ignore_eos=True).token_ids
+            for c in ("none", "static")}
+    assert outs["none"] == outs["static"]
+    assert llmopt.kv_bytes_per_token(model.config) == llmopt.kv_bytes_per_token(cfg) // 2
+
+
+def test_removing_mlp_channels_equals_zeroing_them(model):
+    ids = torch.randint(0, 4096, (1, 16))
+    reference = llmopt.build_model(model.config, seed=0)
+    prune.prune_mlp(model, keep_channels=384)
+    assert model.config.intermediate_size == 384
+    with torch.no_grad():
+        for layer, ref_layer in zip(model.layers, reference.layers):
+            same = (ref_layer.mlp.up_proj.weight[:, None] == layer.mlp.up_proj.weight[None]).all(-1)
+            drop = torch.nonzero(~same.any(1)).flatten()                  # channels not kept
+            assert len(drop) == 384
+            ref_layer.mlp.down_proj.weight[:, drop] = 0
+        torch.testing.assert_close(model(ids), reference(ids), atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in model.parameters()) == model.config.n_params
+
+
+def test_recovery_keeps_pruned_weights_at_zero():
+    model, tok = llmopt.load_model("tiny")
+    masks = prune.magnitude_prune(model, 0.5)
+    losses = prune.recover(model, tok, masks, steps=2, batch_size=2, seq_len=32)
+    assert len(losses) == 2
+    assert abs(prune.sparsity(model) - 0.5) < 0.01
