@@ -66,18 +66,66 @@ def main(argv=None) -> int:
         hf = to_transformers(model)
         prompt = torch.randint(0, cfg.vocab_size, (32,), generator=torch.Generator().manual_seed(0)).tolist()
         rows = compare_with_transformers(model, None, hf, prompt=prompt, new_tokens=new_tokens,
-                                         repeats=repeats, label=f"{preset} (random weights)")
+                                         repeats=repeats, label=f"{preset} (random weights)",
+                                         compiled=not args.smoke)
+        add_mbu(rows, cfg, dtype)
+        del model, hf
+        return {"rows": rows, "ratio_llmopt_over_transformers":
+                max(r["decode_tokens_per_s"] for r in rows[:-1]) / rows[-1]["decode_tokens_per_s"]}
+
+    def add_mbu(rows, cfg, dtype, bytes_scale=1.0):
         bw = results.get("probes", {}).get("copy_bandwidth_GBps")
         for r in rows:
-            step = decode_bytes_per_token(cfg, dtype, context=32 + new_tokens // 2)
+            step = decode_bytes_per_token(cfg, dtype, context=32 + new_tokens // 2) * bytes_scale
             r["bytes_per_step"] = step
             if bw:
                 r["mbu"] = step * r["decode_tokens_per_s"] / (bw * 1e9)
-        del model, hf
-        return {"rows": rows, "ratio_llmopt_over_transformers":
-                rows[0]["decode_tokens_per_s"] / rows[1]["decode_tokens_per_s"]}
+
+    def quantized_decode():
+        from llmopt.quantize import model_bytes, quantize
+        cfg = llmopt.get_config(preset)
+        prompt = list(range(1, 33))
+        rows = []
+        for label, method, kw in (("int8 weight-only", "int8", {}), ("int4 g64 weight-only", "int4", {"group_size": 64})):
+            model = llmopt.build_model(cfg, device=device, dtype=dtype)
+            full = model_bytes(model)
+            quantize(model, method, **kw)
+            for compiled in ([False] if args.smoke else [False, "reduce-overhead"]):
+                run = lambda: llmopt.generate(model, None, prompt, max_new_tokens=new_tokens, ignore_eos=True,
+                                              compile=compiled)
+                row = llmopt.measure_generation(run, repeats=repeats, label=f"{label}{' compiled' if compiled else ''}",
+                                                model=f"{preset} (random weights)")
+                row["bytes_ratio"] = model_bytes(model) / full
+                add_mbu([row], cfg, dtype, row["bytes_ratio"])
+                rows.append(row)
+            del model
+        return {"rows": rows}
+
+    def attention_prefill():
+        from llmopt.profiling import measure, peak_memory
+        cfg = llmopt.get_config(preset)
+        model = llmopt.build_model(cfg, device=device, dtype=dtype)
+        rows = []
+        for n in ((128, 256) if args.smoke else (2048, 8192)):
+            ids = torch.randint(0, cfg.vocab_size, (1, n), device=device)
+            for backend in ("plain", "sdpa"):
+                model.set_attention(backend)
+                try:
+                    with torch.inference_mode():
+                        t = measure(lambda: model(ids, last_only=True), warmup=1, repeats=repeats, device=device)
+                        mem = peak_memory(lambda: model(ids, last_only=True), device=device)
+                    rows.append({"backend": backend, "prompt_len": n, "ttft_s": t["median"],
+                                 "peak_gb": mem["peak_bytes"] / 1e9})
+                except torch.OutOfMemoryError:
+                    rows.append({"backend": backend, "prompt_len": n, "ttft_s": None, "peak_gb": "OOM"})
+                    torch.cuda.empty_cache()
+        model.set_attention("sdpa")
+        del model
+        return {"rows": rows}
 
     section(results, "decode_batch1", decode_vs_transformers)
+    section(results, "quantized_decode", quantized_decode)
+    section(results, "attention_prefill", attention_prefill)
 
     (out / "gpu_results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     md = [f"# GPU suite: {info['device_name']}", "",
@@ -94,7 +142,22 @@ def main(argv=None) -> int:
         for r in dec["rows"]:
             md.append(f"| {r['label']} | {r['decode_tokens_per_s']:.1f} | {r['tpot_s'] * 1e3:.2f} | "
                       f"{r['ttft_s'] * 1e3:.1f} | {r.get('mbu', float('nan')):.0%} |")
-        md.append(f"\nllmopt / transformers: **{dec['ratio_llmopt_over_transformers']:.2f}x**")
+        md.append(f"\nbest llmopt / transformers: **{dec['ratio_llmopt_over_transformers']:.2f}x**")
+    q = results.get("quantized_decode", {})
+    if "rows" in q:
+        md += ["", "Weight-only quantization, same shape and decode:", "",
+               "| path | decode tokens/s | TPOT ms | bytes vs full | MBU |", "|---|---|---|---|---|"]
+        for r in q["rows"]:
+            md.append(f"| {r['label']} | {r['decode_tokens_per_s']:.1f} | {r['tpot_s'] * 1e3:.2f} | "
+                      f"{r['bytes_ratio']:.2f} | {r.get('mbu', float('nan')):.0%} |")
+    a = results.get("attention_prefill", {})
+    if "rows" in a:
+        md += ["", "Prefill (TTFT), plain vs SDPA attention:", "", "| backend | prompt | TTFT ms | peak GB |",
+               "|---|---|---|---|"]
+        for r in a["rows"]:
+            t = f"{r['ttft_s'] * 1e3:.1f}" if r["ttft_s"] is not None else "OOM"
+            pk = f"{r['peak_gb']:.2f}" if isinstance(r["peak_gb"], float) else r["peak_gb"]
+            md.append(f"| {r['backend']} | {r['prompt_len']} | {t} | {pk} |")
     for k, v in results.items():
         if isinstance(v, dict) and "error" in v:
             md.append(f"\n- {k} failed: {v['error']}")

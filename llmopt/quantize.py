@@ -84,14 +84,15 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 class Int8Linear(nn.Module):
     """y = x @ (q * scale)^T + b, with q int8 [N, K] and one scale per output channel."""
 
-    def __init__(self, linear: nn.Linear, fused: bool = True) -> None:
+    def __init__(self, linear: nn.Linear, fused: bool | None = None) -> None:
         super().__init__()
         q, scale = quantize_int8(linear.weight.detach())
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight", q)
         self.register_buffer("scale", scale.to(linear.weight.dtype))
         self.bias = linear.bias
-        self.fused = fused and _int8_kernel_ok(linear.weight.device, linear.weight.dtype)
+        self.fused = _use_fused(fused, linear.weight.device) and \
+            _int8_kernel_ok(linear.weight.device, linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
@@ -106,7 +107,7 @@ class Int4Linear(nn.Module):
     """y = x @ dequant(q)^T + b, q packed two per byte, one (scale, zero) per group of inputs."""
 
     def __init__(self, linear: nn.Linear, group_size: int = 64, symmetric: bool = False,
-                 fused: bool = True) -> None:
+                 fused: bool | None = None) -> None:
         super().__init__()
         w = linear.weight.detach()
         q, scale, zero = quantize_int4(w, group_size, symmetric)
@@ -114,8 +115,8 @@ class Int4Linear(nn.Module):
         self.group_size, self.symmetric = group_size, symmetric
         self.bias = linear.bias
         self.dtype = w.dtype
-        self.fused = fused and _int4_kernel_ok(w.device, w.dtype, linear.out_features,
-                                               linear.in_features, group_size)
+        self.fused = _use_fused(fused, w.device) and _int4_kernel_ok(
+            w.device, w.dtype, linear.out_features, linear.in_features, group_size)
         if self.fused:
             # the kernel's own layout: still 4 bits per weight; scales and zeros [K/g, N, 2]
             self.register_buffer("weight", _to_int4pack(q, w.device))
@@ -167,6 +168,16 @@ class QuantEmbedding(nn.Module):
         return rows.to(self.dtype).reshape(*ids.shape, -1)
 
 
+def _use_fused(fused: bool | None, device: torch.device) -> bool:
+    """None (auto): packed kernels on GPUs only. On the CPUs we measured (a 2-core AVX512/AMX
+    Xeon, torch 2.13) `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` ran 7-16x slower
+    than a dense fp32 matmul at one token (2048x768: 1.2 / 2.6 ms vs 0.16 ms) and ~100-200x
+    slower for a 256-token prefill, so the reference path is the better default there; the
+    fastest CPU int8 path we measured is PyTorch's dynamic int8 (`quantize_dynamic_cpu`).
+    True forces the packed kernel wherever it runs (tests, experiments)."""
+    return device.type == "cuda" if fused is None else fused
+
+
 def _to_int4pack(q: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         return torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
@@ -182,7 +193,7 @@ def _int8_kernel_ok(device: torch.device, dtype: torch.dtype) -> bool:
 
 def _int4_kernel_ok(device, dtype, n: int, k: int, group_size: int) -> bool:
     if device.type == "cpu" and dtype != torch.float32:
-        return False  # the CPU int4 kernel is accurate in fp32 only (bf16 drifts); use the reference path
+        return False  # the CPU int4 kernel drifts in bf16 (0.13 max error in a 64x128 test)
     if device.type == "cuda" and (dtype != torch.bfloat16 or k % (group_size * 8) or n % 8):
         return False
     def run():
@@ -211,11 +222,12 @@ def _probe(key, fn) -> bool:
 
 
 def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, symmetric: bool = False,
-             fused: bool = True, embeddings: bool = True, skip: tuple[str, ...] = ()) -> nn.Module:
+             fused: bool | None = None, embeddings: bool = True, skip: tuple[str, ...] = ()) -> nn.Module:
     """Replace every `nn.Linear` (except names in `skip`) with a quantized one, in place (notebook 06).
 
-    `fused=False` forces the readable reference path; otherwise PyTorch's packed
-    kernels are used where this device and dtype have them. With `embeddings`
+    `fused=None` picks PyTorch's packed kernels where they are fast (GPUs) and the
+    readable reference path elsewhere; True forces the packed kernels wherever this
+    device and dtype run them; False forces the reference path. With `embeddings`
     the input embedding table is quantized too: shared with the output head when
     the model ties them (an int4 tied head then runs the reference path, since
     lookups need the readable layout), otherwise stored as int8 rows.
@@ -237,7 +249,8 @@ def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, sy
         if method == "int8":
             new = Int8Linear(lin, fused=fused)
         else:
-            new = Int4Linear(lin, group_size=group_size, symmetric=symmetric, fused=fused and not tied)
+            new = Int4Linear(lin, group_size=group_size, symmetric=symmetric,
+                             fused=False if tied else fused)
         if tied:
             tied_head = new
         setattr(parent, name.rsplit(".", 1)[-1], new)
@@ -269,4 +282,79 @@ def model_bytes(model: nn.Module) -> int:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
+    for m in model.modules():  # torch.ao dynamic int8 Linear keeps its weights in packed params
+        if hasattr(m, "_packed_params") and callable(getattr(m, "weight", None)):
+            w = m.weight()
+            total += w.numel() * w.element_size() + w.q_per_channel_scales().numel() * 8 \
+                if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric) \
+                else w.numel() * w.element_size() + 8
+            if m.bias() is not None:
+                total += m.bias().numel() * m.bias().element_size()
     return total
+
+
+# -- bitsandbytes, through transformers (notebook 06) ------------------------------------------
+
+BNB_MODES = ("int8", "nf4", "fp4")
+
+
+def quantize_bnb(name_or_path: str = "tiny", mode: str = "nf4", *, device: str = "cpu",
+                 compute_dtype: torch.dtype = torch.float32):
+    """The same checkpoint loaded by `transformers` with bitsandbytes: LLM.int8 ("int8") or
+    4-bit NF4 / FP4 ("nf4", "fp4"). Returns the `transformers` model.
+
+    bitsandbytes runs on CPU too (its 4-bit needs linear dimensions that are multiples
+    of 32). A missing package is reported with the command that installs it.
+    """
+    import logging
+    import warnings
+    if mode not in BNB_MODES:
+        raise ValueError(f"mode must be one of {BNB_MODES}, got {mode!r}")
+    missing = [m for m in ("bitsandbytes", "accelerate") if not _importable(m)]
+    if missing:
+        raise ImportError(f"bitsandbytes quantization needs {' and '.join(missing)}: "
+                          f"pip install {' '.join(missing)}")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from .load import resolve
+    # bitsandbytes logs a line per matmul on CPU ("inputs will be cast ..."): silence it
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+    warnings.filterwarnings("ignore", message=".*inputs will be cast.*")
+    if mode == "int8":
+        cfg = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=mode,
+                                 bnb_4bit_compute_dtype=compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(resolve(name_or_path)), quantization_config=cfg,
+                                                 device_map=device)
+    return model.eval()
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
+# -- PyTorch's CPU dynamic int8 (notebook 06) ---------------------------------------------------
+
+def quantize_dynamic_cpu(model: nn.Module) -> nn.Module:
+    """PyTorch's CPU dynamic int8 quantization of every nn.Linear (weights int8, activations
+    quantized per batch on the fly), when the installed torch still has it.
+
+    `torch.ao.quantization.quantize_dynamic` is deprecated in favour of torchao; its
+    deprecation warning is caught and a clear error is raised if it is gone.
+    """
+    import warnings
+    try:
+        from torch.ao.quantization import quantize_dynamic
+    except ImportError as e:
+        raise NotImplementedError("this torch has no torch.ao.quantization.quantize_dynamic; use "
+                                  "llmopt.quantize(model, 'int8') instead") from e
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError("PyTorch's dynamic int8 quantization runs on CPU only: move the model "
+                         "to the CPU, or use llmopt.quantize(model, 'int8') on the GPU")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)

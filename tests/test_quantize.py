@@ -88,3 +88,29 @@ def test_transformers_model_quantizes_too(hf_checkpoint):
         after = hf(ids).logits
     assert (after - before).norm() / before.norm() < 0.02
     assert not any(isinstance(m, torch.nn.Linear) for m in hf.modules())
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_bitsandbytes_through_transformers(mode):
+    pytest.importorskip("bitsandbytes")
+    from llmopt.quantize import quantize_bnb
+    ref, _ = llmopt.load_model("tiny")
+    bnb = quantize_bnb("tiny", mode)
+    ids = torch.randint(0, 4096, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ref(ids), bnb(ids).logits
+    assert (b - a).norm() / a.norm() < 0.15
+    assert model_bytes(bnb) < 0.6 * model_bytes(ref)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        quantize_bnb("tiny", "int2")
+
+
+def test_cpu_dynamic_int8():
+    from llmopt.quantize import quantize_dynamic_cpu
+    ref, tok = llmopt.load_model("tiny")
+    q = quantize_dynamic_cpu(llmopt.load_model("tiny")[0])
+    ids = torch.randint(0, 4096, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ref(ids), q(ids)
+    assert (b - a).norm() / a.norm() < 0.1
+    assert 0.4 < model_bytes(q) / model_bytes(ref) < 0.6   # layers int8; the fp32 embedding stays
