@@ -38,7 +38,9 @@ case "$cmd" in
   setup) setup ;;
   lab)
     setup
-    exec jupyter lab notebooks/ "$@" ;;
+    root=()
+    [ "$(id -u)" = 0 ] && root=(--allow-root)   # containers often run as root
+    exec jupyter lab "${root[@]}" notebooks/ "$@" ;;
   test)
     setup
     export LLMOPT_CI=${LLMOPT_CI:-1}

@@ -10,7 +10,8 @@ from .generate import Generation, decode_one_token, generate, prefill, stream
 from .kv_cache import DynamicKVCache, StaticKVCache, kv_bytes_per_token, kv_cache_bytes, make_cache
 from .load import load_model, save_model
 from .model import Transformer, build_model
-from .profiling import device_info, hf_generate, measure, measure_generation, peak_memory, to_frame
+from .profiling import (device_info, hf_generate, measure, measure_generation, measure_generations,
+                        peak_memory, to_frame)
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "PRESETS", "ModelConfig", "get_config", "Generation", "decode_one_token", "generate",
     "prefill", "stream", "DynamicKVCache", "StaticKVCache", "kv_bytes_per_token",
     "kv_cache_bytes", "make_cache", "load_model", "save_model", "Transformer", "build_model",
-    "device_info", "hf_generate", "measure", "measure_generation", "peak_memory", "Tokenizer",
+    "device_info", "hf_generate", "measure", "measure_generation", "measure_generations",
+    "peak_memory", "Tokenizer",
     "ci_mode", "to_transformers", "to_frame", "metrics", "plots", "profiling", "widgets",
 ]

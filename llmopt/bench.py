@@ -15,7 +15,8 @@ import torch
 
 from .config import ModelConfig, get_config
 from .generate import generate
-from .profiling import device_info, hf_generate, measure_generation, probe_bandwidth, roofline
+from .profiling import (device_info, hf_generate, measure_generation, measure_generations,
+                        probe_bandwidth, roofline)
 
 DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
 
@@ -65,20 +66,22 @@ def compare_with_transformers(model, tokenizer, hf_model, *, prompt=DEFAULT_PROM
         mode = "reduce-overhead" if model.device.type == "cuda" else "default"
         variants.append((f"llmopt compiled decode ({mode})", {"compile": mode}))
     reference = hf_generate(hf_model, ids_t, max_new_tokens=new_tokens).token_ids
-    rows = []
+    runs, first = {}, {}
     for name, kw in variants:
-        run = lambda: generate(model, tokenizer, ids, max_new_tokens=new_tokens, ignore_eos=True, **kw)  # noqa: E731
+        run = lambda kw=kw: generate(model, tokenizer, ids, max_new_tokens=new_tokens,  # noqa: E731
+                                     ignore_eos=True, **kw)
         t0 = time.perf_counter()
         tokens = run().token_ids            # also the warm-up (and the compile, when compiling)
-        first_call_s = time.perf_counter() - t0
-        row = measure_generation(run, warmup=0, repeats=repeats, label=name, **ctx)
+        first[name] = (time.perf_counter() - t0, tokens)
+        runs[name] = run
+    runs["transformers generate"] = lambda: hf_generate(hf_model, ids_t, max_new_tokens=new_tokens)
+    rows = measure_generations(runs, warmup=1, repeats=repeats, **ctx)
+    for row in rows[:-1]:
+        first_call_s, tokens = first[row["label"]]
         row["first_call_s"] = first_call_s
         row["greedy_token_agreement"] = sum(a == b for a, b in zip(tokens, reference)) / max(1, len(tokens))
-        rows.append(row)
-    theirs = measure_generation(lambda: hf_generate(hf_model, ids_t, max_new_tokens=new_tokens),
-                                repeats=repeats, label="transformers generate", **ctx)
-    theirs["greedy_token_agreement"] = 1.0
-    return rows + [theirs]
+    rows[-1]["greedy_token_agreement"] = 1.0
+    return rows
 
 
 def bench_baseline(quick: bool, device: str) -> dict:
@@ -281,7 +284,7 @@ def bench_quantization(quick: bool, device: str) -> dict:
             quantize(model, method, **kw)
         speed.append(measure_generation(
             lambda: generate(model, None, prompt, max_new_tokens=new, ignore_eos=True),
-            repeats=reps, label=label, model="llama-100m (random)", device=device, dtype="float32"))
+            repeats=reps, label=label, model="llama-100m (random)"))
         speed[-1]["bytes_ratio"] = model_bytes(model) / model_bytes(base)
     best = max(speed[1:], key=lambda r: r["decode_tokens_per_s"])
     ratios[f"llama-100m decode tokens/s, best llmopt ({best['label']}) / transformers fp32"] = (

@@ -85,19 +85,36 @@ def measure_generation(run: Callable[[], object], *, warmup: int = 1, repeats: i
     result of `hf_generate`). The row carries `label` and any `context` given
     (model, dtype, ...) beside the figures, plus the spread of decode tokens/s.
     """
-    for _ in range(warmup):
-        run()
-    results = [run().stats for _ in range(repeats)]
-    row = {"label": label, **context}
-    for key in GENERATION_KEYS:
-        row[key] = statistics.median(r[key] for r in results)
-    tps = summarize([r["decode_tokens_per_s"] for r in results])
-    for key in ("device", "dtype"):  # every figure names its device and dtype
-        row.setdefault(key, results[0].get(key, ""))
-    row.update(decode_tokens_per_s_min=tps["min"], decode_tokens_per_s_max=tps["max"],
-               new_tokens=results[0]["new_tokens"], prompt_tokens=results[0]["prompt_tokens"],
-               repeats=repeats)
-    return row
+    return measure_generations({label: run}, warmup=warmup, repeats=repeats, **context)[0]
+
+
+def measure_generations(runs: dict[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 3,
+                        **context) -> list[dict]:
+    """`measure_generation` for several variants, interleaved: each round runs every variant once.
+
+    On a shared or throttling machine the speed drifts; interleaving exposes all
+    variants to the same drift, so their ratio is fairer than timing them one after another.
+    """
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    results: dict[str, list[dict]] = {label: [] for label in runs}
+    for _ in range(repeats):
+        for label, run in runs.items():
+            results[label].append(run().stats)
+    rows = []
+    for label, stats in results.items():
+        row = {"label": label, **context}
+        for key in GENERATION_KEYS:
+            row[key] = statistics.median(r[key] for r in stats)
+        for key in ("device", "dtype"):  # every figure names its device and dtype
+            row.setdefault(key, stats[0].get(key, ""))
+        tps = summarize([r["decode_tokens_per_s"] for r in stats])
+        row.update(decode_tokens_per_s_min=tps["min"], decode_tokens_per_s_max=tps["max"],
+                   new_tokens=stats[0]["new_tokens"], prompt_tokens=stats[0]["prompt_tokens"],
+                   repeats=repeats)
+        rows.append(row)
+    return rows
 
 
 class HFGeneration:

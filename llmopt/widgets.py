@@ -22,10 +22,11 @@ def slider(kind: str, value, min, max, step=None, description: str = ""):
 
 
 def text(value: str, description: str = "", width: str = "90%"):
-    """A one-line text box that fires when the learner presses Enter or leaves it."""
+    """A text box (multi-line, so prompts keep their line breaks) that fires when it loses focus."""
     import ipywidgets as w
-    return w.Text(value=value, description=description, continuous_update=False,
-                  layout=w.Layout(width=width), style={"description_width": "initial"})
+    return w.Textarea(value=value, description=description, continuous_update=False,
+                      rows=max(2, value.count("\n") + 1), layout=w.Layout(width=width),
+                      style={"description_width": "initial"})
 
 
 def panel(run_experiment: Callable[..., dict], render: Callable[[dict], None], **controls):
