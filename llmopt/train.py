@@ -168,6 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", choices=["bf16", "fp16"], help="mixed-precision training (autocast; "
+                   "fp16 adds a GradScaler); the saved weights stay fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--eval-tokens", type=int, help="score only this many held-out tokens (quick runs)")
     args = p.parse_args(argv)
 
     from tokenizers import Tokenizer as HFTokenizer
@@ -188,7 +192,11 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = get_config(args.preset).replace(vocab_size=tok.get_vocab_size(),
                                           bos_token_id=eos, eos_token_id=eos)
-    model = build_model(cfg, seed=args.seed).train()
+    from .precision import as_dtype, check_dtype
+    device = torch.device(args.device)
+    amp_dtype = check_dtype(device, as_dtype(args.amp)) if args.amp else None
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    model = build_model(cfg, seed=args.seed, device=device).train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -202,20 +210,21 @@ def main(argv: list[str] | None = None) -> None:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         x, y = get_batch(train_ids, args.batch_size, args.seq_len, gen)
-        loss = train_step(model, opt, x, y)
+        loss = train_step(model, opt, x.to(device), y.to(device), amp_dtype=amp_dtype, scaler=scaler)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            val = eval_loss(model, val_ids, args.seq_len)
+            val = eval_loss(model, val_ids.to(device), args.seq_len)
             history.append({"step": step + 1, "train_loss": round(loss, 4), "val_loss": round(val, 4),
                             "seconds": round(time.perf_counter() - t_train, 1)})
             bar.write(json.dumps(history[-1]))
     train_seconds = time.perf_counter() - t_train
 
-    model.eval()
+    model = model.eval().cpu()
     out = Path(args.out)
     save_model(model, out, tokenizer=tok)
     wrapped = Tokenizer.from_folder(out)
-    test_ppl = perplexity(model, wrapped, split="test", context=args.seq_len)
-    val_ppl = perplexity(model, wrapped, split="validation", context=args.seq_len)
+    test_ppl = perplexity(model, wrapped, split="test", context=args.seq_len, max_tokens=args.eval_tokens)
+    val_ppl = perplexity(model, wrapped, split="validation", context=args.seq_len,
+                         max_tokens=args.eval_tokens)
     report = {
         "preset": args.preset, "config": cfg.to_hf(), "n_params": cfg.n_params,
         "args": vars(args), "train_tokens": len(train_ids), "validation_works": VALIDATION_WORKS,

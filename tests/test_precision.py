@@ -62,3 +62,20 @@ def test_amp_training_step_matches_fp32_loss():
         losses[name] = [train_step(model, opt, x[:, :-1], x[:, 1:], amp_dtype=amp) for _ in range(3)]
     assert losses["fp32"][-1] < losses["fp32"][0]
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
+
+
+def test_training_cli_with_fp16_grad_scaler(tmp_path):
+    """`python -m llmopt.train --amp fp16` trains with autocast + GradScaler and writes a loadable model."""
+    import json
+    import warnings
+    from llmopt.train import main
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # fp16 may be emulated on this CPU
+        main(["--preset", "tiny-draft", "--out", str(tmp_path), "--tokenizer", str(llmopt.load.EMBEDDED["tiny"]), "--steps", "3",
+              "--batch-size", "2", "--seq-len", "32", "--eval-every", "3", "--amp", "fp16",
+              "--eval-tokens", "256"])
+    report = json.loads((tmp_path / "training_report.json").read_text())
+    assert report["args"]["amp"] == "fp16" and len(report["history"]) == 1
+    model, tok = llmopt.load_model(tmp_path)
+    assert model.dtype == torch.float32 and (tmp_path / "TRAINING.md").exists()
+    assert len(llmopt.generate(model, tok, "ROMEO:", max_new_tokens=4, ignore_eos=True).token_ids) == 4
