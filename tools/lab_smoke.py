@@ -37,14 +37,19 @@ def main() -> int:
         return 2
     from playwright.sync_api import sync_playwright
 
-    nb = Path(args.notebook).resolve()
+    import tempfile
+    # work on a copy, with a fresh workspace: JupyterLab autosaves outputs into the notebooks
+    # it has open, and the repository's notebooks must stay stripped
+    work = Path(tempfile.mkdtemp(prefix="llmopt-lab-"))
+    nb = work / Path(args.notebook).name
+    shutil.copy(args.notebook, nb)
     port, token = free_port(), "llmopt-smoke"
-    env = dict(os.environ, LLMOPT_CI="1")
+    env = dict(os.environ, LLMOPT_CI="1", JUPYTER_CONFIG_DIR=str(work / "config"))
     lab = subprocess.Popen([sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}",
                             f"--ServerApp.token={token}", "--ServerApp.ip=127.0.0.1",
-                            f"--ServerApp.root_dir={nb.parent}"] + (["--allow-root"] if os.geteuid() == 0 else []),
-                           env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            f"--ServerApp.root_dir={work}", f"--LabApp.workspaces_dir={work / 'ws'}"]
+                           + (["--allow-root"] if os.geteuid() == 0 else []),
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(60):
             try:
@@ -61,17 +66,21 @@ def main() -> int:
             page.click(".jp-Notebook")
             page.get_by_role("menuitem", name="Run").click()
             page.get_by_text("Run All Cells", exact=True).click()
-            # the panel: a slider from ipywidgets, rendered by the widget manager
-            slider = page.wait_for_selector(".widget-slider .noUi-handle, .widget-slider input",
-                                            timeout=args.timeout * 1000)
+            # the panel: a VBox of controls rendered by the widget manager
+            page.wait_for_selector(".widget-vbox", timeout=args.timeout * 1000)
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']",
                                    timeout=args.timeout * 1000)
             panel = page.locator(".widget-vbox").last
             panel.scroll_into_view_if_needed()
             before = panel.inner_text()
-            slider.focus()
-            for _ in range(5):
-                page.keyboard.press("ArrowRight")
+            slider = panel.locator(".widget-slider .noUi-handle")
+            if slider.count():
+                slider.first.focus()
+                for _ in range(5):
+                    page.keyboard.press("ArrowRight")
+            else:   # no slider: pick another option of the first toggle buttons
+                buttons = panel.locator(".widget-toggle-buttons button:not(.mod-active)")
+                buttons.first.click()
             page.wait_for_timeout(500)
             deadline = time.time() + 60
             after = panel.inner_text()
@@ -88,6 +97,7 @@ def main() -> int:
     finally:
         lab.terminate()
         lab.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
