@@ -114,3 +114,10 @@ def test_cpu_dynamic_int8():
         a, b = ref(ids), q(ids)
     assert (b - a).norm() / a.norm() < 0.1
     assert 0.4 < model_bytes(q) / model_bytes(ref) < 0.6   # layers int8; the fp32 embedding stays
+
+
+def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
+    import llmopt.quantize as q
+    monkeypatch.setattr(q, "_importable", lambda name: name != "bitsandbytes")
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        q.quantize_bnb("tiny", "nf4")
