@@ -156,20 +156,13 @@ def _select(lin: nn.Linear, rows=None, cols=None) -> nn.Linear:
 def recover(model, tokenizer, masks: dict[str, torch.Tensor] | None = None, *, steps: int = 50,
             batch_size: int = 8, seq_len: int = 128, lr: float = 3e-4, seed: int = 0) -> list[float]:
     """A short recovery fine-tune; pruned weights stay zero (masks re-applied after each step)."""
-    from .train import get_batch, split_ids, train_step
-    data = split_ids(tokenizer, "train")
+    from .train import finetune
     layers = dict(prunable(model))
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(steps):
-        x, y = get_batch(data, batch_size, seq_len, gen)
-        dev = next(model.parameters()).device
-        losses.append(train_step(model, opt, x.to(dev), y.to(dev)))
-        if masks:
-            with torch.no_grad():
-                for name, mask in masks.items():
-                    layers[name].weight.mul_(mask)
-    model.eval()
-    return losses
+
+    @torch.no_grad()
+    def keep_zeros():
+        for name, mask in (masks or {}).items():
+            layers[name].weight.mul_(mask)
+
+    return finetune(model, tokenizer, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
+                    seed=seed, after_step=keep_zeros)["losses"]

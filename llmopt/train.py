@@ -83,18 +83,20 @@ def split_ids(tokenizer, split: str = "train") -> torch.Tensor:
 
 
 def finetune(model, tokenizer, *, steps: int = 20, batch_size: int = 8, seq_len: int = 128,
-             lr: float = 3e-4, amp_dtype: torch.dtype | None = None, seed: int = 0) -> dict:
+             lr: float = 3e-4, amp_dtype: torch.dtype | None = None, seed: int = 0,
+             after_step=None) -> dict:
     """A short fine-tune on the training split, fp32 or mixed precision (notebook 05).
 
     With `amp_dtype` the forward runs under autocast; fp16 also gets a GradScaler
-    (its gradients would underflow otherwise). Returns the loss curve, the median
-    step time and the tokens per second.
+    (its gradients would underflow otherwise). `after_step()` runs after every
+    optimizer step (pruning uses it to keep pruned weights at zero). Returns the loss
+    curve, the median step time and the tokens per second.
     """
     import statistics
     device = next(model.parameters()).device
     data = split_ids(tokenizer, "train")
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     gen = torch.Generator().manual_seed(seed)
     losses, times = [], []
@@ -103,6 +105,8 @@ def finetune(model, tokenizer, *, steps: int = 20, batch_size: int = 8, seq_len:
         x, y = x.to(device), y.to(device)
         t0 = time.perf_counter()
         losses.append(train_step(model, opt, x, y, amp_dtype=amp_dtype, scaler=scaler))
+        if after_step is not None:
+            after_step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
