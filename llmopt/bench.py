@@ -264,16 +264,14 @@ def bench_quantization(quick: bool, device: str) -> dict:
     prompt = list(range(1, 33))
     new = 16 if quick else 64
     reps = 1 if quick else 3
-    speed = [measure_generation(lambda: hf_generate(hf, torch.tensor([prompt], device=device),
-                                                    max_new_tokens=new),
-                                repeats=reps, label="transformers fp32 generate", model="llama-100m (random)",
-                                device=device, dtype="float32")]
-    del hf
     from .quantize import quantize_dynamic_cpu
     variants = [("llmopt fp32", None, {}), ("llmopt bf16", "bf16", {}), ("llmopt int8 weight-only", "int8", {}),
                 ("llmopt int4 g64 weight-only", "int4", {"group_size": 64})]
     if device == "cpu":
         variants.append(("llmopt + torch dynamic int8 (W8A8)", "dynamic", {}))
+    runs = {"transformers fp32 generate":
+            lambda: hf_generate(hf, torch.tensor([prompt], device=device), max_new_tokens=new)}
+    ratios_bytes = {}
     for label, method, kw in variants:
         model = _random_shape("llama-100m", quick, device)
         if method == "bf16":
@@ -282,10 +280,12 @@ def bench_quantization(quick: bool, device: str) -> dict:
             model = quantize_dynamic_cpu(model)
         elif method:
             quantize(model, method, **kw)
-        speed.append(measure_generation(
-            lambda: generate(model, None, prompt, max_new_tokens=new, ignore_eos=True),
-            repeats=reps, label=label, model="llama-100m (random)"))
-        speed[-1]["bytes_ratio"] = model_bytes(model) / model_bytes(base)
+        ratios_bytes[label] = model_bytes(model) / model_bytes(base)
+        runs[label] = lambda m=model: generate(m, None, prompt, max_new_tokens=new, ignore_eos=True)
+    # interleaved: every variant sees the same drift of this machine's speed
+    speed = measure_generations(runs, repeats=reps, model="llama-100m (random)")
+    for row in speed[1:]:
+        row["bytes_ratio"] = ratios_bytes[row["label"]]
     best = max(speed[1:], key=lambda r: r["decode_tokens_per_s"])
     ratios[f"llama-100m decode tokens/s, best llmopt ({best['label']}) / transformers fp32"] = (
         best["decode_tokens_per_s"] / speed[0]["decode_tokens_per_s"])
