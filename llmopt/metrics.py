@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from .data import load_text
 
 
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [B, T, V] from an llmopt model or a `transformers` model (its `.logits`)."""
     out = model(ids)
     return out.logits if hasattr(out, "logits") else out
 
 
-def _device(model) -> torch.device:
+def device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -54,12 +55,12 @@ def perplexity(model, tokenizer=None, *, split: str = "test", ids: torch.Tensor 
         raise ValueError(f"stride must be in (0, context={context}], got {stride}")
     if len(ids) < 2:
         raise ValueError("perplexity needs at least 2 tokens of text")
-    device = _device(model)
+    device = device_of(model)
     nll, counted, prev_end = 0.0, 0, 0
     for begin in range(0, len(ids) - 1, stride):
         end = min(begin + context, len(ids))
         window = ids[begin:end].to(device)[None]
-        logits = _logits(model, window)[0, :-1].float()
+        logits = logits_of(model, window)[0, :-1].float()
         targets = window[0, 1:]
         # score only the tokens this window adds (those after the previous window's end)
         first_new = max(prev_end - begin - 1, 0)
@@ -101,8 +102,8 @@ def compare_next_token(model, reference, ids: torch.Tensor, context: int = 256) 
     agree, kl, count = 0, 0.0, 0
     for begin in range(0, len(ids), context):
         window = ids[begin:begin + context][None]
-        p_logits = _logits(reference, window.to(_device(reference)))[0].float().cpu()
-        q_logits = _logits(model, window.to(_device(model)))[0].float().cpu()
+        p_logits = logits_of(reference, window.to(device_of(reference)))[0].float().cpu()
+        q_logits = logits_of(model, window.to(device_of(model)))[0].float().cpu()
         agree += (p_logits.argmax(-1) == q_logits.argmax(-1)).sum().item()
         kl += F.kl_div(F.log_softmax(q_logits, -1), F.log_softmax(p_logits, -1),
                        log_target=True, reduction="sum").item()

@@ -109,10 +109,9 @@ def overflow_demo() -> dict:
 def numerics_vs_fp32(model_fp32, model_other, ids: torch.Tensor) -> dict:
     """Logits drift, top-1 agreement and KL of `model_other` against the fp32 model on `ids` [1, T]."""
     import torch.nn.functional as F
-    ref = model_fp32(ids.to(next(model_fp32.parameters()).device))
-    ref = (ref.logits if hasattr(ref, "logits") else ref).float().cpu()
-    out = model_other(ids.to(next(model_other.parameters()).device))
-    out = (out.logits if hasattr(out, "logits") else out).float().cpu()
+    from .metrics import device_of, logits_of
+    ref = logits_of(model_fp32, ids.to(device_of(model_fp32))).float().cpu()
+    out = logits_of(model_other, ids.to(device_of(model_other))).float().cpu()
     kl = F.kl_div(F.log_softmax(out, -1), F.log_softmax(ref, -1), log_target=True,
                   reduction="batchmean").item() / ids.shape[-1]
     return {"max_abs_logit_diff": (out - ref).abs().max().item(),
