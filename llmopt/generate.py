@@ -96,6 +96,11 @@ def encode_prompt(model, tokenizer, prompt, max_new_tokens: int) -> list[int]:
     return ids
 
 
+def _eos_ids(tokenizer, ignore_eos: bool) -> set[int]:
+    """The token ids that end a generation (none when `ignore_eos`)."""
+    return set() if ignore_eos else set(getattr(tokenizer, "eos_token_ids", None) or [])
+
+
 def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tokens: int,
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                   seed: int | None = None, cache: str = "static", ignore_eos: bool = False,
@@ -112,7 +117,7 @@ def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tok
     if temperature > 0:
         gen = torch.Generator(device=device)
         gen.manual_seed(seed if seed is not None else torch.seed())
-    eos = set() if ignore_eos else set(getattr(tokenizer, "eos_token_ids", []) or [])
+    eos = _eos_ids(tokenizer, ignore_eos)
     with torch.inference_mode():
         tokens = torch.tensor([ids], device=device)                     # [1, T]
         kv = make_cache(cache, model.config, 1, max_len, device=device, dtype=model.dtype)
@@ -190,24 +195,24 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
     ids = _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, cache,
                            compile)
     stop = _as_stop_list(stop)
-    new, times, reason = [], [], "length"
+    eos = _eos_ids(tokenizer, ignore_eos)
+    new, times, reason, text = [], [], "length", None
     for tok, t in _token_stream(model, tokenizer, ids, start, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 cache=cache, ignore_eos=ignore_eos, compile=compile):
         new.append(tok)
         times.append(t)
-        if not ignore_eos and tok in getattr(tokenizer, "eos_token_ids", []):
+        if tok in eos:
             reason = "eos"
             break
         if stop:
-            text = tokenizer.decode(new)
-            cut = _stop_at(text, stop)
+            decoded = tokenizer.decode(new)
+            cut = _stop_at(decoded, stop)
             if cut is not None:
-                reason = "stop"
+                reason, text = "stop", decoded[:cut]
                 break
-    text = tokenizer.decode(new) if tokenizer is not None else ""  # ids in, ids out
-    if reason == "stop":
-        text = text[:_stop_at(text, stop)]
+    if text is None:
+        text = tokenizer.decode(new) if tokenizer is not None else ""  # ids in, ids out
     stats = timing_stats(times, len(ids))
     stats.update(cache=cache, device=str(model.device), dtype=str(model.dtype).removeprefix("torch."),
                  compiled=bool(compile))
@@ -224,11 +229,11 @@ def stream(model, tokenizer, prompt, **options) -> Iterator[str]:
                            options.get("top_p"), options.get("cache", "static"),
                            options.get("compile", False))
     stop = _as_stop_list(options.pop("stop", None))
-    ignore_eos = options.get("ignore_eos", False)
+    eos = _eos_ids(tokenizer, options.get("ignore_eos", False))
     new: list[int] = []
     emitted = ""
     for tok, _ in _token_stream(model, tokenizer, ids, start, **options):
-        if not ignore_eos and tok in getattr(tokenizer, "eos_token_ids", []):
+        if tok in eos:
             return
         new.append(tok)
         text = tokenizer.decode(new)

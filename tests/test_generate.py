@@ -108,3 +108,15 @@ def test_bad_requests_raise_clear_errors(model_and_tok, kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         llmopt.generate(model, tok, args.pop("prompt"), **args)
+
+
+def test_generation_stops_at_end_of_sequence(model_and_tok, monkeypatch):
+    model, tok = model_and_tok
+    full = llmopt.generate(model, tok, "Once more", max_new_tokens=12, ignore_eos=True)
+    monkeypatch.setattr(tok, "eos_token_ids", [full.token_ids[3]])
+    g = llmopt.generate(model, tok, "Once more", max_new_tokens=12)
+    first = full.token_ids.index(full.token_ids[3])
+    assert g.finish_reason == "eos" and g.token_ids == full.token_ids[:first + 1]
+    streamed = "".join(llmopt.stream(model, tok, "Once more", max_new_tokens=12))
+    assert streamed == tok.decode(full.token_ids[:first])
+    assert llmopt.generate(model, tok, "Once more", max_new_tokens=12, ignore_eos=True).token_ids == full.token_ids
