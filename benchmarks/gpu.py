@@ -91,8 +91,8 @@ def main(argv=None) -> int:
             full = model_bytes(model)
             quantize(model, method, **kw)
             for compiled in ([False] if args.smoke else [False, "reduce-overhead"]):
-                run = lambda: llmopt.generate(model, None, prompt, max_new_tokens=new_tokens, ignore_eos=True,
-                                              compile=compiled)
+                run = lambda m=model, c=compiled: llmopt.generate(m, None, prompt, max_new_tokens=new_tokens,
+                                                                   ignore_eos=True, compile=c)
                 row = llmopt.measure_generation(run, repeats=repeats, label=f"{label}{' compiled' if compiled else ''}",
                                                 model=f"{preset} (random weights)")
                 row["bytes_ratio"] = model_bytes(model) / full
@@ -112,8 +112,9 @@ def main(argv=None) -> int:
                 model.set_attention(backend)
                 try:
                     with torch.inference_mode():
-                        t = measure(lambda: model(ids, last_only=True), warmup=1, repeats=repeats, device=device)
-                        mem = peak_memory(lambda: model(ids, last_only=True), device=device)
+                        forward = lambda m=model, x=ids: m(x, last_only=True)  # noqa: E731
+                        t = measure(forward, warmup=1, repeats=repeats, device=device)
+                        mem = peak_memory(forward, device=device)
                     rows.append({"backend": backend, "prompt_len": n, "ttft_s": t["median"],
                                  "peak_gb": mem["peak_bytes"] / 1e9})
                 except torch.OutOfMemoryError:

@@ -15,8 +15,7 @@ import torch
 
 from .config import ModelConfig, get_config
 from .generate import generate
-from .profiling import (device_info, hf_generate, measure_generation, measure_generations,
-                        probe_bandwidth, roofline)
+from .profiling import device_info, hf_generate, measure_generation, measure_generations, roofline
 
 DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
 

@@ -10,6 +10,7 @@ compiled alone. `generate` returns a `Generation`; `stream` yields text pieces.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -46,7 +47,7 @@ def decode_one_token(model, token: torch.Tensor, input_pos: torch.Tensor, cache,
     return model(token, input_pos, cache, **kw)[:, -1]
 
 
-_COMPILED: "weakref.WeakKeyDictionary" = None  # model -> {mode: compiled decode step}
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {mode: compiled step}
 COMPILE_BUCKET = 256  # compiled caches are sized in multiples of this, so lengths share one graph
 
 
@@ -57,10 +58,6 @@ def compiled_decode(model, mode: str = "default"):
     Only the fixed-shape decode step is compiled; prefill stays eager (compiling it
     for every prompt length is very slow). mode="reduce-overhead" adds CUDA graphs on GPU.
     """
-    global _COMPILED
-    import weakref
-    if _COMPILED is None:
-        _COMPILED = weakref.WeakKeyDictionary()
     per_model = _COMPILED.setdefault(model, {})
     if mode not in per_model:
         per_model[mode] = torch.compile(decode_one_token, mode=None if mode == "default" else mode,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import get_config
-from .data import TEST_WORKS, VALIDATION_WORKS, load_split, load_text
+from .data import TEST_WORKS, VALIDATION_WORKS, load_split
 from .model import build_model
 
 
