@@ -225,21 +225,64 @@ def stream(model, tokenizer, prompt, **options) -> Iterator[str]:
                            options.get("temperature", 0.0), options.get("top_k"),
                            options.get("top_p"), options.get("cache", "static"),
                            options.get("compile", False))
-    stop = _as_stop_list(options.pop("stop", None))
+    text = TextStream(tokenizer, _as_stop_list(options.pop("stop", None)))
     eos = _eos_ids(tokenizer, options.get("ignore_eos", False))
-    new: list[int] = []
-    emitted = ""
     for tok, _ in _token_stream(model, tokenizer, ids, start, **options):
         if tok in eos:
+            break
+        piece = text.push(tok)
+        if piece:
+            yield piece
+        if text.stopped:
             return
-        new.append(tok)
-        text = tokenizer.decode(new)
-        cut = _stop_at(text, stop) if stop else None
+    if text.flush():
+        yield text.flush_piece
+
+
+class TextStream:
+    """Token ids in, text pieces out, safe to show as they come (`stream`, the engine's handles).
+
+    Decodes the whole sequence each time (byte-level BPE can split a character
+    across tokens) and holds back what might still change: a trailing partial
+    character, and a tail that could be the start of a stop string.
+    """
+
+    def __init__(self, tokenizer, stop: list[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.stopped = False
+        self.flush_piece = ""
+
+    def _text(self) -> str:
+        text = self.tokenizer.decode(self.ids) if self.tokenizer is not None else ""
+        cut = _stop_at(text, self.stop) if self.stop else None
         if cut is not None:
-            text = text[:cut]
-        # byte-level BPE can end mid-character: hold back a trailing replacement char
-        if not text.endswith("\ufffd") and len(text) > len(emitted):
-            yield text[len(emitted):]
-            emitted = text
-        if cut is not None:
-            return
+            self.stopped = True
+            return text[:cut]
+        return text
+
+    def push(self, tok: int) -> str:
+        self.ids.append(tok)
+        text = self._text()
+        safe = len(text)
+        if not self.stopped:
+            if text.endswith("\ufffd"):
+                return ""
+            for s in self.stop:   # the longest tail that begins a stop string waits
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        safe = min(safe, len(text) - k)
+                        break
+        return self._emit(text[:safe])
+
+    def flush(self) -> bool:
+        """At the end: release whatever was held back. True if there was something."""
+        self.flush_piece = self._emit(self._text()) if self.ids else ""
+        return bool(self.flush_piece)
+
+    def _emit(self, text: str) -> str:
+        if len(text) <= len(self.emitted):
+            return ""
+        piece, self.emitted = text[len(self.emitted):], text
+        return piece

@@ -139,7 +139,8 @@ class PagedKVCache:
     relies on this). Attention gathers a row's blocks back into order; fused
     paged-attention kernels (vLLM) skip that copy.
 
-    pool per layer: [num_blocks * block_size, Hkv, D]; block_table: [B, max_blocks]
+    pool per layer: [num_blocks * block_size, 2, Hkv, D] (keys and values side by side);
+    block_table: [B, max_blocks]
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, *, block_size: int = 16,
@@ -151,12 +152,30 @@ class PagedKVCache:
             manager = BlockManager(num_blocks or batch_size * self.max_blocks, block_size)
         self.manager = manager
         slots = manager.num_blocks * block_size
-        shape = (slots, cfg.n_kv_heads, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        # keys and values of a slot side by side, so one gather reads both: [slots, 2, Hkv, D]
+        self.kv = [torch.zeros(slots, 2, cfg.n_kv_heads, cfg.head_dim, device=device, dtype=dtype)
+                   for _ in range(cfg.n_layers)]
+        self.k = [t[:, 0] for t in self.kv]      # views: [slots, Hkv, D]
+        self.v = [t[:, 1] for t in self.kv]
         self.block_table = torch.zeros(batch_size, self.max_blocks, dtype=torch.long, device=device)
         self.blocks: list[list[int]] = [[] for _ in range(batch_size)]   # host copy per row
         self.device = device
+        self.row_lengths: torch.Tensor | None = None   # ragged mode (see set_rows)
+
+    def set_rows(self, blocks: list[list[int]], lengths: list[int]) -> None:
+        """Ragged mode, for the continuous-batching engine: row b owns `blocks[b]` and
+        already caches `lengths[b]` tokens, so the next update writes row b at
+        positions lengths[b], lengths[b]+1, ... The engine allocates the blocks
+        itself through `manager`. Rows of different lengths decode together (one
+        token each); a prefill of several tokens is one row at a time.
+        """
+        width = max(map(len, blocks))
+        self.block_table = torch.tensor([b + [0] * (width - len(b)) for b in blocks],
+                                        dtype=torch.long, device=self.block_table.device)
+        self.blocks = [list(b) for b in blocks]
+        self.row_lengths = torch.tensor(lengths, dtype=torch.long, device=self.block_table.device)
+        self._ragged_len = max(lengths)
+        self._ragged_slots: dict[int, tuple] = {}    # T -> (write slots, read slots), same every layer
 
     def reserve(self, num_tokens: int) -> None:
         """Make sure every row has blocks for `num_tokens` positions (allocating as needed)."""
@@ -174,10 +193,29 @@ class PagedKVCache:
         block = self.block_table[:, positions // self.block_size]          # [B, T]
         return block * self.block_size + positions % self.block_size
 
+    def _slots_ragged(self, positions: torch.Tensor) -> torch.Tensor:
+        """Physical slots of per-row positions [B, T]."""
+        block = self.block_table.gather(1, positions // self.block_size)
+        return block * self.block_size + positions % self.block_size
+
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        B, H, T, D = k.shape
+        if self.row_lengths is not None:      # ragged: each row writes after its own length
+            if T > 1 and B > 1:
+                raise ValueError("ragged paged cache: several tokens at once only for one row")
+            if T not in self._ragged_slots:   # computed at layer 0, reused by every other layer
+                write = self.row_lengths[:, None] + torch.arange(T, device=k.device)   # [B, T]
+                S = self._ragged_len + T
+                read = self._slots_ragged(torch.arange(S, device=k.device).expand(B, S))
+                self._ragged_slots[T] = (self._slots_ragged(write).flatten(), read.flatten(), S)
+            write, read, S = self._ragged_slots[T]
+            self.k[layer].index_copy_(0, write, k.transpose(1, 2).reshape(B * T, H, D))
+            self.v[layer].index_copy_(0, write, v.transpose(1, 2).reshape(B * T, H, D))
+            # slots past a row's length hold other data; the engine's key_mask hides them
+            kv = self.kv[layer].index_select(0, read).view(B, S, 2, H, D)
+            return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
         if layer == 0:
             self.reserve(int(input_pos[-1]) + 1)
-        B, H, T, D = k.shape
         slots = self.slots(input_pos).flatten()                           # [B*T]
         self.k[layer].index_copy_(0, slots, k.transpose(1, 2).reshape(B * T, H, D))
         self.v[layer].index_copy_(0, slots, v.transpose(1, 2).reshape(B * T, H, D))
@@ -187,6 +225,8 @@ class PagedKVCache:
         return self.k[layer][read].transpose(1, 2), self.v[layer][read].transpose(1, 2)
 
     def kv_len(self, input_pos: torch.Tensor) -> int:
+        if self.row_lengths is not None:
+            return self._ragged_len + len(input_pos)
         return int(input_pos[-1]) + 1
 
     def free(self) -> None:

@@ -198,8 +198,11 @@ class Transformer(nn.Module):
             # a query at slot p sees keys at slots <= p: [T, S]
             mask = slots.unsqueeze(0) <= input_pos.unsqueeze(1)
             if key_mask is not None:
-                # padding keys are hidden; a query always sees itself so no row is empty
-                mask = (mask & key_mask[:, None, :S]) | (slots.unsqueeze(0) == input_pos.unsqueeze(1))
+                # padding keys are hidden; a query that would see nothing at all (a
+                # padding token's own query) sees itself, so softmax never gets an empty row
+                mask = mask & key_mask[:, None, :S]
+                empty = ~mask.any(-1, keepdim=True)
+                mask = mask | (empty & (slots.unsqueeze(0) == input_pos.unsqueeze(1)))
                 mask = mask[:, None]  # [B, 1, T, S]
         x = self.embed_tokens(input_ids)
         for layer in self.layers:

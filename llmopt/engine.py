@@ -1,0 +1,469 @@
+"""Continuous batching: an engine that serves many requests at once (notebooks 04 and 13).
+
+Static batching keeps a batch together until its longest sequence is done, so
+slots of finished sequences idle. Continuous batching (Orca's iteration-level
+scheduling, vLLM's engine) decides again at every decode step: finished
+sequences leave, waiting ones join, and the batch stays full.
+
+The pieces, one class per concept:
+- `Sequence`   one request's state: its tokens, options, KV blocks and timings;
+- `Scheduler`  the waiting and running queues, admission control and preemption;
+- `BlockManager` (kv_cache.py) the free list and reference counts of KV blocks;
+- `Engine`     the step loop on a background thread, and the thread-safe client API;
+- `RequestHandle` what `engine.submit` returns: result(), stream(), cancel().
+
+Memory is a pool of fixed-size KV blocks (`PagedKVCache` in ragged mode). A
+sequence is admitted only when its tokens fit in free blocks; when the pool
+runs dry mid-generation the newest running sequence is preempted: its blocks
+are freed and it goes back to the front of the queue, to be recomputed (its
+prompt plus the tokens it already generated are prefilled again) later.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import CancelledError, Future
+
+import torch
+
+from .generate import (Generation, TextStream, _as_stop_list, _checked_request, _eos_ids, _stop_at,
+                       timing_stats)
+from .kv_cache import BlockManager, PagedKVCache
+from .sampling import sample
+
+_DONE = object()   # end-of-stream marker in a handle's token queue
+
+
+class Sequence:
+    """One request as the engine sees it."""
+
+    def __init__(self, rid: int, prompt_ids: list[int], *, max_new_tokens: int, temperature: float,
+                 top_k, top_p, seed, stop: list[str], eos: set[int], device) -> None:
+        self.id = rid
+        self.prompt_ids = prompt_ids
+        self.max_new_tokens, self.temperature, self.top_k, self.top_p = \
+            max_new_tokens, temperature, top_k, top_p
+        self.stop, self.eos = stop, eos
+        self.generator = None
+        if temperature > 0:   # its own generator: a request's samples don't depend on its neighbours
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(seed if seed is not None else torch.seed())
+        self.generated: list[int] = []
+        self.blocks: list[int] = []            # physical KV blocks, in logical order
+        self.state = "waiting"                 # waiting, running, finished, failed, cancelled
+        self.cancelled = False
+        self.preemptions = 0
+        self.finish_reason: str | None = None
+        self.stop_text: str | None = None
+        self.submitted = time.perf_counter()
+        self.first_scheduled: float | None = None
+        self.token_times: list[float] = []     # seconds since submission
+        self.future: Future = Future()
+        self.tokens: queue.SimpleQueue = queue.SimpleQueue()
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.generated
+
+    def __repr__(self) -> str:
+        return f"Sequence(id={self.id}, {self.state}, {len(self.prompt_ids)}+{len(self.generated)} tokens)"
+
+
+class RequestHandle:
+    """The caller's side of one request: wait for it, stream it, or cancel it."""
+
+    def __init__(self, seq: Sequence, engine: "Engine", tokenizer) -> None:
+        self._seq, self._engine, self._tokenizer = seq, engine, tokenizer
+        self.id = seq.id
+
+    def result(self, timeout: float | None = None) -> Generation:
+        """The finished `Generation`; raises the request's error, `CancelledError`, or `TimeoutError`."""
+        return self._seq.future.result(timeout)
+
+    def done(self) -> bool:
+        return self._seq.future.done()
+
+    def cancel(self) -> bool:
+        """Ask the engine to drop this request; False if it had already finished."""
+        if self._seq.future.done():
+            return False
+        self._seq.cancelled = True
+        self._engine._wake()
+        return True
+
+    def stream(self, timeout: float | None = None) -> Iterator[str]:
+        """Yield the text of each new token as the engine produces it (decoded in the caller's thread).
+
+        A handle streams once. Raises the request's error (or `CancelledError`) at the point it happened.
+        """
+        text = TextStream(self._tokenizer, self._seq.stop)
+        while True:
+            item = self._seq.tokens.get(timeout=timeout)
+            if item is _DONE:
+                self._seq.future.result()     # raises if the request failed or was cancelled
+                if text.flush():
+                    yield text.flush_piece
+                return
+            if item in self._seq.eos or text.stopped:
+                continue
+            piece = text.push(item)
+            if piece:
+                yield piece
+
+
+class Scheduler:
+    """Waiting and running queues over a block pool: who runs at the next step."""
+
+    def __init__(self, manager: BlockManager, max_batch_size: int, watermark_blocks: int = 0) -> None:
+        self.manager = manager
+        self.max_batch_size = max_batch_size
+        self.watermark = watermark_blocks          # kept free at admission, so running rows can grow
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def admit(self) -> list[Sequence]:
+        """Move waiting sequences (first come, first served) into free slots while their blocks fit."""
+        admitted = []
+        while self.waiting and len(self.running) < self.max_batch_size:
+            seq = self.waiting[0]
+            need = self.manager.blocks_needed(len(seq.all_ids) + 1)   # its tokens and the next one
+            reserve = self.watermark if self.running else 0
+            if not self.manager.can_allocate(need + reserve):
+                break                                   # head-of-line waits: no overtaking
+            self.waiting.popleft()
+            seq.blocks = self.manager.allocate(need)
+            seq.state = "running"
+            self.running.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def grow(self, rows: list[Sequence]) -> list[Sequence]:
+        """Give every row a slot for its next token, preempting the newest rows when blocks run out.
+
+        Returns the rows that still run this step.
+        """
+        for seq in list(rows):
+            if seq.state != "running":
+                continue
+            while self.manager.blocks_needed(len(seq.all_ids)) > len(seq.blocks):
+                if self.manager.can_allocate(1):
+                    seq.blocks += self.manager.allocate(1)
+                    continue
+                victim = self.running[-1]               # the newest: it has done the least work
+                self.preempt(victim)
+                if victim is seq:
+                    break
+        return [s for s in rows if s.state == "running"]
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks and queue it first; it is recomputed when readmitted."""
+        self.remove(seq)
+        seq.state = "waiting"
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.manager.release(seq.blocks)
+        seq.blocks = []
+
+
+class Engine:
+    """Continuous batching over a paged KV cache, driven by a background thread.
+
+        with llmopt.Engine(model, tokenizer, max_batch_size=8) as engine:
+            handle = engine.submit("ROMEO:", max_new_tokens=32)
+            print(handle.result().text)
+
+    `submit` is thread-safe and validates the request at once (a bad option
+    raises there, in the caller). Options are those of `llmopt.generate`
+    (max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos), per
+    request. `num_blocks` x `block_size` tokens of KV cache are shared by all
+    requests (default: enough for `max_batch_size` full-length sequences, so
+    nothing is ever preempted); fewer blocks let admission control and
+    preemption show. A fault while serving one request fails that request only.
+    """
+
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 8, block_size: int = 16,
+                 num_blocks: int | None = None, max_seq_len: int | None = None,
+                 watermark: float = 0.01, metrics=None) -> None:
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        self.model, self.tokenizer = model, tokenizer
+        cfg = model.config
+        self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
+        per_seq = -(-self.max_seq_len // block_size)
+        num_blocks = num_blocks or max_batch_size * per_seq
+        self.cache = PagedKVCache(cfg, max_batch_size, self.max_seq_len, block_size=block_size,
+                                  num_blocks=num_blocks, device=model.device, dtype=model.dtype)
+        self.scheduler = Scheduler(self.cache.manager, max_batch_size,
+                                   watermark_blocks=int(watermark * num_blocks))
+        self.metrics = metrics                 # an EngineMetrics (Prometheus), optional
+        self._ids = itertools.count()
+        self._inbox: deque[Sequence] = deque()
+        self._cv = threading.Condition()
+        self._step_lock = threading.Lock()     # one stepper at a time: the thread or generate_many
+        self._closing = False
+        self._drain = True
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.steps = 0
+        self.tokens_generated = 0
+        self.step_log: list[dict] = []        # per step: time, rows, blocks in use, waiting
+
+    # ---- client side -------------------------------------------------------------------------
+    def submit(self, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+               stop=None, ignore_eos: bool = False) -> RequestHandle:
+        """Queue one request; returns its handle at once (thread-safe)."""
+        seq = self._new_sequence(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos)
+        with self._cv:
+            if self._closing:
+                raise RuntimeError("this Engine is closed: submit to a new Engine")
+            if self.error is not None:
+                raise RuntimeError(f"this Engine stopped after an internal error: {self.error!r}")
+            self._inbox.append(seq)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="llmopt-engine", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        if self.metrics is not None:
+            self.metrics.submitted()
+        return RequestHandle(seq, self, self.tokenizer)
+
+    def _new_sequence(self, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                      top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                      stop=None, ignore_eos: bool = False) -> Sequence:
+        """Validate one request (raising in the caller) and make its Sequence."""
+        ids = _checked_request(self.model, self.tokenizer, prompt, max_new_tokens, temperature,
+                               top_k, top_p, "paged")
+        total = len(ids) + max_new_tokens
+        capacity = self.cache.manager.num_blocks * self.cache.block_size
+        if total > min(self.max_seq_len, capacity):
+            raise ValueError(f"request needs {total} tokens of KV cache but this engine holds at most "
+                             f"{min(self.max_seq_len, capacity)} per sequence: shorten the prompt, "
+                             "lower max_new_tokens, or give the engine more num_blocks")
+        return Sequence(next(self._ids), ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seed=seed, stop=_as_stop_list(stop),
+                        eos=_eos_ids(self.tokenizer, ignore_eos), device=self.model.device)
+
+    def generate_many(self, prompts, **options) -> list[Generation]:
+        """Offline batch mode: serve every prompt and return the results in order.
+
+        `options` apply to every prompt; `max_new_tokens` and `seed` may be lists
+        (one per prompt). When no background thread has started (nothing was
+        `submit`ted), the steps run in the calling thread, as offline inference
+        does (vLLM's `LLM.generate`): on CPU, PyTorch ops run noticeably slower
+        from a second Python thread, so this is the fast path for batch jobs.
+        """
+        n = len(prompts)
+        per_row = {k: options.pop(k) for k in ("max_new_tokens", "seed")
+                   if isinstance(options.get(k), (list, tuple))}
+        for k, v in per_row.items():
+            if len(v) != n:
+                raise ValueError(f"{k} has {len(v)} entries for {n} prompts")
+        seqs = [self._new_sequence(p, **options, **{k: v[i] for k, v in per_row.items()})
+                for i, p in enumerate(prompts)]
+        with self._cv:
+            if self._closing:
+                raise RuntimeError("this Engine is closed: submit to a new Engine")
+            background = self._thread is not None
+            self._inbox.extend(seqs)
+            self._cv.notify()
+        if not background:
+            with torch.inference_mode(), self._step_lock:
+                last = seqs[-1]
+                while True:
+                    while not last.future.done():   # the newest finishes last, or nearly
+                        self._step()
+                    pending = [s for s in seqs if not s.future.done()]
+                    if not pending:
+                        break
+                    last = pending[-1]
+        return [s.future.result() for s in seqs]
+
+    def close(self, wait: bool = True) -> None:
+        """Stop accepting requests. With `wait`, finish every queued and running one first;
+        otherwise cancel them. Idempotent."""
+        with self._cv:
+            self._closing = True
+            self._drain = self._drain and wait
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(wait=True)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._inbox) + len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def _has_work(self) -> bool:
+        return bool(self._inbox or self.scheduler.waiting or self.scheduler.running)
+
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._cv:
+                        while not self._has_work() and not self._closing:
+                            self._cv.wait()
+                        if self._closing and (not self._drain or not self._has_work()):
+                            break
+                    with self._step_lock:
+                        self._step()
+        except BaseException as e:   # an engine bug must not leave callers waiting forever
+            self.error = e
+            self._closing = True
+        finally:
+            reason = self.error or CancelledError("the engine was closed before this request ran")
+            with self._cv:
+                leftover = list(self._inbox) + list(self.scheduler.waiting) + list(self.scheduler.running)
+                self._inbox.clear()
+            for seq in leftover:
+                self._finish(seq, "cancelled", error=reason)
+
+    def _step(self) -> None:
+        """One iteration: take new requests, drop cancelled ones, prefill the admitted, decode the rest."""
+        sched = self.scheduler
+        with self._cv:
+            while self._inbox:
+                sched.add(self._inbox.popleft())
+        for seq in [s for s in list(sched.waiting) + sched.running if s.cancelled]:
+            self._finish(seq, "cancelled", error=CancelledError(f"request {seq.id} was cancelled"))
+        decode_rows = list(sched.running)
+        admitted = sched.admit()
+        now = time.perf_counter()
+        for seq in admitted:
+            if seq.first_scheduled is None:
+                seq.first_scheduled = now
+            self._prefill(seq)
+        rows = sched.grow([s for s in decode_rows if s.state == "running"])
+        if rows:
+            self._decode(rows)
+        self.steps += 1
+        self.step_log.append(dict(t=time.perf_counter(), rows=len(rows), prefills=len(admitted),
+                                  blocks_used=self.cache.manager.num_blocks - self.cache.manager.num_free,
+                                  waiting=len(sched.waiting), preemptions=sched.preemptions))
+        if self.metrics is not None:
+            self.metrics.step(self)
+
+    def _prefill(self, seq: Sequence) -> None:
+        """Compute a newly admitted (or readmitted) sequence's KV cache and its next token."""
+        try:
+            ids = torch.tensor([seq.all_ids], device=self.model.device)
+            self.cache.set_rows([seq.blocks], [0])
+            logits = self.model(ids, torch.arange(ids.shape[1], device=ids.device), self.cache,
+                                last_only=True)[:, -1]
+            self._accept(seq, self._sample([seq], logits)[0])
+        except Exception as e:
+            self._finish(seq, "failed", error=e)
+
+    def _decode(self, rows: list[Sequence]) -> None:
+        """One token for every running row, in one batched forward over the paged cache."""
+        device = self.model.device
+        lengths = [len(s.all_ids) - 1 for s in rows]     # tokens already cached per row
+        try:
+            self.cache.set_rows([s.blocks for s in rows], lengths)
+            S = max(lengths) + 1
+            lens = torch.tensor(lengths, device=device)
+            key_mask = torch.arange(S, device=device)[None, :] <= lens[:, None]      # [B, S]
+            tokens = torch.tensor([[s.all_ids[-1]] for s in rows], device=device)    # [B, 1]
+            logits = self.model(tokens, torch.tensor([S - 1], device=device), self.cache,
+                                positions=lens[:, None], key_mask=key_mask)[:, -1]
+        except Exception as e:
+            if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(rows) == 1:
+                self._finish(rows[0], "failed", error=e)
+            else:   # shrink the batch: the newest half waits and is recomputed later
+                for seq in rows[len(rows) // 2:]:
+                    self.scheduler.preempt(seq)
+            return
+        for seq, tok in zip(rows, self._sample(rows, logits)):
+            self._accept(seq, tok)
+
+    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """Next token per row: one argmax for the greedy rows, each sampled row with its generator."""
+        out = logits.argmax(-1)
+        for i, seq in enumerate(rows):
+            if seq.temperature > 0:
+                out[i] = sample(logits[i:i + 1], seq.temperature, seq.top_k, seq.top_p, seq.generator)[0]
+        return out.tolist()
+
+    def _accept(self, seq: Sequence, tok: int) -> None:
+        """Record a token for `seq` and finish it on end-of-sequence, a stop string or its length."""
+        try:
+            seq.generated.append(tok)
+            seq.token_times.append(time.perf_counter() - seq.submitted)
+            seq.tokens.put(tok)
+            self.tokens_generated += 1
+            if tok in seq.eos:
+                self._finish(seq, "eos")
+            elif seq.stop and self._hit_stop(seq):
+                self._finish(seq, "stop")
+            elif len(seq.generated) >= seq.max_new_tokens:
+                self._finish(seq, "length")
+        except Exception as e:
+            self._finish(seq, "failed", error=e)
+
+    def _hit_stop(self, seq: Sequence) -> bool:
+        text = self.tokenizer.decode(seq.generated)
+        cut = _stop_at(text, seq.stop)
+        if cut is not None:
+            seq.stop_text = text[:cut]
+        return cut is not None
+
+    def _finish(self, seq: Sequence, reason: str, error: BaseException | None = None) -> None:
+        """Retire a sequence: free its blocks, and hand its result (or error) to the caller."""
+        if seq.future.done():
+            return
+        if seq.blocks or seq in self.scheduler.running or seq in self.scheduler.waiting:
+            self.scheduler.remove(seq)
+        seq.finish_reason = reason
+        if error is not None:
+            seq.state = "cancelled" if isinstance(error, CancelledError) else "failed"
+            seq.future.set_exception(error)
+        else:
+            seq.state = "finished"
+            seq.future.set_result(self._result(seq))
+        seq.tokens.put(_DONE)
+        if self.metrics is not None:
+            self.metrics.finished(seq)
+
+    def _result(self, seq: Sequence) -> Generation:
+        text = seq.stop_text
+        if text is None:
+            text = self.tokenizer.decode(seq.generated) if self.tokenizer is not None else ""
+        stats = timing_stats(seq.token_times, len(seq.prompt_ids))
+        stats.update(queue_s=(seq.first_scheduled or seq.submitted) - seq.submitted,
+                     preemptions=seq.preemptions, cache="paged", device=str(self.model.device),
+                     dtype=str(self.model.dtype).removeprefix("torch."), compiled=False)
+        return Generation(token_ids=list(seq.generated), text=text, prompt_ids=seq.prompt_ids,
+                          finish_reason=seq.finish_reason, stats=stats, token_times=seq.token_times)

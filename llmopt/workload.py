@@ -1,0 +1,204 @@
+"""Seeded serving workloads and the load runner that replays them (notebooks 04 and 13).
+
+`poisson_workload` draws requests the way users send them: arrivals as a
+Poisson process (exponential gaps at `rate` requests/s), prompts cut from the
+held-out corpus, prompt and output lengths uniform in the given ranges. The
+same seed gives the same workload, so strategies are compared on equal terms.
+
+`run_load` replays a workload against any server with `submit(prompt, **options)`
+returning something with `.result()` (the `Engine`, the `DynamicBatcher`, or
+`static_server` below) from several client threads, and returns one row per
+request; `summarize_load` turns the rows into throughput and latency percentiles.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+import pandas as pd
+
+from .data import load_text
+
+
+@dataclass
+class WorkItem:
+    """One request of a workload: when it arrives, its prompt ids and how many tokens it wants."""
+    id: int
+    arrival_s: float
+    prompt_ids: list[int]
+    max_new_tokens: int
+
+
+def poisson_workload(tokenizer, n: int, *, rate: float = float("inf"), seed: int = 0,
+                     prompt_tokens: tuple[int, int] = (16, 64),
+                     output_tokens: tuple[int, int] = (8, 256), split: str = "test") -> list[WorkItem]:
+    """`n` requests with Poisson arrivals at `rate` per second (inf: all at time 0).
+
+    Prompt lengths and output lengths are uniform integers in the given inclusive
+    ranges; prompts are token spans of the `split` text at random offsets.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if rate <= 0:
+        raise ValueError(f"rate must be > 0 requests/s (inf for all at once), got {rate}")
+    for name, (lo, hi) in (("prompt_tokens", prompt_tokens), ("output_tokens", output_tokens)):
+        if not 1 <= lo <= hi:
+            raise ValueError(f"{name} must be a range (lo, hi) with 1 <= lo <= hi, got {(lo, hi)}")
+    rng = random.Random(seed)
+    ids = tokenizer.encode(load_text(split)[:200_000])
+    t, items = 0.0, []
+    for i in range(n):
+        if rate != float("inf"):
+            t += rng.expovariate(rate)
+        length = rng.randint(*prompt_tokens)
+        start = rng.randrange(0, len(ids) - length)
+        items.append(WorkItem(i, t, ids[start:start + length], rng.randint(*output_tokens)))
+    return items
+
+
+def static_server(model, tokenizer, *, batch_size: int = 8, max_wait_s: float = 0.05):
+    """Static batching as a server: requests wait until `batch_size` have queued (or
+    `max_wait_s` passed since the oldest), then run together until the longest is
+    done. The baseline the continuous engine is compared with: a `DynamicBatcher`
+    in arrival order with no token budget, so both share one tested code path."""
+    from .batching import DynamicBatcher
+    return DynamicBatcher(model, tokenizer, max_batch_size=batch_size, max_batch_tokens=10**9,
+                          max_wait_s=max_wait_s, sort_by_length=False)
+
+
+def run_load(server, workload: list[WorkItem], *, clients: int = 16, realtime: bool = True,
+             **options) -> pd.DataFrame:
+    """Replay `workload` against `server` from `clients` threads; one row per request.
+
+    Each client takes every `clients`-th request, sleeps until its arrival time
+    (when `realtime`), submits it and waits for the result. Columns: id, ok,
+    error, arrival_s, queue_s, ttft_s, tpot_s, e2e_s (from submission), new_tokens,
+    finished_s (since the run started). A failed request is a row with ok=False,
+    never a missing row.
+    """
+    rows: list[dict] = []
+    lock = threading.Lock()
+    t0 = time.perf_counter()
+
+    def client(k: int) -> None:
+        for item in workload[k::clients]:
+            if realtime:
+                delay = item.arrival_s - (time.perf_counter() - t0)
+                if delay > 0:
+                    time.sleep(delay)
+            row = dict(id=item.id, arrival_s=item.arrival_s, prompt_tokens=len(item.prompt_ids),
+                       max_new_tokens=item.max_new_tokens)
+            try:
+                g = server.submit(item.prompt_ids, max_new_tokens=item.max_new_tokens,
+                                  **options).result()
+                row.update(ok=True, error="", new_tokens=len(g.token_ids),
+                           queue_s=g.stats.get("queue_s", float("nan")), ttft_s=g.stats["ttft_s"],
+                           tpot_s=g.stats["tpot_s"], e2e_s=g.stats["e2e_s"], token_ids=g.token_ids)
+            except Exception as e:   # recorded, so nothing is silently lost
+                row.update(ok=False, error=f"{type(e).__name__}: {e}", new_tokens=0)
+            row["finished_s"] = time.perf_counter() - t0
+            with lock:
+                rows.append(row)
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return pd.DataFrame(rows).sort_values("id").reset_index(drop=True)
+
+
+def summarize_load(df: pd.DataFrame, label: str = "", submitted: int | None = None) -> dict:
+    """Throughput and latency percentiles of a `run_load` frame (one row per request)."""
+    ok = df[df["ok"]]
+    wall = float(df["finished_s"].max())
+    out = dict(label=label, requests=len(df), completed=len(ok),
+               failed=int((~df["ok"]).sum()),
+               lost=(submitted - len(df)) if submitted is not None else 0,
+               wall_s=wall, tokens=int(ok["new_tokens"].sum()),
+               tokens_per_s=float(ok["new_tokens"].sum()) / wall if wall > 0 else float("nan"),
+               requests_per_s=len(ok) / wall if wall > 0 else float("nan"))
+    for col in ("e2e_s", "ttft_s", "tpot_s", "queue_s"):
+        if col in ok and len(ok):
+            for q in (50, 95, 99):
+                out[f"{col.removesuffix('_s')}_p{q}_s"] = float(ok[col].quantile(q / 100))
+    return out
+
+
+def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int = 8,
+                     max_batch_tokens: int | None = None, repeats: int = 1) -> list[dict]:
+    """Offline throughput of static, dynamic and continuous batching on one workload.
+
+    Every request is there at time 0 and runs to exactly its `max_new_tokens`
+    (end-of-sequence ignored), so the three do the same useful work. Repeats are
+    interleaved (static, dynamic, continuous, static, ...) and the median wall time
+    kept, so drifting machine speed hits all three alike. Rows: label, tokens,
+    wall_s, tokens_per_s, forwards (decode steps run, prefills included),
+    throughput_vs_static, identical (every output equal to static batching's).
+    """
+    from statistics import median
+    from .batching import DynamicBatcher
+    from .engine import Engine
+    prompts = [w.prompt_ids for w in workload]
+    max_new = [w.max_new_tokens for w in workload]
+    budget = max_batch_tokens or slots * (max(map(len, prompts)) + max(max_new))
+
+    def static():
+        b = DynamicBatcher(model, tokenizer, max_batch_size=slots, max_batch_tokens=10**9,
+                           sort_by_length=False)
+        out = b.run(prompts, max_new_tokens=max_new, ignore_eos=True)
+        # one prefill and then as many steps as the batch's longest request, per batch
+        return out, sum(max(g.stats["new_tokens"] for g in out[i:i + slots])
+                        for i in range(0, len(out), slots))
+
+    def dynamic():
+        b = DynamicBatcher(model, tokenizer, max_batch_size=slots, max_batch_tokens=budget,
+                           sort_by_length=True)
+        out = b.run(prompts, max_new_tokens=max_new, ignore_eos=True)
+        return out, sum(x["steps"] for x in b.batches if x["outcome"] == "ok")
+
+    def continuous():
+        e = Engine(model, tokenizer, max_batch_size=slots)
+        return e.generate_many(prompts, max_new_tokens=max_new, ignore_eos=True), e.steps
+
+    runs = {"static batching": static, "dynamic batching (length-aware)": dynamic,
+            "continuous batching": continuous}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    outputs, forwards = {}, {}
+    for _ in range(repeats):
+        for label, fn in runs.items():
+            t0 = time.perf_counter()
+            outputs[label], forwards[label] = fn()
+            times[label].append(time.perf_counter() - t0)
+    tokens = sum(max_new)
+    reference = [g.token_ids for g in outputs["static batching"]]
+    rows = []
+    for label in runs:
+        wall = median(times[label])
+        rows.append(dict(label=label, requests=len(workload), slots=slots, tokens=tokens, wall_s=wall,
+                         tokens_per_s=tokens / wall, forwards=forwards[label],
+                         identical=[g.token_ids for g in outputs[label]] == reference))
+    for r in rows:
+        r["throughput_vs_static"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
+    return rows
+
+
+def ideal_continuous_speedup(output_tokens: list[int], slots: int) -> dict:
+    """Decode steps static vs continuous batching need for these output lengths (all at time 0).
+
+    Static: each batch of `slots` runs as long as its longest request. Continuous,
+    first come first served: a request takes the first free slot. With equal step
+    costs the ratio of steps is the speed-up to expect (the lower bound on
+    continuous steps is total tokens / slots).
+    """
+    import heapq
+    static = sum(max(output_tokens[i:i + slots]) for i in range(0, len(output_tokens), slots))
+    free_at = [0] * slots
+    for n in output_tokens:
+        heapq.heappush(free_at, heapq.heappop(free_at) + n)
+    continuous = max(free_at)
+    return dict(static_steps=static, continuous_steps=continuous,
+                ideal_steps=sum(output_tokens) / slots, step_ratio=static / continuous,
+                bound_ratio=static / (sum(output_tokens) / slots))

@@ -1,0 +1,306 @@
+"""Static, dynamic and continuous batching: batched output equals unbatched, nothing is lost."""
+import threading
+from concurrent.futures import CancelledError
+
+import pytest
+import torch
+
+import llmopt
+from llmopt.batching import DynamicBatcher, MemoryBudgetExceeded, generate_batch
+from llmopt.engine import Engine
+from llmopt.workload import (compare_batching, ideal_continuous_speedup, poisson_workload,
+                             run_load, static_server, summarize_load)
+
+PROMPTS = ["ROMEO:", "To be, or not to be, that is the question:\nWhether 'tis nobler",
+           "KING:\nNow", "A", "JULIET:\nO Romeo, Romeo", "First Citizen:\nBefore we proceed any further"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return llmopt.load_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """Each prompt's unbatched greedy output, 48 tokens, end-of-sequence ignored."""
+    model, tok = tiny
+    return {p: llmopt.generate(model, tok, p, max_new_tokens=48, ignore_eos=True).token_ids
+            for p in PROMPTS}
+
+
+@pytest.fixture(scope="module")
+def llama(small_tokenizer_dir, tmp_path_factory):
+    from conftest import make_hf_checkpoint
+    folder = tmp_path_factory.mktemp("llama-batch")
+    make_hf_checkpoint("llama", folder, small_tokenizer_dir)
+    return llmopt.load_model(folder)
+
+
+# ---- static batching ------------------------------------------------------------------------
+@pytest.mark.parametrize("cache", ["static", "dynamic", "paged", "none"])
+def test_batched_greedy_equals_unbatched_for_every_cache(tiny, reference, cache):
+    model, tok = tiny
+    lengths = [48, 10, 30, 1, 48, 20]
+    out = generate_batch(model, tok, PROMPTS, max_new_tokens=lengths, cache=cache, ignore_eos=True)
+    assert len({len(g.prompt_ids) for g in out}) > 3            # really different lengths
+    for p, n, g in zip(PROMPTS, lengths, out):
+        assert g.token_ids == reference[p][:n]
+        assert g.text == tok.decode(g.token_ids)
+        assert g.stats["batch_size"] == len(PROMPTS)
+    assert 0 < out[0].stats["padding_fraction"] < 1
+
+
+def test_batched_logits_match_unbatched_on_a_transformers_checkpoint(llama):
+    """Left padding, per-row positions and the key mask leave each row's logits unchanged."""
+    model, _ = llama
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, 512, (n,), generator=g).tolist() for n in (5, 17, 11)]
+    out = generate_batch(model, None, rows, max_new_tokens=12, ignore_eos=True)
+    for ids, got in zip(rows, out):
+        assert got.token_ids == llmopt.generate(model, None, ids, max_new_tokens=12,
+                                                ignore_eos=True).token_ids
+    T = max(map(len, rows))
+    tokens = torch.tensor([[0] * (T - len(r)) + r for r in rows])
+    pad = torch.tensor([T - len(r) for r in rows])[:, None]
+    slots = torch.arange(T)
+    with torch.no_grad():
+        batched = model(tokens, positions=(slots - pad).clamp(min=0), key_mask=slots >= pad)
+        for i, r in enumerate(rows):
+            alone = model(torch.tensor([r]))[0]
+            torch.testing.assert_close(batched[i, T - len(r):], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_sampling_matches_unbatched_per_seed(tiny):
+    model, tok = tiny
+    kw = dict(max_new_tokens=20, temperature=0.9, top_k=40, top_p=0.95)
+    seeds = [1, 2, 3]
+    out = generate_batch(model, tok, PROMPTS[:3], seed=seeds, **kw)
+    for p, s, g in zip(PROMPTS, seeds, out):
+        assert g.token_ids == llmopt.generate(model, tok, p, seed=s, **kw).token_ids
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompts=[]), "non-empty list"),
+    (dict(prompts="ROMEO:"), "non-empty list"),
+    (dict(prompts=["A", ""]), "empty"),
+    (dict(prompts=["A", "B"], max_new_tokens=[4]), "one per prompt"),
+    (dict(prompts=["A"], temperature=-1), "temperature"),
+    (dict(prompts=["A"], max_new_tokens=5000), "context"),
+])
+def test_generate_batch_bad_input(tiny, kwargs, message):
+    model, tok = tiny
+    prompts = kwargs.pop("prompts")
+    with pytest.raises(ValueError, match=message):
+        generate_batch(model, tok, prompts, **kwargs)
+
+
+def test_memory_budget_refuses_before_allocating(tiny):
+    model, tok = tiny
+    with pytest.raises(MemoryBudgetExceeded, match="split the batch"):
+        generate_batch(model, tok, PROMPTS, max_new_tokens=64, memory_budget=100_000)
+
+
+# ---- dynamic batching -----------------------------------------------------------------------
+def test_dynamic_batcher_splits_on_memory_and_returns_every_result(tiny, reference):
+    model, tok = tiny
+    one = llmopt.batching.batch_memory_bytes(model.config, 1, 20, 60)
+    with DynamicBatcher(model, tok, max_batch_size=6, memory_budget=3 * one) as b:
+        futures = [b.submit(p, max_new_tokens=40, ignore_eos=True) for p in PROMPTS * 2]
+        results = [f.result(timeout=60) for f in futures]
+    assert [g.token_ids for g in results] == [reference[p][:40] for p in PROMPTS * 2]
+    assert any(x["outcome"] == "split" for x in b.batches)
+    assert sum(x["size"] for x in b.batches if x["outcome"] == "ok") == len(futures)  # none twice
+
+
+def test_dynamic_batcher_token_budget_and_lone_failure(tiny, reference):
+    model, tok = tiny
+    b = DynamicBatcher(model, tok, max_batch_size=8, max_batch_tokens=4 * 60, memory_budget=None)
+    out = b.run(PROMPTS, max_new_tokens=[40, 40, 40, 10, 40, 40], ignore_eos=True)
+    assert [g.token_ids for g in out] == [reference[p][:n] for p, n in zip(PROMPTS, [40, 40, 40, 10, 40, 40])]
+    assert max(x["size"] for x in b.batches) <= 4
+    # a request that cannot fit even alone fails alone; its neighbours complete
+    small = llmopt.batching.batch_memory_bytes(model.config, 1, 16, 60)
+    with DynamicBatcher(model, tok, max_batch_size=4, memory_budget=small) as b2:
+        ok = b2.submit("A", max_new_tokens=8, ignore_eos=True)
+        too_big = b2.submit(PROMPTS[5], max_new_tokens=300, ignore_eos=True)
+        ok2 = b2.submit("ROMEO:", max_new_tokens=8, ignore_eos=True)
+        with pytest.raises(MemoryError, match="even alone"):
+            too_big.result(timeout=60)
+        assert ok.result(timeout=60).token_ids == reference["A"][:8]
+        assert ok2.result(timeout=60).token_ids == reference["ROMEO:"][:8]
+    with pytest.raises(RuntimeError, match="closed"):
+        b2.submit("A")
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        b.submit("A", max_new_tokens=1000)
+
+
+# ---- continuous batching --------------------------------------------------------------------
+def test_engine_output_equals_unbatched(tiny, reference):
+    model, tok = tiny
+    lengths = [48, 5, 33, 17, 48, 1, 40, 9, 26, 48, 12, 30]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(lengths))]
+    with Engine(model, tok, max_batch_size=4) as engine:
+        handles = [engine.submit(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(prompts, lengths)]
+        out = [h.result(timeout=120) for h in handles]
+    for p, n, g in zip(prompts, lengths, out):
+        assert g.token_ids == reference[p][:n]
+        assert g.stats["queue_s"] >= 0 and g.stats["ttft_s"] >= g.stats["queue_s"]
+        assert g.stats["e2e_s"] >= g.stats["ttft_s"]
+    assert max(s["rows"] for s in engine.step_log) == 4          # the batch was really full
+    assert engine.cache.manager.num_free == engine.cache.manager.num_blocks   # every block came back
+
+
+def test_engine_preempts_when_blocks_run_out_and_still_matches(tiny, reference):
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch_size=4, num_blocks=9, block_size=16)
+    out = engine.generate_many(PROMPTS * 2, max_new_tokens=48, ignore_eos=True)
+    assert engine.scheduler.preemptions > 0
+    assert sum(g.stats["preemptions"] for g in out) == engine.scheduler.preemptions
+    assert [g.token_ids for g in out] == [reference[p] for p in PROMPTS * 2]
+    assert engine.cache.manager.num_free == 9
+    with pytest.raises(ValueError, match="num_blocks"):
+        engine.submit("A", max_new_tokens=200)          # can never fit in 9 x 16 slots
+
+
+def test_engine_sampling_is_per_request(tiny):
+    model, tok = tiny
+    kw = dict(max_new_tokens=24, temperature=0.8, top_p=0.9)
+    engine = Engine(model, tok, max_batch_size=3)
+    out = engine.generate_many(PROMPTS[:3], seed=[5, 6, 7], **kw)
+    for p, s, g in zip(PROMPTS, [5, 6, 7], out):
+        assert g.token_ids == llmopt.generate(model, tok, p, seed=s, **kw).token_ids
+
+
+def test_sixteen_clients_every_request_completes_identically(tiny):
+    model, tok = tiny
+    work = poisson_workload(tok, 48, rate=400.0, seed=1, prompt_tokens=(4, 24), output_tokens=(4, 24))
+    with Engine(model, tok, max_batch_size=6, num_blocks=14) as engine:
+        df = run_load(engine, work, clients=16, ignore_eos=True)
+    assert len(df) == len(work) and df["ok"].all()
+    for item, ids in zip(work, df["token_ids"]):
+        assert ids == llmopt.generate(model, tok, item.prompt_ids, max_new_tokens=item.max_new_tokens,
+                                      ignore_eos=True).token_ids
+    summary = summarize_load(df, "engine", submitted=len(work))
+    assert summary["lost"] == 0 and summary["failed"] == 0
+    assert summary["e2e_p50_s"] <= summary["e2e_p95_s"] <= summary["e2e_p99_s"]
+
+
+def test_a_failing_or_cancelled_request_affects_no_other(tiny, reference):
+    model, tok = tiny
+
+    class FaultyEngine(Engine):
+        def _hit_stop(self, seq):                  # a detokenizer fault in one request
+            if "boom" in seq.stop and len(seq.generated) == 3:
+                raise RuntimeError("detokenizer exploded")
+            return super()._hit_stop(seq)
+
+    with FaultyEngine(model, tok, max_batch_size=4) as engine:
+        good = [engine.submit(p, max_new_tokens=30, ignore_eos=True) for p in PROMPTS[:3]]
+        bad = engine.submit("KING:\nNow", max_new_tokens=30, stop=["boom"], ignore_eos=True)
+        doomed = engine.submit(PROMPTS[4], max_new_tokens=48, ignore_eos=True)
+        assert doomed.cancel()
+        with pytest.raises(RuntimeError, match="exploded"):
+            bad.result(timeout=60)
+        with pytest.raises(CancelledError):
+            doomed.result(timeout=60)
+        assert [h.result(timeout=60).token_ids for h in good] == [reference[p][:30] for p in PROMPTS[:3]]
+    assert engine.cache.manager.num_free == engine.cache.manager.num_blocks
+
+
+def test_a_failing_batched_forward_shrinks_the_batch_and_loses_nothing(tiny, reference):
+    """A transient fault in a batched forward (like CUDA out-of-memory) preempts half the batch."""
+    model, tok = tiny
+    calls = {"n": 0}
+
+    class Flaky(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        device = property(lambda self: self.inner.device)
+        dtype = property(lambda self: self.inner.dtype)
+
+        def forward(self, ids, *a, **kw):
+            if ids.shape[0] > 2 and calls["n"] < 3:
+                calls["n"] += 1
+                raise torch.OutOfMemoryError("simulated out of memory")
+            return self.inner(ids, *a, **kw)
+
+    engine = Engine(Flaky(model), tok, max_batch_size=4)
+    out = engine.generate_many(PROMPTS[:4], max_new_tokens=20, ignore_eos=True)
+    assert calls["n"] == 3 and engine.scheduler.preemptions >= 3
+    assert [g.token_ids for g in out] == [reference[p][:20] for p in PROMPTS[:4]]
+
+
+def test_engine_stream_stop_and_errors(tiny):
+    model, tok = tiny
+    with Engine(model, tok, max_batch_size=2) as engine:
+        handle = engine.submit("ROMEO:", max_new_tokens=40, stop=["\n\n"])
+        pieces = list(handle.stream(timeout=60))
+        g = handle.result()
+        assert "".join(pieces) == g.text
+        assert g.text == llmopt.generate(model, tok, "ROMEO:", max_new_tokens=40, stop=["\n\n"]).text
+        for kwargs, message in [(dict(prompt=""), "empty"), (dict(top_p=2.0), "top_p"),
+                                (dict(max_new_tokens=0), "max_new_tokens")]:
+            with pytest.raises(ValueError, match=message):
+                engine.submit(kwargs.pop("prompt", "A"), **kwargs)
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit("A")
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Engine(model, tok, max_batch_size=0)
+
+
+def test_close_without_waiting_cancels_what_is_queued(tiny):
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch_size=1)
+    handles = [engine.submit(p, max_new_tokens=48, ignore_eos=True) for p in PROMPTS]
+    engine.close(wait=False)
+    outcomes = []
+    for h in handles:
+        try:
+            h.result(timeout=30)
+            outcomes.append("done")
+        except CancelledError:
+            outcomes.append("cancelled")
+    assert "cancelled" in outcomes and len(outcomes) == len(PROMPTS)
+    assert not engine._thread.is_alive()
+
+
+# ---- workloads and the comparison ----------------------------------------------------------
+def test_workload_is_seeded_and_in_range(tiny):
+    _, tok = tiny
+    a = poisson_workload(tok, 30, rate=10.0, seed=3, prompt_tokens=(5, 9), output_tokens=(8, 16))
+    b = poisson_workload(tok, 30, rate=10.0, seed=3, prompt_tokens=(5, 9), output_tokens=(8, 16))
+    assert [(w.arrival_s, w.prompt_ids, w.max_new_tokens) for w in a] == \
+           [(w.arrival_s, w.prompt_ids, w.max_new_tokens) for w in b]
+    assert all(5 <= len(w.prompt_ids) <= 9 and 8 <= w.max_new_tokens <= 16 for w in a)
+    arrivals = [w.arrival_s for w in a]
+    assert arrivals == sorted(arrivals) and 1.0 < arrivals[-1] < 10.0   # about 30 / 10 per s
+    with pytest.raises(ValueError, match="rate"):
+        poisson_workload(tok, 3, rate=0)
+
+
+def test_compare_batching_rows_and_ideal(tiny):
+    model, tok = tiny
+    work = poisson_workload(tok, 8, seed=0, prompt_tokens=(4, 12), output_tokens=(2, 24))
+    rows = compare_batching(model, tok, work, slots=4)
+    assert [r["label"] for r in rows][0] == "static batching"
+    assert all(r["identical"] for r in rows)
+    ideal = ideal_continuous_speedup([w.max_new_tokens for w in work], 4)
+    assert rows[0]["forwards"] == ideal["static_steps"]
+    assert ideal["continuous_steps"] <= rows[2]["forwards"] <= ideal["static_steps"]
+    assert ideal_continuous_speedup([10] * 8, 4)["step_ratio"] == 1.0
+
+
+def test_static_server_serves_clients(tiny, reference):
+    model, tok = tiny
+    with static_server(model, tok, batch_size=3, max_wait_s=0.01) as server:
+        futures = []
+        threads = [threading.Thread(target=lambda p=p: futures.append(
+            (p, server.submit(p, max_new_tokens=12, ignore_eos=True)))) for p in PROMPTS]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for p, f in futures:
+            assert f.result(timeout=60).token_ids == reference[p][:12]
