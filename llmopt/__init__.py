@@ -3,9 +3,11 @@
 Start with notebook 00: `model, tok = llmopt.load_model("tiny")`, then
 `llmopt.generate(model, tok, "ROMEO:", max_new_tokens=64)`.
 """
-from . import metrics, plots, profiling, widgets
+from . import metrics, plots, profiling, widgets, workload
+from .batching import DynamicBatcher, generate_batch
 from .bench import ci_mode, to_transformers
 from .config import PRESETS, ModelConfig, get_config
+from .engine import Engine, RequestHandle
 from .generate import Generation, decode_one_token, generate, prefill, stream
 from .kv_cache import DynamicKVCache, StaticKVCache, kv_bytes_per_token, kv_cache_bytes, make_cache
 from .load import load_model, save_model
@@ -22,5 +24,6 @@ __all__ = [
     "kv_cache_bytes", "make_cache", "load_model", "save_model", "Transformer", "build_model",
     "device_info", "hf_generate", "measure", "measure_generation", "measure_generations",
     "peak_memory", "Tokenizer",
+    "generate_batch", "DynamicBatcher", "Engine", "RequestHandle", "workload",
     "ci_mode", "to_transformers", "to_frame", "metrics", "plots", "profiling", "widgets",
 ]

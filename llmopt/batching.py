@@ -361,3 +361,26 @@ class DynamicBatcher:
             g.stats.update(timing_stats(g.token_times, len(r["ids"])), queue_s=queue_s,
                            batch_size=len(batch))
             r["future"].set_result(g)
+
+
+def sweep_batch_size(model, tokenizer, prompt, sizes=(1, 2, 4, 8, 16), *, new_tokens: int = 64,
+                     repeats: int = 3) -> list[dict]:
+    """Decode throughput and per-token latency against batch size (notebook 04).
+
+    Every row of a batch gets the same prompt, so no padding is involved: this is
+    the pure effect of reading the weights once for B tokens. Sizes are measured
+    interleaved; medians of `repeats`.
+    """
+    from .profiling import measure_generations
+    runs = {f"batch {b}": (lambda b=b: _batch_as_generation(model, tokenizer, [prompt] * b, new_tokens))
+            for b in sizes}
+    rows = measure_generations(runs, warmup=1, repeats=repeats)
+    for b, row in zip(sizes, rows):
+        row["batch_size"] = b
+        row["tokens_per_s"] = b * row["decode_tokens_per_s"]     # all rows together
+    return rows
+
+
+def _batch_as_generation(model, tokenizer, prompts, new_tokens: int) -> Generation:
+    """One static batch, reported as its first row's Generation (all rows share its timings)."""
+    return generate_batch(model, tokenizer, prompts, max_new_tokens=new_tokens, ignore_eos=True)[0]

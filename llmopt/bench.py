@@ -298,8 +298,66 @@ def bench_quantization(quick: bool, device: str) -> dict:
                            "kl_divergence"]}
 
 
+def bench_batching(quick: bool, device: str) -> dict:
+    """`tiny`, 8 slots: static vs dynamic vs continuous batching, all requests at time 0."""
+    from .load import load_model
+    from .workload import compare_batching, ideal_continuous_speedup, poisson_workload
+    model, tok = load_model("tiny", device=device)
+    n, out = (16, (8, 64)) if quick else (64, (8, 256))
+    work = poisson_workload(tok, n, seed=0, prompt_tokens=(16, 64), output_tokens=out)
+    rows = compare_batching(model, tok, work, slots=8, repeats=1 if quick else 3)
+    ideal = ideal_continuous_speedup([w.max_new_tokens for w in work], 8)
+    for r in rows:
+        r.update(model="tiny", device=device, dtype="float32")
+    key = "throughput, continuous / static batching"
+    return {"name": "batching", "metric": "tokens_per_s",
+            "title": f"Batching strategies (tiny, {n} requests, outputs {out[0]}-{out[1]} tokens, 8 slots)",
+            "rows": rows,
+            "ratios": {key: rows[2]["throughput_vs_static"],
+                       "throughput, dynamic (length-aware) / static": rows[1]["throughput_vs_static"],
+                       "decode steps, static / continuous (first come first served; the expected ratio)":
+                       ideal["step_ratio"],
+                       "decode steps, static / (tokens / slots) (the bound with no tail)":
+                       ideal["bound_ratio"]},
+            "goal": {key: 1.5},
+            "extra_keys": ["tokens_per_s", "wall_s", "forwards", "identical", "throughput_vs_static"]}
+
+
+def bench_load(quick: bool, device: str) -> dict:
+    """The engine under 16 client threads: throughput, latency percentiles, requests lost."""
+    from .engine import Engine
+    from .generate import generate
+    from .load import load_model
+    from .workload import poisson_workload, run_load, summarize_load
+    model, tok = load_model("tiny", device=device)
+    n = 64 if quick else 1000
+    work = poisson_workload(tok, n, seed=0, prompt_tokens=(16, 64), output_tokens=(8, 64))
+    with Engine(model, tok, max_batch_size=8) as engine:
+        df = run_load(engine, work, clients=16, realtime=False, ignore_eos=True)
+    summary = summarize_load(df, "continuous engine, 8 slots, 16 clients", submitted=n)
+    ok = df[df["ok"]]
+    mismatched = sum(ids != generate(model, tok, w.prompt_ids, max_new_tokens=w.max_new_tokens,
+                                     ignore_eos=True).token_ids
+                     for w, ids in zip(work, ok["token_ids"]))
+    summary.update(model="tiny", device=device, dtype="float32", mismatched_vs_unbatched=mismatched,
+                   preemptions=engine.scheduler.preemptions)
+    return {"name": "load", "metric": "tokens_per_s",
+            "title": f"Engine under load (tiny, {n} requests from 16 client threads, closed loop)",
+            "rows": [summary],
+            "ratios": {"requests lost": summary["lost"], "requests failed": summary["failed"],
+                       "outputs differing from unbatched greedy": mismatched,
+                       "throughput (tokens/s)": summary["tokens_per_s"],
+                       "e2e latency p50 (s)": summary["e2e_p50_s"],
+                       "e2e latency p95 (s)": summary["e2e_p95_s"],
+                       "e2e latency p99 (s)": summary["e2e_p99_s"]},
+            "goal": {"requests lost": "== 0"},
+            "extra_keys": ["requests", "completed", "lost", "tokens_per_s", "e2e_p50_s", "e2e_p95_s",
+                           "e2e_p99_s", "ttft_p50_s", "ttft_p99_s", "mismatched_vs_unbatched"]}
+
+
 EXPERIMENTS = {"baseline": bench_baseline, "cache": bench_cache, "attention": bench_attention,
-               "precision": bench_precision, "compile": bench_compile, "quantization": bench_quantization}
+               "precision": bench_precision, "compile": bench_compile, "quantization": bench_quantization,
+               "batching": bench_batching, "load": bench_load}
 
 
 def _markdown_table(rows: list[dict], keys: list[str]) -> str:

@@ -378,7 +378,7 @@ class Engine:
         """Compute a newly admitted (or readmitted) sequence's KV cache and its next token."""
         try:
             ids = torch.tensor([seq.all_ids], device=self.model.device)
-            self.cache.set_rows([seq.blocks], [0])
+            self.cache.set_rows([seq.blocks], [0], new_tokens=ids.shape[1])
             logits = self.model(ids, torch.arange(ids.shape[1], device=ids.device), self.cache,
                                 last_only=True)[:, -1]
             self._accept(seq, self._sample([seq], logits)[0])
@@ -390,8 +390,7 @@ class Engine:
         device = self.model.device
         lengths = [len(s.all_ids) - 1 for s in rows]     # tokens already cached per row
         try:
-            self.cache.set_rows([s.blocks for s in rows], lengths)
-            S = max(lengths) + 1
+            S = self.cache.set_rows([s.blocks for s in rows], lengths)      # key slots attention reads
             lens = torch.tensor(lengths, device=device)
             key_mask = torch.arange(S, device=device)[None, :] <= lens[:, None]      # [B, S]
             tokens = torch.tensor([[s.all_ids[-1]] for s in rows], device=device)    # [B, 1]

@@ -162,20 +162,33 @@ class PagedKVCache:
         self.device = device
         self.row_lengths: torch.Tensor | None = None   # ragged mode (see set_rows)
 
-    def set_rows(self, blocks: list[list[int]], lengths: list[int]) -> None:
+    def set_rows(self, blocks: list[list[int]], lengths: list[int], new_tokens: int = 1) -> int:
         """Ragged mode, for the continuous-batching engine: row b owns `blocks[b]` and
-        already caches `lengths[b]` tokens, so the next update writes row b at
-        positions lengths[b], lengths[b]+1, ... The engine allocates the blocks
+        already caches `lengths[b]` tokens, so the next update writes its `new_tokens`
+        at positions lengths[b], lengths[b]+1, ... The engine allocates the blocks
         itself through `manager`. Rows of different lengths decode together (one
         token each); a prefill of several tokens is one row at a time.
+
+        Attention then reads whole blocks (one gather of block ids, not of single
+        slots): returns the number of key slots it will see, a multiple of the block
+        size; the caller's key mask hides each row's slots past its length.
         """
+        if new_tokens > 1 and len(blocks) > 1:
+            raise ValueError("ragged paged cache: several new tokens at once only for one row")
         width = max(map(len, blocks))
+        dev = self.block_table.device
         self.block_table = torch.tensor([b + [0] * (width - len(b)) for b in blocks],
-                                        dtype=torch.long, device=self.block_table.device)
+                                        dtype=torch.long, device=dev)
         self.blocks = [list(b) for b in blocks]
-        self.row_lengths = torch.tensor(lengths, dtype=torch.long, device=self.block_table.device)
-        self._ragged_len = max(lengths)
-        self._ragged_slots: dict[int, tuple] = {}    # T -> (write slots, read slots), same every layer
+        self.row_lengths = torch.tensor(lengths, dtype=torch.long, device=dev)
+        nb = self.manager.blocks_needed(max(lengths) + new_tokens)
+        if nb > width:
+            raise ValueError(f"rows need {nb} blocks for their next tokens but own at most {width}")
+        write = self.row_lengths[:, None] + torch.arange(new_tokens, device=dev)     # [B, T]
+        self._write = self._slots_ragged(write).flatten()
+        self._read_blocks = self.block_table[:, :nb].flatten()                       # [B * nb]
+        self._ragged_kv_len = nb * self.block_size
+        return self._ragged_kv_len
 
     def reserve(self, num_tokens: int) -> None:
         """Make sure every row has blocks for `num_tokens` positions (allocating as needed)."""
@@ -201,18 +214,12 @@ class PagedKVCache:
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         B, H, T, D = k.shape
         if self.row_lengths is not None:      # ragged: each row writes after its own length
-            if T > 1 and B > 1:
-                raise ValueError("ragged paged cache: several tokens at once only for one row")
-            if T not in self._ragged_slots:   # computed at layer 0, reused by every other layer
-                write = self.row_lengths[:, None] + torch.arange(T, device=k.device)   # [B, T]
-                S = self._ragged_len + T
-                read = self._slots_ragged(torch.arange(S, device=k.device).expand(B, S))
-                self._ragged_slots[T] = (self._slots_ragged(write).flatten(), read.flatten(), S)
-            write, read, S = self._ragged_slots[T]
-            self.k[layer].index_copy_(0, write, k.transpose(1, 2).reshape(B * T, H, D))
-            self.v[layer].index_copy_(0, write, v.transpose(1, 2).reshape(B * T, H, D))
-            # slots past a row's length hold other data; the engine's key_mask hides them
-            kv = self.kv[layer].index_select(0, read).view(B, S, 2, H, D)
+            self.k[layer].index_copy_(0, self._write, k.transpose(1, 2).reshape(B * T, H, D))
+            self.v[layer].index_copy_(0, self._write, v.transpose(1, 2).reshape(B * T, H, D))
+            # whole blocks, in each row's order: [B, S, 2, Hkv, D]; slots past a row's
+            # length hold other data, which the engine's key mask hides
+            blocks = self.kv[layer].view(self.manager.num_blocks, self.block_size, 2, H, D)
+            kv = blocks.index_select(0, self._read_blocks).view(B, self._ragged_kv_len, 2, H, D)
             return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
         if layer == 0:
             self.reserve(int(input_pos[-1]) + 1)
@@ -226,7 +233,7 @@ class PagedKVCache:
 
     def kv_len(self, input_pos: torch.Tensor) -> int:
         if self.row_lengths is not None:
-            return self._ragged_len + len(input_pos)
+            return self._ragged_kv_len
         return int(input_pos[-1]) + 1
 
     def free(self) -> None:
