@@ -1,0 +1,333 @@
+"""Speculative decoding: a cheap draft proposes, the target verifies in one forward (notebook 09).
+
+Decoding one token costs the target a full read of its weights. Speculation lets
+a draft guess `k` tokens, then runs the target once over all of them: where the
+target agrees, several tokens come out of one target forward.
+
+One round, with x the last token and n tokens in the sequence:
+    draft:  x -> d1 -> d2 ... -> dk            (k cheap steps, or a lookup)
+    target: forward([x, d1, ..., dk])          (one step over k+1 positions)
+    accept d1..da while the target agrees; then one token from the target itself
+    (the correction at the first disagreement, or a bonus token if all k agreed).
+So every round yields between 1 and k+1 tokens. Rejected positions stay in the
+caches but are never read again: the next write overwrites them and the mask
+hides them (the "rollback" costs nothing with a static cache).
+
+Greedy: a draft token is accepted when it is the target's argmax, so the output
+is the target's own greedy output. Sampling: a draft token d drawn from q is
+accepted with probability min(1, p(d) / q(d)), and on rejection the token is drawn
+from max(0, p - q) renormalized; the output then follows the target's distribution
+p exactly (Leviathan et al. 2023, Chen et al. 2023).
+
+Drafts: a smaller model (`draft=model`), or prompt lookup (`draft="lookup"`): the
+continuation of the last n-gram's previous occurrence in the sequence, free to compute.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .generate import Generation, _as_stop_list, _checked_request, _eos_ids, _stop_at, timing_stats
+from .kv_cache import make_cache
+from .sampling import check_sampling
+
+
+def _probs(logits: torch.Tensor, temperature: float, top_k, top_p) -> torch.Tensor:
+    """The sampling distribution [.., V] that `sampling.sample` draws from (fp32)."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        p = sorted_logits.softmax(-1)
+        drop_sorted = (p.cumsum(-1) - p) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return logits.softmax(-1)
+
+
+def lookup_draft(tokens: list[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
+    """Prompt lookup: find the latest earlier occurrence of the sequence's last n-gram
+    (longest n first) and propose the up to `k` tokens that followed it; [] if none."""
+    n_tok = len(tokens)
+    for n in range(min(max_ngram, n_tok - 1), min_ngram - 1, -1):
+        tail = tokens[n_tok - n:]
+        for start in range(n_tok - n - 1, -1, -1):
+            if tokens[start:start + n] == tail:
+                follow = tokens[start + n:start + n + k]
+                if follow:
+                    return follow
+    return []
+
+
+class PromptLookup:
+    """Model-free draft: the continuation of the last n-gram's previous occurrence
+    (`lookup_draft`); when there is none, `fallback` (say an `NGramDraft`) proposes."""
+    name = "prompt lookup"
+
+    def __init__(self, max_ngram: int = 3, fallback=None) -> None:
+        self.max_ngram, self.fallback = max_ngram, fallback
+        if fallback is not None:
+            self.name = f"prompt lookup + {fallback.name}"
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        out = lookup_draft(tokens, k, self.max_ngram)
+        if not out and self.fallback is not None:
+            out = self.fallback.propose(tokens, k)
+        return out
+
+
+class NGramDraft:
+    """Model-free draft from corpus statistics: the most frequent next token after the
+    last two tokens (backing off to the last one), chained k times. A dictionary
+    lookup per token, microseconds, so nearly free next to any forward pass.
+
+    `NGramDraft.from_ids(ids)` counts a token stream (say the training split);
+    `from_text(tokenizer, text)` tokenizes first.
+    """
+    name = "n-gram table"
+
+    def __init__(self, trigram: dict, bigram: dict) -> None:
+        self.trigram, self.bigram = trigram, bigram
+
+    @classmethod
+    def from_ids(cls, ids: list[int]) -> "NGramDraft":
+        from collections import Counter, defaultdict
+        tri: dict = defaultdict(Counter)
+        bi: dict = defaultdict(Counter)
+        for a, b, c in zip(ids, ids[1:], ids[2:]):
+            tri[(a, b)][c] += 1
+            bi[b][c] += 1
+        return cls({key: c.most_common(1)[0][0] for key, c in tri.items()},
+                   {key: c.most_common(1)[0][0] for key, c in bi.items()})
+
+    @classmethod
+    def from_text(cls, tokenizer, text: str) -> "NGramDraft":
+        return cls.from_ids(tokenizer.encode(text))
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        a, b = (tokens[-2] if len(tokens) > 1 else None), tokens[-1]
+        out = []
+        for _ in range(k):
+            nxt = self.trigram.get((a, b), self.bigram.get(b))
+            if nxt is None:
+                break
+            out.append(nxt)
+            a, b = b, nxt
+        return out
+
+
+def expected_tokens_per_round(alpha: float, k: int) -> float:
+    """Expected tokens per target forward when each draft token is accepted with probability alpha:
+    (1 - alpha^(k+1)) / (1 - alpha)."""
+    if alpha >= 1.0:
+        return float(k + 1)
+    return (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def expected_speedup(alpha: float, k: int, cost_ratio: float) -> float:
+    """Expected speed-up over plain decoding: tokens per round / (k draft steps + 1 target step),
+    with `cost_ratio` = one draft step's time / one target step's time (Leviathan et al., eq. 1)."""
+    return expected_tokens_per_round(alpha, k) / (k * cost_ratio + 1)
+
+
+class _Model:
+    """A model with a static cache and a count of the positions it holds (for the draft and the target)."""
+
+    def __init__(self, model, max_len: int) -> None:
+        self.model = model
+        self.cache = make_cache("static", model.config, 1, max_len, device=model.device, dtype=model.dtype)
+        self.pos = 0          # positions 0 .. pos-1 are in the cache and valid
+        self.forwards = 0
+        self.seconds = 0.0
+
+    def feed(self, tokens: list[int], all_logits: bool = False) -> torch.Tensor:
+        """Run `tokens` at positions pos..; returns logits [T, V] (or the last [V])."""
+        t0 = time.perf_counter()
+        dev = self.model.device
+        ids = torch.tensor([tokens], device=dev)
+        input_pos = torch.arange(self.pos, self.pos + len(tokens), device=dev)
+        logits = self.model(ids, input_pos, self.cache, last_only=not all_logits)[0]
+        self.pos += len(tokens)
+        self.forwards += 1
+        self.seconds += time.perf_counter() - t0
+        return logits if all_logits else logits[-1]
+
+
+def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_new_tokens: int = 64,
+                         temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                         seed: int | None = None, stop=None, ignore_eos: bool = False,
+                         max_ngram: int = 3) -> Generation:
+    """Generate with speculative decoding: `draft` (a smaller model sharing the target's
+    tokenizer, or "lookup" for prompt lookup) proposes `k` tokens per round, `target`
+    verifies them in one forward. Greedy output equals `generate(target, ...)`'s.
+
+    Extra stats: acceptance_rate, tokens_per_target_forward, target_forwards,
+    draft_forwards, expected_tokens_per_round (from the acceptance rate) and
+    draft_cost_ratio / expected_speedup (from the measured step times).
+    """
+    start = time.perf_counter()
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (draft tokens per round) must be an integer >= 1, got {k!r}")
+    if draft == "lookup":
+        draft = PromptLookup(max_ngram)
+    lookup = hasattr(draft, "propose")          # a model-free proposer: prompt lookup, n-gram tables
+    if isinstance(draft, str):
+        raise ValueError(f"draft must be a model, 'lookup' (prompt lookup) or an object with "
+                         f"propose(tokens, k), got {draft!r}")
+    if not lookup:
+        if draft.config.vocab_size != target.config.vocab_size:
+            raise ValueError(f"draft and target vocabularies differ ({draft.config.vocab_size} vs "
+                             f"{target.config.vocab_size}): the draft must share the target's tokenizer")
+        if draft.device != target.device:
+            raise ValueError(f"draft is on {draft.device}, target on {target.device}: move both to one device")
+    check_sampling(temperature, top_k, top_p)
+    ids = _checked_request(target, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, "static")
+    stop = _as_stop_list(stop)
+    eos = _eos_ids(tokenizer, ignore_eos)
+    gen = None
+    if temperature > 0:
+        gen = torch.Generator(device=target.device)
+        gen.manual_seed(seed if seed is not None else torch.seed())
+    max_len = len(ids) + max_new_tokens + k + 1
+    if max_len > target.config.max_seq_len:
+        max_len = target.config.max_seq_len
+    greedy = temperature == 0
+
+    def pick(logits: torch.Tensor) -> int:
+        if greedy:
+            return int(logits.argmax())
+        return int(torch.multinomial(_probs(logits, temperature, top_k, top_p), 1, generator=gen))
+
+    tokens = list(ids)
+    new: list[int] = []
+    times: list[float] = []
+    proposed = accepted = rounds = 0
+    draft_seconds = 0.0
+    reason, text = "length", None
+    with torch.inference_mode():
+        tgt = _Model(target, max_len)
+        drf = None if lookup else _Model(draft, max_len)
+        pending = [pick(tgt.feed(tokens))]       # prefill; the draft catches up in its first round
+        while True:
+            # record the tokens this round produced; stop on eos / stop string / length
+            done = False
+            for tok in pending:
+                tokens.append(tok)
+                new.append(tok)
+                times.append(time.perf_counter() - start)
+                if tok in eos:
+                    reason, done = "eos", True
+                elif stop:
+                    decoded = tokenizer.decode(new)
+                    cut = _stop_at(decoded, stop)
+                    if cut is not None:
+                        reason, text, done = "stop", decoded[:cut], True
+                if done or len(new) >= max_new_tokens:
+                    done = True
+                    break
+            if done:
+                break
+            budget = min(k, max_new_tokens - len(new), max_len - len(tokens))   # drafts that can still be used
+            drafts, q = [], []
+            if budget > 0 and lookup:
+                t0 = time.perf_counter()
+                drafts = list(draft.propose(tokens, budget))[:budget]
+                draft_seconds += time.perf_counter() - t0
+            elif budget > 0:
+                logits = drf.feed(tokens[drf.pos:])          # catch the draft up (1 or 2 tokens)
+                for i in range(budget):
+                    if greedy:
+                        d = int(logits.argmax())
+                    else:
+                        qi = _probs(logits, temperature, top_k, top_p)
+                        d = int(torch.multinomial(qi, 1, generator=gen))
+                        q.append(qi)
+                    drafts.append(d)
+                    if i < budget - 1:
+                        logits = drf.feed([d])
+            # verify: one target forward over the unseen token(s) and the drafts
+            fed = tokens[tgt.pos:]
+            logits = tgt.feed(fed + drafts, all_logits=True)[len(fed) - 1:]          # [len(drafts)+1, V]
+            rounds += 1
+            proposed += len(drafts)
+            n_ok, pending = 0, []
+            for i, d in enumerate(drafts):
+                if greedy:
+                    ok = int(logits[i].argmax()) == d
+                else:
+                    p = _probs(logits[i], temperature, top_k, top_p)
+                    qd = q[i][d] if q else 1.0                      # lookup: q is a point mass on d
+                    ok = bool(torch.rand((), generator=gen, device=p.device) * qd < p[d])
+                if not ok:
+                    if greedy:
+                        pending.append(int(logits[i].argmax()))
+                    else:
+                        resid = p.clone()
+                        if q:
+                            resid = (p - q[i]).clamp(min=0)
+                        else:
+                            resid[d] = 0
+                        pending.append(int(torch.multinomial(resid / resid.sum(), 1, generator=gen)))
+                    break
+                n_ok += 1
+                pending.append(d)
+            if n_ok == len(drafts):                                  # every draft accepted: a bonus token
+                pending.append(pick(logits[len(drafts)]))
+            accepted += n_ok
+            # roll back: the caches keep only positions that hold accepted tokens
+            tgt.pos = len(tokens) + n_ok
+            if drf is not None:
+                drf.pos = min(drf.pos, len(tokens) + n_ok)
+    if text is None:
+        text = tokenizer.decode(new) if tokenizer is not None else ""
+    stats = timing_stats(times, len(ids))
+    alpha = accepted / proposed if proposed else 0.0
+    target_step = tgt.seconds / tgt.forwards
+    if drf is not None:     # time of one draft step / one target step
+        cost_ratio = (drf.seconds / drf.forwards) / target_step if drf.forwards else 0.0
+    else:
+        cost_ratio = (draft_seconds / max(1, proposed)) / target_step
+    stats.update(device=str(target.device), dtype=str(target.dtype).removeprefix("torch."), cache="static",
+                 compiled=False, k=k, draft=getattr(draft, "name", type(draft).__name__),
+                 rounds=rounds, proposed=proposed, accepted=accepted, acceptance_rate=alpha,
+                 target_forwards=tgt.forwards, draft_forwards=drf.forwards if drf else 0,
+                 tokens_per_target_forward=len(new) / tgt.forwards,
+                 expected_tokens_per_round=expected_tokens_per_round(alpha, k),
+                 draft_cost_ratio=cost_ratio, expected_speedup=expected_speedup(alpha, k, cost_ratio))
+    return Generation(token_ids=new, text=text, prompt_ids=ids, finish_reason=reason, stats=stats,
+                      token_times=times)
+
+
+def speculation_vs_batch(target, draft, *, k: int = 4, alpha: float, sizes=(1, 2, 4, 8, 16, 32),
+                         context: int = 64, repeats: int = 20) -> list[dict]:
+    """Where speculation stops paying as the batch grows (notebook 09).
+
+    Measures, per batch size B, the target's decode step (T=1), its verify step
+    (T=k+1) and the draft's step (0 for a model-free draft), then predicts
+    speed-up(B) = E[tokens per round](alpha, k) x t_decode(B) / (k t_draft(B) + t_verify(B)).
+    At batch 1 decoding is memory or overhead bound and a verify of k+1 tokens costs
+    about one decode; as B grows the step turns compute bound, t_verify approaches
+    (k+1) t_decode, and the predicted speed-up falls below 1.
+    """
+    from .profiling import measure
+    rows = []
+    gain = expected_tokens_per_round(alpha, k)
+    for B in sizes:
+        times = {}
+        for name, m, T in (("decode", target, 1), ("verify", target, k + 1), ("draft", draft, 1)):
+            if m is None or isinstance(m, str) or hasattr(m, "propose"):   # a model-free draft
+                times[name] = 0.0
+                continue
+            cache = make_cache("static", m.config, B, context + T, device=m.device, dtype=m.dtype)
+            ids = torch.zeros(B, T, dtype=torch.long, device=m.device)
+            pos = torch.arange(context, context + T, device=m.device)
+            with torch.inference_mode():
+                times[name] = measure(lambda: m(ids, pos, cache), warmup=3, repeats=repeats,
+                                      device=str(m.device))["median"]
+        speedup = gain * times["decode"] / (k * times["draft"] + times["verify"])
+        rows.append(dict(batch_size=B, decode_s=times["decode"], verify_s=times["verify"],
+                         draft_s=times["draft"], verify_over_decode=times["verify"] / times["decode"],
+                         predicted_speedup=speedup))
+    return rows

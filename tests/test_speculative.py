@@ -1,0 +1,151 @@
+"""Speculative decoding: greedy output is the target's own, sampling keeps the target's distribution."""
+
+import pytest
+import torch
+
+import llmopt
+from llmopt.speculative import (NGramDraft, PromptLookup, expected_speedup, expected_tokens_per_round,
+                                lookup_draft, speculation_vs_batch, speculative_generate)
+
+PROMPTS = ["ROMEO:\nBut soft, what light through yonder window breaks?\n", "KING:\nNow", "A"]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target, tok = llmopt.load_model("tiny")
+    draft, _ = llmopt.load_model("tiny-draft")
+    return target, draft, tok
+
+
+@pytest.fixture(scope="module")
+def ngram(pair):
+    from llmopt.data import load_text
+    return NGramDraft.from_text(pair[2], load_text("train")[:300_000])
+
+
+@pytest.mark.parametrize("draft_kind", ["model", "lookup", "ngram", "lookup+ngram"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_greedy_output_is_the_targets_own(pair, ngram, draft_kind, k):
+    target, draft, tok = pair
+    d = {"model": draft, "lookup": "lookup", "ngram": ngram,
+         "lookup+ngram": PromptLookup(fallback=ngram)}[draft_kind]
+    for prompt in PROMPTS:
+        ref = llmopt.generate(target, tok, prompt, max_new_tokens=60, ignore_eos=True)
+        g = speculative_generate(target, d, tok, prompt, k=k, max_new_tokens=60, ignore_eos=True)
+        assert g.token_ids == ref.token_ids, (draft_kind, k, prompt)
+        s = g.stats
+        assert 0 <= s["accepted"] <= s["proposed"] <= k * s["rounds"]
+        # every round yields the accepted drafts plus one token of the target's
+        assert s["accepted"] + s["rounds"] + 1 >= len(g.token_ids) >= s["rounds"]
+        assert s["target_forwards"] == s["rounds"] + 1
+        assert s["tokens_per_target_forward"] == pytest.approx(len(g.token_ids) / s["target_forwards"])
+
+
+def test_model_draft_gives_several_tokens_per_target_forward(pair):
+    target, draft, tok = pair
+    g = speculative_generate(target, draft, tok, PROMPTS[0], k=4, max_new_tokens=96, ignore_eos=True)
+    assert g.stats["tokens_per_target_forward"] > 1.5
+    assert g.stats["draft_forwards"] >= g.stats["rounds"]
+    assert g.stats["expected_tokens_per_round"] == pytest.approx(
+        expected_tokens_per_round(g.stats["acceptance_rate"], 4))
+
+
+def test_greedy_matches_on_a_transformers_checkpoint(small_tokenizer_dir, tmp_path):
+    """A random Qwen2 target with a random Llama draft of the same vocabulary."""
+    from conftest import make_hf_checkpoint
+    make_hf_checkpoint("qwen2", tmp_path / "t", small_tokenizer_dir, seed=1)
+    make_hf_checkpoint("llama", tmp_path / "d", small_tokenizer_dir, seed=2)
+    target, tok = llmopt.load_model(tmp_path / "t")
+    draft, _ = llmopt.load_model(tmp_path / "d")
+    ids = torch.randint(1, 512, (9,), generator=torch.Generator().manual_seed(0)).tolist()
+    ref = llmopt.generate(target, None, ids, max_new_tokens=30, ignore_eos=True)
+    for d in (draft, "lookup"):
+        assert speculative_generate(target, d, None, ids, k=3, max_new_tokens=30,
+                                    ignore_eos=True).token_ids == ref.token_ids
+
+
+def _exact_joint(model, prompt, temperature):
+    """P(t1, t2 | prompt) for every pair, by enumeration: [V, V]."""
+    V = model.config.vocab_size
+    with torch.no_grad():
+        p1 = torch.softmax(model(torch.tensor([prompt]))[0, -1] / temperature, -1)
+        seqs = torch.tensor([prompt + [t] for t in range(V)])
+        p2 = torch.softmax(model(seqs)[:, -1] / temperature, -1)      # [V, V]
+    return p1[:, None] * p2
+
+
+@pytest.mark.parametrize("draft_kind", ["model", "table"])
+def test_sampling_keeps_the_target_distribution(draft_kind):
+    """Rejection sampling: the (t1, t2) frequencies match the target's exact joint distribution,
+    though the draft's own distribution is far from it."""
+    cfg = llmopt.ModelConfig(vocab_size=6, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                             intermediate_size=64, max_seq_len=32)
+    target = llmopt.build_model(cfg, seed=1)
+    draft = llmopt.build_model(cfg, seed=2)
+    with torch.no_grad():            # sharpen both so they disagree strongly
+        target.lm_head.weight.mul_(60)
+        draft.lm_head.weight.mul_(60)
+    prompt, T = [1, 2, 3], 1.0
+    exact = _exact_joint(target, prompt, T)
+    wrong = _exact_joint(draft, prompt, T)
+    assert 0.5 * (exact - wrong).abs().sum() > 0.2          # the draft alone would fail this test
+    d = draft if draft_kind == "model" else NGramDraft({}, {t: (t + 1) % 6 for t in range(6)})
+    n = 3000
+    counts = torch.zeros(6, 6)
+    for seed in range(n):
+        g = speculative_generate(target, d, None, prompt, k=2, max_new_tokens=2, temperature=T,
+                                 seed=seed, ignore_eos=True)
+        counts[g.token_ids[0], g.token_ids[1]] += 1
+    tv = 0.5 * (counts / n - exact).abs().sum()
+    assert tv < 0.05, f"total variation {tv:.3f} from the target's distribution"
+
+
+def test_lookup_and_ngram_proposals():
+    assert lookup_draft([5, 6, 7, 8, 5, 6], 3) == [7, 8, 5]
+    assert lookup_draft([1, 2, 3], 2) == []
+    table = NGramDraft.from_ids([1, 2, 3, 1, 2, 3, 1, 2, 4])
+    assert table.propose([9, 1, 2], 3) == [3, 1, 2]
+    assert PromptLookup(fallback=table).propose([7, 1, 2], 2) == [3, 1]
+
+
+def test_expected_speedup_formula():
+    assert expected_tokens_per_round(0.0, 4) == 1.0
+    assert expected_tokens_per_round(1.0, 4) == 5.0
+    assert expected_tokens_per_round(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_speedup(0.8, 4, 0.0) == pytest.approx(expected_tokens_per_round(0.8, 4))
+    assert expected_speedup(0.8, 4, 0.5) < 1.2
+
+
+def test_speculation_vs_batch_rows(pair):
+    target, draft, _ = pair
+    rows = speculation_vs_batch(target, draft, k=2, alpha=0.5, sizes=(1, 4), context=16, repeats=2)
+    assert [r["batch_size"] for r in rows] == [1, 4]
+    assert all(r["verify_s"] > 0 and r["draft_s"] > 0 and r["predicted_speedup"] > 0 for r in rows)
+    free = speculation_vs_batch(target, "lookup", k=2, alpha=0.5, sizes=(1,), context=16, repeats=2)
+    assert free[0]["draft_s"] == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(k=0), "k"), (dict(draft="ngrams"), "draft must be"), (dict(temperature=-1), "temperature"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+])
+def test_bad_arguments(pair, kwargs, message):
+    target, draft, tok = pair
+    kwargs.setdefault("draft", draft)
+    with pytest.raises(ValueError, match=message):
+        speculative_generate(target, kwargs.pop("draft"), tok, "A", **kwargs)
+
+
+def test_vocabulary_mismatch_is_refused(pair):
+    target, _, tok = pair
+    other = llmopt.build_model(llmopt.ModelConfig(vocab_size=100, dim=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                                                  intermediate_size=32))
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        speculative_generate(target, other, tok, "A")
+
+
+def test_stop_and_eos(pair):
+    target, draft, tok = pair
+    ref = llmopt.generate(target, tok, "ROMEO:", max_new_tokens=80, stop=["\n\n"])
+    g = speculative_generate(target, draft, tok, "ROMEO:", max_new_tokens=80, stop=["\n\n"])
+    assert g.text == ref.text and g.finish_reason == ref.finish_reason
