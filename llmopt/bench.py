@@ -355,9 +355,74 @@ def bench_load(quick: bool, device: str) -> dict:
                            "e2e_p99_s", "ttft_p50_s", "ttft_p99_s", "mismatched_vs_unbatched"]}
 
 
+def bench_speculative(quick: bool, device: str) -> dict:
+    """`tiny` target, greedy, k=4: tiny-draft and model-free drafts against plain decoding."""
+    from .data import load_text
+    from .load import load_model
+    from .speculative import NGramDraft, PromptLookup, speculative_generate
+    target, tok = load_model("tiny", device=device)
+    draft, _ = load_model("tiny-draft", device=device)
+    table = NGramDraft.from_text(tok, load_text("train"))
+    new = 32 if quick else 128
+    drafts = {"tiny-draft (model)": draft, "prompt lookup": "lookup", "n-gram table": table,
+              "prompt lookup + n-gram": PromptLookup(fallback=table)}
+    runs = {"plain decoding": lambda: generate(target, tok, DEFAULT_PROMPT, max_new_tokens=new, ignore_eos=True)}
+    for label, d in drafts.items():
+        runs[f"speculative, {label}"] = (lambda d=d: speculative_generate(
+            target, d, tok, DEFAULT_PROMPT, k=4, max_new_tokens=new, ignore_eos=True))
+    rows = measure_generations(runs, warmup=1, repeats=1 if quick else 5, model="tiny", device=device,
+                               dtype="float32")
+    reference = runs["plain decoding"]().token_ids
+    for row in rows[1:]:
+        g = runs[row["label"]]()
+        row.update({key: g.stats[key] for key in ("acceptance_rate", "tokens_per_target_forward",
+                                                  "expected_tokens_per_round", "draft_cost_ratio",
+                                                  "expected_speedup")},
+                   identical=g.token_ids == reference)
+    for row in rows:
+        row["speedup"] = row["e2e_tokens_per_s"] / rows[0]["e2e_tokens_per_s"]
+    by = {r["label"]: r for r in rows}
+    tpf = "tokens per target forward, tiny-draft k=4"
+    wall = "end-to-end tokens/s, speculative (tiny-draft) / plain"
+    ratios = {tpf: by["speculative, tiny-draft (model)"]["tokens_per_target_forward"], wall:
+              by["speculative, tiny-draft (model)"]["speedup"]}
+    for label in list(drafts)[1:]:
+        ratios[f"end-to-end tokens/s, speculative ({label}) / plain"] = by[f"speculative, {label}"]["speedup"]
+    return {"name": "speculative", "metric": "e2e_tokens_per_s",
+            "title": f"Speculative decoding (tiny target, k=4, greedy, {new} new tokens)", "rows": rows,
+            "ratios": ratios, "goal": {tpf: 2.0, wall: 1.2},
+            "extra_keys": ["acceptance_rate", "tokens_per_target_forward", "draft_cost_ratio",
+                           "expected_speedup", "speedup", "identical"]}
+
+
+def bench_parallel(quick: bool, device: str) -> dict:
+    """torchrun with 2 processes (gloo on CPU, NCCL on GPUs): tensor and data parallel vs one process."""
+    from .parallel import launch
+    new = 16 if quick else 64
+    tp = launch("tensor", 2, max_new_tokens=new, prompts=[DEFAULT_PROMPT])
+    prompts = [DEFAULT_PROMPT, "KING:\nNow", "JULIET:", "HAMLET:"] * (1 if quick else 4)
+    dp1 = launch("data", 1, max_new_tokens=new, prompts=prompts)
+    dp2 = launch("data", 2, max_new_tokens=new, prompts=prompts)
+    rows = [dict(label="1 process", tpot_s=tp["single_tpot_s"], tokens_per_s=dp1["tokens_per_s"]),
+            dict(label="tensor parallel, 2 ranks", tpot_s=tp["tpot_s"], comm_share=tp["comm_share"],
+                 comm_s_per_token=tp["comm_s_per_token"], max_abs_logit_diff=tp["max_abs_logit_diff"],
+                 identical=tp["tokens_equal"]),
+            dict(label="data parallel, 2 ranks", tokens_per_s=dp2["tokens_per_s"],
+                 identical=dp2["outputs"] == dp1["outputs"])]
+    for r in rows:
+        r.update(model="tiny", device=tp["device"], dtype="float32")
+    return {"name": "parallel", "metric": "tpot_s",
+            "title": f"Parallel generation (tiny, 2 processes, 1 thread each, {new} new tokens)", "rows": rows,
+            "ratios": {"per-token time, tensor parallel 2 ranks / 1 process": tp["tpot_s"] / tp["single_tpot_s"],
+                       "communication share of the tensor-parallel token time": tp["comm_share"],
+                       "throughput, data parallel 2 ranks / 1 process": dp2["tokens_per_s"] / dp1["tokens_per_s"]},
+            "extra_keys": ["tokens_per_s", "comm_share", "comm_s_per_token", "max_abs_logit_diff", "identical"]}
+
+
 EXPERIMENTS = {"baseline": bench_baseline, "cache": bench_cache, "attention": bench_attention,
                "precision": bench_precision, "compile": bench_compile, "quantization": bench_quantization,
-               "batching": bench_batching, "load": bench_load}
+               "batching": bench_batching, "load": bench_load, "speculative": bench_speculative,
+               "parallel": bench_parallel}
 
 
 def _markdown_table(rows: list[dict], keys: list[str]) -> str:

@@ -1,0 +1,34 @@
+"""Data and tensor parallel generation over torch.distributed: 2 gloo processes on this CPU."""
+import pytest
+
+import llmopt
+from llmopt.parallel import launch, shard_model
+
+PROMPTS = ["ROMEO:", "KING:\nNow", "JULIET:", "To be, or not to be", "A"]
+
+
+def test_tensor_parallel_matches_single_process():
+    r = launch("tensor", 2, max_new_tokens=24, prompts=["ROMEO:\nBut soft"])
+    assert r["world_size"] == 2
+    assert r["max_abs_logit_diff"] < 1e-4          # logits of the prompt, every position
+    assert r["tokens_equal"] and len(r["tokens"]) == 24
+    assert r["all_reduces_per_token"] == 2 * llmopt.get_config("tiny").n_layers
+    assert 0 < r["comm_share"] < 1 and r["comm_s_per_token"] > 0
+
+
+def test_data_parallel_gathers_in_order_and_matches():
+    model, tok = llmopt.load_model("tiny")
+    r = launch("data", 2, max_new_tokens=12, prompts=PROMPTS)
+    assert len(r["rank_seconds"]) == 2 and r["prompts"] == len(PROMPTS)
+    for prompt, ids in zip(PROMPTS, r["outputs"]):
+        assert ids == llmopt.generate(model, tok, prompt, max_new_tokens=12, ignore_eos=True).token_ids
+
+
+def test_shard_refuses_indivisible_heads_and_bad_launch():
+    model, _ = llmopt.load_model("tiny")           # 8 heads, 4 kv heads
+    with pytest.raises(ValueError, match="divisible by 3"):
+        shard_model(model, 0, 3)
+    with pytest.raises(ValueError, match="mode"):
+        launch("pipeline", 2)
+    with pytest.raises(RuntimeError, match="torchrun failed"):
+        launch("tensor", 2, model="no-such-model", max_new_tokens=2)
