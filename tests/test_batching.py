@@ -304,3 +304,28 @@ def test_static_server_serves_clients(tiny, reference):
             t.join()
         for p, f in futures:
             assert f.result(timeout=60).token_ids == reference[p][:12]
+
+
+def test_prometheus_metrics_count_what_happened(tiny):
+    import urllib.request
+    from llmopt.monitoring import EngineMetrics
+    model, tok = tiny
+    metrics = EngineMetrics()
+    with Engine(model, tok, max_batch_size=2, metrics=metrics) as engine:
+        handles = [engine.submit(p, max_new_tokens=8, ignore_eos=True) for p in PROMPTS[:4]]
+        doomed = engine.submit("JULIET:", max_new_tokens=200, ignore_eos=True)
+        doomed.cancel()
+        outs = [h.result(timeout=60) for h in handles]
+    snap = metrics.snapshot()
+    assert snap["submitted"] == 5
+    assert snap["requests_finished"] == 4 and snap["requests_cancelled"] == 1
+    assert snap["tokens"] == engine.tokens_generated >= sum(len(g.token_ids) for g in outs)
+    assert snap["time_to_first_token_seconds_count"] == 4 and snap["e2e_seconds_mean"] > 0
+    assert snap["kv_blocks_used"] == 0 and snap["running"] == 0
+    port = metrics.serve(port=0)
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        metrics.close()
+    assert 'llmopt_requests_total{outcome="finished"} 4.0' in body
+    assert "llmopt_time_to_first_token_seconds_bucket" in body
