@@ -43,3 +43,191 @@ def load_split(split: str) -> list[str]:
 def load_text(split: str, eos: str = "<|endoftext|>") -> str:
     """One split as a single string, works separated by the end-of-text marker."""
     return eos.join(load_split(split))
+
+
+# ---- corpora larger than memory: clean, tokenize and shard with Dask (notebook 12) -------------
+#
+# The unit of work is a line of text: both pipelines clean each line and tokenize
+# lines in batches (`encode_batch`), so their token streams are identical and the
+# only difference is how much is held in memory at once, and by how many processes.
+
+import re  # noqa: E402
+import time  # noqa: E402
+
+SHARD_DTYPE = "uint16"           # token ids < 65,536: two bytes each
+_SPACES = re.compile(r"[ \t]+")
+_TOKENIZERS: dict = {}
+
+
+def clean_line(line: str) -> str:
+    """Collapse runs of spaces and tabs, strip each line's ends; keep the line break."""
+    return _SPACES.sub(" ", line.strip()) + "\n"
+
+
+def _tokenizer(path: str):
+    """One tokenizers.Tokenizer per process (each Dask worker loads it once)."""
+    if path not in _TOKENIZERS:
+        from tokenizers import Tokenizer as HFTokenizer
+        _TOKENIZERS[path] = HFTokenizer.from_file(str(path))
+    return _TOKENIZERS[path]
+
+
+def tokenize_lines(lines: list[str], tokenizer_json: str):
+    """Clean and tokenize a list of lines; returns one uint16 numpy array of ids."""
+    import numpy as np
+    enc = _tokenizer(tokenizer_json).encode_batch([clean_line(x) for x in lines if x.strip()])
+    if not enc:
+        return np.zeros(0, dtype=SHARD_DTYPE)
+    return np.concatenate([np.asarray(e.ids, dtype=SHARD_DTYPE) for e in enc])
+
+
+def make_large_corpus(out_dir, total_bytes: int, file_bytes: int = 64 * 2**20,
+                      split: str = "train") -> list[Path]:
+    """Write the `split` text repeated until `total_bytes`, in files of about `file_bytes`.
+
+    Stands in for a corpus bigger than memory; returns the file paths.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = load_text(split, eos="\n")
+    data = text.encode("utf-8")
+    files, written, i = [], 0, 0
+    while written < total_bytes:
+        path = out_dir / f"corpus-{i:04d}.txt"
+        size = min(file_bytes, total_bytes - written)
+        with open(path, "wb") as f:
+            left = size
+            while left > 0:
+                chunk = data[:left]
+                f.write(chunk)
+                left -= len(chunk)
+            if not chunk.endswith(b"\n"):
+                f.write(b"\n")
+        written += size
+        files.append(path)
+        i += 1
+    return files
+
+
+def _write_shard(ids, path: Path) -> int:
+    import numpy as np
+    np.save(path, ids)
+    return int(len(ids))
+
+
+def tokenize_serial(files, tokenizer_json, out_dir) -> dict:
+    """The naive way: read the whole corpus into memory, tokenize it, write one shard.
+
+    Peak memory grows with the corpus (all its text and all its ids are held at once).
+    """
+    import numpy as np
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    lines: list[str] = []
+    for f in files:
+        lines.extend(Path(f).read_text(encoding="utf-8").splitlines())
+    ids = tokenize_lines(lines, str(tokenizer_json))
+    n = _write_shard(np.asarray(ids), out_dir / "shard-00000.npy")
+    return _manifest(out_dir, [n], time.perf_counter() - t0, "serial")
+
+
+def _manifest(out_dir: Path, counts: list[int], seconds: float, how: str) -> dict:
+    import json
+    info = {"how": how, "shards": len(counts), "tokens": int(sum(counts)), "counts": counts,
+            "seconds": seconds, "dtype": SHARD_DTYPE}
+    (out_dir / "manifest.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def tokenize_dask(files, tokenizer_json, out_dir, *, blocksize: str | int = "16MiB",
+                  n_workers: int = 2, memory_limit: str = "1GiB", scheduler: str | None = None,
+                  progress: bool = True, client=None) -> dict:
+    """Clean, tokenize and shard `files` in parallel with Dask, one shard per partition.
+
+    `dask.bag.read_text` cuts the files into partitions of about `blocksize` at line
+    boundaries; each partition is tokenized and written by a worker, so no process
+    ever holds more than a few partitions. Runs on a `distributed.LocalCluster` of
+    `n_workers` processes (each limited to `memory_limit`), or on an existing
+    cluster: pass its scheduler address (`scheduler="tcp://host:8786"`, after
+    `dask scheduler` on one machine and `dask worker tcp://host:8786` on each of
+    the others; every worker needs llmopt installed and the files at the same path)
+    or a `distributed.Client`.
+    """
+    import dask.bag as db
+    from dask.distributed import Client, LocalCluster, as_completed
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    own_cluster, own_client = None, client is None
+    if client is None:
+        if scheduler is not None:
+            client = Client(scheduler)
+        else:
+            own_cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1,
+                                       memory_limit=memory_limit, dashboard_address=":0",
+                                       processes=True)
+            client = Client(own_cluster)
+    try:
+        t0 = time.perf_counter()
+        bag = db.read_text([str(f) for f in files], blocksize=blocksize, linedelimiter="\n")
+        tok = str(Path(tokenizer_json).resolve())
+        parts = bag.to_delayed()
+
+        def work(lines, index, tok=tok, out_dir=str(out_dir.resolve())):
+            ids = tokenize_lines(list(lines), tok)
+            return index, _write_shard(ids, Path(out_dir) / f"shard-{index:05d}.npy")
+
+        import dask
+        futures = client.compute([dask.delayed(work)(p, i) for i, p in enumerate(parts)])
+        counts = [0] * len(futures)
+        done = as_completed(futures)
+        if progress:
+            from tqdm.auto import tqdm
+            done = tqdm(done, total=len(futures), desc="tokenize partitions")
+        for fut in done:
+            index, n = fut.result()
+            counts[index] = n
+        return _manifest(out_dir, counts, time.perf_counter() - t0, f"dask ({len(futures)} partitions)")
+    finally:
+        if own_client:
+            client.close()
+        if own_cluster is not None:
+            own_cluster.close()
+
+
+class TokenShards:
+    """Token shards on disk, memory-mapped: training reads random windows without loading them."""
+
+    def __init__(self, folder) -> None:
+        import numpy as np
+        self.folder = Path(folder)
+        paths = sorted(self.folder.glob("shard-*.npy"))
+        if not paths:
+            raise FileNotFoundError(f"no shard-*.npy files in {self.folder}: run tokenize_dask first")
+        self.shards = [np.load(p, mmap_mode="r") for p in paths]
+        self.lengths = [len(s) for s in self.shards]
+
+    def __len__(self) -> int:
+        return sum(self.lengths)
+
+    def tokens(self):
+        """Every token, in order (loads them all: for checks on small corpora)."""
+        import numpy as np
+        return np.concatenate([np.asarray(s) for s in self.shards])
+
+    def get_batch(self, batch_size: int, seq_len: int, gen):
+        """Random windows [B, T] and their next-token targets, from shards chosen by size."""
+        import torch
+        usable = [i for i, n in enumerate(self.lengths) if n > seq_len + 1]
+        if not usable:
+            raise ValueError(f"every shard is shorter than seq_len + 1 = {seq_len + 1} tokens")
+        weights = torch.tensor([float(self.lengths[i]) for i in usable])
+        picks = torch.multinomial(weights, batch_size, replacement=True, generator=gen).tolist()
+        xs, ys = [], []
+        for p in picks:
+            shard = self.shards[usable[p]]
+            s = int(torch.randint(0, len(shard) - seq_len - 1, (1,), generator=gen))
+            window = torch.from_numpy(shard[s:s + seq_len + 1].astype("int64"))
+            xs.append(window[:-1])
+            ys.append(window[1:])
+        return torch.stack(xs), torch.stack(ys)

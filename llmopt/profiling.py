@@ -167,11 +167,14 @@ def hf_generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, ignore_e
     return HFGeneration(new, stats)
 
 
-def peak_memory(fn: Callable[[], object], device=None, interval_s: float = 0.002) -> dict:
+def peak_memory(fn: Callable[[], object], device=None, interval_s: float = 0.002,
+                include_children: bool = False) -> dict:
     """Peak memory while `fn()` runs: CUDA allocator peak, or on CPU the process's peak RSS rise.
 
     CPU figures sample the resident set every `interval_s`, so they include
     everything the process touched (allocator caches too): a rough upper bound.
+    `include_children` adds the RSS of child processes (Dask workers, notebook 12)
+    and reports the largest single process too (`max_process_bytes`).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -184,13 +187,25 @@ def peak_memory(fn: Callable[[], object], device=None, interval_s: float = 0.002
         return {"peak_bytes": peak, "delta_bytes": peak - base, "kind": "cuda allocator"}
     import psutil
     proc = psutil.Process()
-    base = proc.memory_info().rss
-    peak = [base]
+
+    def rss() -> tuple[int, int]:
+        sizes = [proc.memory_info().rss]
+        if include_children:
+            for child in proc.children(recursive=True):
+                try:
+                    sizes.append(child.memory_info().rss)
+                except psutil.Error:      # a child that just exited
+                    pass
+        return sum(sizes), max(sizes)
+
+    base = rss()[0]
+    peak = [base, 0]
     done = threading.Event()
 
     def watch():
         while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
+            total, largest = rss()
+            peak[0], peak[1] = max(peak[0], total), max(peak[1], largest)
             done.wait(interval_s)
 
     t = threading.Thread(target=watch, daemon=True)
@@ -200,8 +215,12 @@ def peak_memory(fn: Callable[[], object], device=None, interval_s: float = 0.002
     finally:
         done.set()
         t.join()
-    peak[0] = max(peak[0], proc.memory_info().rss)
-    return {"peak_bytes": peak[0], "delta_bytes": peak[0] - base, "kind": "process RSS"}
+    total, largest = rss()
+    peak[0], peak[1] = max(peak[0], total), max(peak[1], largest)
+    out = {"peak_bytes": peak[0], "delta_bytes": peak[0] - base, "kind": "process RSS"}
+    if include_children:
+        out.update(kind="RSS of the process and its children", max_process_bytes=peak[1])
+    return out
 
 
 def probe_bandwidth(device=None, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:

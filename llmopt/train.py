@@ -35,8 +35,13 @@ def encode_split(tok, split: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator):
-    """Random windows: inputs [B, T] and next-token targets [B, T]."""
+def get_batch(data, batch_size: int, seq_len: int, gen: torch.Generator):
+    """Random windows: inputs [B, T] and next-token targets [B, T].
+
+    `data` is a 1-D tensor of ids, or `data.TokenShards` (memory-mapped shards on disk).
+    """
+    if hasattr(data, "get_batch"):
+        return data.get_batch(batch_size, seq_len, gen)
     starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=gen)
     x = torch.stack([data[s: s + seq_len] for s in starts.tolist()])
     y = torch.stack([data[s + 1: s + seq_len + 1] for s in starts.tolist()])
@@ -176,7 +181,11 @@ def main(argv: list[str] | None = None) -> None:
                    "fp16 adds a GradScaler); the saved weights stay fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--eval-tokens", type=int, help="score only this many held-out tokens (quick runs)")
+    p.add_argument("--shards", help="train on the token shards in this folder (llmopt.data.tokenize_dask); "
+                   "needs --tokenizer, the tokenizer the shards were made with")
     args = p.parse_args(argv)
+    if args.shards and not args.tokenizer:
+        p.error("--shards needs --tokenizer (the folder whose tokenizer.json made the shards)")
 
     from tokenizers import Tokenizer as HFTokenizer
     from .load import save_model
@@ -191,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
         tok = train_tokenizer(load_split("train"), vocab_size=args.vocab_size)
     eos = tok.token_to_id("<|endoftext|>")
     train_ids, val_ids = encode_split(tok, "train"), encode_split(tok, "validation")
+    if args.shards:   # train on pre-tokenized shards (notebook 12's Dask pipeline) instead
+        from .data import TokenShards
+        train_ids = TokenShards(args.shards)
     print(f"tokenizer: {tok.get_vocab_size()} tokens; train {len(train_ids):,} tokens, "
           f"validation {len(val_ids):,} ({time.perf_counter() - t0:.1f}s)")
 

@@ -1,0 +1,63 @@
+"""The Dask tokenization pipeline: same tokens as the serial path, shards that training reads."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from llmopt.data import (TokenShards, clean_line, make_large_corpus, tokenize_dask, tokenize_serial)
+from llmopt.load import EMBEDDED
+
+TOKENIZER = EMBEDDED["tiny"] / "tokenizer.json"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    return make_large_corpus(folder, 3 * 2**20, file_bytes=2**20)
+
+
+def test_corpus_files_have_the_asked_size(corpus):
+    assert len(corpus) == 3
+    assert sum(p.stat().st_size for p in corpus) >= 3 * 2**20
+    assert clean_line("  To  be,\tor not  ") == "To be, or not\n"
+
+
+def test_dask_and_serial_give_identical_tokens(corpus, tmp_path):
+    serial = tokenize_serial(corpus, TOKENIZER, tmp_path / "serial")
+    parallel = tokenize_dask(corpus, TOKENIZER, tmp_path / "dask", blocksize=300_000, n_workers=2,
+                             progress=False)
+    assert parallel["shards"] > len(corpus)              # files were cut into several partitions
+    assert parallel["tokens"] == serial["tokens"] > 500_000
+    a, b = TokenShards(tmp_path / "serial").tokens(), TokenShards(tmp_path / "dask").tokens()
+    assert np.array_equal(a, b)
+    manifest = json.loads((tmp_path / "dask" / "manifest.json").read_text())
+    assert sum(manifest["counts"]) == manifest["tokens"] and manifest["dtype"] == "uint16"
+    # the shards decode back to the cleaned text
+    from tokenizers import Tokenizer
+    text = Tokenizer.from_file(str(TOKENIZER)).decode(b[:200].tolist())
+    assert text and "  " not in text
+
+
+def test_pipeline_runs_on_an_existing_cluster(corpus, tmp_path):
+    from dask.distributed import LocalCluster
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster:
+        info = tokenize_dask(corpus[:1], TOKENIZER, tmp_path / "s", blocksize=400_000,
+                             scheduler=cluster.scheduler_address, progress=False)
+    assert info["tokens"] == len(TokenShards(tmp_path / "s"))
+
+
+def test_shards_feed_training(corpus, tmp_path):
+    tokenize_dask(corpus[:1], TOKENIZER, tmp_path / "s", blocksize=400_000, n_workers=1, progress=False)
+    shards = TokenShards(tmp_path / "s")
+    x, y = shards.get_batch(4, 32, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 32) and torch.equal(x[:, 1:], y[:, :-1])
+    from llmopt.train import main
+    out = tmp_path / "model"
+    main(["--preset", "tiny-draft", "--out", str(out), "--tokenizer", str(EMBEDDED["tiny"]),
+          "--shards", str(tmp_path / "s"), "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+          "--eval-tokens", "256", "--eval-every", "1000"])
+    report = json.loads((out / "training_report.json").read_text())
+    assert report["train_tokens"] == len(shards)
+    with pytest.raises(FileNotFoundError, match="shard"):
+        TokenShards(tmp_path)
