@@ -419,10 +419,36 @@ def bench_parallel(quick: bool, device: str) -> dict:
             "extra_keys": ["tokens_per_s", "comm_share", "comm_s_per_token", "max_abs_logit_diff", "identical"]}
 
 
+def bench_evaluation(quick: bool, device: str) -> dict:
+    """The scoreboard: quality beside speed for every technique on `tiny` (notebook 11)."""
+    from .evaluate import scoreboard, workbook_variants
+    from .load import load_model
+    from .metrics import heldout_ids
+    from .profiling import probe_bandwidth
+    model, tok = load_model("tiny", device=device)
+    n, new, eval_tokens = (2, 16, 1024) if quick else (8, 96, 8192)
+    ids = heldout_ids(tok, "test", max_tokens=n * 400).tolist()
+    prompts = [tok.decode(ids[i:i + 32]) for i in range(0, n * 400, 400)]
+    variants = workbook_variants(model, tok, new_tokens=new)
+    rows = scoreboard(variants, tok, prompts, baseline="fp32 baseline", eval_tokens=eval_tokens,
+                      bandwidth=probe_bandwidth(device, nbytes=64 * 2**20))
+    for r in rows:
+        r.update(label=r["technique"], model="tiny", device=device)
+    by = {r["technique"]: r for r in rows}
+    return {"name": "evaluation", "metric": "speedup",
+            "title": f"Scoreboard: quality and speed of every technique (tiny, {n} prompts x {new} tokens, "
+                     f"{eval_tokens} test tokens)", "rows": rows,
+            "ratios": {f"{k}: decode speed vs fp32": v["speedup"] for k, v in by.items()} | {
+                f"{k}: perplexity change": v["perplexity_change"] for k, v in by.items()},
+            "extra_keys": ["perplexity", "perplexity_change", "top1_agreement", "kl_divergence", "distinct_2",
+                           "type_token_ratio", "repetition_rate", "relevance_nats", "speedup", "peak_memory_mb",
+                           "model_bytes", "mbu"]}
+
+
 EXPERIMENTS = {"baseline": bench_baseline, "cache": bench_cache, "attention": bench_attention,
                "precision": bench_precision, "compile": bench_compile, "quantization": bench_quantization,
                "batching": bench_batching, "load": bench_load, "speculative": bench_speculative,
-               "parallel": bench_parallel}
+               "parallel": bench_parallel, "evaluation": bench_evaluation}
 
 
 def _markdown_table(rows: list[dict], keys: list[str]) -> str:

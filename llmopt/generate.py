@@ -286,3 +286,73 @@ class TextStream:
             return ""
         piece, self.emitted = text[len(self.emitted):], text
         return piece
+
+
+class Session:
+    """A conversation that keeps its KV cache between calls (notebook 01, "tokens per call").
+
+    Calling `generate` again with the growing text re-encodes and re-prefills
+    everything each time. A Session instead remembers what the cache holds: each
+    `session.generate(more_text, max_new_tokens=...)` prefills only the new text
+    (and the last sampled token), then decodes. Greedy output over several calls
+    equals one call producing the same number of tokens.
+    """
+
+    def __init__(self, model, tokenizer, prompt="", *, max_len: int | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
+        self.cache = make_cache("static", model.config, 1, self.max_len, device=model.device,
+                                dtype=model.dtype)
+        self.ids: list[int] = []        # every token of the conversation so far
+        self.cached = 0                 # how many of them the cache holds
+        self.calls = 0
+        self._pending = list(encode_prompt(model, tokenizer, prompt, 1)) if prompt else []
+
+    def generate(self, text="", *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 ignore_eos: bool = False) -> Generation:
+        """Append `text` (may be empty) and generate `max_new_tokens` more, reusing the cache."""
+        start = time.perf_counter()
+        check_sampling(temperature, top_k, top_p)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        new_in = self._pending + (self.tokenizer.encode(text) if text else [])
+        if not new_in and not self.ids:
+            raise ValueError("the session is empty: give it some text first")
+        if len(self.ids) + len(new_in) + max_new_tokens > self.max_len:
+            raise ValueError(f"this session holds {self.max_len} tokens; {len(self.ids)} used, "
+                             f"{len(new_in)} new and {max_new_tokens} to generate do not fit: "
+                             "start a new Session (or give it a larger max_len)")
+        gen = None
+        if temperature > 0:
+            gen = torch.Generator(device=self.model.device)
+            gen.manual_seed(seed if seed is not None else torch.seed())
+        eos = _eos_ids(self.tokenizer, ignore_eos)
+        dev = self.model.device
+        self.ids += new_in
+        feed = self.ids[self.cached:]
+        out, times, reason = [], [], "length"
+        with torch.inference_mode():
+            pos = torch.arange(self.cached, len(self.ids), device=dev)
+            logits = self.model(torch.tensor([feed], device=dev), pos, self.cache, last_only=True)[:, -1]
+            self.cached = len(self.ids)
+            for i in range(max_new_tokens):
+                tok = int(sample(logits, temperature, top_k, top_p, gen).item())
+                out.append(tok)
+                times.append(time.perf_counter() - start)
+                self.ids.append(tok)
+                if tok in eos:
+                    reason = "eos"
+                    break
+                if i == max_new_tokens - 1:
+                    break
+                logits = decode_one_token(self.model, torch.tensor([[tok]], device=dev),
+                                          torch.tensor([self.cached], device=dev), self.cache)
+                self.cached += 1
+        self._pending = []                     # the last token is in self.ids, not yet in the cache
+        self.calls += 1
+        stats = timing_stats(times, len(feed))
+        stats.update(cache="static", device=str(dev), dtype=str(self.model.dtype).removeprefix("torch."),
+                     compiled=False, prefilled_tokens=len(feed), context_tokens=len(self.ids))
+        return Generation(token_ids=out, text=self.tokenizer.decode(out) if self.tokenizer else "",
+                          prompt_ids=new_in, finish_reason=reason, stats=stats, token_times=times)

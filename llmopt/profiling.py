@@ -365,3 +365,44 @@ def op_breakdown(fn: Callable[[], object], *, device=None, steps: int = 1, warmu
     total = sum(per_cat.values())
     return [{"category": k, "seconds": v / steps, "share": v / total}
             for k, v in sorted(per_cat.items(), key=lambda kv: -kv[1])]
+
+
+# -- Tokens per generate call (notebook 01) -----------------------------------------------------
+
+def tokens_per_call(model, tokenizer, prompt: str, total_tokens: int, per_call: int, *,
+                    continuation: bool = False) -> dict:
+    """Generate `total_tokens` greedily in calls of `per_call` tokens; where the time goes.
+
+    Without `continuation` each call is a fresh `generate` on the text so far (re-encode,
+    allocate a cache, re-prefill everything). With it, one `Session` resumes from its
+    cache and prefills only the newest token. The total splits into: a fixed cost per
+    call (measured as a 1-token call on a 1-token prompt), prefill beyond that, and decode.
+    """
+    from .generate import Session, generate
+    if per_call < 1 or total_tokens < 1:
+        raise ValueError("per_call and total_tokens must be >= 1")
+    one = tokenizer.encode(prompt)[:1]
+    fixed = statistics.median(generate(model, tokenizer, one, max_new_tokens=1).stats["e2e_s"]
+                              for _ in range(5))
+    session = Session(model, tokenizer, prompt) if continuation else None
+    text, ids, calls, ttft, decode, prefilled = prompt, [], 0, 0.0, 0.0, 0
+    t0 = time.perf_counter()
+    while len(ids) < total_tokens:
+        n = min(per_call, total_tokens - len(ids))
+        if continuation:
+            g = session.generate(max_new_tokens=n, ignore_eos=True)
+            prefilled += g.stats["prefilled_tokens"]
+        else:
+            g = generate(model, tokenizer, text, max_new_tokens=n, ignore_eos=True)
+            prefilled += g.stats["prompt_tokens"]
+            text += g.text                    # the next call re-encodes all of it
+        ids += g.token_ids
+        ttft += g.stats["ttft_s"]
+        decode += g.stats["e2e_s"] - g.stats["ttft_s"]
+        calls += 1
+    total = time.perf_counter() - t0
+    fixed_total = calls * fixed
+    return {"per_call": per_call, "calls": calls, "continuation": continuation, "tokens": len(ids),
+            "token_ids": ids, "seconds": total, "tokens_per_s": len(ids) / total,
+            "fixed_s": fixed_total, "prefill_s": max(0.0, ttft - fixed_total), "decode_s": decode,
+            "other_s": max(0.0, total - ttft - decode), "prefilled_tokens": prefilled}

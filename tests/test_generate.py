@@ -120,3 +120,33 @@ def test_generation_stops_at_end_of_sequence(model_and_tok, monkeypatch):
     streamed = "".join(llmopt.stream(model, tok, "Once more", max_new_tokens=12))
     assert streamed == tok.decode(full.token_ids[:first])
     assert llmopt.generate(model, tok, "Once more", max_new_tokens=12, ignore_eos=True).token_ids == full.token_ids
+
+
+def test_session_continues_from_its_cache():
+    model, tok = llmopt.load_model("tiny")
+    one = llmopt.generate(model, tok, "ROMEO:", max_new_tokens=30, ignore_eos=True)
+
+    from llmopt.generate import Session
+    s = Session(model, tok, "ROMEO:")
+    parts = [s.generate(max_new_tokens=10, ignore_eos=True) for _ in range(3)]
+    assert sum((p.token_ids for p in parts), []) == one.token_ids
+    assert [p.stats["prefilled_tokens"] for p in parts] == [len(one.prompt_ids), 1, 1]
+    more = s.generate("\nJULIET:", max_new_tokens=5, ignore_eos=True)
+    assert more.stats["prefilled_tokens"] == 1 + len(tok.encode("\nJULIET:"))
+    with pytest.raises(ValueError, match="start a new Session"):
+        s.generate(max_new_tokens=5000)
+    with pytest.raises(ValueError, match="empty"):
+        Session(model, tok).generate(max_new_tokens=3)
+
+
+def test_tokens_per_call_separates_the_costs():
+    from llmopt.profiling import tokens_per_call
+    model, tok = llmopt.load_model("tiny")
+    naive = tokens_per_call(model, tok, "ROMEO:", 40, 10)
+    cont = tokens_per_call(model, tok, "ROMEO:", 40, 10, continuation=True)
+    single = tokens_per_call(model, tok, "ROMEO:", 40, 40)
+    assert naive["calls"] == cont["calls"] == 4 and single["calls"] == 1
+    assert naive["tokens"] == cont["tokens"] == 40
+    assert cont["token_ids"] == single["token_ids"]            # continuation = one call
+    assert naive["prefilled_tokens"] > cont["prefilled_tokens"] == single["prefilled_tokens"] + 3
+    assert naive["fixed_s"] > single["fixed_s"] > 0

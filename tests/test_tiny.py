@@ -89,3 +89,18 @@ def test_bench_quick_writes_a_report(tmp_path):
     base = res["experiments"][0]
     assert all(r["greedy_token_agreement"] == 1.0 for r in base["rows"])
     assert all(v > 0 for e in res["experiments"] for v in e["ratios"].values())
+
+
+def test_bench_quick_serving_speculation_and_scoreboard(tmp_path):
+    """The later experiments in quick mode: outputs identical, nothing lost, a scoreboard row per technique."""
+    from llmopt.bench import run_bench
+    res = run_bench(["batching", "load", "speculative", "evaluation"], quick=True, out=tmp_path)
+    by = {e["name"]: e for e in res["experiments"]}
+    assert all(r["identical"] for r in by["batching"]["rows"])
+    load = by["load"]["rows"][0]
+    assert load["lost"] == 0 and load["failed"] == 0 and load["mismatched_vs_unbatched"] == 0
+    assert all(r["identical"] for r in by["speculative"]["rows"][1:])
+    assert by["speculative"]["ratios"]["tokens per target forward, tiny-draft k=4"] > 1
+    assert {r["technique"] for r in by["evaluation"]["rows"]} >= {"fp32 baseline", "int8 weight-only"}
+    report = (tmp_path / "report.md").read_text()
+    assert "Scoreboard" in report and "continuous / static" in report

@@ -1,0 +1,55 @@
+"""The scoreboard's metrics measure what they claim, on the embedded model."""
+import pytest
+import torch
+
+import llmopt
+from llmopt.evaluate import context_relevance, scoreboard, type_token_ratio, workbook_variants
+from llmopt.metrics import heldout_ids
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return llmopt.load_model("tiny")
+
+
+def test_type_token_ratio():
+    assert type_token_ratio([[1, 2, 3], [4]]) == 1.0
+    assert type_token_ratio([[1, 1, 1, 1]]) == 0.25
+    assert type_token_ratio([]) == 0.0
+
+
+def test_context_relevance_tells_real_continuations_from_mismatched(tiny):
+    model, tok = tiny
+    ids = heldout_ids(tok, "test", max_tokens=6 * 96).tolist()
+    prompts = [ids[i:i + 64] for i in range(0, 6 * 96, 96)]
+    conts = [ids[i + 64:i + 96] for i in range(0, 6 * 96, 96)]
+    real = context_relevance(model, prompts, conts)
+    mismatched = context_relevance(model, prompts[1:] + prompts[:1], conts)
+    assert real["relevance_nats"] > 0.2
+    assert real["relevance_nats"] > mismatched["relevance_nats"] + 0.2
+    assert real["ppl_with_prompt"] < real["ppl_without_prompt"]
+
+
+def test_scoreboard_ranks_quality_and_names_the_baseline(tiny):
+    model, tok = tiny
+    variants = workbook_variants(model, tok, new_tokens=12, ngram_text="ROMEO: to be or not to be")
+    assert {"fp32 baseline", "int8 weight-only", "half the heads and channels",
+            "speculative (lookup + n-gram)"} <= set(variants)
+    keep = {k: variants[k] for k in ("fp32 baseline", "int8 weight-only", "half the heads and channels",
+                                     "speculative (lookup + n-gram)", "continuous-batching engine")}
+    rows = {r["technique"]: r for r in scoreboard(keep, tok, ["ROMEO:", "KING:\nNow"], baseline="fp32 baseline",
+                                                  eval_tokens=600, bandwidth=1e10)}
+    base = rows["fp32 baseline"]
+    assert base["top1_agreement"] == 1.0 and base["kl_divergence"] == pytest.approx(0, abs=1e-6)
+    assert base["perplexity_change"] == 0 and base["speedup"] == 1
+    assert abs(rows["int8 weight-only"]["perplexity_change"]) < 0.02
+    assert rows["int8 weight-only"]["model_bytes"] < 0.3 * base["model_bytes"]
+    cut = rows["half the heads and channels"]
+    assert cut["perplexity_change"] > 0.1 and cut["top1_agreement"] < 0.9     # smaller, and worse
+    assert cut["model_bytes"] < base["model_bytes"]
+    for same in ("speculative (lookup + n-gram)", "continuous-batching engine"):  # same tokens as the baseline
+        assert rows[same]["distinct_2"] == base["distinct_2"]
+        assert rows[same]["relevance_nats"] == pytest.approx(base["relevance_nats"])
+    for r in rows.values():
+        assert 0 < r["distinct_1"] <= 1 and 0 <= r["repetition_rate"] <= 1 and r["mbu"] > 0
+        assert r["tpot_s"] > 0 and torch.isfinite(torch.tensor(r["perplexity"]))
