@@ -54,6 +54,7 @@ class Sequence:
             self.generator.manual_seed(seed if seed is not None else torch.seed())
         self.generated: list[int] = []
         self.blocks: list[int] = []            # physical KV blocks, in logical order
+        self.cached_tokens = 0                 # prompt tokens found in the prefix cache
         self.state = "waiting"                 # waiting, running, finished, failed, cancelled
         self.cancelled = False
         self.preemptions = 0
@@ -115,10 +116,71 @@ class RequestHandle:
                 yield piece
 
 
+class PrefixCache:
+    """Full KV blocks of earlier prompts, found by their tokens, shared by reference count.
+
+    A block's key chains the keys of the blocks before it, so a block matches only
+    when the whole prefix up to it is the same (vLLM's automatic prefix caching).
+    The cache holds one reference to each block it knows, so a shared system prompt
+    survives between requests; blocks only the cache holds are evicted, least
+    recently used first, when the pool runs short.
+    """
+
+    def __init__(self, manager: BlockManager) -> None:
+        from collections import OrderedDict
+        self.manager = manager
+        self.blocks: OrderedDict = OrderedDict()      # key -> physical block
+        self.hit_tokens = 0
+
+    def _keys(self, ids: list[int]):
+        bs, key = self.manager.block_size, None
+        for i in range(len(ids) // bs):
+            key = hash((key, tuple(ids[i * bs:(i + 1) * bs])))
+            yield key
+
+    def match(self, ids: list[int]) -> list[int]:
+        """Physical blocks holding the longest cached run of `ids`' full blocks."""
+        found = []
+        for key in self._keys(ids):
+            block = self.blocks.get(key)
+            if block is None:
+                break
+            self.blocks.move_to_end(key)
+            found.append(block)
+        return found
+
+    def insert(self, ids: list[int], blocks: list[int]) -> None:
+        """Remember the full blocks of `ids` (held in `blocks`) for later requests."""
+        for key, block in zip(self._keys(ids), blocks):
+            if key not in self.blocks:
+                self.blocks[key] = block
+                self.manager.share([block])
+
+    def evict(self, n: int, keep=()) -> int:
+        """Free up to `n` blocks that only the cache holds (not in `keep`); returns how many."""
+        freed = 0
+        for key in list(self.blocks):
+            if freed >= n:
+                break
+            block = self.blocks[key]
+            if self.manager.refcount[block] == 1 and block not in keep:
+                del self.blocks[key]
+                self.manager.release([block])
+                freed += 1
+        return freed
+
+    def clear(self) -> None:
+        for block in self.blocks.values():
+            self.manager.release([block])
+        self.blocks.clear()
+
+
 class Scheduler:
     """Waiting and running queues over a block pool: who runs at the next step."""
 
-    def __init__(self, manager: BlockManager, max_batch_size: int, watermark_blocks: int = 0) -> None:
+    def __init__(self, manager: BlockManager, max_batch_size: int, watermark_blocks: int = 0,
+                 prefix_cache: PrefixCache | None = None) -> None:
+        self.prefix_cache = prefix_cache
         self.manager = manager
         self.max_batch_size = max_batch_size
         self.watermark = watermark_blocks          # kept free at admission, so running rows can grow
@@ -129,17 +191,30 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def admit(self) -> list[Sequence]:
-        """Move waiting sequences (first come, first served) into free slots while their blocks fit."""
+    def admit(self, limit: int | None = None) -> list[Sequence]:
+        """Move waiting sequences (first come, first served) into free slots while their blocks fit
+        (at most `limit` of them)."""
         admitted = []
-        while self.waiting and len(self.running) < self.max_batch_size:
+        bs = self.manager.block_size
+        while self.waiting and len(self.running) < self.max_batch_size and \
+                (limit is None or len(admitted) < limit):
             seq = self.waiting[0]
-            need = self.manager.blocks_needed(len(seq.all_ids) + 1)   # its tokens and the next one
+            cached = self.prefix_cache.match(seq.all_ids) if self.prefix_cache else []
+            if len(cached) * bs >= len(seq.all_ids):
+                cached = cached[:-1]                    # compute at least the last token
+            need = self.manager.blocks_needed(len(seq.all_ids) + 1) - len(cached)  # + the next token
             reserve = self.watermark if self.running else 0
+            short = need + reserve - self.manager.num_free
+            if short > 0 and self.prefix_cache is not None:
+                self.prefix_cache.evict(short, keep=set(cached))
             if not self.manager.can_allocate(need + reserve):
                 break                                   # head-of-line waits: no overtaking
             self.waiting.popleft()
-            seq.blocks = self.manager.allocate(need)
+            self.manager.share(cached)
+            seq.blocks = cached + self.manager.allocate(need)
+            seq.cached_tokens = len(cached) * bs
+            if self.prefix_cache is not None:
+                self.prefix_cache.hit_tokens += seq.cached_tokens
             seq.state = "running"
             self.running.append(seq)
             admitted.append(seq)
@@ -154,7 +229,7 @@ class Scheduler:
             if seq.state != "running":
                 continue
             while self.manager.blocks_needed(len(seq.all_ids)) > len(seq.blocks):
-                if self.manager.can_allocate(1):
+                if self.manager.can_allocate(1) or (self.prefix_cache and self.prefix_cache.evict(1)):
                     seq.blocks += self.manager.allocate(1)
                     continue
                 victim = self.running[-1]               # the newest: it has done the least work
@@ -193,12 +268,15 @@ class Engine:
     request. `num_blocks` x `block_size` tokens of KV cache are shared by all
     requests (default: enough for `max_batch_size` full-length sequences, so
     nothing is ever preempted); fewer blocks let admission control and
-    preemption show. A fault while serving one request fails that request only.
+    preemption show. With `prefix_caching`, full KV blocks of earlier prompts are
+    kept and shared (by reference count) with later requests that start with the
+    same tokens (a system prompt, or n samples of one prompt), so only the rest is
+    prefilled. A fault while serving one request fails that request only.
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, block_size: int = 16,
                  num_blocks: int | None = None, max_seq_len: int | None = None,
-                 watermark: float = 0.01, metrics=None) -> None:
+                 watermark: float = 0.01, prefix_caching: bool = False, metrics=None) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         self.model, self.tokenizer = model, tokenizer
@@ -208,8 +286,9 @@ class Engine:
         num_blocks = num_blocks or max_batch_size * per_seq
         self.cache = PagedKVCache(cfg, max_batch_size, self.max_seq_len, block_size=block_size,
                                   num_blocks=num_blocks, device=model.device, dtype=model.dtype)
+        self.prefix_cache = PrefixCache(self.cache.manager) if prefix_caching else None
         self.scheduler = Scheduler(self.cache.manager, max_batch_size,
-                                   watermark_blocks=int(watermark * num_blocks))
+                                   watermark_blocks=int(watermark * num_blocks), prefix_cache=self.prefix_cache)
         self.metrics = metrics                 # an EngineMetrics (Prometheus), optional
         self._ids = itertools.count()
         self._inbox: deque[Sequence] = deque()
@@ -358,12 +437,14 @@ class Engine:
         for seq in [s for s in list(sched.waiting) + sched.running if s.cancelled]:
             self._finish(seq, "cancelled", error=CancelledError(f"request {seq.id} was cancelled"))
         decode_rows = list(sched.running)
-        admitted = sched.admit()
-        now = time.perf_counter()
-        for seq in admitted:
+        admitted = []
+        # one at a time: a prefill registers its prompt blocks before the next admission looks them up
+        while new := sched.admit(limit=1):
+            seq = new[0]
             if seq.first_scheduled is None:
-                seq.first_scheduled = now
+                seq.first_scheduled = time.perf_counter()
             self._prefill(seq)
+            admitted.append(seq)
         rows = sched.grow([s for s in decode_rows if s.state == "running"])
         if rows:
             self._decode(rows)
@@ -377,10 +458,13 @@ class Engine:
     def _prefill(self, seq: Sequence) -> None:
         """Compute a newly admitted (or readmitted) sequence's KV cache and its next token."""
         try:
-            ids = torch.tensor([seq.all_ids], device=self.model.device)
-            self.cache.set_rows([seq.blocks], [0], new_tokens=ids.shape[1])
-            logits = self.model(ids, torch.arange(ids.shape[1], device=ids.device), self.cache,
-                                last_only=True)[:, -1]
+            start = seq.cached_tokens                 # the prefix cache already holds these
+            ids = torch.tensor([seq.all_ids[start:]], device=self.model.device)
+            self.cache.set_rows([seq.blocks], [start], new_tokens=ids.shape[1])
+            pos = torch.arange(start, start + ids.shape[1], device=ids.device)
+            logits = self.model(ids, pos, self.cache, last_only=True)[:, -1]
+            if self.scheduler.prefix_cache is not None:
+                self.scheduler.prefix_cache.insert(seq.prompt_ids, seq.blocks)
             self._accept(seq, self._sample([seq], logits)[0])
         except Exception as e:
             self._finish(seq, "failed", error=e)
@@ -462,7 +546,7 @@ class Engine:
             text = self.tokenizer.decode(seq.generated) if self.tokenizer is not None else ""
         stats = timing_stats(seq.token_times, len(seq.prompt_ids))
         stats.update(queue_s=(seq.first_scheduled or seq.submitted) - seq.submitted,
-                     preemptions=seq.preemptions, cache="paged", device=str(self.model.device),
+                     preemptions=seq.preemptions, cached_prompt_tokens=seq.cached_tokens, cache="paged", device=str(self.model.device),
                      dtype=str(self.model.dtype).removeprefix("torch."), compiled=False)
         return Generation(token_ids=list(seq.generated), text=text, prompt_ids=seq.prompt_ids,
                           finish_reason=seq.finish_reason, stats=stats, token_times=seq.token_times)

@@ -181,13 +181,28 @@ def _as_stop_list(stop) -> list[str]:
 def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop=None, cache: str = "static", ignore_eos: bool = False,
-             compile: str | bool = False) -> Generation:
+             compile: str | bool = False, n: int = 1) -> Generation | list[Generation]:
     """Generate up to `max_new_tokens` after `prompt` (text or ids); greedy at temperature 0 (notebook 00).
 
     Stops at the tokenizer's end-of-sequence token (unless `ignore_eos`) or when the
     text contains one of the `stop` strings (the text is cut before it). `compile`
     runs the decode step through `torch.compile` (notebook 08).
+
+    `n > 1` returns a list of n samples of the same prompt (sample i seeded with
+    seed + i), decoded together by the continuous-batching engine with the prompt's
+    KV blocks computed once and shared (prefix caching, notebook 13).
     """
+    if n != 1:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n (samples per prompt) must be an integer >= 1, got {n!r}")
+        if compile:
+            raise ValueError("n > 1 runs on the engine's paged cache: compile is not supported there")
+        from .engine import Engine
+        base = seed if seed is not None else int(torch.randint(0, 2**31 - n, ()).item())
+        engine = Engine(model, tokenizer, max_batch_size=n, prefix_caching=True)
+        return engine.generate_many([prompt] * n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, seed=[base + i for i in range(n)],
+                                    stop=stop, ignore_eos=ignore_eos)
     start = time.perf_counter()
     ids = _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, cache,
                            compile)

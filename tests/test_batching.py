@@ -329,3 +329,49 @@ def test_prometheus_metrics_count_what_happened(tiny):
         metrics.close()
     assert 'llmopt_requests_total{outcome="finished"} 4.0' in body
     assert "llmopt_time_to_first_token_seconds_bucket" in body
+
+
+def test_prefix_caching_shares_prompt_blocks_and_changes_no_sample(tiny):
+    model, tok = tiny
+    system = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+              "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. "
+              "resolved.\n\n")
+    prompts = [system + q for q in ("ROMEO:", "KING:\nNow", "JULIET:\nO Romeo")]
+    kw = dict(max_new_tokens=20, temperature=0.9, top_k=50)
+    plain = Engine(model, tok, max_batch_size=3)
+    shared = Engine(model, tok, max_batch_size=3, prefix_caching=True)
+    a = plain.generate_many(prompts, seed=[1, 2, 3], **kw)
+    b = shared.generate_many(prompts, seed=[1, 2, 3], **kw)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    full = len(tok.encode(system)) // 16 * 16
+    assert b[0].stats["cached_prompt_tokens"] == 0
+    assert full >= 48
+    assert all(g.stats["cached_prompt_tokens"] >= full - 16 for g in b[1:])   # the system prompt
+    manager = shared.cache.manager
+    # every sequence is done: only the cache's own references remain, one per cached block
+    assert manager.num_blocks - manager.num_free == len(shared.prefix_cache.blocks)
+    assert all(manager.refcount[blk] == 1 for blk in shared.prefix_cache.blocks.values())
+    shared.prefix_cache.clear()
+    assert manager.num_free == manager.num_blocks
+
+
+def test_generate_n_samples_share_the_prompt(tiny):
+    model, tok = tiny
+    prompt = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+    samples = llmopt.generate(model, tok, prompt, n=4, max_new_tokens=16, temperature=1.0, seed=10)
+    assert len(samples) == 4 and len({tuple(g.token_ids) for g in samples}) > 1
+    for i, g in enumerate(samples):       # sample i equals an unshared run seeded seed + i
+        assert g.token_ids == llmopt.generate(model, tok, prompt, max_new_tokens=16, temperature=1.0,
+                                              seed=10 + i).token_ids
+    assert sum(g.stats["cached_prompt_tokens"] > 0 for g in samples) == 3
+    with pytest.raises(ValueError, match="n \\(samples"):
+        llmopt.generate(model, tok, prompt, n=0)
+
+
+def test_prefix_cache_is_evicted_when_blocks_run_short(tiny, reference):
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch_size=2, num_blocks=10, prefix_caching=True)
+    out = engine.generate_many(PROMPTS * 2, max_new_tokens=48, ignore_eos=True)
+    assert [g.token_ids for g in out] == [reference[p] for p in PROMPTS * 2]
+    m = engine.cache.manager
+    assert m.num_blocks - m.num_free == len(engine.prefix_cache.blocks) <= 10
