@@ -72,13 +72,20 @@ def _tokenizer(path: str):
     return _TOKENIZERS[path]
 
 
-def tokenize_lines(lines: list[str], tokenizer_json: str):
-    """Clean and tokenize a list of lines; returns one uint16 numpy array of ids."""
+def tokenize_lines(lines: list[str], tokenizer_json: str, chunk: int = 20_000):
+    """Clean and tokenize a list of lines; returns one uint16 numpy array of ids.
+
+    Lines go to the tokenizer `chunk` at a time: its Encoding objects (ids, offsets,
+    token strings, masks) take tens of bytes per token, so only ids are kept.
+    """
     import numpy as np
-    enc = _tokenizer(tokenizer_json).encode_batch([clean_line(x) for x in lines if x.strip()])
-    if not enc:
-        return np.zeros(0, dtype=SHARD_DTYPE)
-    return np.concatenate([np.asarray(e.ids, dtype=SHARD_DTYPE) for e in enc])
+    tok = _tokenizer(tokenizer_json)
+    lines = [x for x in lines if x.strip()]
+    parts = []
+    for i in range(0, len(lines), chunk):
+        enc = tok.encode_batch([clean_line(x) for x in lines[i:i + chunk]])
+        parts += [np.asarray(e.ids, dtype=SHARD_DTYPE) for e in enc]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=SHARD_DTYPE)
 
 
 def make_large_corpus(out_dir, total_bytes: int, file_bytes: int = 64 * 2**20,

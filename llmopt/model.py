@@ -170,6 +170,36 @@ class Transformer(nn.Module):
             layer.self_attn.backend = backend
         return self
 
+    def layer_inputs(self, B: int, T: int, device, input_pos=None, cache=None, positions=None,
+                     key_mask=None):
+        """What every layer needs besides the hidden states: rotary cos/sin, the attention mask
+        and the cache slots (shared by `forward` and the pipeline stages of notebook 10)."""
+        if input_pos is None:
+            input_pos = torch.arange(T, device=device)
+        if positions is None:
+            positions = input_pos.unsqueeze(0).expand(B, T)
+        # Rotary tables in fp32, as transformers computes them: cos, sin [B, 1, T, D]
+        if self.inv_freq.device != device:
+            self.inv_freq = self.inv_freq.to(device)
+        freqs = positions.unsqueeze(-1).float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None]
+
+        mask = None  # None means plain causal over [T, T]
+        if cache is not None or key_mask is not None:
+            S = cache.kv_len(input_pos) if cache is not None else T
+            slots = torch.arange(S, device=device)
+            # a query at slot p sees keys at slots <= p: [T, S]
+            mask = slots.unsqueeze(0) <= input_pos.unsqueeze(1)
+            if key_mask is not None:
+                # padding keys are hidden; a query that would see nothing at all (a
+                # padding token's own query) sees itself, so softmax never gets an empty row
+                mask = mask & key_mask[:, None, :S]
+                empty = ~mask.any(-1, keepdim=True)
+                mask = mask | (empty & (slots.unsqueeze(0) == input_pos.unsqueeze(1)))
+                mask = mask[:, None]  # [B, 1, T, S]
+        return cos, sin, mask, input_pos
+
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
                 cache=None, positions: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
@@ -180,30 +210,8 @@ class Transformer(nn.Module):
         key_mask:  [B, S] True for real tokens, False for padding, over the cache's slots.
         """
         B, T = input_ids.shape
-        if input_pos is None:
-            input_pos = torch.arange(T, device=input_ids.device)
-        if positions is None:
-            positions = input_pos.unsqueeze(0).expand(B, T)
-        # Rotary tables in fp32, as transformers computes them: cos, sin [B, 1, T, D]
-        if self.inv_freq.device != input_ids.device:
-            self.inv_freq = self.inv_freq.to(input_ids.device)
-        freqs = positions.unsqueeze(-1).float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None]
-
-        mask = None  # None means plain causal over [T, T]
-        if cache is not None or key_mask is not None:
-            S = cache.kv_len(input_pos) if cache is not None else T
-            slots = torch.arange(S, device=input_ids.device)
-            # a query at slot p sees keys at slots <= p: [T, S]
-            mask = slots.unsqueeze(0) <= input_pos.unsqueeze(1)
-            if key_mask is not None:
-                # padding keys are hidden; a query that would see nothing at all (a
-                # padding token's own query) sees itself, so softmax never gets an empty row
-                mask = mask & key_mask[:, None, :S]
-                empty = ~mask.any(-1, keepdim=True)
-                mask = mask | (empty & (slots.unsqueeze(0) == input_pos.unsqueeze(1)))
-                mask = mask[:, None]  # [B, 1, T, S]
+        cos, sin, mask, input_pos = self.layer_inputs(B, T, input_ids.device, input_pos, cache,
+                                                      positions, key_mask)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache, input_pos)

@@ -116,6 +116,130 @@ def shard_model(model, rank: int, world: int, timer: CommTimer | None = None):
     return shard.eval()
 
 
+# ---- pipeline parallel -------------------------------------------------------------------------
+def stage_of(model, rank: int, world: int):
+    """This rank's pipeline stage: a contiguous slice of the layers (in place on `model`).
+
+    Rank 0 also embeds the tokens; the last rank also applies the final norm and
+    lm_head. Layer indices are renumbered so each stage has its own small KV cache.
+    """
+    n = model.config.n_layers
+    if world > n:
+        raise ValueError(f"{world} pipeline stages for {n} layers: use at most {n} ranks")
+    bounds = [round(i * n / world) for i in range(world + 1)]
+    keep = list(model.layers)[bounds[rank]:bounds[rank + 1]]
+    for i, layer in enumerate(keep):
+        layer.self_attn.layer_idx = i
+    model.layers = nn.ModuleList(keep)
+    model.config = replace(model.config, n_layers=len(keep))
+    model.first, model.last = rank == 0, rank == world - 1
+    model.layer_range = (bounds[rank], bounds[rank + 1])
+    return model
+
+
+def stage_forward(stage, x: torch.Tensor, input_pos: torch.Tensor, cache) -> torch.Tensor:
+    """Token ids (first stage) or hidden states [B, T, dim] in; hidden states out, or the
+    last position's logits [B, V] from the last stage."""
+    B, T = x.shape[:2]
+    cos, sin, mask, input_pos = stage.layer_inputs(B, T, x.device, input_pos, cache)
+    if stage.first:
+        x = stage.embed_tokens(x)
+    for layer in stage.layers:
+        x = layer(x, cos, sin, mask, cache, input_pos)
+    if stage.last:
+        return stage.lm_head(stage.norm(x[:, -1:]))[:, -1]
+    return x
+
+
+def pipeline_generate(stage, batches: list[torch.Tensor], new_tokens: int, rank: int, world: int) -> dict:
+    """Greedy generation with micro-batches flowing through the stages (GPipe-style).
+
+    `batches` are the micro-batches of prompt ids (each [b, T], equal T). At every
+    step each micro-batch goes through stage 0, 1, ..., world-1; the last stage
+    picks the next tokens and sends them back to stage 0 for the next step. While
+    stage 1 works on micro-batch m, stage 0 already runs m+1, so with M >= world
+    micro-batches the stages overlap; the idle time that remains is the bubble.
+    Returns per-rank busy seconds and, on the last rank, the generated ids.
+    """
+    from .kv_cache import make_cache
+    dev, dim = stage.device, stage.config.dim
+    T = batches[0].shape[1]
+    caches = [make_cache("static", stage.config, b.shape[0], T + new_tokens, device=dev, dtype=stage.dtype)
+              for b in batches]
+    prev, nxt = (rank - 1) % world, (rank + 1) % world
+    out = [[] for _ in batches]
+    busy, pending = 0.0, []
+    with torch.inference_mode():
+        for step in range(new_tokens):
+            pos = torch.arange(T, device=dev) if step == 0 else torch.tensor([T + step - 1], device=dev)
+            for m, ids in enumerate(batches):
+                b, t = ids.shape[0], len(pos)
+                if stage.first:
+                    if step == 0:
+                        x = ids.to(dev)
+                    else:                                  # the tokens the last stage picked
+                        x = torch.empty(b, 1, dtype=torch.long, device=dev)
+                        dist.recv(x, src=prev)
+                else:
+                    x = torch.empty(b, t, dim, dtype=stage.dtype, device=dev)
+                    dist.recv(x, src=prev)
+                t0 = time.perf_counter()
+                y = stage_forward(stage, x, pos, caches[m])
+                if stage.last:
+                    y = y.argmax(-1, keepdim=True)          # [b, 1] next tokens
+                    out[m].append(y)
+                if y.is_cuda:
+                    torch.cuda.synchronize()
+                busy += time.perf_counter() - t0
+                if world > 1 and not (stage.last and step == new_tokens - 1):
+                    pending.append(dist.isend(y.contiguous(), dst=nxt))
+        for req in pending:
+            req.wait()
+    result = {"busy_s": busy}
+    if stage.last:
+        result["token_ids"] = [torch.cat(o, 1).tolist() for o in out]      # per micro-batch [b][new]
+    return result
+
+
+def run_pipeline_parallel(args, rank: int, world: int, device) -> dict | None:
+    """Pipeline over `world` stages for 1 and `--micro-batches` micro-batches; bubble and equality."""
+    from .generate import generate
+    from .load import load_model
+    from .metrics import heldout_ids
+    model, tok = load_model(args.model, device=device)
+    ids = heldout_ids(tok, "test", max_tokens=args.batch * 32).view(args.batch, 32)
+    reference = None
+    if rank == 0:   # the whole model in one process, for the equality check
+        reference = [generate(model, tok, row.tolist(), max_new_tokens=args.max_new_tokens,
+                              ignore_eos=True).token_ids for row in ids]
+    stage = stage_of(model, rank, world)
+    runs = {}
+    for m in sorted({1, args.micro_batches}):
+        batches = list(ids.chunk(m))
+        pipeline_generate(stage, batches, 2, rank, world)               # warm-up
+        dist.barrier()
+        t0 = time.perf_counter()
+        res = pipeline_generate(stage, batches, args.max_new_tokens, rank, world)
+        wall = time.perf_counter() - t0
+        gathered = [None] * world
+        dist.all_gather_object(gathered, dict(res, wall_s=wall))
+        runs[m] = gathered
+    if rank != 0:
+        return None
+    rows = []
+    for m, gathered in runs.items():
+        wall = max(g["wall_s"] for g in gathered)
+        busy = [g["busy_s"] for g in gathered]
+        tokens = [row for mb in gathered[-1]["token_ids"] for row in mb]
+        rows.append({"micro_batches": m, "wall_s": wall, "busy_s": busy,
+                     "bubble": 1 - sum(busy) / (world * wall),
+                     "ideal_bubble": (world - 1) / (m + world - 1),
+                     "tokens_per_s": args.batch * args.max_new_tokens / wall,
+                     "tokens_equal": tokens == reference})
+    return {"mode": "pipeline", "world_size": world, "batch": args.batch, "new_tokens": args.max_new_tokens,
+            "runs": rows, "device": str(device)}
+
+
 # ---- the torchrun entry point -----------------------------------------------------------------
 def _setup() -> tuple[int, int, torch.device]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -193,17 +317,20 @@ def run_tensor_parallel(args, rank: int, world: int, device) -> dict | None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m llmopt.parallel", description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=["data", "tensor"])
+    p.add_argument("mode", choices=["data", "tensor", "pipeline"])
     p.add_argument("--model", default="tiny")
     p.add_argument("--prompts", nargs="+", default=["ROMEO:", "KING:\nNow", "JULIET:", "HAMLET:"])
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="CPU threads per rank")
     p.add_argument("--out", default=None, help="rank 0 writes its JSON result here")
+    p.add_argument("--batch", type=int, default=8, help="pipeline: prompts in the batch")
+    p.add_argument("--micro-batches", type=int, default=4, help="pipeline: micro-batches per step")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rank, world, device = _setup()
     try:
-        run = run_data_parallel if args.mode == "data" else run_tensor_parallel
+        run = {"data": run_data_parallel, "tensor": run_tensor_parallel,
+               "pipeline": run_pipeline_parallel}[args.mode]
         result = run(args, rank, world, device)
         if result is not None:
             text = json.dumps(result, indent=1)
@@ -218,18 +345,20 @@ def main(argv=None) -> int:
 
 
 def launch(mode: str, nproc: int = 2, *, model: str = "tiny", prompts: list[str] | None = None,
-           max_new_tokens: int = 32, threads: int = 1, timeout: float = 600) -> dict:
+           max_new_tokens: int = 32, threads: int = 1, timeout: float = 600, batch: int = 8,
+           micro_batches: int = 4) -> dict:
     """Run `torchrun --nproc_per_node nproc -m llmopt.parallel mode ...` as a subprocess (notebook 10)
     and return rank 0's result. Raises RuntimeError with the ranks' output if it fails."""
-    if mode not in ("data", "tensor"):
-        raise ValueError(f"mode must be 'data' or 'tensor', got {mode!r}")
+    if mode not in ("data", "tensor", "pipeline"):
+        raise ValueError(f"mode must be 'data', 'tensor' or 'pipeline', got {mode!r}")
     if not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"nproc must be an integer >= 1, got {nproc!r}")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "llmopt.parallel", mode, "--model", str(model), "--max-new-tokens", str(max_new_tokens),
-               "--threads", str(threads), "--out", out]
+               "--threads", str(threads), "--out", out, "--batch", str(batch),
+               "--micro-batches", str(micro_batches)]
         if prompts:
             cmd += ["--prompts", *prompts]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))

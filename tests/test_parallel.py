@@ -29,6 +29,24 @@ def test_shard_refuses_indivisible_heads_and_bad_launch():
     with pytest.raises(ValueError, match="divisible by 3"):
         shard_model(model, 0, 3)
     with pytest.raises(ValueError, match="mode"):
-        launch("pipeline", 2)
+        launch("expert", 2)
     with pytest.raises(RuntimeError, match="torchrun failed"):
         launch("tensor", 2, model="no-such-model", max_new_tokens=2)
+
+
+def test_pipeline_parallel_matches_single_process_and_reports_the_bubble():
+    r = launch("pipeline", 2, max_new_tokens=8, batch=4, micro_batches=2)
+    assert r["world_size"] == 2 and [run["micro_batches"] for run in r["runs"]] == [1, 2]
+    for run in r["runs"]:
+        assert run["tokens_equal"]                                  # same greedy tokens as one process
+        assert 0 <= run["bubble"] < 1 and len(run["busy_s"]) == 2
+    assert r["runs"][0]["ideal_bubble"] == 0.5 and r["runs"][1]["ideal_bubble"] == 1 / 3
+
+
+def test_stage_split_covers_every_layer_once():
+    from llmopt.parallel import stage_of
+    ranges = [stage_of(llmopt.load_model("tiny")[0], r, 3).layer_range for r in range(3)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == 4
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    with pytest.raises(ValueError, match="at most 4"):
+        stage_of(llmopt.load_model("tiny")[0], 0, 5)
