@@ -80,27 +80,26 @@ class Variant:
 
 def scoreboard(variants: dict[str, Variant], tokenizer, prompts: list[str], *, baseline: str,
                eval_tokens: int = 4096, context: int = 256, bandwidth: float | None = None,
-               repeats: int = 1) -> list[dict]:
+               repeats: int = 3) -> list[dict]:
     """Quality and efficiency of every variant on the same prompts and test split; one row each.
 
     `baseline` names the fp32 reference variant: agreement, KL and the perplexity
     change are against it, and it judges context relevance.
-    `bandwidth` (bytes/s, from `profiling.probe_bandwidth`) adds MBU.
+    `bandwidth` (bytes/s, from `profiling.probe_bandwidth`) adds MBU. Timings are
+    medians over `repeats` interleaved rounds of every prompt.
     """
     from .profiling import peak_memory
     from .quantize import model_bytes
     ref = variants[baseline].model
     ids = heldout_ids(tokenizer, "test", max_tokens=eval_tokens)
     prompt_ids = [tokenizer.encode(p) for p in prompts]
-    rows = []
+    # quality and peak memory, variant by variant (this pass also warms every variant up)
+    rows, gens_of = [], {}
     for name, v in variants.items():
-        # first pass: peak memory (its sampling thread would disturb timings) and warm-up;
-        # then `repeats` timed passes, the last one kept
-        mem = peak_memory(lambda: [v.generate(p) for p in prompts])
-        for _ in range(repeats):
-            gens = [v.generate(p) for p in prompts]
-        conts = [g.token_ids for g in gens]
-        row = dict(technique=name, note=v.note)
+        box: list = []
+        mem = peak_memory(lambda: box.extend(v.generate(p) for p in prompts))
+        conts = [g.token_ids for g in box]
+        row = dict(technique=name, note=v.note, peak_memory_mb=mem["delta_bytes"] / 2**20)
         if v.model is not None:
             row["perplexity"] = perplexity(v.model, ids=ids, context=context)
             agree = compare_next_token(v.model, ref, ids[: 2 * context], context=context)
@@ -110,14 +109,19 @@ def scoreboard(variants: dict[str, Variant], tokenizer, prompts: list[str], *, b
                    type_token_ratio=type_token_ratio(conts),
                    repetition_rate=sum(repetition_rate(c) for c in conts) / len(conts))
         row.update(context_relevance(ref, prompt_ids, conts))
-        stats = [g.stats for g in gens]
-        med = lambda key: float(torch.tensor([s[key] for s in stats], dtype=torch.float64).nanmedian())  # noqa: E731
-        row.update(ttft_s=med("ttft_s"), tpot_s=med("tpot_s"), decode_tokens_per_s=med("decode_tokens_per_s"),
-                   peak_memory_mb=mem["delta_bytes"] / 2**20 if mem else float("nan"))
-        if bandwidth and "model_bytes" in row and row["tpot_s"] == row["tpot_s"]:
-            row["mbu"] = row["model_bytes"] / row["tpot_s"] / bandwidth
         row.update(v.extra)
         rows.append(row)
+        gens_of[name] = []
+    # timings interleaved (every variant once per round), so a drifting machine hits all alike
+    for _ in range(repeats):
+        for name, v in variants.items():
+            gens_of[name] += [v.generate(p) for p in prompts]
+    for row in rows:
+        stats = [g.stats for g in gens_of[row["technique"]]]
+        med = lambda key: float(torch.tensor([s[key] for s in stats], dtype=torch.float64).nanmedian())  # noqa: E731
+        row.update(ttft_s=med("ttft_s"), tpot_s=med("tpot_s"), decode_tokens_per_s=med("decode_tokens_per_s"))
+        if bandwidth and "model_bytes" in row and row["tpot_s"] == row["tpot_s"]:
+            row["mbu"] = row["model_bytes"] / row["tpot_s"] / bandwidth
     base = next(r for r in rows if r["technique"] == baseline)
     for r in rows:
         if "perplexity" in r:

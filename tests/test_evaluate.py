@@ -38,7 +38,8 @@ def test_scoreboard_ranks_quality_and_names_the_baseline(tiny):
     keep = {k: variants[k] for k in ("fp32 baseline", "int8 weight-only", "half the heads and channels",
                                      "speculative (lookup + n-gram)", "continuous-batching engine")}
     rows = {r["technique"]: r for r in scoreboard(keep, tok, ["ROMEO:", "KING:\nNow"], baseline="fp32 baseline",
-                                                  eval_tokens=600, bandwidth=1e10)}
+                                                  eval_tokens=600, bandwidth=1e10,
+                                                  repeats=1)}
     base = rows["fp32 baseline"]
     assert base["top1_agreement"] == 1.0 and base["kl_divergence"] == pytest.approx(0, abs=1e-6)
     assert base["perplexity_change"] == 0 and base["speedup"] == 1
