@@ -22,7 +22,8 @@ from concurrent.futures import Future
 import torch
 
 from .generate import (COMPILE_BUCKET, Generation, _as_stop_list, _checked_request, _eos_ids,
-                       _stop_at, compiled_decode, decode_one_token, timing_stats)
+                       _stop_at, compiled_decode, decode_one_token, per_prompt, per_prompt_options,
+                       timing_stats)
 from .kv_cache import kv_cache_bytes, make_cache
 from .sampling import sample
 
@@ -45,15 +46,6 @@ def batch_memory_bytes(cfg, batch_size: int, prompt_len: int, total_len: int,
     return kv + acts + batch_size * cfg.vocab_size * 4
 
 
-def _per_row(value, n: int, name: str) -> list:
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"{name} has {len(value)} entries for {n} prompts: give one per prompt "
-                             "or a single value for all")
-        return list(value)
-    return [value] * n
-
-
 def generate_batch(model, tokenizer, prompts, *, max_new_tokens=64, temperature: float = 0.0,
                    top_k: int | None = None, top_p: float | None = None, seed=None, stop=None,
                    cache: str = "static", ignore_eos: bool = False, compile: str | bool = False,
@@ -71,8 +63,8 @@ def generate_batch(model, tokenizer, prompts, *, max_new_tokens=64, temperature:
         raise ValueError("prompts must be a non-empty list of prompts (text or token ids); "
                          "for one prompt use llmopt.generate")
     n = len(prompts)
-    max_new = _per_row(max_new_tokens, n, "max_new_tokens")
-    seeds = _per_row(seed, n, "seed")
+    max_new = per_prompt(max_new_tokens, n, "max_new_tokens")
+    seeds = per_prompt(seed, n, "seed")
     ids = [_checked_request(model, tokenizer, p, m, temperature, top_k, top_p, cache, compile)
            for p, m in zip(prompts, max_new)]
     stop = _as_stop_list(stop)
@@ -235,14 +227,7 @@ class DynamicBatcher:
         thread started, batches run in the calling thread (faster on CPU, where
         PyTorch runs slower from a second Python thread).
         """
-        n = len(prompts)
-        per_row = {k: options.pop(k) for k in ("max_new_tokens", "seed")
-                   if isinstance(options.get(k), (list, tuple))}
-        for k, v in per_row.items():
-            if len(v) != n:
-                raise ValueError(f"{k} has {len(v)} entries for {n} prompts")
-        items = [self._item(p, **options, **{k: v[i] for k, v in per_row.items()})
-                 for i, p in enumerate(prompts)]
+        items = [self._item(p, **o) for p, o in zip(prompts, per_prompt_options(len(prompts), options))]
         with self._cv:
             if self._closed:
                 raise RuntimeError("this DynamicBatcher is closed: create a new one to submit more")

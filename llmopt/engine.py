@@ -31,7 +31,7 @@ from concurrent.futures import CancelledError, Future
 import torch
 
 from .generate import (Generation, TextStream, _as_stop_list, _checked_request, _eos_ids, _stop_at,
-                       timing_stats)
+                       per_prompt_options, timing_stats)
 from .kv_cache import BlockManager, PagedKVCache
 from .sampling import sample
 
@@ -348,14 +348,7 @@ class Engine:
         does (vLLM's `LLM.generate`): on CPU, PyTorch ops run noticeably slower
         from a second Python thread, so this is the fast path for batch jobs.
         """
-        n = len(prompts)
-        per_row = {k: options.pop(k) for k in ("max_new_tokens", "seed")
-                   if isinstance(options.get(k), (list, tuple))}
-        for k, v in per_row.items():
-            if len(v) != n:
-                raise ValueError(f"{k} has {len(v)} entries for {n} prompts")
-        seqs = [self._new_sequence(p, **options, **{k: v[i] for k, v in per_row.items()})
-                for i, p in enumerate(prompts)]
+        seqs = [self._new_sequence(p, **o) for p, o in zip(prompts, per_prompt_options(len(prompts), options))]
         with self._cv:
             if self._closing:
                 raise RuntimeError("this Engine is closed: submit to a new Engine")

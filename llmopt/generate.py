@@ -151,6 +151,29 @@ def _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_
     return encode_prompt(model, tokenizer, prompt, max_new_tokens)
 
 
+PER_PROMPT_OPTIONS = ("max_new_tokens", "seed")   # options that may be given one per prompt
+
+
+def per_prompt(value, n: int, name: str) -> list:
+    """`value` for each of `n` prompts: a list of n values, or one value repeated."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries for {n} prompts: give one per prompt "
+                             "or a single value for all")
+        return list(value)
+    return [value] * n
+
+
+def per_prompt_options(n: int, options: dict) -> list[dict]:
+    """The options of each of `n` prompts, where `max_new_tokens` and `seed` may be lists."""
+    rows = [dict(options) for _ in range(n)]
+    for key in PER_PROMPT_OPTIONS:
+        if key in options:
+            for row, value in zip(rows, per_prompt(options[key], n, key)):
+                row[key] = value
+    return rows
+
+
 def timing_stats(times: list[float], prompt_tokens: int) -> dict:
     """TTFT, TPOT (excluding the first token), decode tokens/s and end-to-end from arrival times."""
     n = len(times)
