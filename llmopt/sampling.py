@@ -15,11 +15,12 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None,
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids [B] from logits [B, V]. Temperature 0 is greedy (argmax)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+def probabilities(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """The distribution [B, V] (fp32) that `sample` draws from at temperature > 0, after top-k and top-p.
+
+    Speculative decoding (notebook 09) needs it explicitly, to accept or reject draft tokens.
+    """
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]   # [B, 1]
@@ -31,5 +32,13 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
         drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
+    return logits.softmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids [B] from logits [B, V]. Temperature 0 is greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = probabilities(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -30,21 +30,7 @@ import torch
 
 from .generate import Generation, _as_stop_list, _checked_request, _eos_ids, _stop_at, timing_stats
 from .kv_cache import make_cache
-from .sampling import check_sampling
-
-
-def _probs(logits: torch.Tensor, temperature: float, top_k, top_p) -> torch.Tensor:
-    """The sampling distribution [.., V] that `sampling.sample` draws from (fp32)."""
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        p = sorted_logits.softmax(-1)
-        drop_sorted = (p.cumsum(-1) - p) >= top_p
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return logits.softmax(-1)
+from .sampling import check_sampling, probabilities
 
 
 def lookup_draft(tokens: list[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
@@ -198,7 +184,7 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
     def pick(logits: torch.Tensor) -> int:
         if greedy:
             return int(logits.argmax())
-        return int(torch.multinomial(_probs(logits, temperature, top_k, top_p), 1, generator=gen))
+        return int(torch.multinomial(probabilities(logits, temperature, top_k, top_p), 1, generator=gen))
 
     tokens = list(ids)
     new: list[int] = []
@@ -241,7 +227,7 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
                     if greedy:
                         d = int(logits.argmax())
                     else:
-                        qi = _probs(logits, temperature, top_k, top_p)
+                        qi = probabilities(logits, temperature, top_k, top_p)
                         d = int(torch.multinomial(qi, 1, generator=gen))
                         q.append(qi)
                     drafts.append(d)
@@ -257,7 +243,7 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
                 if greedy:
                     ok = int(logits[i].argmax()) == d
                 else:
-                    p = _probs(logits[i], temperature, top_k, top_p)
+                    p = probabilities(logits[i], temperature, top_k, top_p)
                     qd = q[i][d] if q else 1.0                      # lookup: q is a point mass on d
                     ok = bool(torch.rand((), generator=gen, device=p.device) * qd < p[d])
                 if not ok:
