@@ -134,12 +134,22 @@ def main(argv=None) -> int:
         rows = compare_batching(model, tok, work, slots=8, repeats=repeats)
         return {"rows": rows, "ideal": ideal_continuous_speedup([w.max_new_tokens for w in work], 8)}
 
-    section(results, "decode_batch1", decode_vs_transformers)
-    section(results, "quantized_decode", quantized_decode)
-    section(results, "attention_prefill", attention_prefill)
-    section(results, "batching", batching)
+    def speculative():
+        """tiny target + tiny-draft and model-free drafts, k=4, greedy (trained weights: real acceptance)."""
+        from llmopt.bench import bench_speculative
+        res = bench_speculative(args.smoke, device)
+        keep = ("label", "e2e_tokens_per_s", "tpot_s", "acceptance_rate", "tokens_per_target_forward",
+                "draft_cost_ratio", "speedup", "identical")
+        return {"title": res["title"], "ratios": res["ratios"],
+                "rows": [{k: r.get(k) for k in keep} for r in res["rows"]]}
 
-    (out / "gpu_results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    # Most wanted first, and the JSON is rewritten after every section: a run stopped at its
+    # time limit still returns what it measured.
+    for name, fn in (("decode_batch1", decode_vs_transformers), ("batching", batching),
+                     ("speculative", speculative), ("attention_prefill", attention_prefill),
+                     ("quantized_decode", quantized_decode)):
+        section(results, name, fn)
+        (out / "gpu_results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     md = [f"# GPU suite: {info['device_name']}", "",
           f"{results['date']}, torch {info['torch']}, transformers {results['transformers']}"
           f"{' (CPU smoke mode)' if args.smoke else ''}.", ""]
@@ -178,6 +188,14 @@ def main(argv=None) -> int:
         for r in b["rows"]:
             md.append(f"| {r['label']} | {r['tokens_per_s']:.0f} | {r['throughput_vs_static']:.2f}x | "
                       f"{r['identical']} |")
+    s = results.get("speculative", {})
+    if "rows" in s:
+        md += ["", f"{s['title']}:", "",
+               "| path | tokens/s | vs plain | tokens per target forward | outputs identical |", "|---|---|---|---|---|"]
+        for r in s["rows"]:
+            tpf = r["tokens_per_target_forward"]
+            md.append(f"| {r['label']} | {r['e2e_tokens_per_s']:.0f} | {r['speedup']:.2f}x | "
+                      f"{'' if tpf is None else f'{tpf:.2f}'} | {'' if r['identical'] is None else r['identical']} |")
     for k, v in results.items():
         if isinstance(v, dict) and "error" in v:
             md.append(f"\n- {k} failed: {v['error']}")
