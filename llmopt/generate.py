@@ -9,6 +9,7 @@ compiled alone. `generate` returns a `Generation`; `stream` yields text pieces.
 """
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -65,6 +66,30 @@ def compiled_decode(model, mode: str = "default"):
     return per_model[mode]
 
 
+def compiled_cache(model, batch_size: int, max_len: int):
+    """(cache, release) for a compiled decode: a static cache kept per model and reused.
+
+    CUDA graphs replay on fixed addresses, so the compiled step should write into the
+    same buffers every generation (a new cache makes the graph re-record, and after a
+    limit CUDA graphs are dropped). Only the latest shape is kept per model. Stale
+    entries from an earlier generation never leak: attention masks every slot after
+    the current position. A second generation that runs while the kept cache is in use
+    (another thread) gets a fresh cache instead.
+    """
+    per_model = _COMPILED.setdefault(model, {})
+    key = (batch_size, max_len, model.dtype, str(model.device))
+    entry = per_model.get("cache")
+    if entry is None or entry[0] != key:
+        cache = make_cache("static", model.config, batch_size, max_len, device=model.device,
+                           dtype=model.dtype)
+        entry = per_model["cache"] = (key, threading.Lock(), cache)
+    _, lock, cache = entry
+    if lock.acquire(blocking=False):
+        return cache, lock.release
+    return make_cache("static", model.config, batch_size, max_len, device=model.device,
+                      dtype=model.dtype), lambda: None
+
+
 def encode_prompt(model, tokenizer, prompt, max_new_tokens: int) -> list[int]:
     """Prompt text or ids -> ids, checked against the vocabulary and the context length."""
     if isinstance(prompt, str):
@@ -115,26 +140,34 @@ def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tok
         gen = torch.Generator(device=device)
         gen.manual_seed(seed if seed is not None else torch.seed())
     eos = _eos_ids(tokenizer, ignore_eos)
+    release = None
     with torch.inference_mode():
         tokens = torch.tensor([ids], device=device)                     # [1, T]
-        kv = make_cache(cache, model.config, 1, max_len, device=device, dtype=model.dtype)
-        if kv is None:
-            logits = model(tokens, last_only=True)[:, -1]
+        if compile:
+            kv, release = compiled_cache(model, 1, max_len)
         else:
-            logits = prefill(model, tokens, kv)
-        pos = len(ids)
-        for i in range(max_new_tokens):
-            next_tok = sample(logits, temperature, top_k, top_p, gen)      # [1]
-            tok = int(next_tok.item())                                     # host sync
-            yield tok, time.perf_counter() - start
-            if tok in eos or i == max_new_tokens - 1:
-                return
-            if kv is None:  # no cache: recompute the whole sequence
-                tokens = torch.cat([tokens, next_tok[:, None]], dim=1)
+            kv = make_cache(cache, model.config, 1, max_len, device=device, dtype=model.dtype)
+        try:
+            if kv is None:
                 logits = model(tokens, last_only=True)[:, -1]
             else:
-                logits = decode(model, next_tok[:, None], torch.tensor([pos], device=device), kv)
-            pos += 1
+                logits = prefill(model, tokens, kv)
+            pos = len(ids)
+            for i in range(max_new_tokens):
+                next_tok = sample(logits, temperature, top_k, top_p, gen)      # [1]
+                tok = int(next_tok.item())                                     # host sync
+                yield tok, time.perf_counter() - start
+                if tok in eos or i == max_new_tokens - 1:
+                    return
+                if kv is None:  # no cache: recompute the whole sequence
+                    tokens = torch.cat([tokens, next_tok[:, None]], dim=1)
+                    logits = model(tokens, last_only=True)[:, -1]
+                else:
+                    logits = decode(model, next_tok[:, None], torch.tensor([pos], device=device), kv)
+                pos += 1
+        finally:
+            if release is not None:
+                release()
 
 
 def _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p,

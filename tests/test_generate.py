@@ -150,3 +150,25 @@ def test_tokens_per_call_separates_the_costs():
     assert cont["token_ids"] == single["token_ids"]            # continuation = one call
     assert naive["prefilled_tokens"] > cont["prefilled_tokens"] == single["prefilled_tokens"] + 3
     assert naive["fixed_s"] > single["fixed_s"] > 0
+
+
+def test_compiled_decode_equals_eager_and_reuses_its_cache(model_and_tok):
+    """torch.compile'd decoding gives eager's tokens; the kept static cache is reused across
+    generations (fixed addresses for CUDA graphs) without stale slots leaking into a shorter
+    prompt, and a generation running beside it gets its own cache."""
+    from llmopt.generate import compiled_cache
+    model, tok = model_and_tok
+    long_prompt, short_prompt = list(range(5, 45)), list(range(7, 12))
+    for prompt in (long_prompt, short_prompt):
+        eager = llmopt.generate(model, tok, prompt, max_new_tokens=12, ignore_eos=True)
+        compiled = llmopt.generate(model, tok, prompt, max_new_tokens=12, ignore_eos=True, compile=True)
+        assert compiled.token_ids == eager.token_ids
+        assert compiled.stats["compiled"]
+    kept, release = compiled_cache(model, 1, 256)
+    again, release_again = compiled_cache(model, 1, 256)      # in use: a fresh one
+    assert again is not kept and all(a.data_ptr() != b.data_ptr() for a, b in zip(again.k, kept.k))
+    release_again()
+    release()
+    cache, release = compiled_cache(model, 1, 256)
+    assert cache is kept                                         # released: the same buffers again
+    release()
