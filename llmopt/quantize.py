@@ -91,14 +91,20 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", q)
         self.register_buffer("scale", scale.to(linear.weight.dtype))
         self.bias = linear.bias
-        self.fused = _use_fused(fused, linear.weight.device) and \
-            _int8_kernel_ok(linear.weight.device, linear.weight.dtype)
+        # auto (None) never picks the packed int8 kernel: on an H100 (torch 2.11) it was the
+        # slower path, 17.6 ms per 1B-shape decode step vs 12.6 ms for the reference path;
+        # on the 2-core Xeon CPU 7-16x slower than a dense matmul. True still forces it.
+        self.fused = bool(fused) and _int8_kernel_ok(linear.weight.device, linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:  # reference: int8 -> activation dtype, matmul, scale each output channel
+            # Under torch.compile in bf16, Inductor rewrites exactly this pattern into
+            # _weight_int8pack_mm (its "woq" pass), which on an H100 took 120-190 us a call and
+            # made the compiled int8 decode step 15 ms (bf16: 1.9 ms); see
+            # results/gpu-NVIDIA-H100-80GB-HBM3-2026-11-26/run3-kernels.txt.
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale
         return y + self.bias if self.bias is not None else y
 
@@ -169,7 +175,7 @@ class QuantEmbedding(nn.Module):
 
 
 def _use_fused(fused: bool | None, device: torch.device) -> bool:
-    """None (auto): packed kernels on GPUs only. On the CPUs we measured (a 2-core AVX512/AMX
+    """None (auto): packed kernels on GPUs only (int4; int8 never picks it, see Int8Linear). On the CPUs we measured (a 2-core AVX512/AMX
     Xeon, torch 2.13) `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` ran 7-16x slower
     than a dense fp32 matmul at one token (2048x768: 1.2 / 2.6 ms vs 0.16 ms) and ~100-200x
     slower for a 256-token prefill, so the reference path is the better default there; the
@@ -225,8 +231,8 @@ def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, sy
              fused: bool | None = None, embeddings: bool = True, skip: tuple[str, ...] = ()) -> nn.Module:
     """Replace every `nn.Linear` (except names in `skip`) with a quantized one, in place (notebook 06).
 
-    `fused=None` picks PyTorch's packed kernels where they are fast (GPUs) and the
-    readable reference path elsewhere; True forces the packed kernels wherever this
+    `fused=None` picks PyTorch's packed kernels where they were measured faster (int4 on
+    GPUs) and the readable reference path elsewhere (int8 everywhere, int4 on CPU); True forces the packed kernels wherever this
     device and dtype run them; False forces the reference path. With `embeddings`
     the input embedding table is quantized too: shared with the output head when
     the model ties them (an int4 tied head then runs the reference path, since
