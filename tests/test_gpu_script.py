@@ -15,8 +15,23 @@ def test_gpu_suite_smoke(tmp_path):
     assert "error" not in res["decode_batch1"], res["decode_batch1"]
     rows = res["decode_batch1"]["rows"]
     assert rows[0]["greedy_token_agreement"] == 1.0
-    for part in ("quantized_decode", "attention_prefill", "batching"):
+    for part in ("quantized_decode", "attention_prefill", "batching", "speculative"):
         assert "error" not in res[part], res[part]
         assert res[part]["rows"]
     assert all(r["identical"] for r in res["batching"]["rows"])
+    assert all(r["identical"] for r in res["speculative"]["rows"][1:])
     assert (tmp_path / "gpu_results.md").read_text().startswith("# GPU suite")
+
+
+def test_gpu_suite_runs_only_the_sections_asked(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--out", str(tmp_path),
+                    "--only", "attention_prefill"], check=True, cwd=ROOT, timeout=300)
+    res = json.loads((tmp_path / "gpu_results.json").read_text())
+    assert "attention_prefill" in res and "decode_batch1" not in res and "batching" not in res
+
+
+def test_kernel_profile_smoke():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_kernels.py"), "--smoke",
+                          "--variants", "bf16,int8", "--top", "3"], check=True, cwd=ROOT, timeout=300,
+                         capture_output=True, text=True).stdout
+    assert "== bf16: TPOT" in out and "== int8: TPOT" in out and "aten::" in out
