@@ -265,6 +265,7 @@ def bench_quantization(quick: bool, device: str) -> dict:
     reps = 1 if quick else 3
     from .quantize import quantize_dynamic_cpu
     variants = [("llmopt fp32", None, {}), ("llmopt bf16", "bf16", {}), ("llmopt int8 weight-only", "int8", {}),
+                ("llmopt int8 weight-only, compiled", "int8", {"compile": True}),
                 ("llmopt int4 g64 weight-only", "int4", {"group_size": 64})]
     if device == "cpu":
         variants.append(("llmopt + torch dynamic int8 (W8A8)", "dynamic", {}))
@@ -273,6 +274,8 @@ def bench_quantization(quick: bool, device: str) -> dict:
     ratios_bytes = {}
     for label, method, kw in variants:
         model = _random_shape("llama-100m", quick, device)
+        kw = dict(kw)
+        compiled = kw.pop("compile", False)
         if method == "bf16":
             model = model.to(torch.bfloat16)
         elif method == "dynamic":
@@ -280,7 +283,8 @@ def bench_quantization(quick: bool, device: str) -> dict:
         elif method:
             quantize(model, method, **kw)
         ratios_bytes[label] = model_bytes(model) / model_bytes(base)
-        runs[label] = lambda m=model: generate(m, None, prompt, max_new_tokens=new, ignore_eos=True)
+        runs[label] = lambda m=model, c=compiled: generate(m, None, prompt, max_new_tokens=new, ignore_eos=True,
+                                                           compile=c)
     # interleaved: every variant sees the same drift of this machine's speed
     speed = measure_generations(runs, repeats=reps, model="llama-100m (random)")
     for row in speed[1:]:

@@ -100,11 +100,15 @@ class Int8Linear(nn.Module):
         if self.fused:
             y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
             y = y.reshape(*x.shape[:-1], self.out_features)
+        elif torch.compiler.is_compiling() and x.numel() <= 4 * x.shape[-1]:
+            # Decoding under torch.compile (a few rows): multiply and sum, which Inductor fuses
+            # into one kernel that reads the int8 weights once and never writes a full-precision
+            # copy. On the 2-core Xeon (~100M shape) this step took 10-12 ms against 46-52 ms for
+            # the matmul form below and 18-20 ms for compiled fp32. The matmul form is also what
+            # Inductor's weight-only pass rewrites into _weight_int8pack_mm in bf16, which took
+            # 120-190 us a call on an H100 (results/gpu-NVIDIA-H100-80GB-HBM3-2026-11-26).
+            y = (x.unsqueeze(-2) * self.weight.to(x.dtype)).sum(-1) * self.scale
         else:  # reference: int8 -> activation dtype, matmul, scale each output channel
-            # Under torch.compile in bf16, Inductor rewrites exactly this pattern into
-            # _weight_int8pack_mm (its "woq" pass), which on an H100 took 120-190 us a call and
-            # made the compiled int8 decode step 15 ms (bf16: 1.9 ms); see
-            # results/gpu-NVIDIA-H100-80GB-HBM3-2026-11-26/run3-kernels.txt.
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale
         return y + self.bias if self.bias is not None else y
 
