@@ -178,8 +178,13 @@ class PrefixCache:
 class Scheduler:
     """Waiting and running queues over a block pool: who runs at the next step."""
 
+    POLICIES = ("fcfs", "longest-first")
+
     def __init__(self, manager: BlockManager, max_batch_size: int, watermark_blocks: int = 0,
-                 prefix_cache: PrefixCache | None = None) -> None:
+                 prefix_cache: PrefixCache | None = None, policy: str = "fcfs") -> None:
+        if policy not in self.POLICIES:
+            raise ValueError(f"policy must be one of {self.POLICIES}, got {policy!r}")
+        self.policy = policy
         self.prefix_cache = prefix_cache
         self.manager = manager
         self.max_batch_size = max_batch_size
@@ -189,11 +194,22 @@ class Scheduler:
         self.preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        """Queue a new request: at the back ("fcfs"), or ("longest-first") ahead of every new
+        request with a smaller token budget, so the longest jobs start first and the short ones
+        fill the gaps at the end (the classic rule for finishing a batch of jobs early). A
+        preempted sequence stays at the front either way."""
+        if self.policy == "fcfs":
+            self.waiting.append(seq)
+            return
+        for i, other in enumerate(self.waiting):
+            if other.preemptions == 0 and other.max_new_tokens < seq.max_new_tokens:
+                self.waiting.insert(i, seq)
+                return
         self.waiting.append(seq)
 
     def admit(self, limit: int | None = None) -> list[Sequence]:
-        """Move waiting sequences (first come, first served) into free slots while their blocks fit
-        (at most `limit` of them)."""
+        """Move waiting sequences, in queue order (see `add`), into free slots while their blocks
+        fit (at most `limit` of them)."""
         admitted = []
         bs = self.manager.block_size
         while self.waiting and len(self.running) < self.max_batch_size and \
@@ -271,12 +287,16 @@ class Engine:
     preemption show. With `prefix_caching`, full KV blocks of earlier prompts are
     kept and shared (by reference count) with later requests that start with the
     same tokens (a system prompt, or n samples of one prompt), so only the rest is
-    prefilled. A fault while serving one request fails that request only.
+    prefilled. `policy` orders the waiting queue: "fcfs" (first come, first served)
+    or "longest-first" (largest max_new_tokens first), which finishes a batch job
+    of known lengths sooner but makes short requests wait behind long ones.
+    A fault while serving one request fails that request only.
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, block_size: int = 16,
                  num_blocks: int | None = None, max_seq_len: int | None = None,
-                 watermark: float = 0.01, prefix_caching: bool = False, metrics=None) -> None:
+                 watermark: float = 0.01, prefix_caching: bool = False, metrics=None,
+                 policy: str = "fcfs") -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         self.model, self.tokenizer = model, tokenizer
@@ -288,7 +308,8 @@ class Engine:
                                   num_blocks=num_blocks, device=model.device, dtype=model.dtype)
         self.prefix_cache = PrefixCache(self.cache.manager) if prefix_caching else None
         self.scheduler = Scheduler(self.cache.manager, max_batch_size,
-                                   watermark_blocks=int(watermark * num_blocks), prefix_cache=self.prefix_cache)
+                                   watermark_blocks=int(watermark * num_blocks), prefix_cache=self.prefix_cache,
+                                   policy=policy)
         self.metrics = metrics                 # an EngineMetrics (Prometheus), optional
         self._ids = itertools.count()
         self._inbox: deque[Sequence] = deque()

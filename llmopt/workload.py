@@ -129,7 +129,8 @@ def summarize_load(df: pd.DataFrame, label: str = "", submitted: int | None = No
 
 def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int = 8,
                      max_batch_tokens: int | None = None, repeats: int = 1) -> list[dict]:
-    """Offline throughput of static, dynamic and continuous batching on one workload.
+    """Offline throughput of static, dynamic and continuous batching on one workload
+    (continuous twice: first come first served, and longest budget first).
 
     Every request is there at time 0 and runs to exactly its `max_new_tokens`
     (end-of-sequence ignored), so the three do the same useful work. Repeats are
@@ -159,12 +160,13 @@ def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int =
         out = b.run(prompts, max_new_tokens=max_new, ignore_eos=True)
         return out, sum(x["steps"] for x in b.batches if x["outcome"] == "ok")
 
-    def continuous():
-        e = Engine(model, tokenizer, max_batch_size=slots)
+    def continuous(policy="fcfs"):
+        e = Engine(model, tokenizer, max_batch_size=slots, policy=policy)
         return e.generate_many(prompts, max_new_tokens=max_new, ignore_eos=True), e.steps
 
     runs = {"static batching": static, "dynamic batching (length-aware)": dynamic,
-            "continuous batching": continuous}
+            "continuous batching": continuous,
+            "continuous batching, longest first": lambda: continuous("longest-first")}
     times: dict[str, list[float]] = {k: [] for k in runs}
     outputs, forwards = {}, {}
     for _ in range(repeats):
@@ -191,14 +193,27 @@ def ideal_continuous_speedup(output_tokens: list[int], slots: int) -> dict:
     Static: each batch of `slots` runs as long as its longest request. Continuous,
     first come first served: a request takes the first free slot. With equal step
     costs the ratio of steps is the speed-up to expect (the lower bound on
-    continuous steps is total tokens / slots).
+    continuous steps is total tokens / slots). "Longest first" orders the queue by
+    output length, which only helps when lengths are known up front: continuous
+    batching then nearly reaches the bound, and static batches of similar lengths
+    lose little too (`static_longest_first_steps`).
     """
     import heapq
-    static = sum(max(output_tokens[i:i + slots]) for i in range(0, len(output_tokens), slots))
-    free_at = [0] * slots
-    for n in output_tokens:
-        heapq.heappush(free_at, heapq.heappop(free_at) + n)
-    continuous = max(free_at)
+
+    def static_steps(lengths):
+        return sum(max(lengths[i:i + slots]) for i in range(0, len(lengths), slots))
+
+    def continuous_steps(lengths):
+        free_at = [0] * slots
+        for n in lengths:
+            heapq.heappush(free_at, heapq.heappop(free_at) + n)
+        return max(free_at)
+
+    static, continuous = static_steps(output_tokens), continuous_steps(output_tokens)
+    longest = sorted(output_tokens, reverse=True)
+    lpt = continuous_steps(longest)
     return dict(static_steps=static, continuous_steps=continuous,
                 ideal_steps=sum(output_tokens) / slots, step_ratio=static / continuous,
-                bound_ratio=static / (sum(output_tokens) / slots))
+                bound_ratio=static / (sum(output_tokens) / slots),
+                longest_first_steps=lpt, longest_first_step_ratio=static / lpt,
+                static_longest_first_steps=static_steps(longest))

@@ -289,7 +289,43 @@ def test_compare_batching_rows_and_ideal(tiny):
     ideal = ideal_continuous_speedup([w.max_new_tokens for w in work], 4)
     assert rows[0]["forwards"] == ideal["static_steps"]
     assert ideal["continuous_steps"] <= rows[2]["forwards"] <= ideal["static_steps"]
+    assert rows[3]["label"] == "continuous batching, longest first"
+    assert ideal["longest_first_steps"] <= rows[3]["forwards"] <= ideal["static_steps"]
     assert ideal_continuous_speedup([10] * 8, 4)["step_ratio"] == 1.0
+    # first come: 5..8 join slots freed at 1..4 and end at 12; longest first: 8, 7, 6, 5 fill the
+    # slots, then 4, 3, 2, 1 join the slots freed at 5, 6, 7, 8: all end at 9 = 36 tokens / 4 slots
+    lpt = ideal_continuous_speedup([1, 2, 3, 4, 5, 6, 7, 8], 4)
+    assert lpt["continuous_steps"] == 12 and lpt["longest_first_steps"] == 9 and lpt["static_steps"] == 12
+    assert lpt["static_longest_first_steps"] == 12
+
+
+def test_scheduler_longest_first_orders_new_requests_but_keeps_preempted_ones_first(tiny):
+    from llmopt.engine import BlockManager, Scheduler, Sequence
+    with pytest.raises(ValueError, match="policy must be one of"):
+        Scheduler(BlockManager(8, 16), 2, policy="shortest")
+    def seq(i, n):
+        return Sequence(i, [1, 2, 3], max_new_tokens=n, temperature=0.0, top_k=None, top_p=None, seed=None,
+                        stop=[], eos=set(), device="cpu")
+    fcfs, lpt = Scheduler(BlockManager(64, 16), 2), Scheduler(BlockManager(64, 16), 2, policy="longest-first")
+    for i, n in enumerate([5, 30, 10, 30, 1]):
+        fcfs.add(seq(i, n))
+        lpt.add(seq(i, n))
+    assert [s.id for s in fcfs.waiting] == [0, 1, 2, 3, 4]
+    assert [s.id for s in lpt.waiting] == [1, 3, 2, 0, 4]          # ties keep arrival order
+    running = lpt.admit()
+    assert [s.id for s in running] == [1, 3]
+    lpt.preempt(running[1])                                        # back to the front, recomputed first
+    lpt.add(seq(5, 99))
+    assert [s.id for s in lpt.waiting][:2] == [3, 5]
+
+
+def test_engine_longest_first_gives_each_caller_its_own_output(tiny, reference):
+    model, tok = tiny
+    budgets = [4, 20, 9, 14, 6]
+    with llmopt.Engine(model, tok, max_batch_size=2, policy="longest-first") as engine:
+        out = engine.generate_many(PROMPTS[:5], max_new_tokens=budgets, ignore_eos=True)
+    for p, n, g in zip(PROMPTS[:5], budgets, out):
+        assert g.token_ids == reference[p][:n]        # greedy: a prefix of the 48-token output
 
 
 def test_static_server_serves_clients(tiny, reference):
