@@ -146,11 +146,37 @@ def main(argv=None) -> int:
         return {"title": res["title"], "ratios": res["ratios"],
                 "rows": [{k: r.get(k) for k in keep} for r in res["rows"]]}
 
+    def bitsandbytes_decode():
+        """bitsandbytes LLM.int8 and NF4 through transformers, on the same random-weight shape saved as a
+        checkpoint (smoke: the tiny checkpoint on CPU). Skipped where bitsandbytes is not installed."""
+        import importlib.util
+        import tempfile
+        from llmopt.profiling import hf_generate, measure_generation
+        from llmopt.quantize import quantize_bnb
+        if importlib.util.find_spec("bitsandbytes") is None:
+            return {"skipped": "bitsandbytes is not installed here (pip install bitsandbytes)"}
+        rows = []
+        with tempfile.TemporaryDirectory() as folder:
+            if args.smoke:
+                path = "tiny"
+            else:
+                llmopt.save_model(llmopt.build_model(llmopt.get_config(preset), dtype=dtype), folder)
+                path = folder
+            prompt = torch.tensor([list(range(1, 33))], device=device)
+            for mode in ("int8", "nf4"):
+                hf = quantize_bnb(path, mode, device=device, compute_dtype=dtype)
+                row = measure_generation(lambda m=hf: hf_generate(m, prompt, max_new_tokens=new_tokens),
+                                         repeats=repeats, label=f"transformers + bitsandbytes {mode}",
+                                         model=f"{preset} (random weights)")
+                rows.append(row)
+                del hf
+        return {"rows": rows}
+
     # Most wanted first, and the JSON is rewritten after every section: a run stopped at its
     # time limit still returns what it measured.
     for name, fn in (("decode_batch1", decode_vs_transformers), ("batching", batching),
                      ("speculative", speculative), ("attention_prefill", attention_prefill),
-                     ("quantized_decode", quantized_decode)):
+                     ("quantized_decode", quantized_decode), ("bitsandbytes", bitsandbytes_decode)):
         if args.only and name not in args.only.split(","):
             continue
         section(results, name, fn)
@@ -177,6 +203,14 @@ def main(argv=None) -> int:
         for r in q["rows"]:
             md.append(f"| {r['label']} | {r['decode_tokens_per_s']:.1f} | {r['tpot_s'] * 1e3:.2f} | "
                       f"{r['bytes_ratio']:.2f} | {r.get('mbu', float('nan')):.0%} |")
+    bnb = results.get("bitsandbytes", {})
+    if "rows" in bnb:
+        md += ["", "bitsandbytes through transformers (eager generate), same shape:", "",
+               "| path | decode tokens/s | TPOT ms |", "|---|---|---|"]
+        for r in bnb["rows"]:
+            md.append(f"| {r['label']} | {r['decode_tokens_per_s']:.1f} | {r['tpot_s'] * 1e3:.2f} |")
+    elif "skipped" in bnb:
+        md.append(f"\n- bitsandbytes: skipped ({bnb['skipped']})")
     a = results.get("attention_prefill", {})
     if "rows" in a:
         md += ["", "Prefill (TTFT), plain vs SDPA attention:", "", "| backend | prompt | TTFT ms | peak GB |",
