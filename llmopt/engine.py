@@ -54,7 +54,9 @@ class Sequence:
             self.generator.manual_seed(seed if seed is not None else torch.seed())
         self.generated: list[int] = []
         self.blocks: list[int] = []            # physical KV blocks, in logical order
-        self.cached_tokens = 0                 # prompt tokens found in the prefix cache
+        self.cached_tokens = 0                 # prompt tokens found in the prefix cache (or forked)
+        self.siblings: list["Sequence"] = []   # samples of the same prompt that may fork from this one
+        self.forked = False                    # took its prompt's KV blocks from a sibling's prefill
         self.state = "waiting"                 # waiting, running, finished, failed, cancelled
         self.cancelled = False
         self.preemptions = 0
@@ -236,22 +238,59 @@ class Scheduler:
             admitted.append(seq)
         return admitted
 
+    def fork(self, parent: Sequence, child: Sequence) -> bool:
+        """Run waiting `child` (same prompt) on `parent`'s prompt blocks, shared by reference
+        count, if a slot is free; the blocks are copied on write later (see `grow`)."""
+        if len(self.running) >= self.max_batch_size or child not in self.waiting:
+            return False
+        self.waiting.remove(child)
+        shared = parent.blocks[:self.manager.blocks_needed(len(child.prompt_ids))]   # the prompt's blocks
+        self.manager.share(shared)
+        child.blocks = list(shared)
+        child.cached_tokens, child.forked, child.state = len(child.prompt_ids), True, "running"
+        self.running.append(child)
+        return True
+
+    def _one_block(self, seq: Sequence) -> int | None:
+        """A free block (evicting from the prefix cache, then preempting the newest rows), or
+        None when `seq` itself had to be preempted."""
+        while True:
+            if self.manager.can_allocate(1) or (self.prefix_cache and self.prefix_cache.evict(1)):
+                return self.manager.allocate(1)[0]
+            victim = self.running[-1]                   # the newest: it has done the least work
+            self.preempt(victim)
+            if victim is seq:
+                return None
+
     def grow(self, rows: list[Sequence]) -> list[Sequence]:
         """Give every row a slot for its next token, preempting the newest rows when blocks run out.
+        A row about to write into a block it shares (a forked sample's last prompt block) gets its
+        own copy first: copy on write. The copies to make, (source, destination) blocks, are left
+        in `self.copies` for the engine.
 
         Returns the rows that still run this step.
         """
+        self.copies: list[tuple[int, int, Sequence]] = []
         for seq in list(rows):
             if seq.state != "running":
                 continue
             while self.manager.blocks_needed(len(seq.all_ids)) > len(seq.blocks):
-                if self.manager.can_allocate(1) or (self.prefix_cache and self.prefix_cache.evict(1)):
-                    seq.blocks += self.manager.allocate(1)
-                    continue
-                victim = self.running[-1]               # the newest: it has done the least work
-                self.preempt(victim)
-                if victim is seq:
+                block = self._one_block(seq)
+                if block is None:
                     break
+                seq.blocks.append(block)
+            if seq.state != "running":
+                continue
+            i = (len(seq.all_ids) - 1) // self.manager.block_size   # the block this step writes
+            shared = seq.blocks[i]
+            if self.manager.refcount[shared] > 1:
+                block = self._one_block(seq)
+                if block is None:
+                    continue
+                seq.blocks[i] = block
+                self.manager.release([shared])
+                self.copies.append((shared, block, seq))
+        self.copies = [c for c in self.copies if c[2].state == "running"]
         return [s for s in rows if s.state == "running"]
 
     def preempt(self, seq: Sequence) -> None:
@@ -321,6 +360,8 @@ class Engine:
         self.error: BaseException | None = None
         self.steps = 0
         self.tokens_generated = 0
+        self.forks = 0                         # samples that took a sibling's prompt blocks
+        self.blocks_copied = 0                 # copy-on-write block copies
         self.step_log: list[dict] = []        # per step: time, rows, blocks in use, waiting
 
     # ---- client side -------------------------------------------------------------------------
@@ -370,6 +411,31 @@ class Engine:
         from a second Python thread, so this is the fast path for batch jobs.
         """
         seqs = [self._new_sequence(p, **o) for p, o in zip(prompts, per_prompt_options(len(prompts), options))]
+        return self._serve(seqs)
+
+    def sample_n(self, prompt, n: int, *, seed: int | None = None, **options) -> list[Generation]:
+        """`n` samples of one prompt (sample i seeded `seed + i`), offline like `generate_many`.
+
+        The prompt is prefilled once: the other samples fork from it, sharing its KV blocks
+        by reference count and drawing their first token from its logits. A shared block is
+        copied when a sample first writes into it (copy on write), so only the prompt's last,
+        partly filled block is ever duplicated. Samples that find no free slot at that moment
+        run later on their own (through the prefix cache when it is on). Output equals n
+        separate runs with those seeds. `engine.forks` and `engine.blocks_copied` count both.
+        """
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n (samples per prompt) must be an integer >= 1, got {n!r}")
+        if "max_new_tokens" in options and isinstance(options["max_new_tokens"], (list, tuple)):
+            raise ValueError("sample_n takes one max_new_tokens for all samples")
+        base = seed if seed is not None else int(torch.randint(0, 2**31 - n, ()).item())
+        seqs = [self._new_sequence(prompt, seed=base + i, **options) for i in range(n)]
+        for s in seqs:
+            s.siblings = [o for o in seqs if o is not s]
+        return self._serve(seqs)
+
+    def _serve(self, seqs: list[Sequence]) -> list[Generation]:
+        """Queue `seqs` and return their results in order, stepping in this thread when no
+        background thread runs."""
         with self._cv:
             if self._closing:
                 raise RuntimeError("this Engine is closed: submit to a new Engine")
@@ -460,6 +526,9 @@ class Engine:
             self._prefill(seq)
             admitted.append(seq)
         rows = sched.grow([s for s in decode_rows if s.state == "running"])
+        if sched.copies:
+            self.cache.copy_blocks([(a, b) for a, b, _ in sched.copies])
+            self.blocks_copied += len(sched.copies)
         if rows:
             self._decode(rows)
         self.steps += 1
@@ -479,7 +548,15 @@ class Engine:
             logits = self.model(ids, pos, self.cache, last_only=True)[:, -1]
             if self.scheduler.prefix_cache is not None:
                 self.scheduler.prefix_cache.insert(seq.prompt_ids, seq.blocks)
-            self._accept(seq, self._sample([seq], logits)[0])
+            # samples of the same prompt still waiting fork here: they share this prompt's
+            # blocks and draw their first token from these logits, each with its own generator
+            forks = [seq] + [c for c in seq.siblings if not seq.generated and not c.generated
+                             and not c.cancelled and self.scheduler.fork(seq, c)]
+            for c in forks[1:]:
+                c.first_scheduled = time.perf_counter()
+                self.forks += 1
+            for c, tok in zip(forks, self._sample(forks, logits.expand(len(forks), -1))):
+                self._accept(c, tok)
         except Exception as e:
             self._finish(seq, "failed", error=e)
 

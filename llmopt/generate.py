@@ -245,8 +245,9 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
     runs the decode step through `torch.compile` (notebook 08).
 
     `n > 1` returns a list of n samples of the same prompt (sample i seeded with
-    seed + i), decoded together by the continuous-batching engine with the prompt's
-    KV blocks computed once and shared (prefix caching, notebook 13).
+    seed + i), decoded together by the continuous-batching engine: the prompt is
+    prefilled once and its KV blocks shared, copied on write (`Engine.sample_n`,
+    notebook 13).
     """
     if n != 1:
         if not isinstance(n, int) or n < 1:
@@ -254,11 +255,9 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
         if compile:
             raise ValueError("n > 1 runs on the engine's paged cache: compile is not supported there")
         from .engine import Engine
-        base = seed if seed is not None else int(torch.randint(0, 2**31 - n, ()).item())
-        engine = Engine(model, tokenizer, max_batch_size=n, prefix_caching=True)
-        return engine.generate_many([prompt] * n, max_new_tokens=max_new_tokens, temperature=temperature,
-                                    top_k=top_k, top_p=top_p, seed=[base + i for i in range(n)],
-                                    stop=stop, ignore_eos=ignore_eos)
+        engine = Engine(model, tokenizer, max_batch_size=n)
+        return engine.sample_n(prompt, n, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos)
     start = time.perf_counter()
     ids = _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, cache,
                            compile)

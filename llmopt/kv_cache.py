@@ -237,6 +237,17 @@ class PagedKVCache:
         # gather the row's blocks back into position order: [B, Hkv, S, D]
         return self.k[layer][read].transpose(1, 2), self.v[layer][read].transpose(1, 2)
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks, source -> destination, in every layer (copy on write)."""
+        if not pairs:
+            return
+        dev = self.kv[0].device
+        src = torch.tensor([a for a, _ in pairs], device=dev)
+        dst = torch.tensor([b for _, b in pairs], device=dev)
+        for t in self.kv:
+            blocks = t.view(self.manager.num_blocks, self.block_size, *t.shape[1:])
+            blocks.index_copy_(0, dst, blocks.index_select(0, src))
+
     def kv_len(self, input_pos: torch.Tensor) -> int:
         if self.row_lengths is not None:
             return self._ragged_kv_len

@@ -411,3 +411,59 @@ def test_prefix_cache_is_evicted_when_blocks_run_short(tiny, reference):
     assert [g.token_ids for g in out] == [reference[p] for p in PROMPTS * 2]
     m = engine.cache.manager
     assert m.num_blocks - m.num_free == len(engine.prefix_cache.blocks) <= 10
+
+
+def _unshared(model, tok, prompt, n, seed, **kw):
+    return [llmopt.generate(model, tok, prompt, seed=seed + i, **kw).token_ids for i in range(n)]
+
+
+# 21 tokens (a partly filled last block) and 32 (whole blocks)
+@pytest.mark.parametrize("extra", ["", " in the mind to suffer\nThe slings and a"])
+def test_sample_n_forks_the_prompt_and_copies_on_write(tiny, extra):
+    model, tok = tiny
+    prompt = "To be, or not to be, that is the question:\nWhether 'tis nobler" + extra
+    kw = dict(max_new_tokens=12, temperature=1.0, top_k=40)
+    engine = Engine(model, tok, max_batch_size=4)
+    out = engine.sample_n(prompt, 4, seed=7, **kw)
+    assert [g.token_ids for g in out] == _unshared(model, tok, prompt, 4, 7, **kw)
+    assert engine.forks == 3
+    P = len(tok.encode(prompt))
+    # the first write lands in the prompt's last block when it is partly filled: every holder but
+    # the last copies it; when the prompt fills whole blocks, each sample writes a block of its own
+    assert engine.blocks_copied == (3 if P % 16 else 0)
+    assert P in (21, 32)
+    assert all(g.stats["cached_prompt_tokens"] == P for g in out[1:])
+    m = engine.cache.manager
+    assert m.num_free == m.num_blocks and not any(m.refcount)    # freed when the last user finished
+    with pytest.raises(ValueError, match="n \\(samples"):
+        engine.sample_n(prompt, 0)
+
+
+def test_sample_n_saves_prefill_and_blocks(tiny):
+    model, tok = tiny
+    prompt = PROMPTS[5] * 6
+    P = len(tok.encode(prompt))
+    kw = dict(max_new_tokens=4, temperature=0.8, seed=3)
+    forked, separate = Engine(model, tok, max_batch_size=4), Engine(model, tok, max_batch_size=4)
+    a = forked.sample_n(prompt, 4, **kw)
+    b = separate.generate_many([prompt] * 4, temperature=0.8, max_new_tokens=4, seed=[3, 4, 5, 6])
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    peak = lambda e: max(s["blocks_used"] for s in e.step_log)          # noqa: E731
+    per_seq = -(-(P + 4) // 16)
+    assert peak(separate) == 4 * per_seq
+    assert peak(forked) <= per_seq + 3 * (-(-(P + 4) // 16) - P // 16)  # the full prompt blocks once
+    assert sum(s["prefills"] for s in forked.step_log) == 1
+
+
+def test_sample_n_with_few_slots_and_few_blocks_still_matches(tiny):
+    """Two slots for four samples (two fork, two wait and fork from a later prefill), and a pool
+    so small that copy on write has to preempt: outputs are unchanged."""
+    model, tok = tiny
+    prompt = PROMPTS[1]
+    kw = dict(max_new_tokens=60, temperature=1.0)
+    engine = Engine(model, tok, max_batch_size=2, num_blocks=8)
+    out = engine.sample_n(prompt, 4, seed=11, **kw)
+    assert [g.token_ids for g in out] == _unshared(model, tok, prompt, 4, 11, **kw)
+    assert engine.forks >= 1 and engine.scheduler.preemptions > 0
+    m = engine.cache.manager
+    assert m.num_free == m.num_blocks
