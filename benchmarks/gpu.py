@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         prompt = torch.randint(0, cfg.vocab_size, (32,), generator=torch.Generator().manual_seed(0)).tolist()
         rows = compare_with_transformers(model, None, hf, prompt=prompt, new_tokens=new_tokens,
                                          repeats=repeats, label=f"{preset} (random weights)",
-                                         compiled=not args.smoke)
+                                         compiled=not args.smoke, sync_every=16)
         add_mbu(rows, cfg, dtype)
         del model, hf
         return {"rows": rows, "ratio_llmopt_over_transformers":

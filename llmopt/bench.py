@@ -48,12 +48,13 @@ def decode_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, context: int, b
 
 def compare_with_transformers(model, tokenizer, hf_model, *, prompt=DEFAULT_PROMPT,
                               new_tokens: int = 128, repeats: int = 3, label: str = "",
-                              compiled: bool = False) -> list[dict]:
+                              compiled: bool = False, sync_every: int | None = None) -> list[dict]:
     """llmopt's generate vs `transformers` generate on the same weights: batch 1, greedy.
 
     Returns rows for llmopt (static cache, eager), llmopt with the compiled decode
-    step when `compiled`, and transformers; each row records whether its greedy
-    tokens equal transformers'.
+    step when `compiled`, the best llmopt path reading tokens back only every
+    `sync_every` steps when given, and transformers; each row records whether its
+    greedy tokens equal transformers'.
     """
     ids = prompt if not isinstance(prompt, str) else tokenizer.encode(prompt)
     ids_t = torch.tensor([ids], device=model.device)
@@ -64,6 +65,9 @@ def compare_with_transformers(model, tokenizer, hf_model, *, prompt=DEFAULT_PROM
     if compiled:
         mode = "reduce-overhead" if model.device.type == "cuda" else "default"
         variants.append((f"llmopt compiled decode ({mode})", {"compile": mode}))
+    if sync_every:
+        name, kw = variants[-1]
+        variants.append((f"{name}, sync every {sync_every} tokens", {**kw, "sync_every": sync_every}))
     reference = hf_generate(hf_model, ids_t, max_new_tokens=new_tokens).token_ids
     runs, first = {}, {}
     for name, kw in variants:

@@ -126,8 +126,15 @@ def _eos_ids(tokenizer, ignore_eos: bool) -> set[int]:
 def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tokens: int,
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                   seed: int | None = None, cache: str = "static", ignore_eos: bool = False,
-                  compile: str | bool = False):
-    """Yields (token_id, seconds since `start`) for each new token; the loop of generate/stream."""
+                  compile: str | bool = False, sync_every: int = 1):
+    """Yields (token_id, seconds since `start`) for each new token; the loop of generate/stream.
+
+    With `sync_every` = k > 1 the next token stays on the device and feeds the next step
+    directly: the host reads tokens (one sync) only every k steps, so on an asynchronous
+    device (a GPU) it queues k steps ahead instead of waiting for each one. The first
+    token is always read at once (TTFT). A chunk that passes end-of-sequence has computed a
+    few tokens nobody reads; the tokens yielded are the same as with k = 1.
+    """
     device = model.device
     decode = decode_one_token
     max_len = len(ids) + max_new_tokens
@@ -153,12 +160,27 @@ def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tok
             else:
                 logits = prefill(model, tokens, kv)
             pos = len(ids)
+            pending: list[torch.Tensor] = []                               # sampled, not yet read
             for i in range(max_new_tokens):
                 next_tok = sample(logits, temperature, top_k, top_p, gen)      # [1]
-                tok = int(next_tok.item())                                     # host sync
-                yield tok, time.perf_counter() - start
-                if tok in eos or i == max_new_tokens - 1:
-                    return
+                last = i == max_new_tokens - 1
+                if sync_every == 1:
+                    tok = int(next_tok.item())                                 # host sync
+                    yield tok, time.perf_counter() - start
+                    if tok in eos or last:
+                        return
+                else:
+                    pending.append(next_tok)
+                    if i == 0 or last or len(pending) == sync_every:
+                        toks = torch.cat(pending).tolist()                     # one sync for the chunk
+                        pending = []
+                        now = time.perf_counter() - start
+                        for tok in toks:
+                            yield tok, now
+                            if tok in eos:
+                                return
+                    if last:
+                        return
                 if kv is None:  # no cache: recompute the whole sequence
                     tokens = torch.cat([tokens, next_tok[:, None]], dim=1)
                     logits = model(tokens, last_only=True)[:, -1]
@@ -171,9 +193,11 @@ def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tok
 
 
 def _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p,
-                     cache, compile=False) -> list[int]:
+                     cache, compile=False, sync_every=1) -> list[int]:
     """Validate every option before any work starts; returns the prompt's ids."""
     check_sampling(temperature, top_k, top_p)
+    if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
+        raise ValueError(f"sync_every must be an integer >= 1 (tokens read per host sync), got {sync_every!r}")
     if cache not in CACHE_KINDS:
         raise ValueError(f"cache must be one of {CACHE_KINDS}, got {cache!r}")
     if compile not in (False, True, "default", "reduce-overhead", "max-autotune"):
@@ -237,12 +261,14 @@ def _as_stop_list(stop) -> list[str]:
 def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop=None, cache: str = "static", ignore_eos: bool = False,
-             compile: str | bool = False, n: int = 1) -> Generation | list[Generation]:
+             compile: str | bool = False, n: int = 1, sync_every: int = 1) -> Generation | list[Generation]:
     """Generate up to `max_new_tokens` after `prompt` (text or ids); greedy at temperature 0 (notebook 00).
 
     Stops at the tokenizer's end-of-sequence token (unless `ignore_eos`) or when the
     text contains one of the `stop` strings (the text is cut before it). `compile`
-    runs the decode step through `torch.compile` (notebook 08).
+    runs the decode step through `torch.compile` (notebook 08). `sync_every=k` reads
+    the sampled tokens back to the host once every k steps instead of every step, so a
+    GPU is fed k steps ahead (same tokens; tokens of a chunk share one arrival time).
 
     `n > 1` returns a list of n samples of the same prompt (sample i seeded with
     seed + i), decoded together by the continuous-batching engine: the prompt is
@@ -252,21 +278,23 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
     if n != 1:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n (samples per prompt) must be an integer >= 1, got {n!r}")
-        if compile:
-            raise ValueError("n > 1 runs on the engine's paged cache: compile is not supported there")
+        if compile or sync_every != 1:
+            raise ValueError("n > 1 runs on the engine's paged cache: compile and sync_every are not "
+                             "supported there")
         from .engine import Engine
         engine = Engine(model, tokenizer, max_batch_size=n)
         return engine.sample_n(prompt, n, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos)
     start = time.perf_counter()
     ids = _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, cache,
-                           compile)
+                           compile, sync_every)
     stop = _as_stop_list(stop)
     eos = _eos_ids(tokenizer, ignore_eos)
     new, times, reason, text = [], [], "length", None
     for tok, t in _token_stream(model, tokenizer, ids, start, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                cache=cache, ignore_eos=ignore_eos, compile=compile):
+                                cache=cache, ignore_eos=ignore_eos, compile=compile,
+                                sync_every=sync_every):
         new.append(tok)
         times.append(t)
         if tok in eos:
@@ -294,7 +322,7 @@ def stream(model, tokenizer, prompt, **options) -> Iterator[str]:
     ids = _checked_request(model, tokenizer, prompt, options["max_new_tokens"],
                            options.get("temperature", 0.0), options.get("top_k"),
                            options.get("top_p"), options.get("cache", "static"),
-                           options.get("compile", False))
+                           options.get("compile", False), options.get("sync_every", 1))
     text = TextStream(tokenizer, _as_stop_list(options.pop("stop", None)))
     eos = _eos_ids(tokenizer, options.get("ignore_eos", False))
     for tok, _ in _token_stream(model, tokenizer, ids, start, **options):

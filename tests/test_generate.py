@@ -164,6 +164,8 @@ def test_compiled_decode_equals_eager_and_reuses_its_cache(model_and_tok):
         compiled = llmopt.generate(model, tok, prompt, max_new_tokens=12, ignore_eos=True, compile=True)
         assert compiled.token_ids == eager.token_ids
         assert compiled.stats["compiled"]
+        ahead = llmopt.generate(model, tok, prompt, max_new_tokens=12, ignore_eos=True, compile=True, sync_every=4)
+        assert ahead.token_ids == eager.token_ids
     kept, release = compiled_cache(model, 1, 256)
     again, release_again = compiled_cache(model, 1, 256)      # in use: a fresh one
     assert again is not kept and all(a.data_ptr() != b.data_ptr() for a, b in zip(again.k, kept.k))
@@ -172,3 +174,45 @@ def test_compiled_decode_equals_eager_and_reuses_its_cache(model_and_tok):
     cache, release = compiled_cache(model, 1, 256)
     assert cache is kept                                         # released: the same buffers again
     release()
+
+
+class _EosAt:
+    """A tokenizer whose end-of-sequence token is `eos` (to end a generation mid-chunk)."""
+
+    def __init__(self, tok, eos):
+        self.tok, self.eos_token_ids = tok, [eos]
+
+    def encode(self, text):
+        return self.tok.encode(text)
+
+    def decode(self, ids):
+        return self.tok.decode(ids)
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic", "none"])
+def test_sync_every_k_tokens_gives_the_same_tokens(model_and_tok, cache):
+    """Reading tokens back every k steps (the device runs ahead) changes no token, also when
+    end-of-sequence falls inside a chunk, and for sampling with a seed."""
+    model, tok = model_and_tok
+    prompt = list(range(3, 20))
+    ref = llmopt.generate(model, tok, prompt, max_new_tokens=20, ignore_eos=True, cache=cache)
+    samp = llmopt.generate(model, tok, prompt, max_new_tokens=20, ignore_eos=True, cache=cache,
+                           temperature=1.0, seed=5)
+    eos_tok = _EosAt(tok, ref.token_ids[9])
+    cut = llmopt.generate(model, eos_tok, prompt, max_new_tokens=20, cache=cache)
+    first = ref.token_ids.index(ref.token_ids[9])
+    assert cut.finish_reason == "eos" and cut.token_ids == ref.token_ids[:first + 1]
+    for k in (2, 3, 8, 32):
+        g = llmopt.generate(model, tok, prompt, max_new_tokens=20, ignore_eos=True, cache=cache, sync_every=k)
+        assert g.token_ids == ref.token_ids
+        assert len(set(g.token_times)) == 1 + -(-19 // k)     # the first token, then one read per chunk
+        s = llmopt.generate(model, tok, prompt, max_new_tokens=20, ignore_eos=True, cache=cache,
+                            temperature=1.0, seed=5, sync_every=k)
+        assert s.token_ids == samp.token_ids
+        e = llmopt.generate(model, eos_tok, prompt, max_new_tokens=20, cache=cache, sync_every=k)
+        assert (e.token_ids, e.finish_reason) == (cut.token_ids, "eos")
+        assert "".join(llmopt.stream(model, tok, prompt, max_new_tokens=20, ignore_eos=True, cache=cache,
+                                     sync_every=k)) == ref.text
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="sync_every"):
+            llmopt.generate(model, tok, prompt, sync_every=bad)
