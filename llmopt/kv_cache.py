@@ -45,9 +45,11 @@ class StaticKVCache:
         # Tell torch.compile these buffers never move: without it, CUDA graphs
         # (mode="reduce-overhead") see an input mutated in place each layer and are
         # skipped ("skipping cudagraphs due to mutated inputs"), measured on an H100.
-        # guard=False: a new cache of the same shape reuses the compiled code.
-        for t in self.k + self.v:
-            torch._dynamo.mark_static_address(t, guard=False)
+        # guard=False: a new cache of the same shape reuses the compiled code. Only on CUDA,
+        # the one place CUDA graphs run: CPU code never imports the compiler for this.
+        if self.k and self.k[0].is_cuda:
+            for t in self.k + self.v:
+                torch._dynamo.mark_static_address(t, guard=False)
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         self.k[layer].index_copy_(2, input_pos, k)  # k: [B, Hkv, T, D] into slots input_pos

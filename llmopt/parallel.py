@@ -339,6 +339,9 @@ def main(argv=None) -> int:
                     f.write(text + "\n")
             else:
                 print(text)
+        # every rank leaves together: a rank that tears its connections down while another
+        # still finishes a collective aborted gloo now and then ("terminate called ...")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     return 0
