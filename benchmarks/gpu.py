@@ -188,53 +188,48 @@ def main(argv=None) -> int:
     if "error" not in pr:
         md.append(f"- copy bandwidth: {pr['copy_bandwidth_GBps']:.1f} GB/s; matmul "
                   f"({pr['matmul_dtype']}): {pr['matmul_TFLOPs']:.1f} TFLOP/s")
+    def table(title: str, columns: list[str], rows: list[list]) -> None:
+        md.extend(["", title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)])
+        md.extend("| " + " | ".join(map(str, row)) + " |" for row in rows)
+
+    mbu = lambda r: f"{r.get('mbu', float('nan')):.0%}"  # noqa: E731
     dec = results.get("decode_batch1", {})
     if "rows" in dec:
-        md += ["", f"Decode, batch 1, greedy, {new_tokens} new tokens, {preset} shape with random weights:", "",
-               "| path | decode tokens/s | TPOT ms | TTFT ms | MBU |", "|---|---|---|---|---|"]
-        for r in dec["rows"]:
-            md.append(f"| {r['label']} | {r['decode_tokens_per_s']:.1f} | {r['tpot_s'] * 1e3:.2f} | "
-                      f"{r['ttft_s'] * 1e3:.1f} | {r.get('mbu', float('nan')):.0%} |")
+        table(f"Decode, batch 1, greedy, {new_tokens} new tokens, {preset} shape with random weights:",
+              ["path", "decode tokens/s", "TPOT ms", "TTFT ms", "MBU"],
+              [[r["label"], f"{r['decode_tokens_per_s']:.1f}", f"{r['tpot_s'] * 1e3:.2f}",
+                f"{r['ttft_s'] * 1e3:.1f}", mbu(r)] for r in dec["rows"]])
         md.append(f"\nbest llmopt / transformers: **{dec['ratio_llmopt_over_transformers']:.2f}x**")
     q = results.get("quantized_decode", {})
     if "rows" in q:
-        md += ["", "Weight-only quantization, same shape and decode:", "",
-               "| path | decode tokens/s | TPOT ms | bytes vs full | MBU |", "|---|---|---|---|---|"]
-        for r in q["rows"]:
-            md.append(f"| {r['label']} | {r['decode_tokens_per_s']:.1f} | {r['tpot_s'] * 1e3:.2f} | "
-                      f"{r['bytes_ratio']:.2f} | {r.get('mbu', float('nan')):.0%} |")
+        table("Weight-only quantization, same shape and decode:",
+              ["path", "decode tokens/s", "TPOT ms", "bytes vs full", "MBU"],
+              [[r["label"], f"{r['decode_tokens_per_s']:.1f}", f"{r['tpot_s'] * 1e3:.2f}",
+                f"{r['bytes_ratio']:.2f}", mbu(r)] for r in q["rows"]])
     bnb = results.get("bitsandbytes", {})
     if "rows" in bnb:
-        md += ["", "bitsandbytes through transformers (eager generate), same shape:", "",
-               "| path | decode tokens/s | TPOT ms |", "|---|---|---|"]
-        for r in bnb["rows"]:
-            md.append(f"| {r['label']} | {r['decode_tokens_per_s']:.1f} | {r['tpot_s'] * 1e3:.2f} |")
+        table("bitsandbytes through transformers (eager generate), same shape:",
+              ["path", "decode tokens/s", "TPOT ms"],
+              [[r["label"], f"{r['decode_tokens_per_s']:.1f}", f"{r['tpot_s'] * 1e3:.2f}"] for r in bnb["rows"]])
     elif "skipped" in bnb:
         md.append(f"\n- bitsandbytes: skipped ({bnb['skipped']})")
     a = results.get("attention_prefill", {})
     if "rows" in a:
-        md += ["", "Prefill (TTFT), plain vs SDPA attention:", "", "| backend | prompt | TTFT ms | peak GB |",
-               "|---|---|---|---|"]
-        for r in a["rows"]:
-            t = f"{r['ttft_s'] * 1e3:.1f}" if r["ttft_s"] is not None else "OOM"
-            pk = f"{r['peak_gb']:.2f}" if isinstance(r["peak_gb"], float) else r["peak_gb"]
-            md.append(f"| {r['backend']} | {r['prompt_len']} | {t} | {pk} |")
+        table("Prefill (TTFT), plain vs SDPA attention:", ["backend", "prompt", "TTFT ms", "peak GB"],
+              [[r["backend"], r["prompt_len"], "OOM" if r["ttft_s"] is None else f"{r['ttft_s'] * 1e3:.1f}",
+                f"{r['peak_gb']:.2f}" if isinstance(r["peak_gb"], float) else r["peak_gb"]] for r in a["rows"]])
     b = results.get("batching", {})
     if "rows" in b:
-        md += ["", f"Batching (tiny, {b['rows'][0]['requests']} requests, 8 slots; fewer decode steps with "
-               f"continuous: {b['ideal']['step_ratio']:.2f}x):", "",
-               "| strategy | tokens/s | vs static | outputs identical |", "|---|---|---|---|"]
-        for r in b["rows"]:
-            md.append(f"| {r['label']} | {r['tokens_per_s']:.0f} | {r['throughput_vs_static']:.2f}x | "
-                      f"{r['identical']} |")
-    s = results.get("speculative", {})
-    if "rows" in s:
-        md += ["", f"{s['title']}:", "",
-               "| path | tokens/s | vs plain | tokens per target forward | outputs identical |", "|---|---|---|---|---|"]
-        for r in s["rows"]:
-            tpf = r["tokens_per_target_forward"]
-            md.append(f"| {r['label']} | {r['e2e_tokens_per_s']:.0f} | {r['speedup']:.2f}x | "
-                      f"{'' if tpf is None else f'{tpf:.2f}'} | {'' if r['identical'] is None else r['identical']} |")
+        table(f"Batching (tiny, {b['rows'][0]['requests']} requests, 8 slots; fewer decode steps with "
+              f"continuous: {b['ideal']['step_ratio']:.2f}x):", ["strategy", "tokens/s", "vs static", "outputs identical"],
+              [[r["label"], f"{r['tokens_per_s']:.0f}", f"{r['throughput_vs_static']:.2f}x", r["identical"]]
+               for r in b["rows"]])
+    sp = results.get("speculative", {})
+    if "rows" in sp:
+        table(f"{sp['title']}:", ["path", "tokens/s", "vs plain", "tokens per target forward", "outputs identical"],
+              [[r["label"], f"{r['e2e_tokens_per_s']:.0f}", f"{r['speedup']:.2f}x",
+                "" if r["tokens_per_target_forward"] is None else f"{r['tokens_per_target_forward']:.2f}",
+                "" if r["identical"] is None else r["identical"]] for r in sp["rows"]])
     for k, v in results.items():
         if isinstance(v, dict) and "error" in v:
             md.append(f"\n- {k} failed: {v['error']}")
