@@ -56,7 +56,6 @@ class Sequence:
         self.blocks: list[int] = []            # physical KV blocks, in logical order
         self.cached_tokens = 0                 # prompt tokens found in the prefix cache (or forked)
         self.siblings: list["Sequence"] = []   # samples of the same prompt that may fork from this one
-        self.forked = False                    # took its prompt's KV blocks from a sibling's prefill
         self.state = "waiting"                 # waiting, running, finished, failed, cancelled
         self.cancelled = False
         self.preemptions = 0
@@ -194,6 +193,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self.copies: list[tuple[int, int, Sequence]] = []   # copy on write for this step (see grow)
 
     def add(self, seq: Sequence) -> None:
         """Queue a new request: at the back ("fcfs"), or ("longest-first") ahead of every new
@@ -247,7 +247,7 @@ class Scheduler:
         shared = parent.blocks[:self.manager.blocks_needed(len(child.prompt_ids))]   # the prompt's blocks
         self.manager.share(shared)
         child.blocks = list(shared)
-        child.cached_tokens, child.forked, child.state = len(child.prompt_ids), True, "running"
+        child.cached_tokens, child.state = len(child.prompt_ids), "running"
         self.running.append(child)
         return True
 
@@ -270,7 +270,7 @@ class Scheduler:
 
         Returns the rows that still run this step.
         """
-        self.copies: list[tuple[int, int, Sequence]] = []
+        self.copies = []
         for seq in list(rows):
             if seq.state != "running":
                 continue
