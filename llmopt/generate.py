@@ -70,8 +70,7 @@ def compiled_cache(model, batch_size: int, max_len: int):
     """(cache, release) for a compiled decode: a static cache kept per model and reused.
 
     CUDA graphs replay on fixed addresses, so the compiled step should write into the
-    same buffers every generation (a new cache makes the graph re-record, and after a
-    limit CUDA graphs are dropped). Only the latest shape is kept per model. Stale
+    same buffers every generation (buffers at new addresses make the graph re-record). Only the latest shape is kept per model. Stale
     entries from an earlier generation never leak: attention masks every slot after
     the current position. A second generation that runs while the kept cache is in use
     (another thread) gets a fresh cache instead.
@@ -163,24 +162,18 @@ def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tok
             pending: list[torch.Tensor] = []                               # sampled, not yet read
             for i in range(max_new_tokens):
                 next_tok = sample(logits, temperature, top_k, top_p, gen)      # [1]
+                pending.append(next_tok)
                 last = i == max_new_tokens - 1
-                if sync_every == 1:
-                    tok = int(next_tok.item())                                 # host sync
-                    yield tok, time.perf_counter() - start
-                    if tok in eos or last:
-                        return
-                else:
-                    pending.append(next_tok)
-                    if i == 0 or last or len(pending) == sync_every:
-                        toks = torch.cat(pending).tolist()                     # one sync for the chunk
-                        pending = []
-                        now = time.perf_counter() - start
-                        for tok in toks:
-                            yield tok, now
-                            if tok in eos:
-                                return
-                    if last:
-                        return
+                if i == 0 or last or len(pending) == sync_every:               # every step when k = 1
+                    toks = (pending[0] if len(pending) == 1 else torch.cat(pending)).tolist()   # host sync
+                    pending = []
+                    now = time.perf_counter() - start
+                    for tok in toks:
+                        yield tok, now
+                        if tok in eos:
+                            return
+                if last:
+                    return
                 if kv is None:  # no cache: recompute the whole sequence
                     tokens = torch.cat([tokens, next_tok[:, None]], dim=1)
                     logits = model(tokens, last_only=True)[:, -1]
