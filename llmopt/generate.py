@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import threading
 import time
+import types
+import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -57,13 +59,75 @@ def compiled_decode(model, mode: str = "default"):
 
     Compiled once per model and mode, reused by every `generate(..., compile=...)`.
     Only the fixed-shape decode step is compiled; prefill stays eager (compiling it
-    for every prompt length is very slow). mode="reduce-overhead" adds CUDA graphs on GPU.
+    for every prompt length is very slow). mode="reduce-overhead" adds CUDA graphs on GPU;
+    "max-autotune" on a CPU also freezes the weights into the graph (`_frozen_decode`).
     """
+    if mode == "max-autotune" and model.device.type == "cpu":
+        return _frozen_decode(model)
     per_model = _COMPILED.setdefault(model, {})
     if mode not in per_model:
         per_model[mode] = torch.compile(decode_one_token, mode=None if mode == "default" else mode,
                                         fullgraph=True, dynamic=False)
     return per_model[mode]
+
+
+def _own_decode_step(model):
+    """`decode_one_token` bound to `model`, as a function with its own code object.
+
+    Dynamo keeps compiled graphs per code object and, with the module guards skipped, would
+    hand one build's frozen weights to the next (another model, or changed weights); a fresh
+    code object per build keeps them apart. The model is a closure variable, so Inductor's
+    freezing sees its weights as constants.
+    """
+    def step(token, input_pos, cache):
+        return decode_one_token(model, token, input_pos, cache)
+    return types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, None,
+                              step.__closure__)
+
+
+def _weights_key(model) -> tuple:
+    """Changes when any weight is replaced or modified in place (tensor identity, version)."""
+    return tuple((id(t), t.data_ptr(), _version(t)) for t in (*model.parameters(), *model.buffers()))
+
+
+def _version(t: torch.Tensor):
+    try:
+        return t._version
+    except RuntimeError:  # made under inference_mode: no version counter, identity still counts
+        return None
+
+
+def _frozen_decode(model):
+    """CPU `compile="max-autotune"`: the decode step with its weights frozen into the graph.
+
+    Freezing makes the weights constants, so Inductor can pre-pack them and, with
+    max_autotune, time its C++ GEMM templates (AMX / AVX-512 micro-kernels, one for
+    weight-only int8) against ATen's kernels for every matmul shape and keep the
+    fastest. Guards on the model's modules are skipped (their check cost ~0.3 ms a step
+    on the 2-core Xeon). Both need the weights not to change, so the step is rebuilt
+    whenever they do (`_weights_key`), from its own code object (`_own_decode_step`); it
+    lives on the model, not in `_COMPILED`, so it is freed with the model. Notebook 06
+    measures it.
+    """
+    key = _weights_key(model)
+    entry = model.__dict__.get("_llmopt_frozen_decode")
+    if entry is None or entry[0] != key:
+        step = torch.compile(_own_decode_step(model), fullgraph=True, dynamic=False,
+                             options={"max_autotune": True,
+                                      "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+
+        def run(_model, token, input_pos, cache):
+            # compilation happens inside the first call (and any recompile), so the
+            # freezing switch must be on around every call; the autotune tables stay quiet
+            import torch._inductor.config as inductor_config
+            with inductor_config.patch(freezing=True, autotune_num_choices_displayed=0), \
+                    warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+                return step(token, input_pos, cache)
+
+        entry = (key, run)
+        model.__dict__["_llmopt_frozen_decode"] = entry
+    return entry[1]
 
 
 def compiled_cache(model, batch_size: int, max_len: int):

@@ -100,6 +100,15 @@ class Int8Linear(nn.Module):
         if self.fused:
             y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
             y = y.reshape(*x.shape[:-1], self.out_features)
+        elif (torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.bfloat16
+              and self.scale.dtype == x.dtype):
+            # Compiled bf16 on a CPU: the packed op, which Inductor with frozen weights and
+            # max_autotune times against its C++ weight-only-int8 GEMM template (generate's
+            # compile="max-autotune"). Any other form would be constant-folded by freezing
+            # into a bf16 weight, twice the bytes (2-core Xeon, ~100M shape: 10.0 ms a token
+            # that way, 4.7-6.6 ms this way; notebook 06).
+            y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
+            y = y.reshape(*x.shape[:-1], self.out_features)
         elif torch.compiler.is_compiling() and x.numel() <= 4 * x.shape[-1]:
             # Decoding under torch.compile (a few rows): multiply and sum, which Inductor fuses
             # into one kernel that reads the int8 weights once and never writes a full-precision

@@ -176,6 +176,30 @@ def test_compiled_decode_equals_eager_and_reuses_its_cache(model_and_tok):
     release()
 
 
+def test_cpu_max_autotune_freezes_weights_and_rebuilds_when_they_change(model_and_tok):
+    """compile="max-autotune" on a CPU bakes the weights into the graph (freezing): it gives
+    eager's tokens, and after a weight changes in place the next generation sees the new weight
+    (the frozen step is rebuilt), never the copy frozen earlier."""
+    import copy
+    from llmopt.generate import compiled_decode
+    model = copy.deepcopy(model_and_tok[0])
+    tok = model_and_tok[1]
+    prompt = list(range(5, 25))
+    eager = llmopt.generate(model, tok, prompt, max_new_tokens=8, ignore_eos=True)
+    frozen = llmopt.generate(model, tok, prompt, max_new_tokens=8, ignore_eos=True, compile="max-autotune")
+    assert frozen.token_ids == eager.token_ids
+    step = compiled_decode(model, "max-autotune")
+    assert compiled_decode(model, "max-autotune") is step          # unchanged weights: reused
+    with torch.no_grad():
+        winner, other = eager.token_ids[-1], (eager.token_ids[-1] + 1) % model.config.vocab_size
+        model.lm_head.weight[other] = 5 * model.lm_head.weight[winner]    # `other` outscores it
+    assert compiled_decode(model, "max-autotune") is not step
+    changed = llmopt.generate(model, tok, prompt, max_new_tokens=8, ignore_eos=True)
+    assert changed.token_ids != eager.token_ids
+    refrozen = llmopt.generate(model, tok, prompt, max_new_tokens=8, ignore_eos=True, compile="max-autotune")
+    assert refrozen.token_ids == changed.token_ids
+
+
 class _EosAt:
     """A tokenizer whose end-of-sequence token is `eos` (to end a generation mid-chunk)."""
 

@@ -138,3 +138,30 @@ def test_int8_compiled_decode_form_matches_the_reference():
     eager = llmopt.generate(model, None, prompt, max_new_tokens=10, ignore_eos=True)
     compiled = llmopt.generate(model, None, prompt, max_new_tokens=10, ignore_eos=True, compile=True)
     assert compiled.token_ids == eager.token_ids
+
+
+def test_bf16_int8_frozen_decode_keeps_int8_weights_and_matches_eager(monkeypatch):
+    """bf16 activations with int8 weights, compiled with frozen weights (CPU max-autotune):
+    each step's logits match the eager bf16 int8 model's within bf16 rounding. Traced, a bf16
+    CPU row goes through the packed op on the int8 weights (freezing would fold any
+    dequantize-first form into a bf16 copy, twice the bytes)."""
+    from llmopt.generate import compiled_decode, decode_one_token, prefill
+    from llmopt.quantize import Int8Linear
+    model = quantize(llmopt.build_model(llmopt.get_config("tiny"), dtype=torch.bfloat16), "int8")
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
+    step = compiled_decode(model, "max-autotune")
+    with torch.inference_mode():
+        caches = [llmopt.make_cache("static", model.config, 1, 256, dtype=torch.bfloat16) for _ in range(2)]
+        for c in caches:
+            prefill(model, ids, c)
+        for t in range(12, 18):
+            token, pos = torch.tensor([[t]]), torch.tensor([t])
+            want = decode_one_token(model, token, pos, caches[0]).float()
+            got = step(model, token, pos, caches[1]).float()
+            assert got.argmax(-1).item() == want.argmax(-1).item()
+            assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    lin = Int8Linear(torch.nn.Linear(64, 32).to(torch.bfloat16))
+    x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    packed = torch._weight_int8pack_mm(x[0], lin.weight, lin.scale) + lin.bias
+    assert torch.equal(lin(x)[0], packed)
