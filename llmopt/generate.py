@@ -79,8 +79,8 @@ def _own_decode_step(model):
     code object per build keeps them apart. The model is a closure variable, so Inductor's
     freezing sees its weights as constants.
     """
-    def step(token, input_pos, cache):
-        return decode_one_token(model, token, input_pos, cache)
+    def step(token, input_pos, cache, **kw):
+        return decode_one_token(model, token, input_pos, cache, **kw)
     return types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, None,
                               step.__closure__)
 
@@ -116,14 +116,14 @@ def _frozen_decode(model):
                              options={"max_autotune": True,
                                       "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
-        def run(_model, token, input_pos, cache):
+        def run(_model, token, input_pos, cache, **kw):
             # compilation happens inside the first call (and any recompile), so the
             # freezing switch must be on around every call; the autotune tables stay quiet
             import torch._inductor.config as inductor_config
             with inductor_config.patch(freezing=True, autotune_num_choices_displayed=0), \
                     warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
-                return step(token, input_pos, cache)
+                return step(token, input_pos, cache, **kw)
 
         entry = (key, run)
         model.__dict__["_llmopt_frozen_decode"] = entry

@@ -188,6 +188,10 @@ def test_cpu_max_autotune_freezes_weights_and_rebuilds_when_they_change(model_an
     eager = llmopt.generate(model, tok, prompt, max_new_tokens=8, ignore_eos=True)
     frozen = llmopt.generate(model, tok, prompt, max_new_tokens=8, ignore_eos=True, compile="max-autotune")
     assert frozen.token_ids == eager.token_ids
+    prompts = [prompt, prompt[3:]]                                 # static batching passes masks through
+    batch = llmopt.generate_batch(model, tok, prompts, max_new_tokens=6, ignore_eos=True, compile="max-autotune")
+    assert [g.token_ids for g in batch] == [g.token_ids for g in llmopt.generate_batch(
+        model, tok, prompts, max_new_tokens=6, ignore_eos=True)]
     step = compiled_decode(model, "max-autotune")
     assert compiled_decode(model, "max-autotune") is step          # unchanged weights: reused
     with torch.no_grad():
