@@ -97,16 +97,13 @@ class Int8Linear(nn.Module):
         self.fused = bool(fused) and _int8_kernel_ok(linear.weight.device, linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
-            y = y.reshape(*x.shape[:-1], self.out_features)
-        elif (torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.bfloat16
-              and self.scale.dtype == x.dtype):
-            # Compiled bf16 on a CPU: the packed op, which Inductor with frozen weights and
-            # max_autotune times against its C++ weight-only-int8 GEMM template (generate's
-            # compile="max-autotune"). Any other form would be constant-folded by freezing
-            # into a bf16 weight, twice the bytes (2-core Xeon, ~100M shape: 10.0 ms a token
-            # that way, 4.7-6.6 ms this way; notebook 06).
+        # Compiled bf16 on a CPU also takes the packed op, which Inductor with frozen weights
+        # and max_autotune times against its C++ weight-only-int8 GEMM template (generate's
+        # compile="max-autotune"). Any other form would be constant-folded by freezing into a
+        # bf16 weight, twice the bytes (2-core Xeon, ~100M shape: 10.0 ms a token that way,
+        # 4.7-7.7 ms this way over our runs; notebook 06).
+        if self.fused or (torch.compiler.is_compiling() and x.device.type == "cpu"
+                          and x.dtype == torch.bfloat16 and self.scale.dtype == x.dtype):
             y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
             y = y.reshape(*x.shape[:-1], self.out_features)
         elif torch.compiler.is_compiling() and x.numel() <= 4 * x.shape[-1]:
