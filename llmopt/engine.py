@@ -53,6 +53,7 @@ class Sequence:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(seed if seed is not None else torch.seed())
         self.generated: list[int] = []
+        self.inflight = 0                      # tokens sampled on the device, not yet read (overlap)
         self.blocks: list[int] = []            # physical KV blocks, in logical order
         self.cached_tokens = 0                 # prompt tokens found in the prefix cache (or forked)
         self.siblings: list["Sequence"] = []   # samples of the same prompt that may fork from this one
@@ -274,14 +275,15 @@ class Scheduler:
         for seq in list(rows):
             if seq.state != "running":
                 continue
-            while self.manager.blocks_needed(len(seq.all_ids)) > len(seq.blocks):
+            n = len(seq.all_ids) + seq.inflight      # tokens in the cache after this step
+            while self.manager.blocks_needed(n) > len(seq.blocks):
                 block = self._one_block(seq)
                 if block is None:
                     break
                 seq.blocks.append(block)
             if seq.state != "running":
                 continue
-            i = (len(seq.all_ids) - 1) // self.manager.block_size   # the block this step writes
+            i = (n - 1) // self.manager.block_size   # the block this step writes
             shared = seq.blocks[i]
             if self.manager.refcount[shared] > 1:
                 block = self._one_block(seq)
@@ -329,15 +331,25 @@ class Engine:
     prefilled. `policy` orders the waiting queue: "fcfs" (first come, first served)
     or "longest-first" (largest max_new_tokens first), which finishes a batch job
     of known lengths sooner but makes short requests wait behind long ones.
+    With `overlap`, each decode step is launched from the previous step's tokens while
+    they are still on the device, and those tokens are read back (scheduling, stop
+    checks, detokenization) while the device computes the new step; on an asynchronous
+    device (a GPU) the host work then hides behind the device's. Same tokens as without
+    (except sampled rows that get preempted, whose dropped sample moved their generator);
+    a row that ends on end-of-sequence or a stop string runs one extra, discarded step.
     A fault while serving one request fails that request only.
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, block_size: int = 16,
                  num_blocks: int | None = None, max_seq_len: int | None = None,
                  watermark: float = 0.01, prefix_caching: bool = False, metrics=None,
-                 policy: str = "fcfs") -> None:
+                 policy: str = "fcfs", overlap: bool = False) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be True or False, got {overlap!r}")
+        self.overlap = overlap
+        self._inflight = None                  # overlap: (rows, tokens on device, host copy, event)
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config
         self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
@@ -484,7 +496,8 @@ class Engine:
 
     # ---- the loop -----------------------------------------------------------------------------
     def _has_work(self) -> bool:
-        return bool(self._inbox or self.scheduler.waiting or self.scheduler.running)
+        return bool(self._inbox or self.scheduler.waiting or self.scheduler.running
+                    or self._inflight is not None)
 
     def _loop(self) -> None:
         try:
@@ -507,6 +520,7 @@ class Engine:
                 self._inbox.clear()
             for seq in leftover:
                 self._finish(seq, "cancelled", error=reason)
+            self._inflight = None             # a step still in flight belongs to cancelled rows only
 
     def _step(self) -> None:
         """One iteration: take new requests, drop cancelled ones, prefill the admitted, decode the rest."""
@@ -525,11 +539,15 @@ class Engine:
                 seq.first_scheduled = time.perf_counter()
             self._prefill(seq)
             admitted.append(seq)
+        if self.overlap:   # a row whose last token is already being computed needs no further step
+            decode_rows = [s for s in decode_rows if len(s.generated) + s.inflight < s.max_new_tokens]
         rows = sched.grow([s for s in decode_rows if s.state == "running"])
         if sched.copies:
             self.cache.copy_blocks([(a, b) for a, b, _ in sched.copies])
             self.blocks_copied += len(sched.copies)
-        if rows:
+        if self.overlap:
+            self._decode_ahead(rows)
+        elif rows:
             self._decode(rows)
         self.steps += 1
         self.step_log.append(dict(t=time.perf_counter(), rows=len(rows), prefills=len(admitted),
@@ -562,34 +580,91 @@ class Engine:
 
     def _decode(self, rows: list[Sequence]) -> None:
         """One token for every running row, in one batched forward over the paged cache."""
-        device = self.model.device
-        lengths = [len(s.all_ids) - 1 for s in rows]     # tokens already cached per row
         try:
-            S = self.cache.set_rows([s.blocks for s in rows], lengths)      # key slots attention reads
-            lens = torch.tensor(lengths, device=device)
-            key_mask = torch.arange(S, device=device)[None, :] <= lens[:, None]      # [B, S]
-            tokens = torch.tensor([[s.all_ids[-1]] for s in rows], device=device)    # [B, 1]
-            logits = self.model(tokens, torch.tensor([S - 1], device=device), self.cache,
-                                positions=lens[:, None], key_mask=key_mask)[:, -1]
+            tokens = torch.tensor([[s.all_ids[-1]] for s in rows], device=self.model.device)    # [B, 1]
+            logits = self._forward_rows(rows, [len(s.all_ids) - 1 for s in rows], tokens)
         except Exception as e:
-            if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if len(rows) == 1:
-                self._finish(rows[0], "failed", error=e)
-            else:   # shrink the batch: the newest half waits and is recomputed later
-                for seq in rows[len(rows) // 2:]:
-                    self.scheduler.preempt(seq)
+            self._decode_failed(rows, e)
             return
         for seq, tok in zip(rows, self._sample(rows, logits)):
             self._accept(seq, tok)
 
+    def _decode_ahead(self, rows: list[Sequence]) -> None:
+        """Overlap: launch this step from the previous step's tokens, still on the device, then
+        read the previous step back (the host waits for that step only) and accept its tokens
+        while the device computes this one."""
+        prev, self._inflight = self._inflight, None
+        if rows:
+            device = self.model.device
+            try:
+                tokens = torch.tensor([s.all_ids[-1] for s in rows], device=device)   # known on the host
+                if prev is not None:                   # rows whose last token is still on the device
+                    where = {id(s): i for i, s in enumerate(prev[0])}
+                    pairs = [(r, where[id(s)]) for r, s in enumerate(rows) if s.inflight]
+                    if pairs:
+                        dst, src = zip(*pairs)
+                        tokens[list(dst)] = prev[1][list(src)]
+                lengths = [len(s.all_ids) - 1 + s.inflight for s in rows]
+                out = self._sample_tensor(rows, self._forward_rows(rows, lengths, tokens[:, None]))
+                cuda = device.type == "cuda"
+                host = out.to("cpu", non_blocking=cuda)
+                event = torch.cuda.Event() if cuda else None
+                if event is not None:
+                    event.record()
+            except Exception as e:
+                self._read_back(prev)                 # settle the previous step, then shrink or fail this one
+                self._decode_failed(rows, e)
+                return
+            for s in rows:
+                s.inflight += 1
+            self._inflight = (rows, out, host, event)
+        self._read_back(prev)
+
+    def _read_back(self, launched) -> None:
+        """Wait for a launched step and accept its tokens; rows that finished, were cancelled or
+        were preempted since it was launched drop theirs."""
+        if launched is None:
+            return
+        rows, _, host, event = launched
+        if event is not None:
+            event.synchronize()
+        for seq, tok in zip(rows, host.tolist()):
+            seq.inflight -= 1
+            if seq.state == "running":
+                self._accept(seq, tok)
+
+    def _forward_rows(self, rows: list[Sequence], lengths: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] for one new token per row (tokens [B, 1]); row b has lengths[b] tokens cached."""
+        device = self.model.device
+        S = self.cache.set_rows([s.blocks for s in rows], lengths)          # key slots attention reads
+        lens = torch.tensor(lengths, device=device)
+        key_mask = torch.arange(S, device=device)[None, :] <= lens[:, None]      # [B, S]
+        return self.model(tokens, torch.tensor([S - 1], device=device), self.cache,
+                          positions=lens[:, None], key_mask=key_mask)[:, -1]
+
+    def _decode_failed(self, rows: list[Sequence], e: Exception) -> None:
+        """A batched step raised: fail a lone row; otherwise shrink the batch (the newest half
+        waits and is recomputed later)."""
+        if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(rows) == 1:
+            self._finish(rows[0], "failed", error=e)
+        else:
+            for seq in rows[len(rows) // 2:]:
+                self.scheduler.preempt(seq)
+
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """Next token per row: one argmax for the greedy rows, each sampled row with its generator."""
+        """Next token per row, read back to the host."""
+        return self._sample_tensor(rows, logits).tolist()
+
+    def _sample_tensor(self, rows: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """Next token per row [B], on the device: one argmax for the greedy rows, each sampled
+        row with its generator."""
         out = logits.argmax(-1)
         for i, seq in enumerate(rows):
             if seq.temperature > 0:
                 out[i] = sample(logits[i:i + 1], seq.temperature, seq.top_k, seq.top_p, seq.generator)[0]
-        return out.tolist()
+        return out
 
     def _accept(self, seq: Sequence, tok: int) -> None:
         """Record a token for `seq` and finish it on end-of-sequence, a stop string or its length."""

@@ -135,11 +135,12 @@ def test_dynamic_batcher_token_budget_and_lone_failure(tiny, reference):
 
 
 # ---- continuous batching --------------------------------------------------------------------
-def test_engine_output_equals_unbatched(tiny, reference):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_engine_output_equals_unbatched(tiny, reference, overlap):
     model, tok = tiny
     lengths = [48, 5, 33, 17, 48, 1, 40, 9, 26, 48, 12, 30]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(lengths))]
-    with Engine(model, tok, max_batch_size=4) as engine:
+    with Engine(model, tok, overlap=overlap, max_batch_size=4) as engine:
         handles = [engine.submit(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(prompts, lengths)]
         out = [h.result(timeout=120) for h in handles]
     for p, n, g in zip(prompts, lengths, out):
@@ -150,9 +151,10 @@ def test_engine_output_equals_unbatched(tiny, reference):
     assert engine.cache.manager.num_free == engine.cache.manager.num_blocks   # every block came back
 
 
-def test_engine_preempts_when_blocks_run_out_and_still_matches(tiny, reference):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_engine_preempts_when_blocks_run_out_and_still_matches(tiny, reference, overlap):
     model, tok = tiny
-    engine = Engine(model, tok, max_batch_size=4, num_blocks=9, block_size=16)
+    engine = Engine(model, tok, overlap=overlap, max_batch_size=4, num_blocks=9, block_size=16)
     out = engine.generate_many(PROMPTS * 2, max_new_tokens=48, ignore_eos=True)
     assert engine.scheduler.preemptions > 0
     assert sum(g.stats["preemptions"] for g in out) == engine.scheduler.preemptions
@@ -162,10 +164,11 @@ def test_engine_preempts_when_blocks_run_out_and_still_matches(tiny, reference):
         engine.submit("A", max_new_tokens=200)          # can never fit in 9 x 16 slots
 
 
-def test_engine_sampling_is_per_request(tiny):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_engine_sampling_is_per_request(tiny, overlap):
     model, tok = tiny
     kw = dict(max_new_tokens=24, temperature=0.8, top_p=0.9)
-    engine = Engine(model, tok, max_batch_size=3)
+    engine = Engine(model, tok, overlap=overlap, max_batch_size=3)
     out = engine.generate_many(PROMPTS[:3], seed=[5, 6, 7], **kw)
     for p, s, g in zip(PROMPTS, [5, 6, 7], out):
         assert g.token_ids == llmopt.generate(model, tok, p, seed=s, **kw).token_ids
@@ -185,7 +188,8 @@ def test_sixteen_clients_every_request_completes_identically(tiny):
     assert summary["e2e_p50_s"] <= summary["e2e_p95_s"] <= summary["e2e_p99_s"]
 
 
-def test_a_failing_or_cancelled_request_affects_no_other(tiny, reference):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_failing_or_cancelled_request_affects_no_other(tiny, reference, overlap):
     model, tok = tiny
 
     class FaultyEngine(Engine):
@@ -194,7 +198,7 @@ def test_a_failing_or_cancelled_request_affects_no_other(tiny, reference):
                 raise RuntimeError("detokenizer exploded")
             return super()._hit_stop(seq)
 
-    with FaultyEngine(model, tok, max_batch_size=4) as engine:
+    with FaultyEngine(model, tok, overlap=overlap, max_batch_size=4) as engine:
         good = [engine.submit(p, max_new_tokens=30, ignore_eos=True) for p in PROMPTS[:3]]
         bad = engine.submit("KING:\nNow", max_new_tokens=30, stop=["boom"], ignore_eos=True)
         doomed = engine.submit(PROMPTS[4], max_new_tokens=48, ignore_eos=True)
@@ -207,7 +211,8 @@ def test_a_failing_or_cancelled_request_affects_no_other(tiny, reference):
     assert engine.cache.manager.num_free == engine.cache.manager.num_blocks
 
 
-def test_a_failing_batched_forward_shrinks_the_batch_and_loses_nothing(tiny, reference):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_failing_batched_forward_shrinks_the_batch_and_loses_nothing(tiny, reference, overlap):
     """A transient fault in a batched forward (like CUDA out-of-memory) preempts half the batch."""
     model, tok = tiny
     calls = {"n": 0}
@@ -226,15 +231,16 @@ def test_a_failing_batched_forward_shrinks_the_batch_and_loses_nothing(tiny, ref
                 raise torch.OutOfMemoryError("simulated out of memory")
             return self.inner(ids, *a, **kw)
 
-    engine = Engine(Flaky(model), tok, max_batch_size=4)
+    engine = Engine(Flaky(model), tok, overlap=overlap, max_batch_size=4)
     out = engine.generate_many(PROMPTS[:4], max_new_tokens=20, ignore_eos=True)
     assert calls["n"] == 3 and engine.scheduler.preemptions >= 3
     assert [g.token_ids for g in out] == [reference[p][:20] for p in PROMPTS[:4]]
 
 
-def test_engine_stream_stop_and_errors(tiny):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_engine_stream_stop_and_errors(tiny, overlap):
     model, tok = tiny
-    with Engine(model, tok, max_batch_size=2) as engine:
+    with Engine(model, tok, overlap=overlap, max_batch_size=2) as engine:
         handle = engine.submit("ROMEO:", max_new_tokens=40, stop=["\n\n"])
         pieces = list(handle.stream(timeout=60))
         g = handle.result()
@@ -247,7 +253,53 @@ def test_engine_stream_stop_and_errors(tiny):
     with pytest.raises(RuntimeError, match="closed"):
         engine.submit("A")
     with pytest.raises(ValueError, match="max_batch_size"):
-        Engine(model, tok, max_batch_size=0)
+        Engine(model, tok, overlap=overlap, max_batch_size=0)
+
+
+class _EosTokenizer:
+    """The tiny tokenizer with a chosen end-of-sequence token (to end rows mid-generation)."""
+
+    def __init__(self, tok, eos):
+        self.tok, self.eos_token_ids = tok, [eos]
+
+    def encode(self, text):
+        return self.tok.encode(text)
+
+    def decode(self, ids):
+        return self.tok.decode(ids)
+
+
+def test_overlap_launches_the_next_step_before_reading_the_last(tiny, reference):
+    """With overlap, step n+1 is launched from step n's tokens while they are still unread, and
+    step n is read afterwards; rows that end on end-of-sequence mid-flight drop their extra token;
+    every output equals the synchronous engine's."""
+    model, tok = tiny
+    events = []
+
+    class Logged(Engine):
+        def _forward_rows(self, rows, lengths, tokens):
+            events.append("launch")
+            return super()._forward_rows(rows, lengths, tokens)
+
+        def _read_back(self, launched):
+            if launched is not None:
+                events.append("read")
+            super()._read_back(launched)
+
+    engine = Logged(model, tok, max_batch_size=4, overlap=True)
+    out = engine.generate_many(PROMPTS[:4], max_new_tokens=20, ignore_eos=True)
+    assert [g.token_ids for g in out] == [reference[p][:20] for p in PROMPTS[:4]]
+    assert events[:3] == ["launch", "launch", "read"]            # step 2 runs before step 1 is read
+    assert events.count("launch") == events.count("read") and engine._inflight is None
+    eos_tok = _EosTokenizer(tok, reference[PROMPTS[0]][5])       # prompt 0's 6th token ends it
+    runs = [Engine(model, eos_tok, max_batch_size=3, overlap=o) for o in (False, True)]
+    sync, ahead = (e.generate_many(PROMPTS[:5], max_new_tokens=30) for e in runs)
+    assert [g.token_ids for g in ahead] == [g.token_ids for g in sync]
+    assert ahead[0].finish_reason == "eos" and len(ahead[0].token_ids) <= 6
+    assert runs[1].tokens_generated == runs[0].tokens_generated
+    assert all(e.cache.manager.num_free == e.cache.manager.num_blocks for e in runs)
+    with pytest.raises(ValueError, match="overlap"):
+        Engine(model, tok, overlap="yes")
 
 
 def test_close_without_waiting_cancels_what_is_queued(tiny):
@@ -283,8 +335,9 @@ def test_workload_is_seeded_and_in_range(tiny):
 def test_compare_batching_rows_and_ideal(tiny):
     model, tok = tiny
     work = poisson_workload(tok, 8, seed=0, prompt_tokens=(4, 12), output_tokens=(2, 24))
-    rows = compare_batching(model, tok, work, slots=4)
+    rows = compare_batching(model, tok, work, slots=4, overlap=True)
     assert [r["label"] for r in rows][0] == "static batching"
+    assert rows[4]["label"] == "continuous batching, overlapped"
     assert all(r["identical"] for r in rows)
     ideal = ideal_continuous_speedup([w.max_new_tokens for w in work], 4)
     assert rows[0]["forwards"] == ideal["static_steps"]
@@ -367,15 +420,16 @@ def test_prometheus_metrics_count_what_happened(tiny):
     assert "llmopt_time_to_first_token_seconds_bucket" in body
 
 
-def test_prefix_caching_shares_prompt_blocks_and_changes_no_sample(tiny):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_prefix_caching_shares_prompt_blocks_and_changes_no_sample(tiny, overlap):
     model, tok = tiny
     system = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
               "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. "
               "resolved.\n\n")
     prompts = [system + q for q in ("ROMEO:", "KING:\nNow", "JULIET:\nO Romeo")]
     kw = dict(max_new_tokens=20, temperature=0.9, top_k=50)
-    plain = Engine(model, tok, max_batch_size=3)
-    shared = Engine(model, tok, max_batch_size=3, prefix_caching=True)
+    plain = Engine(model, tok, overlap=overlap, max_batch_size=3)
+    shared = Engine(model, tok, overlap=overlap, max_batch_size=3, prefix_caching=True)
     a = plain.generate_many(prompts, seed=[1, 2, 3], **kw)
     b = shared.generate_many(prompts, seed=[1, 2, 3], **kw)
     assert [g.token_ids for g in a] == [g.token_ids for g in b]
@@ -404,9 +458,10 @@ def test_generate_n_samples_share_the_prompt(tiny):
         llmopt.generate(model, tok, prompt, n=0)
 
 
-def test_prefix_cache_is_evicted_when_blocks_run_short(tiny, reference):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_prefix_cache_is_evicted_when_blocks_run_short(tiny, reference, overlap):
     model, tok = tiny
-    engine = Engine(model, tok, max_batch_size=2, num_blocks=10, prefix_caching=True)
+    engine = Engine(model, tok, overlap=overlap, max_batch_size=2, num_blocks=10, prefix_caching=True)
     out = engine.generate_many(PROMPTS * 2, max_new_tokens=48, ignore_eos=True)
     assert [g.token_ids for g in out] == [reference[p] for p in PROMPTS * 2]
     m = engine.cache.manager
@@ -419,11 +474,12 @@ def _unshared(model, tok, prompt, n, seed, **kw):
 
 # 21 tokens (a partly filled last block) and 32 (whole blocks)
 @pytest.mark.parametrize("extra", ["", " in the mind to suffer\nThe slings and a"])
-def test_sample_n_forks_the_prompt_and_copies_on_write(tiny, extra):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_sample_n_forks_the_prompt_and_copies_on_write(tiny, extra, overlap):
     model, tok = tiny
     prompt = "To be, or not to be, that is the question:\nWhether 'tis nobler" + extra
     kw = dict(max_new_tokens=12, temperature=1.0, top_k=40)
-    engine = Engine(model, tok, max_batch_size=4)
+    engine = Engine(model, tok, overlap=overlap, max_batch_size=4)
     out = engine.sample_n(prompt, 4, seed=7, **kw)
     assert [g.token_ids for g in out] == _unshared(model, tok, prompt, 4, 7, **kw)
     assert engine.forks == 3
