@@ -128,9 +128,11 @@ def summarize_load(df: pd.DataFrame, label: str = "", submitted: int | None = No
 
 
 def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int = 8,
-                     max_batch_tokens: int | None = None, repeats: int = 1) -> list[dict]:
+                     max_batch_tokens: int | None = None, repeats: int = 1,
+                     overlap: bool = False) -> list[dict]:
     """Offline throughput of static, dynamic and continuous batching on one workload
-    (continuous twice: first come first served, and longest budget first).
+    (continuous twice: first come first served, and longest budget first; with `overlap`
+    a third time, first come first served with `Engine(overlap=True)`).
 
     Every request is there at time 0 and runs to exactly its `max_new_tokens`
     (end-of-sequence ignored), so the three do the same useful work. Repeats are
@@ -160,13 +162,15 @@ def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int =
         out = b.run(prompts, max_new_tokens=max_new, ignore_eos=True)
         return out, sum(x["steps"] for x in b.batches if x["outcome"] == "ok")
 
-    def continuous(policy="fcfs"):
-        e = Engine(model, tokenizer, max_batch_size=slots, policy=policy)
+    def continuous(policy="fcfs", overlap=False):
+        e = Engine(model, tokenizer, max_batch_size=slots, policy=policy, overlap=overlap)
         return e.generate_many(prompts, max_new_tokens=max_new, ignore_eos=True), e.steps
 
     runs = {"static batching": static, "dynamic batching (length-aware)": dynamic,
             "continuous batching": continuous,
             "continuous batching, longest first": lambda: continuous("longest-first")}
+    if overlap:
+        runs["continuous batching, overlapped"] = lambda: continuous(overlap=True)
     times: dict[str, list[float]] = {k: [] for k in runs}
     outputs, forwards = {}, {}
     for _ in range(repeats):
