@@ -64,3 +64,16 @@ def hf_checkpoint(request, tmp_path, small_tokenizer_dir):
     """(family, folder, transformers model) for each supported family."""
     model = make_hf_checkpoint(request.param, tmp_path, small_tokenizer_dir)
     return request.param, tmp_path, model
+
+
+class EosAt:
+    """A tokenizer whose end-of-sequence token is `eos`, to end a generation mid-way."""
+
+    def __init__(self, tok, eos):
+        self.tok, self.eos_token_ids = tok, [eos]
+
+    def encode(self, text):
+        return self.tok.encode(text)
+
+    def decode(self, ids):
+        return self.tok.decode(ids)

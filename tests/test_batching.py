@@ -256,19 +256,6 @@ def test_engine_stream_stop_and_errors(tiny, overlap):
         Engine(model, tok, overlap=overlap, max_batch_size=0)
 
 
-class _EosTokenizer:
-    """The tiny tokenizer with a chosen end-of-sequence token (to end rows mid-generation)."""
-
-    def __init__(self, tok, eos):
-        self.tok, self.eos_token_ids = tok, [eos]
-
-    def encode(self, text):
-        return self.tok.encode(text)
-
-    def decode(self, ids):
-        return self.tok.decode(ids)
-
-
 def test_overlap_launches_the_next_step_before_reading_the_last(tiny, reference):
     """With overlap, step n+1 is launched from step n's tokens while they are still unread, and
     step n is read afterwards; rows that end on end-of-sequence mid-flight drop their extra token;
@@ -291,7 +278,8 @@ def test_overlap_launches_the_next_step_before_reading_the_last(tiny, reference)
     assert [g.token_ids for g in out] == [reference[p][:20] for p in PROMPTS[:4]]
     assert events[:3] == ["launch", "launch", "read"]            # step 2 runs before step 1 is read
     assert events.count("launch") == events.count("read") and engine._inflight is None
-    eos_tok = _EosTokenizer(tok, reference[PROMPTS[0]][5])       # prompt 0's 6th token ends it
+    from conftest import EosAt
+    eos_tok = EosAt(tok, reference[PROMPTS[0]][5])       # prompt 0's 6th token ends it
     runs = [Engine(model, eos_tok, max_batch_size=3, overlap=o) for o in (False, True)]
     sync, ahead = (e.generate_many(PROMPTS[:5], max_new_tokens=30) for e in runs)
     assert [g.token_ids for g in ahead] == [g.token_ids for g in sync]

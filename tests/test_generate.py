@@ -204,19 +204,6 @@ def test_cpu_max_autotune_freezes_weights_and_rebuilds_when_they_change(model_an
     assert refrozen.token_ids == changed.token_ids
 
 
-class _EosAt:
-    """A tokenizer whose end-of-sequence token is `eos` (to end a generation mid-chunk)."""
-
-    def __init__(self, tok, eos):
-        self.tok, self.eos_token_ids = tok, [eos]
-
-    def encode(self, text):
-        return self.tok.encode(text)
-
-    def decode(self, ids):
-        return self.tok.decode(ids)
-
-
 @pytest.mark.parametrize("cache", ["static", "dynamic", "none"])
 def test_sync_every_k_tokens_gives_the_same_tokens(model_and_tok, cache):
     """Reading tokens back every k steps (the device runs ahead) changes no token, also when
@@ -226,7 +213,8 @@ def test_sync_every_k_tokens_gives_the_same_tokens(model_and_tok, cache):
     ref = llmopt.generate(model, tok, prompt, max_new_tokens=20, ignore_eos=True, cache=cache)
     samp = llmopt.generate(model, tok, prompt, max_new_tokens=20, ignore_eos=True, cache=cache,
                            temperature=1.0, seed=5)
-    eos_tok = _EosAt(tok, ref.token_ids[9])
+    from conftest import EosAt
+    eos_tok = EosAt(tok, ref.token_ids[9])
     cut = llmopt.generate(model, eos_tok, prompt, max_new_tokens=20, cache=cache)
     first = ref.token_ids.index(ref.token_ids[9])
     assert cut.finish_reason == "eos" and cut.token_ids == ref.token_ids[:first + 1]
