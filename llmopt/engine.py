@@ -545,9 +545,7 @@ class Engine:
         if sched.copies:
             self.cache.copy_blocks([(a, b) for a, b, _ in sched.copies])
             self.blocks_copied += len(sched.copies)
-        if self.overlap:
-            self._decode_ahead(rows)
-        elif rows:
+        if rows or self._inflight is not None:
             self._decode(rows)
         self.steps += 1
         self.step_log.append(dict(t=time.perf_counter(), rows=len(rows), prefills=len(admitted),
@@ -579,46 +577,53 @@ class Engine:
             self._finish(seq, "failed", error=e)
 
     def _decode(self, rows: list[Sequence]) -> None:
-        """One token for every running row, in one batched forward over the paged cache."""
-        try:
-            tokens = torch.tensor([[s.all_ids[-1]] for s in rows], device=self.model.device)    # [B, 1]
-            logits = self._forward_rows(rows, [len(s.all_ids) - 1 for s in rows], tokens)
-        except Exception as e:
-            self._decode_failed(rows, e)
-            return
-        for seq, tok in zip(rows, self._sample(rows, logits)):
-            self._accept(seq, tok)
-
-    def _decode_ahead(self, rows: list[Sequence]) -> None:
-        """Overlap: launch this step from the previous step's tokens, still on the device, then
-        read the previous step back (the host waits for that step only) and accept its tokens
-        while the device computes this one."""
+        """One token for every running row, in one batched forward over the paged cache, read
+        back at once. With overlap the step starts from the previous step's tokens while they
+        are still on the device, and the previous step is read back only after this one is
+        launched, so the host accepts its tokens while the device computes."""
         prev, self._inflight = self._inflight, None
+        launched = None
         if rows:
-            device = self.model.device
             try:
-                tokens = torch.tensor([s.all_ids[-1] for s in rows], device=device)   # known on the host
+                tokens = torch.tensor([s.all_ids[-1] for s in rows], device=self.model.device)  # host-known
                 if prev is not None:                   # rows whose last token is still on the device
                     where = {id(s): i for i, s in enumerate(prev[0])}
                     pairs = [(r, where[id(s)]) for r, s in enumerate(rows) if s.inflight]
                     if pairs:
                         dst, src = zip(*pairs)
                         tokens[list(dst)] = prev[1][list(src)]
-                lengths = [len(s.all_ids) - 1 + s.inflight for s in rows]
-                out = self._sample_tensor(rows, self._forward_rows(rows, lengths, tokens[:, None]))
-                cuda = device.type == "cuda"
-                host = out.to("cpu", non_blocking=cuda)
-                event = torch.cuda.Event() if cuda else None
-                if event is not None:
-                    event.record()
+                lengths = [len(s.all_ids) - 1 + s.inflight for s in rows]      # tokens cached per row
+                logits = self._forward_rows(rows, lengths, tokens[:, None])
             except Exception as e:
-                self._read_back(prev)                 # settle the previous step, then shrink or fail this one
-                self._decode_failed(rows, e)
+                self._read_back(prev)                 # settle the previous step first
+                if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if len(rows) == 1:
+                    self._finish(rows[0], "failed", error=e)
+                else:   # shrink the batch: the newest half waits and is recomputed later
+                    for seq in rows[len(rows) // 2:]:
+                        self.scheduler.preempt(seq)
                 return
-            for s in rows:
-                s.inflight += 1
-            self._inflight = (rows, out, host, event)
-        self._read_back(prev)
+            launched = self._launch_read(rows, self._sample_tensor(rows, logits))
+        if self.overlap:
+            self._inflight = launched
+            self._read_back(prev)
+        else:
+            self._read_back(launched)
+
+    def _launch_read(self, rows: list[Sequence], out: torch.Tensor):
+        """Start copying a step's tokens [B] to the host; on CUDA without waiting (pinned memory
+        and an event, so a later wait covers this step only)."""
+        event = None
+        if out.device.type == "cuda":
+            host = out.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = out.cpu()
+        for s in rows:
+            s.inflight += 1
+        return rows, out, host, event
 
     def _read_back(self, launched) -> None:
         """Wait for a launched step and accept its tokens; rows that finished, were cancelled or
@@ -641,17 +646,6 @@ class Engine:
         key_mask = torch.arange(S, device=device)[None, :] <= lens[:, None]      # [B, S]
         return self.model(tokens, torch.tensor([S - 1], device=device), self.cache,
                           positions=lens[:, None], key_mask=key_mask)[:, -1]
-
-    def _decode_failed(self, rows: list[Sequence], e: Exception) -> None:
-        """A batched step raised: fail a lone row; otherwise shrink the batch (the newest half
-        waits and is recomputed later)."""
-        if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if len(rows) == 1:
-            self._finish(rows[0], "failed", error=e)
-        else:
-            for seq in rows[len(rows) // 2:]:
-                self.scheduler.preempt(seq)
 
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
         """Next token per row, read back to the host."""
