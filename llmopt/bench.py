@@ -376,15 +376,18 @@ def bench_load(quick: bool, device: str) -> dict:
 
 
 def bench_speculative(quick: bool, device: str) -> dict:
-    """`tiny` target, greedy, k=4: tiny-draft and model-free drafts against plain decoding."""
+    """`tiny` target, greedy, k=4: tiny-draft (the MLP draft), the transformer draft and model-free
+    drafts against plain decoding."""
     from .data import load_text
     from .load import load_model
     from .speculative import NGramDraft, PromptLookup, speculative_generate
     target, tok = load_model("tiny", device=device)
     draft, _ = load_model("tiny-draft", device=device)
+    transformer_draft, _ = load_model("tiny-draft-llama", device=device)
     table = NGramDraft.from_text(tok, load_text("train"))
     new = 32 if quick else 128
-    drafts = {"tiny-draft (model)": draft, "prompt lookup": "lookup", "n-gram table": table,
+    drafts = {"tiny-draft (MLP)": draft, "tiny-draft-llama (transformer)": transformer_draft,
+              "prompt lookup": "lookup", "n-gram table": table,
               "prompt lookup + n-gram": PromptLookup(fallback=table)}
     runs = {"plain decoding": lambda: generate(target, tok, DEFAULT_PROMPT, max_new_tokens=new, ignore_eos=True)}
     for label, d in drafts.items():
@@ -404,8 +407,8 @@ def bench_speculative(quick: bool, device: str) -> dict:
     by = {r["label"]: r for r in rows}
     tpf = "tokens per target forward, tiny-draft k=4"
     wall = "end-to-end tokens/s, speculative (tiny-draft) / plain"
-    ratios = {tpf: by["speculative, tiny-draft (model)"]["tokens_per_target_forward"], wall:
-              by["speculative, tiny-draft (model)"]["speedup"]}
+    ratios = {tpf: by["speculative, tiny-draft (MLP)"]["tokens_per_target_forward"], wall:
+              by["speculative, tiny-draft (MLP)"]["speedup"]}
     for label in list(drafts)[1:]:
         ratios[f"end-to-end tokens/s, speculative ({label}) / plain"] = by[f"speculative, {label}"]["speedup"]
     return {"name": "speculative", "metric": "e2e_tokens_per_s",

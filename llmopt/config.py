@@ -142,14 +142,15 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Named presets. `tiny` and `tiny-draft` are the embedded, trained models (data/);
+# Named presets. `tiny` and `tiny-draft-llama` are the embedded, trained models (data/);
 # the others are real models' shapes for random-weight speed runs, labelled as such.
 PRESETS: dict[str, ModelConfig] = {
     # ~4.2M parameters: every linear dimension a multiple of 32 (bitsandbytes 4-bit on CPU).
     "tiny": ModelConfig(vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=4,
                         intermediate_size=768, max_seq_len=2048, tie_embeddings=True),
-    # Far cheaper per step for speculative decoding: two narrow layers, same tokenizer.
-    "tiny-draft": ModelConfig(vocab_size=4096, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+    # A transformer draft for speculative decoding: two narrow layers, same tokenizer. (The
+    # embedded `tiny-draft` is an MLP, llmopt.draft: far cheaper per step on a CPU.)
+    "tiny-draft-llama": ModelConfig(vocab_size=4096, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
                               intermediate_size=384, max_seq_len=2048, tie_embeddings=True),
     # Real shapes (random weights: speed only).
     "llama-3.2-1b": ModelConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32,

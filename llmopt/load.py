@@ -18,7 +18,10 @@ from .data import DATA_DIR
 from .model import Transformer, rope_inv_freq
 from .tokenizer import Tokenizer
 
-EMBEDDED = {"tiny": DATA_DIR / "tiny", "tiny-draft": DATA_DIR / "tiny-draft"}
+# tiny: the 4-layer target; tiny-draft: the MLP draft built for speculative decoding on a
+# CPU (llmopt.draft); tiny-draft-llama: a 2-layer transformer draft, better but slower per step.
+EMBEDDED = {"tiny": DATA_DIR / "tiny", "tiny-draft": DATA_DIR / "tiny-draft",
+            "tiny-draft-llama": DATA_DIR / "tiny-draft-llama"}
 
 
 def resolve(name_or_path: str | Path) -> Path:
@@ -27,8 +30,8 @@ def resolve(name_or_path: str | Path) -> Path:
         folder = EMBEDDED[str(name_or_path)]
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"embedded model {name_or_path!r} is missing from {folder}; "
-                                    "train it with `python -m llmopt.train --preset "
-                                    f"{name_or_path}` or re-clone the repository")
+                                    "re-clone the repository, or train it "
+                                    f"(see {folder.name}/TRAINING.md)")
         return folder
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -36,7 +39,7 @@ def resolve(name_or_path: str | Path) -> Path:
             raise FileNotFoundError(f"{path} is not a checkpoint folder (no config.json)")
         return path
     if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
-        raise FileNotFoundError(f"no checkpoint at {name_or_path!r}: give 'tiny', 'tiny-draft', "
+        raise FileNotFoundError(f"no checkpoint at {name_or_path!r}: give 'tiny', 'tiny-draft', 'tiny-draft-llama', "
                                 "a local Hugging Face folder, or a hub name like 'org/model'")
     try:
         from huggingface_hub import snapshot_download
@@ -66,9 +69,17 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def load_model(name_or_path: str | Path = "tiny", *, device=None,
                dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
-    """(model, tokenizer) for "tiny", "tiny-draft", a local HF folder or a hub name (notebook 00)."""
+    """(model, tokenizer) for "tiny", "tiny-draft", a local HF folder or a hub name (notebook 00).
+
+    "tiny-draft" (and any folder `python -m llmopt.draft` wrote) gives an `llmopt.draft.MLPDraft`.
+    """
     folder = resolve(name_or_path)
     hf = json.loads((folder / "config.json").read_text())
+    from .draft import MLPDraft, is_mlp_draft_folder
+    if is_mlp_draft_folder(hf):
+        draft = MLPDraft.load(folder, device=device, dtype=dtype)
+        draft.name = str(name_or_path)
+        return draft, Tokenizer.from_folder(folder, eos_token_id=draft.config.eos_token_id)
     cfg = ModelConfig.from_hf(hf)
     state = {k.removeprefix("model."): v for k, v in _read_weights(folder).items()}
     if cfg.tie_embeddings:

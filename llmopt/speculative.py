@@ -19,8 +19,12 @@ accepted with probability min(1, p(d) / q(d)), and on rejection the token is dra
 from max(0, p - q) renormalized; the output then follows the target's distribution
 p exactly (Leviathan et al. 2023, Chen et al. 2023).
 
-Drafts: a smaller model (`draft=model`), or prompt lookup (`draft="lookup"`): the
-continuation of the last n-gram's previous occurrence in the sequence, free to compute.
+Drafts: a smaller transformer (`draft=model`, with its own KV cache); a proposer with
+`propose(tokens, k)`: the MLP draft `tiny-draft` (llmopt.draft: a neural n-gram built to
+cost ~1/20 of the target's step), an n-gram table from the corpus; or prompt lookup
+(`draft="lookup"`): the continuation of the last n-gram's previous occurrence in the
+sequence, free to compute. A proposer's tokens count as certain (q = 1), which keeps the
+sampling rule exact: accept d with probability p(d), else draw from p without d.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import time
 
 import torch
 
+from .draft import MLPDraft
 from .generate import Generation, _as_stop_list, _checked_request, _eos_ids, _stop_at, timing_stats
 from .kv_cache import make_cache
 from .sampling import check_sampling, probabilities
@@ -146,11 +151,14 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
                          seed: int | None = None, stop=None, ignore_eos: bool = False,
                          max_ngram: int = 3) -> Generation:
     """Generate with speculative decoding: `draft` (a smaller model sharing the target's
-    tokenizer, or "lookup" for prompt lookup) proposes `k` tokens per round, `target`
+    tokenizer, a proposer such as `load_model("tiny-draft")[0]`, or "lookup" for prompt
+    lookup) proposes `k` tokens per round, `target`
     verifies them in one forward. Greedy output equals `generate(target, ...)`'s.
 
-    Extra stats: acceptance_rate, tokens_per_target_forward, target_forwards,
-    draft_forwards, expected_tokens_per_round (from the acceptance rate) and
+    Extra stats: acceptance_rate (accepted / checked draft tokens: a rejection ends the
+    round, so the drafts after it are never checked and do not count), proposed, accepted,
+    tokens_per_target_forward, target_forwards, draft_forwards,
+    expected_tokens_per_round (from the acceptance rate) and
     draft_cost_ratio / expected_speedup (from the measured step times).
     """
     start = time.perf_counter()
@@ -158,14 +166,16 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
         raise ValueError(f"k (draft tokens per round) must be an integer >= 1, got {k!r}")
     if draft == "lookup":
         draft = PromptLookup(max_ngram)
-    lookup = hasattr(draft, "propose")          # a model-free proposer: prompt lookup, n-gram tables
+    # a proposer: prompt lookup, n-gram tables, or the MLP draft (llmopt.draft) with its own loop
+    lookup = hasattr(draft, "propose")
     if isinstance(draft, str):
         raise ValueError(f"draft must be a model, 'lookup' (prompt lookup) or an object with "
                          f"propose(tokens, k), got {draft!r}")
+    draft_cfg = getattr(draft, "config", None)
+    if draft_cfg is not None and draft_cfg.vocab_size != target.config.vocab_size:
+        raise ValueError(f"draft and target vocabularies differ ({draft_cfg.vocab_size} vs "
+                         f"{target.config.vocab_size}): the draft must share the target's tokenizer")
     if not lookup:
-        if draft.config.vocab_size != target.config.vocab_size:
-            raise ValueError(f"draft and target vocabularies differ ({draft.config.vocab_size} vs "
-                             f"{target.config.vocab_size}): the draft must share the target's tokenizer")
         if draft.device != target.device:
             raise ValueError(f"draft is on {draft.device}, target on {target.device}: move both to one device")
     check_sampling(temperature, top_k, top_p)
@@ -189,7 +199,7 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
     tokens = list(ids)
     new: list[int] = []
     times: list[float] = []
-    proposed = accepted = rounds = 0
+    proposed = accepted = rejected = rounds = 0
     draft_seconds = 0.0
     reason, text = "length", None
     with torch.inference_mode():
@@ -239,16 +249,17 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
             rounds += 1
             proposed += len(drafts)
             n_ok, pending = 0, []
+            best = logits.argmax(-1).tolist() if greedy else None     # one host copy for the round
             for i, d in enumerate(drafts):
                 if greedy:
-                    ok = int(logits[i].argmax()) == d
+                    ok = best[i] == d
                 else:
                     p = probabilities(logits[i], temperature, top_k, top_p)
                     qd = q[i][d] if q else 1.0                      # lookup: q is a point mass on d
                     ok = bool(torch.rand((), generator=gen, device=p.device) * qd < p[d])
                 if not ok:
                     if greedy:
-                        pending.append(int(logits[i].argmax()))
+                        pending.append(best[i])
                     else:
                         resid = p.clone()
                         if q:
@@ -259,8 +270,9 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
                     break
                 n_ok += 1
                 pending.append(d)
+            rejected += n_ok < len(drafts)
             if n_ok == len(drafts):                                  # every draft accepted: a bonus token
-                pending.append(pick(logits[len(drafts)]))
+                pending.append(best[-1] if greedy else pick(logits[len(drafts)]))
             accepted += n_ok
             # roll back: the caches keep only positions that hold accepted tokens
             tgt.pos = len(tokens) + n_ok
@@ -269,7 +281,7 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
     if text is None:
         text = tokenizer.decode(new) if tokenizer is not None else ""
     stats = timing_stats(times, len(ids))
-    alpha = accepted / proposed if proposed else 0.0
+    alpha = accepted / (accepted + rejected) if accepted + rejected else 0.0
     target_step = tgt.seconds / tgt.forwards
     if drf is not None:     # time of one draft step / one target step
         cost_ratio = (drf.seconds / drf.forwards) / target_step if drf.forwards else 0.0
@@ -277,8 +289,10 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
         cost_ratio = (draft_seconds / max(1, proposed)) / target_step
     stats.update(device=str(target.device), dtype=str(target.dtype).removeprefix("torch."), cache="static",
                  compiled=False, k=k, draft=getattr(draft, "name", type(draft).__name__),
-                 rounds=rounds, proposed=proposed, accepted=accepted, acceptance_rate=alpha,
-                 target_forwards=tgt.forwards, draft_forwards=drf.forwards if drf else 0,
+                 rounds=rounds, proposed=proposed, accepted=accepted, rejected=rejected, acceptance_rate=alpha,
+                 target_forwards=tgt.forwards,
+                 # a neural proposer (the MLP draft) runs one forward per proposed token
+                 draft_forwards=drf.forwards if drf else (proposed if isinstance(draft, torch.nn.Module) else 0),
                  tokens_per_target_forward=len(new) / tgt.forwards,
                  expected_tokens_per_round=expected_tokens_per_round(alpha, k),
                  draft_cost_ratio=cost_ratio, expected_speedup=expected_speedup(alpha, k, cost_ratio))
@@ -303,6 +317,12 @@ def speculation_vs_batch(target, draft, *, k: int = 4, alpha: float, sizes=(1, 2
     for B in sizes:
         times = {}
         for name, m, T in (("decode", target, 1), ("verify", target, k + 1), ("draft", draft, 1)):
+            if isinstance(m, MLPDraft):                   # no cache: a step reads `context` tokens a row
+                ctx = torch.zeros(B, m.config.context, dtype=torch.long, device=m.device)
+                with torch.inference_mode():
+                    times[name] = measure(lambda: m(ctx), warmup=3, repeats=repeats,
+                                          device=str(m.device))["median"]
+                continue
             if m is None or isinstance(m, str) or hasattr(m, "propose"):   # a model-free draft
                 times[name] = 0.0
                 continue

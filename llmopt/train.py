@@ -1,7 +1,7 @@
 """Train the embedded models on the Shakespeare corpus (notebooks 00 and 05).
 
     python -m llmopt.train --preset tiny --out data/tiny --steps 1200
-    python -m llmopt.train --preset tiny-draft --out data/tiny-draft --steps 1200
+    python -m llmopt.train --preset tiny-draft-llama --out data/tiny-draft-llama --tokenizer data/tiny --steps 1800
 
 Seeded and recorded: the run's settings, loss curve and held-out perplexity land
 in `training_report.json` and `TRAINING.md` beside the weights. The tokenizer is

@@ -54,7 +54,7 @@ def test_shards_feed_training(corpus, tmp_path):
     assert x.shape == y.shape == (4, 32) and torch.equal(x[:, 1:], y[:, :-1])
     from llmopt.train import main
     out = tmp_path / "model"
-    main(["--preset", "tiny-draft", "--out", str(out), "--tokenizer", str(EMBEDDED["tiny"]),
+    main(["--preset", "tiny-draft-llama", "--out", str(out), "--tokenizer", str(EMBEDDED["tiny"]),
           "--shards", str(tmp_path / "s"), "--steps", "2", "--batch-size", "2", "--seq-len", "32",
           "--eval-tokens", "256", "--eval-every", "1000"])
     report = json.loads((out / "training_report.json").read_text())

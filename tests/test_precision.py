@@ -71,7 +71,7 @@ def test_training_cli_with_fp16_grad_scaler(tmp_path):
     from llmopt.train import main
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)   # fp16 may be emulated on this CPU
-        main(["--preset", "tiny-draft", "--out", str(tmp_path), "--tokenizer", str(llmopt.load.EMBEDDED["tiny"]), "--steps", "3",
+        main(["--preset", "tiny-draft-llama", "--out", str(tmp_path), "--tokenizer", str(llmopt.load.EMBEDDED["tiny"]), "--steps", "3",
               "--batch-size", "2", "--seq-len", "32", "--eval-every", "3", "--amp", "fp16",
               "--eval-tokens", "256"])
     report = json.loads((tmp_path / "training_report.json").read_text())

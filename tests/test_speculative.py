@@ -12,9 +12,15 @@ PROMPTS = ["ROMEO:\nBut soft, what light through yonder window breaks?\n", "KING
 
 @pytest.fixture(scope="module")
 def pair():
+    """The target and the transformer draft (its own KV cache)."""
     target, tok = llmopt.load_model("tiny")
-    draft, _ = llmopt.load_model("tiny-draft")
+    draft, _ = llmopt.load_model("tiny-draft-llama")
     return target, draft, tok
+
+
+@pytest.fixture(scope="module")
+def mlp_draft():
+    return llmopt.load_model("tiny-draft")[0]
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +29,11 @@ def ngram(pair):
     return NGramDraft.from_text(pair[2], load_text("train")[:300_000])
 
 
-@pytest.mark.parametrize("draft_kind", ["model", "lookup", "ngram", "lookup+ngram"])
+@pytest.mark.parametrize("draft_kind", ["model", "mlp", "lookup", "ngram", "lookup+ngram"])
 @pytest.mark.parametrize("k", [1, 4])
-def test_greedy_output_is_the_targets_own(pair, ngram, draft_kind, k):
+def test_greedy_output_is_the_targets_own(pair, mlp_draft, ngram, draft_kind, k):
     target, draft, tok = pair
-    d = {"model": draft, "lookup": "lookup", "ngram": ngram,
+    d = {"model": draft, "mlp": mlp_draft, "lookup": "lookup", "ngram": ngram,
          "lookup+ngram": PromptLookup(fallback=ngram)}[draft_kind]
     for prompt in PROMPTS:
         ref = llmopt.generate(target, tok, prompt, max_new_tokens=60, ignore_eos=True)
@@ -35,10 +41,34 @@ def test_greedy_output_is_the_targets_own(pair, ngram, draft_kind, k):
         assert g.token_ids == ref.token_ids, (draft_kind, k, prompt)
         s = g.stats
         assert 0 <= s["accepted"] <= s["proposed"] <= k * s["rounds"]
+        assert s["rejected"] <= s["rounds"] and s["accepted"] + s["rejected"] <= s["proposed"]
+        if s["accepted"] + s["rejected"]:
+            assert s["acceptance_rate"] == s["accepted"] / (s["accepted"] + s["rejected"])
         # every round yields the accepted drafts plus one token of the target's
         assert s["accepted"] + s["rounds"] + 1 >= len(g.token_ids) >= s["rounds"]
         assert s["target_forwards"] == s["rounds"] + 1
         assert s["tokens_per_target_forward"] == pytest.approx(len(g.token_ids) / s["target_forwards"])
+
+
+def test_acceptance_rate_counts_only_checked_drafts(pair):
+    """A draft right once then wrong: each round checks 2 of its 4 tokens (the rest are never
+    checked), so the acceptance rate is 1/2, not 1/4, and the formula's E(1/2, 4) is near 2."""
+    target, _, tok = pair
+    ref = llmopt.generate(target, tok, PROMPTS[1], max_new_tokens=41, ignore_eos=True)
+    n_prompt = len(ref.prompt_ids)
+
+    class RightThenWrong:
+        def propose(self, tokens, k):
+            i = len(tokens) - n_prompt
+            good = ref.token_ids[i:i + 2]
+            return [good[0]] + [(good[-1] + 1) % 4096] * (k - 1) if len(good) == 2 else []
+
+    g = speculative_generate(target, RightThenWrong(), tok, PROMPTS[1], k=4, max_new_tokens=40, ignore_eos=True)
+    s = g.stats
+    assert g.token_ids == ref.token_ids[:40]
+    # every round but the last (whose budget may be 1 token, accepted) is one accepted, one rejected
+    assert s["rejected"] in (s["accepted"], s["accepted"] - 1) and s["acceptance_rate"] == pytest.approx(0.5, abs=0.02)
+    assert s["proposed"] > 3.5 * s["accepted"] and s["tokens_per_target_forward"] > 1.9
 
 
 def test_model_draft_gives_several_tokens_per_target_forward(pair):
@@ -48,6 +78,21 @@ def test_model_draft_gives_several_tokens_per_target_forward(pair):
     assert g.stats["draft_forwards"] >= g.stats["rounds"]
     assert g.stats["expected_tokens_per_round"] == pytest.approx(
         expected_tokens_per_round(g.stats["acceptance_rate"], 4))
+
+
+def test_mlp_draft_gives_several_tokens_per_target_forward(pair, mlp_draft):
+    """tiny-draft is distilled from tiny: on the target's greedy text it is accepted often."""
+    target, _, tok = pair
+    g = speculative_generate(target, mlp_draft, tok, PROMPTS[0], k=4, max_new_tokens=96, ignore_eos=True)
+    assert g.stats["tokens_per_target_forward"] > 1.7
+    assert g.stats["draft_forwards"] == g.stats["proposed"] and g.stats["draft"] == "tiny-draft"
+    # an untrained draft of the same shape is almost never accepted: the agreement is learned
+    from llmopt.draft import MLPDraft
+    torch.manual_seed(0)
+    untrained = MLPDraft(mlp_draft.config).eval()
+    u = speculative_generate(target, untrained, tok, PROMPTS[0], k=4, max_new_tokens=96, ignore_eos=True)
+    assert u.stats["acceptance_rate"] < 0.05 < g.stats["acceptance_rate"] - 0.2
+    assert u.token_ids == g.token_ids
 
 
 def test_greedy_matches_on_a_transformers_checkpoint(small_tokenizer_dir, tmp_path):
@@ -74,7 +119,7 @@ def _exact_joint(model, prompt, temperature):
     return p1[:, None] * p2
 
 
-@pytest.mark.parametrize("draft_kind", ["model", "table"])
+@pytest.mark.parametrize("draft_kind", ["model", "table", "mlp"])
 def test_sampling_keeps_the_target_distribution(draft_kind):
     """Rejection sampling: the (t1, t2) frequencies match the target's exact joint distribution,
     though the draft's own distribution is far from it."""
@@ -89,7 +134,12 @@ def test_sampling_keeps_the_target_distribution(draft_kind):
     exact = _exact_joint(target, prompt, T)
     wrong = _exact_joint(draft, prompt, T)
     assert 0.5 * (exact - wrong).abs().sum() > 0.2          # the draft alone would fail this test
-    d = draft if draft_kind == "model" else NGramDraft({}, {t: (t + 1) % 6 for t in range(6)})
+    if draft_kind == "mlp":              # a random MLP draft: greedy proposals, far from the target
+        from llmopt.draft import MLPDraft, MLPDraftConfig
+        torch.manual_seed(3)
+        d = MLPDraft(MLPDraftConfig(vocab_size=6, context=2, embed_dim=4, hidden_dim=8, out_dim=4)).eval()
+    else:
+        d = draft if draft_kind == "model" else NGramDraft({}, {t: (t + 1) % 6 for t in range(6)})
     n = 3000
     counts = torch.zeros(6, 6)
     for seed in range(n):
@@ -116,11 +166,12 @@ def test_expected_speedup_formula():
     assert expected_speedup(0.8, 4, 0.5) < 1.2
 
 
-def test_speculation_vs_batch_rows(pair):
+def test_speculation_vs_batch_rows(pair, mlp_draft):
     target, draft, _ = pair
-    rows = speculation_vs_batch(target, draft, k=2, alpha=0.5, sizes=(1, 4), context=16, repeats=2)
-    assert [r["batch_size"] for r in rows] == [1, 4]
-    assert all(r["verify_s"] > 0 and r["draft_s"] > 0 and r["predicted_speedup"] > 0 for r in rows)
+    for d in (draft, mlp_draft):
+        rows = speculation_vs_batch(target, d, k=2, alpha=0.5, sizes=(1, 4), context=16, repeats=2)
+        assert [r["batch_size"] for r in rows] == [1, 4]
+        assert all(r["verify_s"] > 0 and r["draft_s"] > 0 and r["predicted_speedup"] > 0 for r in rows)
     free = speculation_vs_batch(target, "lookup", k=2, alpha=0.5, sizes=(1,), context=16, repeats=2)
     assert free[0]["draft_s"] == 0
 
@@ -142,6 +193,9 @@ def test_vocabulary_mismatch_is_refused(pair):
                                                   intermediate_size=32))
     with pytest.raises(ValueError, match="vocabularies differ"):
         speculative_generate(target, other, tok, "A")
+    from llmopt.draft import MLPDraft, MLPDraftConfig
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        speculative_generate(target, MLPDraft(MLPDraftConfig(vocab_size=100)), tok, "A")
 
 
 def test_stop_and_eos(pair):

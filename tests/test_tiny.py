@@ -24,7 +24,7 @@ def test_split_is_by_whole_work_and_fixed():
         load_split("dev")
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-draft"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-draft-llama"])
 def test_transformers_loads_the_folder_unchanged(name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder = EMBEDDED[name]
@@ -44,8 +44,8 @@ def test_transformers_loads_the_folder_unchanged(name):
 
 def test_models_share_the_tokenizer_and_fit_the_size_budget():
     a = (EMBEDDED["tiny"] / "tokenizer.json").read_bytes()
-    b = (EMBEDDED["tiny-draft"] / "tokenizer.json").read_bytes()
-    assert a == b
+    for draft in ("tiny-draft", "tiny-draft-llama"):
+        assert (EMBEDDED[draft] / "tokenizer.json").read_bytes() == a
     total = sum(f.stat().st_size for n in EMBEDDED.values() for f in n.iterdir())
     assert total < 30 * 2**20, f"embedded checkpoints are {total / 2**20:.1f} MiB"
     tiny_cfg = json.loads((EMBEDDED["tiny"] / "config.json").read_text())
@@ -59,7 +59,7 @@ def test_training_report_and_heldout_perplexity(tiny):
     # our metric on the first 4k test tokens lands near the report's full-split figure
     ppl = llmopt.metrics.perplexity(model, tok, split="test", context=256, max_tokens=4096)
     assert ppl < 2 * report["test_perplexity"] and report["test_perplexity"] < 100
-    draft_report = json.loads((EMBEDDED["tiny-draft"] / "training_report.json").read_text())
+    draft_report = json.loads((EMBEDDED["tiny-draft-llama"] / "training_report.json").read_text())
     assert report["test_perplexity"] < draft_report["test_perplexity"]  # the bigger model is better
 
 
