@@ -252,6 +252,11 @@ def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tok
 def _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p,
                      cache, compile=False, sync_every=1) -> list[int]:
     """Validate every option before any work starts; returns the prompt's ids."""
+    from .draft import MLPDraft
+    if isinstance(model, MLPDraft):
+        raise TypeError(f"{model.name!r} is an MLP draft (llmopt.draft): it only proposes tokens for "
+                        "speculative decoding; pass it as the draft: speculative_generate(target, draft, "
+                        "tokenizer, prompt), with a target such as load_model('tiny')")
     check_sampling(temperature, top_k, top_p)
     if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
         raise ValueError(f"sync_every must be an integer >= 1 (tokens read per host sync), got {sync_every!r}")

@@ -79,3 +79,12 @@ def test_distillation_cli_learns_the_target(tmp_path):
     from llmopt.speculative import speculative_generate
     g = speculative_generate(target, d, tok, "KING:\nNow", k=3, max_new_tokens=40, ignore_eos=True)
     assert g.token_ids == ref.token_ids and g.stats["accepted"] > 0
+
+
+def test_the_draft_cannot_be_used_as_a_generator(draft):
+    tok = llmopt.load_model("tiny")[1]
+    with pytest.raises(TypeError, match="only proposes tokens.*speculative_generate"):
+        llmopt.generate(draft, tok, "ROMEO:")
+    from llmopt.speculative import speculative_generate
+    with pytest.raises(TypeError, match="MLP draft"):
+        speculative_generate(draft, "lookup", tok, "ROMEO:")
