@@ -9,8 +9,8 @@ steps cost more than the target step they save.
 
 `MLPDraft` is a neural n-gram model (Bengio et al., 2003): the embeddings of the last
 `context` tokens, concatenated, go through one hidden layer to the logits. A step is
-seven small ops and no cache, about 0.16 ms here (c ~ 0.09, mostly reading its two
-512-wide matrices of ~1 MB each), and because it is trained
+seven small ops and no cache, about 0.16 ms here (c ~ 0.09, mostly reading two ~1 MB
+matrices: the hidden layer and the head), and because it is trained
 to copy the *target's* greedy choice (distillation), not the corpus's next token, it
 agrees with the target about half the time on held-out text, and more on the
 target's own repetitive greedy text.

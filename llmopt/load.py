@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,8 +19,11 @@ from .data import DATA_DIR
 from .model import Transformer, rope_inv_freq
 from .tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from .draft import MLPDraft
+
 # tiny: the 4-layer target; tiny-draft: the MLP draft built for speculative decoding on a
-# CPU (llmopt.draft); tiny-draft-llama: a 2-layer transformer draft, better but slower per step.
+# CPU (llmopt.draft); tiny-draft-llama: a 2-layer transformer draft, ~4x slower per step here.
 EMBEDDED = {"tiny": DATA_DIR / "tiny", "tiny-draft": DATA_DIR / "tiny-draft",
             "tiny-draft-llama": DATA_DIR / "tiny-draft-llama"}
 
@@ -68,7 +72,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(name_or_path: str | Path = "tiny", *, device=None,
-               dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
+               dtype: torch.dtype | None = None) -> tuple[Transformer | MLPDraft, Tokenizer]:
     """(model, tokenizer) for "tiny", "tiny-draft", a local HF folder or a hub name (notebook 00).
 
     "tiny-draft" (and any folder `python -m llmopt.draft` wrote) gives an `llmopt.draft.MLPDraft`.

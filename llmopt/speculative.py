@@ -21,7 +21,7 @@ p exactly (Leviathan et al. 2023, Chen et al. 2023).
 
 Drafts: a smaller transformer (`draft=model`, with its own KV cache); a proposer with
 `propose(tokens, k)`: the MLP draft `tiny-draft` (llmopt.draft: a neural n-gram built to
-cost ~1/20 of the target's step), an n-gram table from the corpus; or prompt lookup
+cost ~1/10 of the target's step on a CPU), an n-gram table from the corpus; or prompt lookup
 (`draft="lookup"`): the continuation of the last n-gram's previous occurrence in the
 sequence, free to compute. A proposer's tokens count as certain (q = 1), which keeps the
 sampling rule exact: accept d with probability p(d), else draw from p without d.
