@@ -149,7 +149,7 @@ class _Model:
 def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_new_tokens: int = 64,
                          temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                          seed: int | None = None, stop=None, ignore_eos: bool = False,
-                         max_ngram: int = 3) -> Generation:
+                         max_ngram: int = 3, batch_sizes: tuple[int, ...] | None = None) -> Generation:
     """Generate with speculative decoding: `draft` (a smaller model sharing the target's
     tokenizer, a proposer such as `load_model("tiny-draft")[0]`, or "lookup" for prompt
     lookup) proposes `k` tokens per round, `target`
@@ -160,10 +160,20 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
     tokens_per_target_forward, target_forwards, draft_forwards,
     expected_tokens_per_round (from the acceptance rate) and
     draft_cost_ratio / expected_speedup (from the measured step times).
+
+    With `batch_sizes` (say (1, 2, 4, ..., 64)) it also times the target's decode and verify
+    steps and the draft's step at each batch size after generating (`speculation_vs_batch`, with
+    this run's acceptance rate) and adds predicted_speedup_by_batch and
+    stops_paying_at_batch: the smallest of those sizes where the predicted speed-up is below 1
+    (None if it paid at every size). Off by default: it costs a few hundred extra forwards.
     """
     start = time.perf_counter()
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k (draft tokens per round) must be an integer >= 1, got {k!r}")
+    if batch_sizes is not None and (not batch_sizes or not all(isinstance(b, int) and b >= 1
+                                                                for b in batch_sizes)):
+        raise ValueError(f"batch_sizes must be positive integers (batch sizes to predict the "
+                         f"speed-up at), got {batch_sizes!r}")
     if draft == "lookup":
         draft = PromptLookup(max_ngram)
     # a proposer: prompt lookup, n-gram tables, or the MLP draft (llmopt.draft) with its own loop
@@ -296,8 +306,20 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
                  tokens_per_target_forward=len(new) / tgt.forwards,
                  expected_tokens_per_round=expected_tokens_per_round(alpha, k),
                  draft_cost_ratio=cost_ratio, expected_speedup=expected_speedup(alpha, k, cost_ratio))
+    if batch_sizes is not None:
+        rows = speculation_vs_batch(target, draft, k=k, alpha=alpha, sizes=tuple(batch_sizes),
+                                    context=min(len(tokens), target.config.max_seq_len - k - 1))
+        stats.update(predicted_speedup_by_batch={r["batch_size"]: r["predicted_speedup"] for r in rows},
+                     stops_paying_at_batch=stops_paying_at(rows))
     return Generation(token_ids=new, text=text, prompt_ids=ids, finish_reason=reason, stats=stats,
                       token_times=times)
+
+
+def stops_paying_at(rows: list[dict]) -> int | None:
+    """The smallest batch size in `speculation_vs_batch` rows whose predicted speed-up is
+    below 1, or None if speculation paid at every measured size."""
+    losing = [r["batch_size"] for r in rows if r["predicted_speedup"] < 1]
+    return min(losing) if losing else None
 
 
 def speculation_vs_batch(target, draft, *, k: int = 4, alpha: float, sizes=(1, 2, 4, 8, 16, 32),

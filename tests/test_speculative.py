@@ -5,7 +5,7 @@ import torch
 
 import llmopt
 from llmopt.speculative import (NGramDraft, PromptLookup, expected_speedup, expected_tokens_per_round,
-                                lookup_draft, speculation_vs_batch, speculative_generate)
+                                lookup_draft, speculation_vs_batch, speculative_generate, stops_paying_at)
 
 PROMPTS = ["ROMEO:\nBut soft, what light through yonder window breaks?\n", "KING:\nNow", "A"]
 
@@ -176,9 +176,24 @@ def test_speculation_vs_batch_rows(pair, mlp_draft):
     assert free[0]["draft_s"] == 0
 
 
+def test_where_speculation_stops_paying_is_in_the_stats(pair, mlp_draft):
+    target, draft, tok = pair
+    for d in (draft, mlp_draft, "lookup"):
+        g = speculative_generate(target, d, tok, PROMPTS[0], k=4, max_new_tokens=16, ignore_eos=True,
+                                 batch_sizes=(1, 64))
+        by = g.stats["predicted_speedup_by_batch"]
+        assert set(by) == {1, 64} and all(v > 0 for v in by.values())
+        losing = [b for b, v in by.items() if v < 1]
+        assert g.stats["stops_paying_at_batch"] == (min(losing) if losing else None)
+    assert "stops_paying_at_batch" not in speculative_generate(target, draft, tok, "A", max_new_tokens=4).stats
+    rows = [dict(batch_size=1, predicted_speedup=1.3), dict(batch_size=8, predicted_speedup=0.9),
+            dict(batch_size=16, predicted_speedup=0.7)]
+    assert stops_paying_at(rows) == 8 and stops_paying_at(rows[:1]) is None
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(k=0), "k"), (dict(draft="ngrams"), "draft must be"), (dict(temperature=-1), "temperature"),
-    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(batch_sizes=(0,)), "batch_sizes"), (dict(batch_sizes=()), "batch_sizes"),
 ])
 def test_bad_arguments(pair, kwargs, message):
     target, draft, tok = pair
