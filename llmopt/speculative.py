@@ -341,19 +341,17 @@ def speculation_vs_batch(target, draft, *, k: int = 4, alpha: float, sizes=(1, 2
         for name, m, T in (("decode", target, 1), ("verify", target, k + 1), ("draft", draft, 1)):
             if isinstance(m, MLPDraft):                   # no cache: a step reads `context` tokens a row
                 ctx = torch.zeros(B, m.config.context, dtype=torch.long, device=m.device)
-                with torch.inference_mode():
-                    times[name] = measure(lambda: m(ctx), warmup=3, repeats=repeats,
-                                          device=str(m.device))["median"]
-                continue
-            if m is None or isinstance(m, str) or hasattr(m, "propose"):   # a model-free draft
+                step = lambda m=m, ctx=ctx: m(ctx)          # noqa: E731
+            elif m is None or isinstance(m, str) or hasattr(m, "propose"):   # a model-free draft
                 times[name] = 0.0
                 continue
-            cache = make_cache("static", m.config, B, context + T, device=m.device, dtype=m.dtype)
-            ids = torch.zeros(B, T, dtype=torch.long, device=m.device)
-            pos = torch.arange(context, context + T, device=m.device)
+            else:
+                cache = make_cache("static", m.config, B, context + T, device=m.device, dtype=m.dtype)
+                ids = torch.zeros(B, T, dtype=torch.long, device=m.device)
+                pos = torch.arange(context, context + T, device=m.device)
+                step = lambda m=m, ids=ids, pos=pos, cache=cache: m(ids, pos, cache)   # noqa: E731
             with torch.inference_mode():
-                times[name] = measure(lambda: m(ids, pos, cache), warmup=3, repeats=repeats,
-                                      device=str(m.device))["median"]
+                times[name] = measure(step, warmup=3, repeats=repeats, device=str(m.device))["median"]
         speedup = gain * times["decode"] / (k * times["draft"] + times["verify"])
         rows.append(dict(batch_size=B, decode_s=times["decode"], verify_s=times["verify"],
                          draft_s=times["draft"], verify_over_decode=times["verify"] / times["decode"],
