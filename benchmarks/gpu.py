@@ -130,12 +130,13 @@ def main(argv=None) -> int:
     def batching():
         """Continuous vs static batching: the trained tiny model on GPU too (tokens are real text),
         64 requests, outputs 8-256 tokens, 8 slots (smoke: 8 requests, 8-24 tokens); continuous
-        also with the engine's host work overlapped with the device's."""
+        also with the engine's host work overlapped with the device's, and gathering every step."""
         from llmopt.workload import compare_batching, ideal_continuous_speedup, poisson_workload
         model, tok = llmopt.load_model("tiny", device=device)
         n, out_len = (8, (8, 24)) if args.smoke else (64, (8, 256))
         work = poisson_workload(tok, n, seed=0, prompt_tokens=(16, 64), output_tokens=out_len)
-        rows = compare_batching(model, tok, work, slots=8, repeats=repeats, overlap=True)
+        rows = compare_batching(model, tok, work, slots=8, repeats=repeats, overlap=True,
+                                gather_every_step=True)
         return {"rows": rows, "ideal": ideal_continuous_speedup([w.max_new_tokens for w in work], 8)}
 
     def speculative():

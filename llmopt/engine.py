@@ -337,17 +337,22 @@ class Engine:
     device (a GPU) the host work then hides behind the device's. Same tokens as without
     (except sampled rows that get preempted, whose dropped sample moved their generator);
     a row that ends on end-of-sequence or a stop string runs one extra, discarded step.
+    With `keep_gathered` (the default), the running rows' KV blocks, gathered into order
+    for attention, are kept from one decode step to the next and gathered again only when
+    the batch changes; it costs memory for a second copy of the running rows' cache.
+    `keep_gathered=False` gathers every layer of every step (`cache.gathers` counts gathers).
     A fault while serving one request fails that request only.
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, block_size: int = 16,
                  num_blocks: int | None = None, max_seq_len: int | None = None,
                  watermark: float = 0.01, prefix_caching: bool = False, metrics=None,
-                 policy: str = "fcfs", overlap: bool = False) -> None:
+                 policy: str = "fcfs", overlap: bool = False, keep_gathered: bool = True) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
-        if not isinstance(overlap, bool):
-            raise ValueError(f"overlap must be True or False, got {overlap!r}")
+        for name, flag in (("overlap", overlap), ("keep_gathered", keep_gathered)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
         self.overlap = overlap
         self._inflight = None                  # overlap: (rows, tokens on device, host copy, event)
         self.model, self.tokenizer = model, tokenizer
@@ -356,7 +361,8 @@ class Engine:
         per_seq = -(-self.max_seq_len // block_size)
         num_blocks = num_blocks or max_batch_size * per_seq
         self.cache = PagedKVCache(cfg, max_batch_size, self.max_seq_len, block_size=block_size,
-                                  num_blocks=num_blocks, device=model.device, dtype=model.dtype)
+                                  num_blocks=num_blocks, device=model.device, dtype=model.dtype,
+                                  keep_gathered=keep_gathered)
         self.prefix_cache = PrefixCache(self.cache.manager) if prefix_caching else None
         self.scheduler = Scheduler(self.cache.manager, max_batch_size,
                                    watermark_blocks=int(watermark * num_blocks), prefix_cache=self.prefix_cache,
@@ -547,6 +553,8 @@ class Engine:
             self.blocks_copied += len(sched.copies)
         if rows or self._inflight is not None:
             self._decode(rows)
+        if not sched.running:
+            self.cache.drop_gathered()         # nothing runs: free the kept copy of the rows
         self.steps += 1
         self.step_log.append(dict(t=time.perf_counter(), rows=len(rows), prefills=len(admitted),
                                   blocks_used=self.cache.manager.num_blocks - self.cache.manager.num_free,
@@ -642,7 +650,7 @@ class Engine:
         """Logits [B, V] for one new token per row (tokens [B, 1]); row b has lengths[b] tokens cached."""
         device = self.model.device
         S = self.cache.set_rows([s.blocks for s in rows], lengths)          # key slots attention reads
-        lens = torch.tensor(lengths, device=device)
+        lens = self.cache.row_lengths                                          # lengths, on the device
         key_mask = torch.arange(S, device=device)[None, :] <= lens[:, None]      # [B, S]
         return self.model(tokens, torch.tensor([S - 1], device=device), self.cache,
                           positions=lens[:, None], key_mask=key_mask)[:, -1]

@@ -153,7 +153,7 @@ class PagedKVCache:
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, *, block_size: int = 16,
                  num_blocks: int | None = None, device=None, dtype: torch.dtype = torch.float32,
-                 manager: BlockManager | None = None) -> None:
+                 manager: BlockManager | None = None, keep_gathered: bool = False) -> None:
         self.block_size = block_size
         self.max_blocks = -(-max_len // block_size)              # blocks per sequence at most
         if manager is None:
@@ -169,6 +169,13 @@ class PagedKVCache:
         self.blocks: list[list[int]] = [[] for _ in range(batch_size)]   # host copy per row
         self.device = device
         self.row_lengths: torch.Tensor | None = None   # ragged mode (see set_rows)
+        # keep_gathered: the running rows' blocks, gathered into order once, are kept between
+        # decode steps ([B, W, 2, Hkv, D] per layer) and extended by each step's token
+        self.keep_gathered = keep_gathered
+        self.gathered: list[torch.Tensor | None] = [None] * cfg.n_layers
+        self._gathered_rows: tuple[list[list[int]], list[int]] | None = None   # blocks, lengths
+        self._mode = "gather"       # this step: "gather", or with keep_gathered "regather" / "extend"
+        self.gathers = 0            # ragged decode steps that gathered every row's blocks
 
     def set_rows(self, blocks: list[list[int]], lengths: list[int], new_tokens: int = 1) -> int:
         """Ragged mode, for the continuous-batching engine: row b owns `blocks[b]` and
@@ -180,23 +187,56 @@ class PagedKVCache:
         Attention then reads whole blocks (one gather of block ids, not of single
         slots): returns the number of key slots it will see, a multiple of the block
         size; the caller's key mask hides each row's slots past its length.
+
+        With `keep_gathered`, the gathered rows are kept for the next decode step: when
+        that step's rows are the same, each one token longer (same blocks, maybe one
+        more), it skips the gather and writes its token into the kept copy as well as
+        into the blocks. Anything else (a row joins, leaves or has a block copied on
+        write, or the rows outgrow the copy's width) gathers again.
         """
         if new_tokens > 1 and len(blocks) > 1:
             raise ValueError("ragged paged cache: several new tokens at once only for one row")
-        width = max(map(len, blocks))
-        dev = self.block_table.device
-        self.block_table = torch.tensor([b + [0] * (width - len(b)) for b in blocks],
-                                        dtype=torch.long, device=dev)
-        self.blocks = [list(b) for b in blocks]
-        self.row_lengths = torch.tensor(lengths, dtype=torch.long, device=dev)
+        bs = self.block_size
+        write = []                                    # the slot of every new token, on the host
+        for row, n in zip(blocks, lengths):
+            if self.manager.blocks_needed(n + new_tokens) > len(row):
+                raise ValueError(f"a row caching {n} tokens needs {self.manager.blocks_needed(n + new_tokens)} "
+                                 f"blocks for its next {new_tokens} but owns {len(row)}")
+            write += [row[p // bs] * bs + p % bs for p in range(n, n + new_tokens)]
         nb = self.manager.blocks_needed(max(lengths) + new_tokens)
-        if nb > width:
-            raise ValueError(f"rows need {nb} blocks for their next tokens but own at most {width}")
-        write = self.row_lengths[:, None] + torch.arange(new_tokens, device=dev)     # [B, T]
-        self._write = self._slots_ragged(write).flatten()
-        self._read_blocks = self.block_table[:, :nb].flatten()                       # [B * nb]
-        self._ragged_kv_len = nb * self.block_size
+        self._ragged_kv_len = nb * bs
+        self.blocks = [list(row) for row in blocks]
+        if self.keep_gathered and new_tokens == 1:
+            self._mode = "extend" if self._can_extend(blocks, lengths, nb) else "regather"
+        else:
+            self._mode = "gather"                     # a prefill leaves the kept copy alone
+        if self._mode != "extend":                    # the blocks to read, each row padded with block 0
+            wb = nb if self._mode == "gather" else min(-(-nb // 8) * 8, max(self.max_blocks, nb))
+            table = [row[:wb] + [0] * (wb - len(row[:wb])) for row in blocks]
+            self._read_blocks = torch.tensor(table, dtype=torch.long, device=self.device).flatten()
+            self.gathers += self._mode == "regather"
+        extra = []
+        if self._mode != "gather":                    # where each row's token goes in the kept copy
+            width = (len(self._read_blocks) // len(blocks) * bs if self._mode == "regather"
+                     else self.gathered[0].shape[1])
+            extra = [r * width + n for r, n in enumerate(lengths)]
+            self._gathered_rows = ([list(row) for row in blocks], list(lengths))
+        idx = torch.tensor(write + extra + list(lengths), dtype=torch.long, device=self.device)
+        self._write, self._gathered_write, self.row_lengths = idx.split([len(write), len(extra), len(lengths)])
         return self._ragged_kv_len
+
+    def _can_extend(self, blocks: list[list[int]], lengths: list[int], nb: int) -> bool:
+        """Whether the kept copy holds these rows as the last decode step left them."""
+        prev, kept = self._gathered_rows, self.gathered[0]
+        return (prev is not None and kept is not None
+                and nb * self.block_size <= kept.shape[1] and len(blocks) == len(prev[0])
+                and all(n == m + 1 and row[:len(old)] == old
+                        for row, n, old, m in zip(blocks, lengths, prev[0], prev[1])))
+
+    def drop_gathered(self) -> None:
+        """Free the kept copy (the engine calls this when nothing is running)."""
+        self.gathered = [None] * len(self.gathered)
+        self._gathered_rows = None
 
     def reserve(self, num_tokens: int) -> None:
         """Make sure every row has blocks for `num_tokens` positions (allocating as needed)."""
@@ -214,20 +254,22 @@ class PagedKVCache:
         block = self.block_table[:, positions // self.block_size]          # [B, T]
         return block * self.block_size + positions % self.block_size
 
-    def _slots_ragged(self, positions: torch.Tensor) -> torch.Tensor:
-        """Physical slots of per-row positions [B, T]."""
-        block = self.block_table.gather(1, positions // self.block_size)
-        return block * self.block_size + positions % self.block_size
-
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         B, H, T, D = k.shape
         if self.row_lengths is not None:      # ragged: each row writes after its own length
-            self.k[layer].index_copy_(0, self._write, k.transpose(1, 2).reshape(B * T, H, D))
-            self.v[layer].index_copy_(0, self._write, v.transpose(1, 2).reshape(B * T, H, D))
+            new = torch.stack((k.transpose(1, 2), v.transpose(1, 2)), 2).reshape(B * T, 2, H, D)
+            self.kv[layer].index_copy_(0, self._write, new)
             # whole blocks, in each row's order: [B, S, 2, Hkv, D]; slots past a row's
             # length hold other data, which the engine's key mask hides
             blocks = self.kv[layer].view(self.manager.num_blocks, self.block_size, 2, H, D)
-            kv = blocks.index_select(0, self._read_blocks).view(B, self._ragged_kv_len, 2, H, D)
+            if self._mode == "extend":                    # the kept copy, plus this step's token
+                kv = self.gathered[layer]
+                kv.view(-1, 2, H, D).index_copy_(0, self._gathered_write, new)
+            else:
+                kv = blocks.index_select(0, self._read_blocks).view(B, -1, 2, H, D)
+            if self._mode == "regather":
+                self.gathered[layer] = kv
+            kv = kv[:, :self._ragged_kv_len]
             return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
         if layer == 0:
             self.reserve(int(input_pos[-1]) + 1)

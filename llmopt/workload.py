@@ -129,17 +129,21 @@ def summarize_load(df: pd.DataFrame, label: str = "", submitted: int | None = No
 
 def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int = 8,
                      max_batch_tokens: int | None = None, repeats: int = 1,
-                     overlap: bool = False) -> list[dict]:
+                     overlap: bool = False, gather_every_step: bool = False) -> list[dict]:
     """Offline throughput of static, dynamic and continuous batching on one workload
     (continuous twice: first come first served, and longest budget first; with `overlap`
-    a third time, first come first served with `Engine(overlap=True)`).
+    once more, first come first served with `Engine(overlap=True)`; with
+    `gather_every_step` once more with `Engine(keep_gathered=False)`, which gathers
+    every row's KV blocks into order in every layer of every step).
 
     Every request is there at time 0 and runs to exactly its `max_new_tokens`
     (end-of-sequence ignored), so the three do the same useful work. Repeats are
     interleaved (static, dynamic, continuous, static, ...) and the median wall time
-    kept, so drifting machine speed hits all three alike. Rows: label, tokens,
-    wall_s, tokens_per_s, forwards (decode steps run, prefills included),
-    throughput_vs_static, identical (every output equal to static batching's).
+    kept, so drifting machine speed hits all three alike; `throughput_vs_static` is
+    the median over repeats of each run's speed against the static run of the same
+    repeat (`_min` and `_max`: the spread over repeats). Rows: label, tokens, wall_s,
+    tokens_per_s, forwards (decode steps run, prefills included), throughput_vs_static,
+    identical (every output equal to static batching's).
     """
     from statistics import median
     from .batching import DynamicBatcher
@@ -162,8 +166,9 @@ def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int =
         out = b.run(prompts, max_new_tokens=max_new, ignore_eos=True)
         return out, sum(x["steps"] for x in b.batches if x["outcome"] == "ok")
 
-    def continuous(policy="fcfs", overlap=False):
-        e = Engine(model, tokenizer, max_batch_size=slots, policy=policy, overlap=overlap)
+    def continuous(policy="fcfs", overlap=False, keep_gathered=True):
+        e = Engine(model, tokenizer, max_batch_size=slots, policy=policy, overlap=overlap,
+                   keep_gathered=keep_gathered)
         return e.generate_many(prompts, max_new_tokens=max_new, ignore_eos=True), e.steps
 
     runs = {"static batching": static, "dynamic batching (length-aware)": dynamic,
@@ -171,6 +176,8 @@ def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int =
             "continuous batching, longest first": lambda: continuous("longest-first")}
     if overlap:
         runs["continuous batching, overlapped"] = lambda: continuous(overlap=True)
+    if gather_every_step:
+        runs["continuous batching, gathering every step"] = lambda: continuous(keep_gathered=False)
     times: dict[str, list[float]] = {k: [] for k in runs}
     outputs, forwards = {}, {}
     for _ in range(repeats):
@@ -186,8 +193,10 @@ def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int =
         rows.append(dict(label=label, requests=len(workload), slots=slots, tokens=tokens, wall_s=wall,
                          tokens_per_s=tokens / wall, forwards=forwards[label],
                          identical=[g.token_ids for g in outputs[label]] == reference))
-    for r in rows:
-        r["throughput_vs_static"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
+    for r in rows:   # per repeat, against the static run just before it: drift between repeats cancels
+        ratios = [s / t for s, t in zip(times["static batching"], times[r["label"]])]
+        r.update(throughput_vs_static=median(ratios), throughput_vs_static_min=min(ratios),
+                 throughput_vs_static_max=max(ratios))
     return rows
 
 

@@ -135,12 +135,12 @@ def test_dynamic_batcher_token_budget_and_lone_failure(tiny, reference):
 
 
 # ---- continuous batching --------------------------------------------------------------------
-@pytest.mark.parametrize("overlap", [False, True])
-def test_engine_output_equals_unbatched(tiny, reference, overlap):
+@pytest.mark.parametrize("overlap, keep_gathered", [(False, True), (True, True), (False, False)])
+def test_engine_output_equals_unbatched(tiny, reference, overlap, keep_gathered):
     model, tok = tiny
     lengths = [48, 5, 33, 17, 48, 1, 40, 9, 26, 48, 12, 30]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(lengths))]
-    with Engine(model, tok, overlap=overlap, max_batch_size=4) as engine:
+    with Engine(model, tok, overlap=overlap, max_batch_size=4, keep_gathered=keep_gathered) as engine:
         handles = [engine.submit(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(prompts, lengths)]
         out = [h.result(timeout=120) for h in handles]
     for p, n, g in zip(prompts, lengths, out):
@@ -149,12 +149,22 @@ def test_engine_output_equals_unbatched(tiny, reference, overlap):
         assert g.stats["e2e_s"] >= g.stats["ttft_s"]
     assert max(s["rows"] for s in engine.step_log) == 4          # the batch was really full
     assert engine.cache.manager.num_free == engine.cache.manager.num_blocks   # every block came back
+    # the rows' blocks are gathered into order only when the running rows change
+    decode_steps = sum(s["rows"] > 0 for s in engine.step_log)
+    assert 0 < engine.cache.gathers < decode_steps / 2 if keep_gathered else engine.cache.gathers == 0
+    assert engine.cache.gathered[0] is None                      # idle: the kept copy is freed
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_engine_preempts_when_blocks_run_out_and_still_matches(tiny, reference, overlap):
+def test_engine_refuses_a_non_bool_keep_gathered(tiny):
+    with pytest.raises(ValueError, match="keep_gathered must be True or False"):
+        Engine(*tiny, keep_gathered="yes")
+
+
+@pytest.mark.parametrize("overlap, keep_gathered", [(False, True), (True, True), (False, False)])
+def test_engine_preempts_when_blocks_run_out_and_still_matches(tiny, reference, overlap, keep_gathered):
     model, tok = tiny
-    engine = Engine(model, tok, overlap=overlap, max_batch_size=4, num_blocks=9, block_size=16)
+    engine = Engine(model, tok, overlap=overlap, max_batch_size=4, num_blocks=9, block_size=16,
+                    keep_gathered=keep_gathered)
     out = engine.generate_many(PROMPTS * 2, max_new_tokens=48, ignore_eos=True)
     assert engine.scheduler.preemptions > 0
     assert sum(g.stats["preemptions"] for g in out) == engine.scheduler.preemptions
@@ -323,10 +333,14 @@ def test_workload_is_seeded_and_in_range(tiny):
 def test_compare_batching_rows_and_ideal(tiny):
     model, tok = tiny
     work = poisson_workload(tok, 8, seed=0, prompt_tokens=(4, 12), output_tokens=(2, 24))
-    rows = compare_batching(model, tok, work, slots=4, overlap=True)
+    rows = compare_batching(model, tok, work, slots=4, overlap=True, gather_every_step=True, repeats=2)
     assert [r["label"] for r in rows][0] == "static batching"
     assert rows[4]["label"] == "continuous batching, overlapped"
+    assert rows[5]["label"] == "continuous batching, gathering every step"
+    assert rows[5]["forwards"] == rows[2]["forwards"]           # same schedule, only the cache differs
     assert all(r["identical"] for r in rows)
+    assert all(r["throughput_vs_static_min"] <= r["throughput_vs_static"] <= r["throughput_vs_static_max"]
+               for r in rows) and rows[0]["throughput_vs_static"] == 1.0
     ideal = ideal_continuous_speedup([w.max_new_tokens for w in work], 4)
     assert rows[0]["forwards"] == ideal["static_steps"]
     assert ideal["continuous_steps"] <= rows[2]["forwards"] <= ideal["static_steps"]

@@ -47,3 +47,69 @@ def test_paged_cache_grows_a_block_at_a_time_and_frees():
     assert cache.used_bytes == llmopt.kv_cache_bytes(cfg, 1, 32)
     cache.free()
     assert cache.manager.num_free == cache.manager.num_blocks
+
+
+def test_kept_gathered_rows_equal_a_fresh_gather_every_step():
+    """keep_gathered (the engine's default) returns exactly what gathering the blocks again
+    returns, through rows joining and leaving, a block copied on write, growth past the kept
+    width and a step that failed halfway; and it gathers only when the rows change."""
+    cfg = llmopt.get_config("tiny")
+    L, H, D = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+    manager = BlockManager(num_blocks=64, block_size=16)
+    caches = [PagedKVCache(cfg, 4, 512, manager=manager, keep_gathered=keep) for keep in (False, True)]
+    gen = torch.Generator().manual_seed(0)
+    rows: list[list[int]] = []      # blocks per running row
+    lengths: list[int] = []         # tokens cached per row
+
+    def forward(blocks, lens, new_tokens=1, layers=L):
+        """Both caches take the same keys/values; every position a row holds must agree."""
+        S = [c.set_rows(blocks, lens, new_tokens) for c in caches]
+        assert S[0] == S[1]
+        B = len(blocks)
+        for layer in range(layers):
+            k, v = torch.randn(2, B, H, new_tokens, D, generator=gen)
+            (k0, v0), (k1, v1) = [c.update(layer, None, k, v) for c in caches]
+            for b, n in enumerate(lens):
+                assert torch.equal(k0[b, :, :n + new_tokens], k1[b, :, :n + new_tokens])
+                assert torch.equal(v0[b, :, :n + new_tokens], v1[b, :, :n + new_tokens])
+
+    def admit(prompt_len):
+        blocks = manager.allocate(manager.blocks_needed(prompt_len + 1))
+        forward([blocks], [0], new_tokens=prompt_len)
+        rows.append(blocks)
+        lengths.append(prompt_len)
+
+    def step(layers=L):
+        for blocks, n in zip(rows, lengths):
+            if manager.blocks_needed(n + 1) > len(blocks):
+                blocks += manager.allocate(1)
+        forward(rows, lengths, layers=layers)
+        if layers == L:
+            lengths[:] = [n + 1 for n in lengths]
+
+    for p in (5, 30, 100):
+        admit(p)
+    kept = caches[1]
+    for _ in range(10):
+        step()
+    assert kept.gathers == 1                      # gathered once, then extended 9 times
+    manager.release(rows.pop(0)); lengths.pop(0)  # a row leaves, another joins
+    admit(17)
+    for _ in range(5):
+        step()
+    assert kept.gathers == 2
+    new = manager.allocate(1)[0]                  # copy on write of row 0's first block
+    for c in caches:
+        c.copy_blocks([(rows[0][0], new)])
+    rows[0][0] = new
+    step()
+    assert kept.gathers == 3
+    for _ in range(30):                           # row 1 (100 + ...) outgrows 128 kept slots
+        step()
+    assert kept.gathers == 4 and max(lengths) > 128
+    step(layers=1)                                # a forward that failed after one layer
+    step()
+    assert kept.gathers == 5
+    kept.drop_gathered()
+    step()
+    assert kept.gathers == 6 and kept.gathered[0] is not None
