@@ -72,6 +72,14 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.generated
 
+    @property
+    def num_tokens(self) -> int:                # len(all_ids), without building the list (every step)
+        return len(self.prompt_ids) + len(self.generated)
+
+    @property
+    def last_token(self) -> int:
+        return self.generated[-1] if self.generated else self.prompt_ids[-1]
+
     def __repr__(self) -> str:
         return f"Sequence(id={self.id}, {self.state}, {len(self.prompt_ids)}+{len(self.generated)} tokens)"
 
@@ -275,7 +283,7 @@ class Scheduler:
         for seq in list(rows):
             if seq.state != "running":
                 continue
-            n = len(seq.all_ids) + seq.inflight      # tokens in the cache after this step
+            n = seq.num_tokens + seq.inflight        # tokens in the cache after this step
             while self.manager.blocks_needed(n) > len(seq.blocks):
                 block = self._one_block(seq)
                 if block is None:
@@ -593,14 +601,14 @@ class Engine:
         launched = None
         if rows:
             try:
-                tokens = torch.tensor([s.all_ids[-1] for s in rows], device=self.model.device)  # host-known
+                tokens = torch.tensor([s.last_token for s in rows], device=self.model.device)  # host-known
                 if prev is not None:                   # rows whose last token is still on the device
                     where = {id(s): i for i, s in enumerate(prev[0])}
                     pairs = [(r, where[id(s)]) for r, s in enumerate(rows) if s.inflight]
                     if pairs:
                         dst, src = zip(*pairs)
                         tokens[list(dst)] = prev[1][list(src)]
-                lengths = [len(s.all_ids) - 1 + s.inflight for s in rows]      # tokens cached per row
+                lengths = [s.num_tokens - 1 + s.inflight for s in rows]        # tokens cached per row
                 logits = self._forward_rows(rows, lengths, tokens[:, None])
             except Exception as e:
                 self._read_back(prev)                 # settle the previous step first
