@@ -348,7 +348,8 @@ class Engine:
     With `keep_gathered` (the default), the running rows' KV blocks, gathered into order
     for attention, are kept from one decode step to the next and gathered again only when
     the batch changes; it costs memory for a second copy of the running rows' cache.
-    `keep_gathered=False` gathers every layer of every step (`cache.gathers` counts gathers).
+    `keep_gathered=False` gathers in every layer of every step (`cache.gathers` counts the
+    kept copy's gathers).
     A fault while serving one request fails that request only.
     """
 

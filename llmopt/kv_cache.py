@@ -175,7 +175,7 @@ class PagedKVCache:
         self.gathered: list[torch.Tensor | None] = [None] * cfg.n_layers
         self._gathered_rows: tuple[list[list[int]], list[int]] | None = None   # blocks, lengths
         self._mode = "gather"       # this step: "gather", or with keep_gathered "regather" / "extend"
-        self.gathers = 0            # ragged decode steps that gathered every row's blocks
+        self.gathers = 0            # decode steps that gathered the kept copy afresh (keep_gathered)
 
     def set_rows(self, blocks: list[list[int]], lengths: list[int], new_tokens: int = 1) -> int:
         """Ragged mode, for the continuous-batching engine: row b owns `blocks[b]` and
