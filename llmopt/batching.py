@@ -24,7 +24,7 @@ import torch
 from .generate import (COMPILE_BUCKET, Generation, _as_stop_list, _checked_request, _eos_ids,
                        _stop_at, compiled_decode, decode_one_token, per_prompt, per_prompt_options,
                        timing_stats)
-from .kv_cache import kv_cache_bytes, make_cache
+from .kv_cache import kv_cache_bytes, make_cache, to_device
 from .sampling import sample
 
 
@@ -148,7 +148,7 @@ def generate_batch(model, tokenizer, prompts, *, max_new_tokens=64, temperature:
                 logits = model(tokens, positions=positions, key_mask=key_mask[:, :p + 1],
                                last_only=True)[:, -1]
             else:
-                logits = decode(model, next_tok[:, None], torch.tensor([p], device=device), kv,
+                logits = decode(model, next_tok[:, None], to_device([p], device), kv,
                                 positions=pos, key_mask=key_mask)
     out = []
     padded_tokens = n * T

@@ -48,26 +48,29 @@ def decode_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, context: int, b
 
 def compare_with_transformers(model, tokenizer, hf_model, *, prompt=DEFAULT_PROMPT,
                               new_tokens: int = 128, repeats: int = 3, label: str = "",
-                              compiled: bool = False, sync_every: int | None = None) -> list[dict]:
+                              compiled: bool | str | tuple[str, ...] = False,
+                              sync_every: int | None = None) -> list[dict]:
     """llmopt's generate vs `transformers` generate on the same weights: batch 1, greedy.
 
     Returns rows for llmopt (static cache, eager), llmopt with the compiled decode
-    step when `compiled`, the best llmopt path reading tokens back only every
-    `sync_every` steps when given, and transformers; each row records whether its
-    greedy tokens equal transformers'.
+    step when `compiled` (True: "reduce-overhead" on a GPU, "default" elsewhere; or the
+    torch.compile mode, or a tuple of modes, one row each), each compiled path (or the
+    eager one) again reading tokens back only every `sync_every` steps when given, and
+    transformers; each row records whether its greedy tokens equal transformers'.
     """
     ids = prompt if not isinstance(prompt, str) else tokenizer.encode(prompt)
     ids_t = torch.tensor([ids], device=model.device)
     dtype = str(model.dtype).removeprefix("torch.")
     ctx = dict(model=label or getattr(model, "name", "model"), device=str(model.device), dtype=dtype,
                batch=1)
+    if compiled is True:
+        compiled = "reduce-overhead" if model.device.type == "cuda" else "default"
+    modes = (compiled,) if isinstance(compiled, str) else tuple(compiled or ())
     variants = [("llmopt (static cache)", {})]
-    if compiled:
-        mode = "reduce-overhead" if model.device.type == "cuda" else "default"
-        variants.append((f"llmopt compiled decode ({mode})", {"compile": mode}))
-    if sync_every:
-        name, kw = variants[-1]
-        variants.append((f"{name}, sync every {sync_every} tokens", {**kw, "sync_every": sync_every}))
+    variants += [(f"llmopt compiled decode ({mode})", {"compile": mode}) for mode in modes]
+    if sync_every:      # each compiled path (or the eager one) again, reading tokens every k steps
+        variants += [(f"{name}, sync every {sync_every} tokens", {**kw, "sync_every": sync_every})
+                     for name, kw in (variants[1:] or variants)]
     reference = hf_generate(hf_model, ids_t, max_new_tokens=new_tokens).token_ids
     runs, first = {}, {}
     for name, kw in variants:

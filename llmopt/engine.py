@@ -32,7 +32,7 @@ import torch
 
 from .generate import (Generation, TextStream, _as_stop_list, _checked_request, _eos_ids, _stop_at,
                        per_prompt_options, timing_stats)
-from .kv_cache import BlockManager, PagedKVCache
+from .kv_cache import BlockManager, PagedKVCache, to_device
 from .sampling import sample
 
 _DONE = object()   # end-of-stream marker in a handle's token queue
@@ -575,7 +575,7 @@ class Engine:
         """Compute a newly admitted (or readmitted) sequence's KV cache and its next token."""
         try:
             start = seq.cached_tokens                 # the prefix cache already holds these
-            ids = torch.tensor([seq.all_ids[start:]], device=self.model.device)
+            ids = to_device([seq.all_ids[start:]], self.model.device)
             self.cache.set_rows([seq.blocks], [start], new_tokens=ids.shape[1])
             pos = torch.arange(start, start + ids.shape[1], device=ids.device)
             logits = self.model(ids, pos, self.cache, last_only=True)[:, -1]
@@ -602,13 +602,13 @@ class Engine:
         launched = None
         if rows:
             try:
-                tokens = torch.tensor([s.last_token for s in rows], device=self.model.device)  # host-known
+                tokens = to_device([s.last_token for s in rows], self.model.device)  # host-known
                 if prev is not None:                   # rows whose last token is still on the device
                     where = {id(s): i for i, s in enumerate(prev[0])}
                     pairs = [(r, where[id(s)]) for r, s in enumerate(rows) if s.inflight]
                     if pairs:
-                        dst, src = zip(*pairs)
-                        tokens[list(dst)] = prev[1][list(src)]
+                        dst, src = (to_device(list(i), tokens.device) for i in zip(*pairs))
+                        tokens[dst] = prev[1][src]
                 lengths = [s.num_tokens - 1 + s.inflight for s in rows]        # tokens cached per row
                 logits = self._forward_rows(rows, lengths, tokens[:, None])
             except Exception as e:
@@ -661,7 +661,7 @@ class Engine:
         S = self.cache.set_rows([s.blocks for s in rows], lengths)          # key slots attention reads
         lens = self.cache.row_lengths                                          # lengths, on the device
         key_mask = torch.arange(S, device=device)[None, :] <= lens[:, None]      # [B, S]
-        return self.model(tokens, torch.tensor([S - 1], device=device), self.cache,
+        return self.model(tokens, to_device([S - 1], device), self.cache,
                           positions=lens[:, None], key_mask=key_mask)[:, -1]
 
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:

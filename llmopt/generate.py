@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kv_cache import CACHE_KINDS, make_cache
+from .kv_cache import CACHE_KINDS, make_cache, to_device
 from .sampling import check_sampling, sample
 
 
@@ -222,7 +222,9 @@ def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tok
                 logits = model(tokens, last_only=True)[:, -1]
             else:
                 logits = prefill(model, tokens, kv)
-            pos = len(ids)
+            # the next token's position, counted on the device: building it from a host int
+            # every step would make the host wait for the device each step (`to_device`)
+            pos = torch.tensor([len(ids)], device=device)
             pending: list[torch.Tensor] = []                               # sampled, not yet read
             for i in range(max_new_tokens):
                 next_tok = sample(logits, temperature, top_k, top_p, gen)      # [1]
@@ -242,8 +244,8 @@ def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tok
                     tokens = torch.cat([tokens, next_tok[:, None]], dim=1)
                     logits = model(tokens, last_only=True)[:, -1]
                 else:
-                    logits = decode(model, next_tok[:, None], torch.tensor([pos], device=device), kv)
-                pos += 1
+                    logits = decode(model, next_tok[:, None], pos, kv)
+                    pos = pos + 1
         finally:
             if release is not None:
                 release()

@@ -18,6 +18,21 @@ from .config import ModelConfig
 CACHE_KINDS = ("none", "dynamic", "static", "paged")
 
 
+def to_device(values, device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A tensor of host values (a list) on `device`, without making the host wait for the device.
+
+    `torch.tensor(values, device="cuda")` copies from ordinary (pageable) host memory, and
+    PyTorch follows that copy with a stream synchronize: the host waits until every kernel
+    queued so far has finished, so it cannot queue the next step while the device computes
+    this one. Staging the values in pinned (page-locked) memory allows a truly asynchronous
+    copy, ordered on the stream like any kernel (PyTorch keeps the pinned block alive until
+    the copy is done). On a CPU it is plain `torch.tensor`.
+    """
+    if device is None or torch.device(device).type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
     """Bytes of cache one token costs: 2 (k and v) x layers x kv heads x head dim x dtype bytes."""
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
@@ -213,7 +228,7 @@ class PagedKVCache:
         if self._mode != "extend":                    # the blocks to read, each row padded with block 0
             wb = nb if self._mode == "gather" else min(-(-nb // 8) * 8, max(self.max_blocks, nb))
             table = [row[:wb] + [0] * (wb - len(row[:wb])) for row in blocks]
-            self._read_blocks = torch.tensor(table, dtype=torch.long, device=self.device).flatten()
+            self._read_blocks = to_device(table, self.device).flatten()
             self.gathers += self._mode == "regather"
         extra = []
         if self._mode != "gather":                    # where each row's token goes in the kept copy
@@ -221,7 +236,7 @@ class PagedKVCache:
                      else self.gathered[0].shape[1])
             extra = [r * width + n for r, n in enumerate(lengths)]
             self._gathered_rows = ([list(row) for row in blocks], list(lengths))
-        idx = torch.tensor(write + extra + list(lengths), dtype=torch.long, device=self.device)
+        idx = to_device(write + extra + list(lengths), self.device)
         self._write, self._gathered_write, self.row_lengths = idx.split([len(write), len(extra), len(lengths)])
         return self._ragged_kv_len
 
@@ -246,7 +261,7 @@ class PagedKVCache:
         for row, blocks in enumerate(self.blocks):
             if len(blocks) < need:
                 new = self.manager.allocate(need - len(blocks))
-                self.block_table[row, len(blocks):need] = torch.tensor(new, device=self.block_table.device)
+                self.block_table[row, len(blocks):need] = to_device(new, self.block_table.device)
                 blocks.extend(new)
 
     def slots(self, positions: torch.Tensor) -> torch.Tensor:
@@ -286,8 +301,8 @@ class PagedKVCache:
         if not pairs:
             return
         dev = self.kv[0].device
-        src = torch.tensor([a for a, _ in pairs], device=dev)
-        dst = torch.tensor([b for _, b in pairs], device=dev)
+        src = to_device([a for a, _ in pairs], dev)
+        dst = to_device([b for _, b in pairs], dev)
         for t in self.kv:
             blocks = t.view(self.manager.num_blocks, self.block_size, *t.shape[1:])
             blocks.index_copy_(0, dst, blocks.index_select(0, src))

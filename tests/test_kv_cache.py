@@ -113,3 +113,12 @@ def test_kept_gathered_rows_equal_a_fresh_gather_every_step():
     kept.drop_gathered()
     step()
     assert kept.gathers == 6 and kept.gathered[0] is not None
+
+
+def test_to_device_gives_the_values_on_the_device():
+    from llmopt.kv_cache import to_device
+    for device in [None, "cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        t = to_device([[3, 1], [4, 1]], device)
+        assert t.dtype == torch.long and t.tolist() == [[3, 1], [4, 1]]
+        assert t.device.type == ("cpu" if device is None else device)
+    assert to_device([0.5], "cpu", torch.float32).dtype == torch.float32

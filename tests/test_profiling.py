@@ -83,3 +83,20 @@ def test_compare_next_token_against_itself_and_a_perturbed_copy():
             p.add_(torch.randn_like(p) * 0.05)
     diff = metrics.compare_next_token(noisy, model, ids, context=32)
     assert diff["kl_divergence"] > 1e-3 and math.isfinite(diff["kl_divergence"])
+
+
+def test_compare_with_transformers_has_a_row_per_compile_mode_and_sync_every():
+    """The GPU suite's decode table: one row per compiled mode, each again reading every k tokens;
+    every llmopt row's greedy tokens equal transformers' own (fp32 on the CPU)."""
+    from llmopt.bench import compare_with_transformers, to_transformers
+    model, tok = llmopt.load_model("tiny")
+    hf = to_transformers(model)
+    rows = compare_with_transformers(model, tok, hf, prompt="ROMEO:", new_tokens=6, repeats=1,
+                                     compiled=("default",), sync_every=3)
+    assert [r["label"] for r in rows] == [
+        "llmopt (static cache)", "llmopt compiled decode (default)",
+        "llmopt compiled decode (default), sync every 3 tokens", "transformers generate"]
+    assert [r["greedy_token_agreement"] for r in rows] == [1.0] * 4
+    rows = compare_with_transformers(model, tok, hf, prompt="ROMEO:", new_tokens=6, repeats=1, sync_every=3)
+    assert [r["label"] for r in rows] == ["llmopt (static cache)", "llmopt (static cache), sync every 3 tokens",
+                                          "transformers generate"]
