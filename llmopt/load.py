@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig
 from .data import DATA_DIR
-from .model import Transformer, rope_inv_freq
+from .model import Transformer, check_unfused, rope_inv_freq
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -117,6 +117,7 @@ def load_model(name_or_path: str | Path = "tiny", *, device=None,
 
 def save_model(model: Transformer, folder: str | Path, tokenizer=None) -> Path:
     """Write `config.json` + `model.safetensors` (HF names) so `transformers` loads it too."""
+    check_unfused(model, "save_model (Hugging Face weight names)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model.config

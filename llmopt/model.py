@@ -77,14 +77,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        self.qkv_proj: nn.Module | None = None      # q, k and v in one matmul (`fuse_projections`)
         self.backend = "sdpa"
 
     def forward(self, x, cos, sin, mask, cache, input_pos):
         B, T, _ = x.shape
+        if self.qkv_proj is not None:
+            hq, hkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([hq, hkv, hkv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # q: [B, H, T, D]; k, v: [B, Hkv, T, D]
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
@@ -119,9 +125,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up in one matmul (`fuse_projections`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):
@@ -218,6 +229,81 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
+
+
+FUSED_GROUPS = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                ("mlp", "gate_up_proj", ("gate_proj", "up_proj")))
+
+
+def fuse_projections(model: Transformer) -> Transformer:
+    """Concatenate each layer's q, k, v projections into one Linear, and gate with up (in place).
+
+    The layer computes the same thing (outputs split back apart), with three matmuls fewer
+    per layer: each launch and each small matmul has a cost of its own, which a decode step
+    at batch 1 pays 7 times a layer (notebook 08). Fuse before quantizing (`quantize` then
+    treats each fused Linear as one); `unfuse_projections` restores the usual layout, which
+    saving, tensor parallelism and structured pruning need.
+    """
+    for layer in model.layers:
+        for part, fused, names in FUSED_GROUPS:
+            owner = getattr(layer, part)
+            if getattr(owner, fused) is not None:
+                continue
+            parts = [getattr(owner, n) for n in names]
+            if any(type(m) is not nn.Linear for m in parts):
+                raise ValueError(f"fuse_projections needs plain nn.Linear layers, found "
+                                 f"{type(parts[0]).__name__}: fuse before quantizing or pruning")
+            w = parts[0].weight
+            linear = nn.Linear(w.shape[1], sum(m.out_features for m in parts), bias=parts[0].bias is not None,
+                               device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(torch.cat([m.weight for m in parts]))
+                if linear.bias is not None:
+                    linear.bias.copy_(torch.cat([m.bias for m in parts]))
+            linear.requires_grad_(w.requires_grad)
+            for n in names:
+                delattr(owner, n)
+            setattr(owner, fused, linear)
+    return model
+
+
+def unfuse_projections(model: Transformer) -> Transformer:
+    """Undo `fuse_projections` (in place): separate q, k, v and gate, up Linears again."""
+    for layer in model.layers:
+        for part, fused, names in FUSED_GROUPS:
+            owner, linear = getattr(layer, part), getattr(getattr(layer, part), fused)
+            if linear is None:
+                continue
+            if type(linear) is not nn.Linear:
+                raise ValueError(f"cannot unfuse a {type(linear).__name__}: unfuse before quantizing")
+            cfg = model.config
+            sizes = ([cfg.n_heads * cfg.head_dim] + [cfg.n_kv_heads * cfg.head_dim] * 2 if fused == "qkv_proj"
+                     else [linear.out_features // 2] * 2)
+            weights = linear.weight.detach().split(sizes)
+            biases = linear.bias.detach().split(sizes) if linear.bias is not None else [None] * len(sizes)
+            for n, w, b in zip(names, weights, biases):
+                m = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+                with torch.no_grad():
+                    m.weight.copy_(w)
+                    if b is not None:
+                        m.bias.copy_(b)
+                setattr(owner, n, m)
+            setattr(owner, fused, None)
+    return model
+
+
+def is_fused(model) -> bool:
+    """Whether `fuse_projections` has been applied (only llmopt's own models can be)."""
+    return any(getattr(getattr(layer, "self_attn", None), "qkv_proj", None) is not None
+               or getattr(getattr(layer, "mlp", None), "gate_up_proj", None) is not None
+               for layer in getattr(model, "layers", ()))
+
+
+def check_unfused(model, what: str) -> None:
+    """A clear error for the operations that need the usual q/k/v, gate/up layout."""
+    if is_fused(model):
+        raise ValueError(f"{what} needs separate q, k, v and gate, up projections: call "
+                         "llmopt.unfuse_projections(model) first")
 
 
 def build_model(cfg: ModelConfig, *, device=None, dtype: torch.dtype | None = None,

@@ -82,7 +82,8 @@ def shard_model(model, rank: int, world: int, timer: CommTimer | None = None):
     Transformer whose config has the local head and channel counts, so
     `generate`, the caches and the profilers work on it unchanged.
     """
-    from .model import Transformer
+    from .model import Transformer, check_unfused
+    check_unfused(model, "tensor parallelism")
     cfg = model.config
     for name, n in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads),
                     ("intermediate_size", cfg.intermediate_size)):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .model import Transformer
+from .model import Transformer, check_unfused
 
 
 def prunable(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[tuple[str, nn.Linear]]:
@@ -97,6 +97,7 @@ def prune_heads(model: Transformer, keep_kv_heads: int) -> Transformer:
     `keep_kv_heads` most important groups (largest weight norms), so shapes stay
     uniform and the KV cache shrinks with them.
     """
+    check_unfused(model, "prune_heads")
     cfg = model.config
     if not 1 <= keep_kv_heads <= cfg.n_kv_heads:
         raise ValueError(f"keep_kv_heads must be in [1, {cfg.n_kv_heads}], got {keep_kv_heads}")
@@ -124,6 +125,7 @@ def prune_heads(model: Transformer, keep_kv_heads: int) -> Transformer:
 @torch.no_grad()
 def prune_mlp(model: Transformer, keep_channels: int) -> Transformer:
     """Keep the `keep_channels` most important SwiGLU channels in every layer (in place)."""
+    check_unfused(model, "prune_mlp")
     cfg = model.config
     if not 1 <= keep_channels <= cfg.intermediate_size:
         raise ValueError(f"keep_channels must be in [1, {cfg.intermediate_size}], got {keep_channels}")

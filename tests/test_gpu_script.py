@@ -15,6 +15,7 @@ def test_gpu_suite_smoke(tmp_path):
     assert "error" not in res["decode_batch1"], res["decode_batch1"]
     rows = res["decode_batch1"]["rows"]
     assert rows[0]["greedy_token_agreement"] == 1.0
+    assert [r["label"] for r in rows][-2:] == ["llmopt (static cache), fused projections", "transformers generate"]
     for part in ("quantized_decode", "attention_prefill", "batching", "speculative", "bitsandbytes"):
         assert "error" not in res[part], res[part]
         assert res[part]["rows"]
