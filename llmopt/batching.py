@@ -25,7 +25,7 @@ from .generate import (COMPILE_BUCKET, Generation, _as_stop_list, _checked_reque
                        _stop_at, compiled_decode, decode_one_token, per_prompt, per_prompt_options,
                        timing_stats)
 from .kv_cache import kv_cache_bytes, make_cache, to_device
-from .sampling import sample
+from .sampling import greedy, sample
 
 
 class MemoryBudgetExceeded(MemoryError):
@@ -117,7 +117,7 @@ def generate_batch(model, tokenizer, prompts, *, max_new_tokens=64, temperature:
                            key_mask=key_mask, last_only=True)[:, -1]
         for step in range(steps):
             if temperature == 0:
-                next_tok = logits.argmax(-1)                                     # [B]
+                next_tok = greedy(logits)                                        # [B]
             else:
                 next_tok = torch.cat([sample(logits[r:r + 1], temperature, top_k, top_p, gens[r])
                                       for r in range(n)])

@@ -40,6 +40,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .sampling import greedy
+
 MODEL_TYPE = "llmopt-mlp-draft"
 
 
@@ -109,7 +111,7 @@ class MLPDraft(nn.Module):
         ctx = torch.tensor([window], device=self.device)
         out = []
         for _ in range(k):
-            d = self(ctx).argmax(-1)                       # [1]
+            d = greedy(self(ctx))                          # [1]
             out.append(d)
             ctx = torch.cat([ctx[:, 1:], d[:, None]], dim=1)
         return torch.cat(out).tolist() if out else []      # one device-to-host copy for all k

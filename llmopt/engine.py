@@ -33,7 +33,7 @@ import torch
 from .generate import (Generation, TextStream, _as_stop_list, _checked_request, _eos_ids, _stop_at,
                        per_prompt_options, timing_stats)
 from .kv_cache import BlockManager, PagedKVCache, to_device
-from .sampling import sample
+from .sampling import greedy, sample
 
 _DONE = object()   # end-of-stream marker in a handle's token queue
 
@@ -671,7 +671,7 @@ class Engine:
     def _sample_tensor(self, rows: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """Next token per row [B], on the device: one argmax for the greedy rows, each sampled
         row with its generator."""
-        out = logits.argmax(-1)
+        out = greedy(logits)
         for i, seq in enumerate(rows):
             if seq.temperature > 0:
                 out[i] = sample(logits[i:i + 1], seq.temperature, seq.top_k, seq.top_p, seq.generator)[0]

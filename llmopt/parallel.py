@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .sampling import greedy
+
 
 # ---- tensor parallel --------------------------------------------------------------------------
 class CommTimer:
@@ -187,7 +189,7 @@ def pipeline_generate(stage, batches: list[torch.Tensor], new_tokens: int, rank:
                 t0 = time.perf_counter()
                 y = stage_forward(stage, x, pos, caches[m])
                 if stage.last:
-                    y = y.argmax(-1, keepdim=True)          # [b, 1] next tokens
+                    y = greedy(y)[..., None]                # [b, 1] next tokens
                     out[m].append(y)
                 if y.is_cuda:
                     torch.cuda.synchronize()

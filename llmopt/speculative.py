@@ -36,6 +36,7 @@ from .draft import MLPDraft
 from .generate import Generation, _as_stop_list, _checked_request, _eos_ids, _stop_at, timing_stats
 from .kv_cache import make_cache
 from .sampling import check_sampling, probabilities
+from .sampling import greedy as greedy_ids
 
 
 def lookup_draft(tokens: list[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
@@ -203,7 +204,7 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
 
     def pick(logits: torch.Tensor) -> int:
         if greedy:
-            return int(logits.argmax())
+            return int(greedy_ids(logits))
         return int(torch.multinomial(probabilities(logits, temperature, top_k, top_p), 1, generator=gen))
 
     tokens = list(ids)
@@ -245,7 +246,7 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
                 logits = drf.feed(tokens[drf.pos:])          # catch the draft up (1 or 2 tokens)
                 for i in range(budget):
                     if greedy:
-                        d = int(logits.argmax())
+                        d = int(greedy_ids(logits))
                     else:
                         qi = probabilities(logits, temperature, top_k, top_p)
                         d = int(torch.multinomial(qi, 1, generator=gen))
@@ -259,7 +260,7 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
             rounds += 1
             proposed += len(drafts)
             n_ok, pending = 0, []
-            best = logits.argmax(-1).tolist() if greedy else None     # one host copy for the round
+            best = greedy_ids(logits).tolist() if greedy else None     # one host copy for the round
             for i, d in enumerate(drafts):
                 if greedy:
                     ok = best[i] == d

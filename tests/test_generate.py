@@ -232,3 +232,14 @@ def test_sync_every_k_tokens_gives_the_same_tokens(model_and_tok, cache):
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="sync_every"):
             llmopt.generate(model, tok, prompt, sync_every=bad)
+
+
+def test_greedy_is_argmax_with_the_first_index_on_ties():
+    from llmopt.sampling import greedy
+    g = torch.Generator().manual_seed(0)
+    for shape in [(4096,), (8, 4096), (3, 1, 32000)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(*shape, generator=g).to(dtype)
+            assert torch.equal(greedy(x), x.argmax(-1))
+    ties = torch.tensor([[1.0, 3.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0], [5.0, 2.0, 5.0, 5.0]])
+    assert greedy(ties).tolist() == ties.argmax(-1).tolist() == [1, 0, 0]
