@@ -231,6 +231,17 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x))
 
 
+def linear_from(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    """A new nn.Linear holding copies of `weight` [out, in] and `bias` [out] (pruning, fusing)."""
+    m = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                  dtype=weight.dtype)
+    with torch.no_grad():
+        m.weight.copy_(weight)
+        if bias is not None:
+            m.bias.copy_(bias)
+    return m
+
+
 FUSED_GROUPS = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
                 ("mlp", "gate_up_proj", ("gate_proj", "up_proj")))
 
@@ -253,14 +264,10 @@ def fuse_projections(model: Transformer) -> Transformer:
             if any(type(m) is not nn.Linear for m in parts):
                 raise ValueError(f"fuse_projections needs plain nn.Linear layers, found "
                                  f"{type(parts[0]).__name__}: fuse before quantizing or pruning")
-            w = parts[0].weight
-            linear = nn.Linear(w.shape[1], sum(m.out_features for m in parts), bias=parts[0].bias is not None,
-                               device=w.device, dtype=w.dtype)
             with torch.no_grad():
-                linear.weight.copy_(torch.cat([m.weight for m in parts]))
-                if linear.bias is not None:
-                    linear.bias.copy_(torch.cat([m.bias for m in parts]))
-            linear.requires_grad_(w.requires_grad)
+                linear = linear_from(torch.cat([m.weight for m in parts]),
+                                     torch.cat([m.bias for m in parts]) if parts[0].bias is not None else None)
+            linear.requires_grad_(parts[0].weight.requires_grad)
             for n in names:
                 delattr(owner, n)
             setattr(owner, fused, linear)
@@ -282,12 +289,7 @@ def unfuse_projections(model: Transformer) -> Transformer:
             weights = linear.weight.detach().split(sizes)
             biases = linear.bias.detach().split(sizes) if linear.bias is not None else [None] * len(sizes)
             for n, w, b in zip(names, weights, biases):
-                m = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
-                with torch.no_grad():
-                    m.weight.copy_(w)
-                    if b is not None:
-                        m.bias.copy_(b)
-                setattr(owner, n, m)
+                setattr(owner, n, linear_from(w, b).requires_grad_(linear.weight.requires_grad))
             setattr(owner, fused, None)
     return model
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .model import Transformer, check_unfused
+from .model import Transformer, check_unfused, linear_from
 
 
 def prunable(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[tuple[str, nn.Linear]]:
@@ -148,11 +148,8 @@ def _select(lin: nn.Linear, rows=None, cols=None) -> nn.Linear:
         w = w[rows]
     if cols is not None:
         w = w[:, cols]
-    new = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, device=w.device, dtype=w.dtype)
-    new.weight.copy_(w)
-    if lin.bias is not None:
-        new.bias.copy_(lin.bias[rows] if rows is not None else lin.bias)
-    return new
+    bias = lin.bias if lin.bias is None or rows is None else lin.bias[rows]
+    return linear_from(w, bias)
 
 
 def recover(model, tokenizer, masks: dict[str, torch.Tensor] | None = None, *, steps: int = 50,
