@@ -239,7 +239,7 @@ def bench_compile(quick: bool, device: str) -> dict:
 QUANT_METHODS = (("fp32", None, {}), ("int8", "int8", {}), ("int4 g32", "int4", {"group_size": 32}),
                  ("int4 g64", "int4", {"group_size": 64}), ("int4 g128", "int4", {"group_size": 128}),
                  ("int4 g64 symmetric", "int4", {"group_size": 64, "symmetric": True}),
-                 ("bf16 + int8", "bf16+int8", {}))
+                 ("bf16 + int8", "bf16+int8", {}), ("bf16 + int4 g64", "bf16+int4", {"group_size": 64}))
 
 
 def bench_quantization(quick: bool, device: str) -> dict:
@@ -254,9 +254,9 @@ def bench_quantization(quick: bool, device: str) -> dict:
     fp32_bytes, fp32_ppl = model_bytes(ref), perplexity(ref, ids=ids, context=256)
     for label, method, kw in QUANT_METHODS:
         model = load_model("tiny", device=device)[0]
-        if method == "bf16+int8":  # bf16 activations and int8 weights: the fastest CPU decode below
+        if method and method.startswith("bf16+"):  # bf16 activations: the fastest CPU decodes below
             model = model.to(torch.bfloat16)
-            method = "int8"
+            method = method.removeprefix("bf16+")
         if method:
             quantize(model, method, **kw)
         ppl = perplexity(model, ids=ids, context=256)
@@ -281,6 +281,8 @@ def bench_quantization(quick: bool, device: str) -> dict:
                 ("llmopt int8 weight-only, compiled", "int8", {"compile": True}),
                 ("llmopt bf16 + int8 weight-only, compiled max-autotune", "bf16+int8",
                  {"compile": "max-autotune"}),
+                ("llmopt bf16 + int4 g64 weight-only, compiled max-autotune", "bf16+int4",
+                 {"compile": "max-autotune", "group_size": 64}),
                 ("llmopt int4 g64 weight-only", "int4", {"group_size": 64})]
     if device == "cpu":
         variants.append(("llmopt + torch dynamic int8 (W8A8)", "dynamic", {}))
@@ -291,10 +293,10 @@ def bench_quantization(quick: bool, device: str) -> dict:
         model = _random_shape("llama-100m", quick, device)
         kw = dict(kw)
         compiled = kw.pop("compile", False)
-        if method in ("bf16", "bf16+int8"):
+        if method in ("bf16", "bf16+int8", "bf16+int4"):
             model = model.to(torch.bfloat16)
-            if method == "bf16+int8":
-                quantize(model, "int8")
+            if method != "bf16":
+                quantize(model, method.removeprefix("bf16+"), **kw)
         elif method == "dynamic":
             model = quantize_dynamic_cpu(model)
         elif method:

@@ -113,6 +113,7 @@ def _frozen_decode(model):
     entry = model.__dict__.get("_llmopt_frozen_decode")
     if entry is None or entry[0] != key:
         import torch._inductor.config as inductor_config
+        from .quantize import frozen_weights
         step = torch.compile(_own_decode_step(model), fullgraph=True, dynamic=False,
                              options={"max_autotune": True,
                                       "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
@@ -121,7 +122,7 @@ def _frozen_decode(model):
             # compilation happens inside the first call (and any recompile), so the
             # freezing switch must be on around every call; the autotune tables stay quiet
             with inductor_config.patch(freezing=True, autotune_num_choices_displayed=0), \
-                    warnings.catch_warnings():
+                    frozen_weights(), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
                 return step(token, input_pos, cache, **kw)
 

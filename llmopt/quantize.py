@@ -10,16 +10,33 @@ inside a fused kernel (PyTorch's `_weight_int8pack_mm` / int4pack ops).
     llmopt.quantize(model, "int4", symmetric=True)     # symmetric int4
     llmopt.model_bytes(model)                          # every byte the model holds, scales included
 
-The quantizers apply to every `nn.Linear` (llmopt's or a `transformers` model's);
-embeddings and norms stay in full precision.
+The quantizers apply to every `nn.Linear` (llmopt's or a `transformers` model's) and,
+unless `embeddings=False`, to the input embedding table; norms stay in full precision.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 METHODS = ("int8", "int4")
+
+_FROZEN = False   # True while a decode step is traced with its weights frozen into constants
+
+
+@contextlib.contextmanager
+def frozen_weights():
+    """Code traced inside runs with its weights frozen into the graph (Inductor's freezing, used
+    by `generate(..., compile="max-autotune")` on a CPU): a quantized layer may then compute a
+    kernel's own weight layout from its buffers, since freezing folds that into a constant once."""
+    global _FROZEN
+    before, _FROZEN = _FROZEN, True
+    try:
+        yield
+    finally:
+        _FROZEN = before
 
 
 # -- int8: symmetric, per output channel ---------------------------------------------------
@@ -152,6 +169,20 @@ class Int4Linear(nn.Module):
             else:
                 y = torch._weight_int4pack_mm(x2, self.weight, self.group_size, self.scales_and_zeros)
             y = y.reshape(*x.shape[:-1], self.out_features)
+        elif (_FROZEN and torch.compiler.is_compiling() and x.device.type == "cpu"
+              and x.dtype in (torch.float32, torch.bfloat16) and self.scale.dtype == x.dtype):
+            # A CPU decode step compiled with frozen weights: repack into the layout of PyTorch's
+            # CPU int4 kernel. Freezing runs the repacking once, at compile time, so the graph
+            # holds 4-bit weights, and max_autotune times Inductor's C++ int4 GEMM template
+            # (AVX-512) against ATen's kernel. The dequantize-first form below would be folded
+            # into a full-precision copy instead. 2-core Xeon, llama-100m shape, bf16, two A/Bs
+            # interleaved in one process: 4.3 vs 6.0 and 6.4 vs 8.0 ms a token against bf16 +
+            # int8 compiled the same way (medians of 8; notebook 06).
+            w = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).to(torch.int32), 2)
+            scales_and_zeros = torch.stack([self.scale, self.zero], -1).transpose(0, 1).contiguous()
+            y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), w, self.group_size,
+                                                  scales_and_zeros)
+            y = y.reshape(*x.shape[:-1], self.out_features)
         else:  # reference: unpack, dequantize the whole matrix, matmul (readable, not fast)
             w = dequantize_int4(unpack_int4(self.weight), self.scale.float(), self.zero.float())
             y = F.linear(x, w.to(x.dtype))
@@ -246,7 +277,9 @@ def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, sy
     device and dtype run them; False forces the reference path. With `embeddings`
     the input embedding table is quantized too: shared with the output head when
     the model ties them (an int4 tied head then runs the reference path, since
-    lookups need the readable layout), otherwise stored as int8 rows.
+    lookups need the readable layout), otherwise stored as int8 rows. Traced for a CPU
+    decode step with frozen weights (`generate(..., compile="max-autotune")`), int8 layers
+    (bf16) and int4 layers (bf16 or fp32) call PyTorch's packed kernels whatever `fused` says.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r} (bitsandbytes is "

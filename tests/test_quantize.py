@@ -165,3 +165,40 @@ def test_bf16_int8_frozen_decode_keeps_int8_weights_and_matches_eager(monkeypatc
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     packed = torch._weight_int8pack_mm(x[0], lin.weight, lin.scale) + lin.bias
     assert torch.equal(lin(x)[0], packed)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_frozen_decode_repacks_for_the_cpu_kernel_and_matches_eager(monkeypatch, dtype):
+    """int4 weights, compiled with frozen weights (CPU max-autotune): the traced layer repacks
+    its 4-bit codes into PyTorch's CPU int4 kernel layout (freezing folds that once), and each
+    step's logits match the eager (dequantize-first) model's within the dtype's rounding."""
+    from llmopt.generate import compiled_decode, decode_one_token, prefill
+    from llmopt.quantize import Int4Linear, frozen_weights
+    model = quantize(llmopt.build_model(llmopt.get_config("tiny"), dtype=dtype), "int4", group_size=64)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
+    step = compiled_decode(model, "max-autotune")
+    tol = 0.05 if dtype == torch.bfloat16 else 1e-3
+    with torch.inference_mode():
+        caches = [llmopt.make_cache("static", model.config, 1, 256, dtype=dtype) for _ in range(2)]
+        for c in caches:
+            prefill(model, ids, c)
+        for t in range(12, 18):
+            token, pos = torch.tensor([[t]]), torch.tensor([t])
+            want = decode_one_token(model, token, pos, caches[0]).float()
+            got = step(model, token, pos, caches[1]).float()
+            assert got.argmax(-1).item() == want.argmax(-1).item()
+            assert (got - want).abs().max() <= tol * want.abs().max()
+    # the traced branch itself: same result as the reference path up to the dtype's rounding,
+    # taken only while the weights are frozen
+    lin = Int4Linear(torch.nn.Linear(128, 48).to(dtype), group_size=32)
+    x = torch.randn(2, 1, 128, dtype=dtype)
+    ref = lin(x)
+    calls = []
+    kernel = torch._weight_int4pack_mm_for_cpu
+    monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.equal(lin(x), ref) and not calls          # not frozen: the reference path
+    with frozen_weights():
+        got = lin(x)
+    assert len(calls) == 1 and got.shape == ref.shape
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol * ref.abs().max().item(), rtol=0)
