@@ -101,9 +101,9 @@ def _frozen_decode(model):
     """CPU `compile="max-autotune"`: the decode step with its weights frozen into the graph.
 
     Freezing makes the weights constants, so Inductor can pre-pack them and, with
-    max_autotune, time its C++ GEMM templates (AMX / AVX-512 micro-kernels, one for
-    weight-only int8) against ATen's kernels for every matmul shape and keep the
-    fastest. Guards on the model's modules are skipped (their check cost ~0.3 ms a step
+    max_autotune, time its C++ GEMM templates (AMX / AVX-512 micro-kernels, ones for
+    weight-only int8 and int4) against ATen's kernels for every matmul shape and keep the
+    fastest; quantized layers see `quantize.frozen_weights()` and trace the packed ops. Guards on the model's modules are skipped (their check cost ~0.3 ms a step
     on the 2-core Xeon). Both need the weights not to change, so the step is rebuilt
     whenever they do (`_weights_key`), from its own code object (`_own_decode_step`); it
     lives on the model, not in `_COMPILED`, so it is freed with the model. Notebook 06
