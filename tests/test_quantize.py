@@ -140,18 +140,14 @@ def test_int8_compiled_decode_form_matches_the_reference():
     assert compiled.token_ids == eager.token_ids
 
 
-def test_bf16_int8_frozen_decode_keeps_int8_weights_and_matches_eager(monkeypatch):
-    """bf16 activations with int8 weights, compiled with frozen weights (CPU max-autotune):
-    each step's logits match the eager bf16 int8 model's within bf16 rounding. Traced, a bf16
-    CPU row goes through the packed op on the int8 weights (freezing would fold any
-    dequantize-first form into a bf16 copy, twice the bytes)."""
+def _frozen_steps_match_eager(model, tol: float) -> None:
+    """Six decode steps of `model` compiled with frozen weights (CPU max-autotune) against the
+    eager model from the same prefill: same greedy token, logits within `tol` of their scale."""
     from llmopt.generate import compiled_decode, decode_one_token, prefill
-    from llmopt.quantize import Int8Linear
-    model = quantize(llmopt.build_model(llmopt.get_config("tiny"), dtype=torch.bfloat16), "int8")
     ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
     step = compiled_decode(model, "max-autotune")
     with torch.inference_mode():
-        caches = [llmopt.make_cache("static", model.config, 1, 256, dtype=torch.bfloat16) for _ in range(2)]
+        caches = [llmopt.make_cache("static", model.config, 1, 256, dtype=model.dtype) for _ in range(2)]
         for c in caches:
             prefill(model, ids, c)
         for t in range(12, 18):
@@ -159,7 +155,17 @@ def test_bf16_int8_frozen_decode_keeps_int8_weights_and_matches_eager(monkeypatc
             want = decode_one_token(model, token, pos, caches[0]).float()
             got = step(model, token, pos, caches[1]).float()
             assert got.argmax(-1).item() == want.argmax(-1).item()
-            assert (got - want).abs().max() <= 0.05 * want.abs().max()
+            assert (got - want).abs().max() <= tol * want.abs().max()
+
+
+def test_bf16_int8_frozen_decode_keeps_int8_weights_and_matches_eager(monkeypatch):
+    """bf16 activations with int8 weights, compiled with frozen weights (CPU max-autotune):
+    each step's logits match the eager bf16 int8 model's within bf16 rounding. Traced, a bf16
+    CPU row goes through the packed op on the int8 weights (freezing would fold any
+    dequantize-first form into a bf16 copy, twice the bytes)."""
+    from llmopt.quantize import Int8Linear
+    _frozen_steps_match_eager(quantize(llmopt.build_model(llmopt.get_config("tiny"), dtype=torch.bfloat16),
+                                       "int8"), tol=0.05)
     lin = Int8Linear(torch.nn.Linear(64, 32).to(torch.bfloat16))
     x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
@@ -172,22 +178,10 @@ def test_int4_frozen_decode_repacks_for_the_cpu_kernel_and_matches_eager(monkeyp
     """int4 weights, compiled with frozen weights (CPU max-autotune): the traced layer repacks
     its 4-bit codes into PyTorch's CPU int4 kernel layout (freezing folds that once), and each
     step's logits match the eager (dequantize-first) model's within the dtype's rounding."""
-    from llmopt.generate import compiled_decode, decode_one_token, prefill
     from llmopt.quantize import Int4Linear, frozen_weights
-    model = quantize(llmopt.build_model(llmopt.get_config("tiny"), dtype=dtype), "int4", group_size=64)
-    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
-    step = compiled_decode(model, "max-autotune")
     tol = 0.05 if dtype == torch.bfloat16 else 1e-3
-    with torch.inference_mode():
-        caches = [llmopt.make_cache("static", model.config, 1, 256, dtype=dtype) for _ in range(2)]
-        for c in caches:
-            prefill(model, ids, c)
-        for t in range(12, 18):
-            token, pos = torch.tensor([[t]]), torch.tensor([t])
-            want = decode_one_token(model, token, pos, caches[0]).float()
-            got = step(model, token, pos, caches[1]).float()
-            assert got.argmax(-1).item() == want.argmax(-1).item()
-            assert (got - want).abs().max() <= tol * want.abs().max()
+    _frozen_steps_match_eager(quantize(llmopt.build_model(llmopt.get_config("tiny"), dtype=dtype), "int4",
+                                       group_size=64), tol)
     # the traced branch itself: same result as the reference path up to the dtype's rounding,
     # taken only while the weights are frozen
     lin = Int4Linear(torch.nn.Linear(128, 48).to(dtype), group_size=32)
