@@ -153,35 +153,33 @@ class Int4Linear(nn.Module):
         if self.fused:
             # the kernel's own layout: still 4 bits per weight; scales and zeros [K/g, N, 2]
             self.register_buffer("weight", _to_int4pack(q, w.device))
-            self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1)
-                                 .transpose(0, 1).contiguous().to(self.dtype))
+            self.register_buffer("scales_and_zeros", _scales_and_zeros(scale, zero).to(self.dtype))
         else:
             self.register_buffer("weight", pack_int4(q))                    # [N, K/2] uint8
             self.register_buffer("scale", scale.to(self.dtype))
             self.register_buffer("zero", zero.to(self.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
+        # A CPU decode step compiled with frozen weights repacks into the layout of PyTorch's CPU
+        # int4 kernel. Freezing runs the repacking once, at compile time, so the graph holds
+        # 4-bit weights, and max_autotune times Inductor's C++ int4 GEMM template (AVX-512)
+        # against ATen's kernel; the dequantize-first form below would be folded into a
+        # full-precision copy instead. 2-core Xeon, llama-100m shape, bf16, two A/Bs interleaved
+        # in one process: 4.3 vs 6.0 and 6.4 vs 8.0 ms a token against bf16 + int8 compiled the
+        # same way (medians of 8; notebook 06).
+        repack = (not self.fused and _FROZEN and torch.compiler.is_compiling() and x.device.type == "cpu"
+                  and x.dtype in (torch.float32, torch.bfloat16) and self.scale.dtype == x.dtype)
+        if self.fused or repack:
+            if self.fused:
+                w, scales_and_zeros = self.weight, self.scales_and_zeros
+            else:
+                w = _to_int4pack(unpack_int4(self.weight), x.device)
+                scales_and_zeros = _scales_and_zeros(self.scale, self.zero)
             x2 = x.reshape(-1, x.shape[-1])
             if x2.device.type == "cpu":
-                y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size,
-                                                      self.scales_and_zeros)
+                y = torch._weight_int4pack_mm_for_cpu(x2, w, self.group_size, scales_and_zeros)
             else:
-                y = torch._weight_int4pack_mm(x2, self.weight, self.group_size, self.scales_and_zeros)
-            y = y.reshape(*x.shape[:-1], self.out_features)
-        elif (_FROZEN and torch.compiler.is_compiling() and x.device.type == "cpu"
-              and x.dtype in (torch.float32, torch.bfloat16) and self.scale.dtype == x.dtype):
-            # A CPU decode step compiled with frozen weights: repack into the layout of PyTorch's
-            # CPU int4 kernel. Freezing runs the repacking once, at compile time, so the graph
-            # holds 4-bit weights, and max_autotune times Inductor's C++ int4 GEMM template
-            # (AVX-512) against ATen's kernel. The dequantize-first form below would be folded
-            # into a full-precision copy instead. 2-core Xeon, llama-100m shape, bf16, two A/Bs
-            # interleaved in one process: 4.3 vs 6.0 and 6.4 vs 8.0 ms a token against bf16 +
-            # int8 compiled the same way (medians of 8; notebook 06).
-            w = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).to(torch.int32), 2)
-            scales_and_zeros = torch.stack([self.scale, self.zero], -1).transpose(0, 1).contiguous()
-            y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), w, self.group_size,
-                                                  scales_and_zeros)
+                y = torch._weight_int4pack_mm(x2, w, self.group_size, scales_and_zeros)
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:  # reference: unpack, dequantize the whole matrix, matmul (readable, not fast)
             w = dequantize_int4(unpack_int4(self.weight), self.scale.float(), self.zero.float())
@@ -223,6 +221,11 @@ def _use_fused(fused: bool | None, device: torch.device) -> bool:
     fastest CPU int8 path we measured is PyTorch's dynamic int8 (`quantize_dynamic_cpu`).
     True forces the packed kernel wherever it runs (tests, experiments)."""
     return device.type == "cuda" if fused is None else fused
+
+
+def _scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """[N, K/g] scales and zeros -> the packed kernels' [K/g, N, 2]."""
+    return torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
 
 
 def _to_int4pack(q: torch.Tensor, device: torch.device) -> torch.Tensor:
