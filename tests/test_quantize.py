@@ -63,6 +63,19 @@ def test_fused_and_reference_paths_agree(method, kw):
     assert rel < bound, rel
 
 
+def test_cpu_int4_kernel_in_bf16_rounds_like_the_reference_path():
+    """PyTorch's CPU int4 kernel with bf16 activations (fused=True, and the frozen decode's path)
+    differs from the bf16 reference path by bf16 rounding only."""
+    from llmopt.quantize import Int4Linear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96, bias=False).to(torch.bfloat16)
+    fused, ref = Int4Linear(lin, group_size=64, fused=True), Int4Linear(lin, group_size=64, fused=False)
+    assert fused.fused and not ref.fused
+    x = torch.randn(5, 256, dtype=torch.bfloat16)
+    want = ref(x).float()
+    torch.testing.assert_close(fused(x).float(), want, atol=0.02 * want.abs().max().item(), rtol=0)
+
+
 def test_model_bytes_and_ratios():
     cfg = llmopt.get_config("tiny")
     fp32 = model_bytes(llmopt.build_model(cfg))
