@@ -80,11 +80,15 @@ class Attention(nn.Module):
         self.qkv_proj: nn.Module | None = None      # q, k and v in one matmul (`fuse_projections`)
         self.backend = "sdpa"
 
+    @property
+    def qkv_sizes(self) -> list[int]:
+        """Output widths of q, k and v: how a fused `qkv_proj` output splits apart."""
+        return [self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2
+
     def forward(self, x, cos, sin, mask, cache, input_pos):
         B, T, _ = x.shape
         if self.qkv_proj is not None:
-            hq, hkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split([hq, hkv, hkv], dim=-1)
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # q: [B, H, T, D]; k, v: [B, Hkv, T, D]
@@ -283,9 +287,7 @@ def unfuse_projections(model: Transformer) -> Transformer:
                 continue
             if type(linear) is not nn.Linear:
                 raise ValueError(f"cannot unfuse a {type(linear).__name__}: unfuse before quantizing")
-            cfg = model.config
-            sizes = ([cfg.n_heads * cfg.head_dim] + [cfg.n_kv_heads * cfg.head_dim] * 2 if fused == "qkv_proj"
-                     else [linear.out_features // 2] * 2)
+            sizes = owner.qkv_sizes if fused == "qkv_proj" else [linear.out_features // 2] * 2
             weights = linear.weight.detach().split(sizes)
             biases = linear.bias.detach().split(sizes) if linear.bias is not None else [None] * len(sizes)
             for n, w, b in zip(names, weights, biases):
