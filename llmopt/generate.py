@@ -103,13 +103,14 @@ def _frozen_decode(model):
     Freezing makes the weights constants, so Inductor can pre-pack them and, with
     max_autotune, time its C++ GEMM templates (AMX / AVX-512 micro-kernels, ones for
     weight-only int8 and int4) against ATen's kernels for every matmul shape and keep the
-    fastest; quantized layers see `quantize.frozen_weights()` and trace the packed ops. Guards on the model's modules are skipped (their check cost ~0.3 ms a step
-    on the 2-core Xeon), and the graph's kernels are called from generated C++
-    (`cpp_wrapper`) rather than Python: 7-8% off a bf16 + int4 llama-100m step there (4.01 vs
-    3.70 ms, medians of 8 interleaved), for 20-30 s more compiling. Both need the weights not to change, so the step is rebuilt
+    fastest; quantized layers see `quantize.frozen_weights()` and trace the packed ops.
+    Guards on the model's modules are skipped (their check cost ~0.3 ms a step on the 2-core
+    Xeon); freezing and skipped guards both need the weights not to change, so the step is rebuilt
     whenever they do (`_weights_key`), from its own code object (`_own_decode_step`); it
-    lives on the model, not in `_COMPILED`, so it is freed with the model. Notebook 06
-    measures it.
+    lives on the model, not in `_COMPILED`, so it is freed with the model. The graph's
+    kernels are called from generated C++ (`cpp_wrapper`) rather than Python: 7-8% off a
+    bf16 + int4 llama-100m step there (3.70 vs 4.01 ms, medians of 8 interleaved). Notebook
+    06 measures it.
     """
     key = _weights_key(model)
     entry = model.__dict__.get("_llmopt_frozen_decode")
