@@ -242,23 +242,29 @@ QUANT_METHODS = (("fp32", None, {}), ("int8", "int8", {}), ("int4 g32", "int4", 
                  ("bf16 + int8", "bf16+int8", {}), ("bf16 + int4 g64", "bf16+int4", {"group_size": 64}))
 
 
+def _quantized(model, method: str | None, **kw):
+    """`model` as a quantization row names it: None (as is), "int8" / "int4", "bf16", "bf16+int8" /
+    "bf16+int4" (bf16 activations: the fastest CPU decodes), or "dynamic" (torch's CPU W8A8)."""
+    from .quantize import quantize, quantize_dynamic_cpu
+    if method and method.startswith("bf16"):
+        model, method = model.to(torch.bfloat16), method.removeprefix("bf16").removeprefix("+")
+    if method == "dynamic":
+        return quantize_dynamic_cpu(model)
+    return quantize(model, method, **kw) if method else model
+
+
 def bench_quantization(quick: bool, device: str) -> dict:
     """Weight-only quantization: bytes and held-out perplexity on `tiny`; CPU decode speed on a
     ~100M-parameter shape against `transformers` fp32 generate."""
     from .load import load_model
     from .metrics import compare_next_token, heldout_ids, perplexity
-    from .quantize import model_bytes, quantize
+    from .quantize import model_bytes
     rows, ratios = [], {}
     ref, tok = load_model("tiny", device=device)
     ids = heldout_ids(tok, "test", max_tokens=2048 if quick else 16384)
     fp32_bytes, fp32_ppl = model_bytes(ref), perplexity(ref, ids=ids, context=256)
     for label, method, kw in QUANT_METHODS:
-        model = load_model("tiny", device=device)[0]
-        if method and method.startswith("bf16+"):  # bf16 activations: the fastest CPU decodes below
-            model = model.to(torch.bfloat16)
-            method = method.removeprefix("bf16+")
-        if method:
-            quantize(model, method, **kw)
+        model = _quantized(load_model("tiny", device=device)[0], method, **kw)
         ppl = perplexity(model, ids=ids, context=256)
         agree = compare_next_token(model, ref, ids[:1024], context=256)
         rows.append({"label": f"tiny {label}", "model": "tiny", "device": device, "method": label,
@@ -276,7 +282,6 @@ def bench_quantization(quick: bool, device: str) -> dict:
     prompt = list(range(1, 33))
     new = 16 if quick else 64
     reps = 1 if quick else 3
-    from .quantize import quantize_dynamic_cpu
     variants = [("llmopt fp32", None, {}), ("llmopt bf16", "bf16", {}), ("llmopt int8 weight-only", "int8", {}),
                 ("llmopt int8 weight-only, compiled", "int8", {"compile": True}),
                 ("llmopt bf16 + int8 weight-only, compiled max-autotune", "bf16+int8",
@@ -296,14 +301,7 @@ def bench_quantization(quick: bool, device: str) -> dict:
         model = _random_shape("llama-100m", quick, device)
         kw = dict(kw)
         compiled = kw.pop("compile", False)
-        if method in ("bf16", "bf16+int8", "bf16+int4"):
-            model = model.to(torch.bfloat16)
-            if method != "bf16":
-                quantize(model, method.removeprefix("bf16+"), **kw)
-        elif method == "dynamic":
-            model = quantize_dynamic_cpu(model)
-        elif method:
-            quantize(model, method, **kw)
+        model = _quantized(model, method, **kw)
         ratios_bytes[label] = model_bytes(model) / model_bytes(base)
         runs[label] = lambda m=model, c=compiled: generate(m, None, prompt, max_new_tokens=new, ignore_eos=True,
                                                            compile=c)
