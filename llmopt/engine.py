@@ -350,19 +350,29 @@ class Engine:
     the batch changes; it costs memory for a second copy of the running rows' cache.
     `keep_gathered=False` gathers in every layer of every step (`cache.gathers` counts the
     kept copy's gathers).
+    With `mixed_steps` (the default), newly admitted prompts run in the same forward as the
+    decode step, beside the running rows (up to `max_prefill_tokens` prompt tokens a step,
+    and at least one prompt), so a new request costs no forward of its own: every matmul
+    runs once for all the step's tokens and only attention is split by group (Sarathi-Serve,
+    vLLM). `mixed_steps=False` prefills each new prompt in a forward of its own first.
+    `engine.forwards` counts the model's forwards either way.
     A fault while serving one request fails that request only.
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, block_size: int = 16,
                  num_blocks: int | None = None, max_seq_len: int | None = None,
                  watermark: float = 0.01, prefix_caching: bool = False, metrics=None,
-                 policy: str = "fcfs", overlap: bool = False, keep_gathered: bool = True) -> None:
-        if not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
-        for name, flag in (("overlap", overlap), ("keep_gathered", keep_gathered)):
+                 policy: str = "fcfs", overlap: bool = False, keep_gathered: bool = True,
+                 mixed_steps: bool = True, max_prefill_tokens: int = 512) -> None:
+        for name, value in (("max_batch_size", max_batch_size), ("max_prefill_tokens", max_prefill_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name, flag in (("overlap", overlap), ("keep_gathered", keep_gathered), ("mixed_steps", mixed_steps)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
         self.overlap = overlap
+        self.mixed_steps, self.max_prefill_tokens = mixed_steps, max_prefill_tokens
+        self._prefill_separately = False       # once, after a mixed step failed (see _decode)
         self._inflight = None                  # overlap: (rows, tokens on device, host copy, event)
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config
@@ -386,6 +396,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.steps = 0
+        self.forwards = 0                      # model forwards: steps, plus separate prefills
         self.tokens_generated = 0
         self.forks = 0                         # samples that took a sibling's prompt blocks
         self.blocks_copied = 0                 # copy-on-write block copies
@@ -546,22 +557,16 @@ class Engine:
         for seq in [s for s in list(sched.waiting) + sched.running if s.cancelled]:
             self._finish(seq, "cancelled", error=CancelledError(f"request {seq.id} was cancelled"))
         decode_rows = list(sched.running)
-        admitted = []
-        # one at a time: a prefill registers its prompt blocks before the next admission looks them up
-        while new := sched.admit(limit=1):
-            seq = new[0]
-            if seq.first_scheduled is None:
-                seq.first_scheduled = time.perf_counter()
-            self._prefill(seq)
-            admitted.append(seq)
+        admitted, joining = self._admit()
         if self.overlap:   # a row whose last token is already being computed needs no further step
             decode_rows = [s for s in decode_rows if len(s.generated) + s.inflight < s.max_new_tokens]
         rows = sched.grow([s for s in decode_rows if s.state == "running"])
         if sched.copies:
             self.cache.copy_blocks([(a, b) for a, b, _ in sched.copies])
             self.blocks_copied += len(sched.copies)
-        if rows or self._inflight is not None:
-            self._decode(rows)
+        joining = [s for s in joining if s.state == "running"]      # grow may have preempted them
+        if rows or joining or self._inflight is not None:
+            self._decode(rows, joining)
         if not sched.running:
             self.cache.drop_gathered()         # nothing runs: free the kept copy of the rows
         self.steps += 1
@@ -571,6 +576,34 @@ class Engine:
         if self.metrics is not None:
             self.metrics.step(self)
 
+    def _admit(self) -> tuple[list[Sequence], list[Sequence]]:
+        """Admit waiting sequences into free slots: (admitted, joining). With mixed steps the
+        admitted join this step's forward (`joining`) up to `max_prefill_tokens` prompt
+        tokens; otherwise (or once after a mixed step failed) each is prefilled now, in a
+        forward of its own, so a fault stays with its request."""
+        sched, admitted, joining = self.scheduler, [], []
+        separate = not self.mixed_steps or self._prefill_separately
+        self._prefill_separately = False
+        budget = self.max_prefill_tokens
+        # one at a time: a prefill registers its prompt blocks before the next admission looks
+        # them up; joining prompts register theirs after the step, so with the prefix cache on
+        # one prompt joins a step
+        while budget > 0 and sched.waiting:
+            if any(sched.waiting[0] in j.siblings for j in joining):
+                break                     # a sample of a joining prompt forks from it after the step
+            if not (new := sched.admit(limit=1)):
+                break
+            seq = new[0]
+            if seq.first_scheduled is None:
+                seq.first_scheduled = time.perf_counter()
+            admitted.append(seq)
+            if separate:
+                self._prefill(seq)
+                continue
+            joining.append(seq)
+            budget = 0 if self.prefix_cache is not None else budget - (seq.num_tokens - seq.cached_tokens)
+        return admitted, joining
+
     def _prefill(self, seq: Sequence) -> None:
         """Compute a newly admitted (or readmitted) sequence's KV cache and its next token."""
         try:
@@ -578,29 +611,44 @@ class Engine:
             ids = to_device([seq.all_ids[start:]], self.model.device)
             self.cache.set_rows([seq.blocks], [start], new_tokens=ids.shape[1])
             pos = torch.arange(start, start + ids.shape[1], device=ids.device)
+            self.forwards += 1
             logits = self.model(ids, pos, self.cache, last_only=True)[:, -1]
-            if self.scheduler.prefix_cache is not None:
-                self.scheduler.prefix_cache.insert(seq.prompt_ids, seq.blocks)
-            # samples of the same prompt still waiting fork here: they share this prompt's
-            # blocks and draw their first token from these logits, each with its own generator
-            forks = [seq] + [c for c in seq.siblings if not seq.generated and not c.generated
-                             and not c.cancelled and self.scheduler.fork(seq, c)]
-            for c in forks[1:]:
-                c.first_scheduled = time.perf_counter()
-                self.forks += 1
-            for c, tok in zip(forks, self._sample(forks, logits.expand(len(forks), -1))):
+            rows, logits = self._started([], [seq], logits)
+            for c, tok in zip(rows, self._sample(rows, logits)):
                 self._accept(c, tok)
         except Exception as e:
             self._finish(seq, "failed", error=e)
 
-    def _decode(self, rows: list[Sequence]) -> None:
-        """One token for every running row, in one batched forward over the paged cache, read
-        back at once. With overlap the step starts from the previous step's tokens while they
-        are still on the device, and the previous step is read back only after this one is
-        launched, so the host accepts its tokens while the device computes."""
+    def _started(self, rows: list[Sequence], new: list[Sequence], logits: torch.Tensor):
+        """After a forward that computed the prompts of `new` (logits: one row per sequence of
+        rows + new): register their blocks in the prefix cache, and fork samples of the same
+        prompt still waiting. A fork shares its prompt's blocks and draws its first token from
+        the same logits, with its own generator. Returns the rows to sample and their logits."""
+        index = list(range(len(rows)))
+        rows = list(rows)
+        for i, seq in enumerate(new, start=len(rows)):
+            if self.scheduler.prefix_cache is not None:
+                self.scheduler.prefix_cache.insert(seq.prompt_ids, seq.blocks)
+            forks = [c for c in seq.siblings if not seq.generated and not c.generated
+                     and not c.cancelled and self.scheduler.fork(seq, c)]
+            for c in forks:
+                c.first_scheduled = time.perf_counter()
+                self.forks += 1
+            rows += [seq] + forks
+            index += [i] * (1 + len(forks))
+        if len(index) == logits.shape[0]:
+            return rows, logits
+        return rows, logits[to_device(index, logits.device)]
+
+    def _decode(self, rows: list[Sequence], joining: list[Sequence] = ()) -> None:
+        """One token for every running row, in one batched forward over the paged cache (with
+        the prompts of `joining` beside them: a mixed step), read back at once. With overlap
+        the step starts from the previous step's tokens while they are still on the device,
+        and the previous step is read back only after this one is launched, so the host
+        accepts its tokens while the device computes."""
         prev, self._inflight = self._inflight, None
         launched = None
-        if rows:
+        if rows or joining:
             try:
                 tokens = to_device([s.last_token for s in rows], self.model.device)  # host-known
                 if prev is not None:                   # rows whose last token is still on the device
@@ -610,17 +658,25 @@ class Engine:
                         dst, src = (to_device(list(i), tokens.device) for i in zip(*pairs))
                         tokens[dst] = prev[1][src]
                 lengths = [s.num_tokens - 1 + s.inflight for s in rows]        # tokens cached per row
-                logits = self._forward_rows(rows, lengths, tokens[:, None])
+                if joining:
+                    logits = self._forward_mixed(rows, lengths, tokens, joining)
+                else:
+                    logits = self._forward_rows(rows, lengths, tokens[:, None])
             except Exception as e:
                 self._read_back(prev)                 # settle the previous step first
                 if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
                     torch.cuda.empty_cache()
-                if len(rows) == 1:
+                if joining:   # the new prompts wait and are prefilled on their own next step
+                    for seq in reversed(joining):
+                        self.scheduler.preempt(seq)
+                    self._prefill_separately = True
+                elif len(rows) == 1:
                     self._finish(rows[0], "failed", error=e)
                 else:   # shrink the batch: the newest half waits and is recomputed later
                     for seq in rows[len(rows) // 2:]:
                         self.scheduler.preempt(seq)
                 return
+            rows, logits = self._started(rows, joining, logits)
             launched = self._launch_read(rows, self._sample_tensor(rows, logits))
         if self.overlap:
             self._inflight = launched
@@ -661,8 +717,26 @@ class Engine:
         S = self.cache.set_rows([s.blocks for s in rows], lengths)          # key slots attention reads
         lens = self.cache.row_lengths                                          # lengths, on the device
         key_mask = torch.arange(S, device=device)[None, :] <= lens[:, None]      # [B, S]
+        self.forwards += 1
         return self.model(tokens, to_device([S - 1], device), self.cache,
                           positions=lens[:, None], key_mask=key_mask)[:, -1]
+
+    def _forward_mixed(self, rows: list[Sequence], lengths: list[int], tokens: torch.Tensor,
+                       joining: list[Sequence]) -> torch.Tensor:
+        """Logits [B + J, V]: one new token per row (tokens [B]) and the whole prompt of each
+        joining sequence, in one forward of a single packed sequence (PagedKVCache.set_mixed)."""
+        device = self.model.device
+        prompts = [s.all_ids[s.cached_tokens:] for s in joining]
+        pos = self.cache.set_mixed([s.blocks for s in rows], lengths,
+                                   [(s.blocks, s.cached_tokens, len(p)) for s, p in zip(joining, prompts)])
+        ids = torch.cat([tokens, to_device([t for p in prompts for t in p], device)])[None]
+        ends, n = [], len(rows)
+        for p in prompts:                      # each prompt's last token gives its first new one
+            n += len(p)
+            ends.append(n - 1)
+        keep = to_device(list(range(len(rows))) + ends, device)
+        self.forwards += 1
+        return self.model(ids, pos, self.cache, positions=pos[None], logits_to_keep=keep)[0]
 
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
         """Next token per row, read back to the host."""

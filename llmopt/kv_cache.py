@@ -191,6 +191,8 @@ class PagedKVCache:
         self._gathered_rows: tuple[list[list[int]], list[int]] | None = None   # blocks, lengths
         self._mode = "gather"       # this step: "gather", or with keep_gathered "regather" / "extend"
         self.gathers = 0            # decode steps that gathered the kept copy afresh (keep_gathered)
+        self.mixed = False          # this step mixes decode rows and prompts (set_mixed, attend)
+        self._groups: list[tuple] = []
 
     def set_rows(self, blocks: list[list[int]], lengths: list[int], new_tokens: int = 1) -> int:
         """Ragged mode, for the continuous-batching engine: row b owns `blocks[b]` and
@@ -211,13 +213,11 @@ class PagedKVCache:
         """
         if new_tokens > 1 and len(blocks) > 1:
             raise ValueError("ragged paged cache: several new tokens at once only for one row")
+        self.mixed = False
         bs = self.block_size
         write = []                                    # the slot of every new token, on the host
         for row, n in zip(blocks, lengths):
-            if self.manager.blocks_needed(n + new_tokens) > len(row):
-                raise ValueError(f"a row caching {n} tokens needs {self.manager.blocks_needed(n + new_tokens)} "
-                                 f"blocks for its next {new_tokens} but owns {len(row)}")
-            write += [row[p // bs] * bs + p % bs for p in range(n, n + new_tokens)]
+            write += self._slots_of(row, n, new_tokens)
         nb = self.manager.blocks_needed(max(lengths) + new_tokens)
         self._ragged_kv_len = nb * bs
         self.blocks = [list(row) for row in blocks]
@@ -239,6 +239,71 @@ class PagedKVCache:
         idx = to_device(write + extra + list(lengths), self.device)
         self._write, self._gathered_write, self.row_lengths = idx.split([len(write), len(extra), len(lengths)])
         return self._ragged_kv_len
+
+    def _slots_of(self, row: list[int], n: int, new_tokens: int) -> list[int]:
+        """Slots of positions n .. n + new_tokens - 1 of a row that owns blocks `row`."""
+        bs = self.block_size
+        if self.manager.blocks_needed(n + new_tokens) > len(row):
+            raise ValueError(f"a row caching {n} tokens needs {self.manager.blocks_needed(n + new_tokens)} "
+                             f"blocks for its next {new_tokens} but owns {len(row)}")
+        return [row[p // bs] * bs + p % bs for p in range(n, n + new_tokens)]
+
+    def set_mixed(self, blocks: list[list[int]], lengths: list[int],
+                  prompts: list[tuple[list[int], int, int]]) -> torch.Tensor:
+        """A mixed step (the engine's): one new token for each decode row (`blocks`, `lengths`
+        as in `set_rows`) and whole prompts beside them, each (blocks, tokens it already
+        caches, new tokens). The step's tokens go through the model as one sequence [1, N],
+        the decode rows' first, then each prompt's, so every matmul runs once for all of
+        them; `attend` then runs attention group by group: the decode rows together, as in
+        a decode step, and each prompt causally over its own blocks. Returns each token's
+        position [N].
+
+        This is what vLLM and Sarathi-Serve do so that a new request costs no forward of
+        its own; their kernels take every group in one launch (variable-length attention).
+        """
+        bs, dev = self.block_size, self.device
+        write, positions, groups = [], [], []    # groups: (rows, tokens, blocks to read, blocks per row)
+        if blocks:
+            nb = self.manager.blocks_needed(max(lengths) + 1)
+            for row, n in zip(blocks, lengths):
+                write += self._slots_of(row, n, 1)
+            positions += lengths
+            table = [b for row in blocks for b in row[:nb] + [0] * (nb - len(row[:nb]))]   # padded with block 0
+            groups.append((len(blocks), len(blocks), table, nb))
+        for row, start, count in prompts:
+            write += self._slots_of(row, start, count)
+            positions += range(start, start + count)
+            nb = self.manager.blocks_needed(start + count)
+            groups.append((1, count, row[:nb], nb))
+        flat = [b for g in groups for b in g[2]]
+        idx = to_device(write + positions + flat, dev)
+        self._write, pos, read = idx.split([len(write), len(positions), len(flat)])
+        self._groups, offset, token = [], 0, 0
+        for rows, count, table, nb in groups:
+            q_pos = pos[token:token + count]                               # each query's position
+            # a query at position p sees its own row's keys at slots <= p: [rows, 1, T, S]
+            mask = torch.arange(nb * bs, device=dev) <= q_pos.view(rows, 1, -1, 1)
+            self._groups.append((rows, count, read[offset:offset + len(table)], nb * bs, mask))
+            offset, token = offset + len(table), token + count
+        self.mixed, self._gathered_rows, self.row_lengths = True, None, None
+        return pos
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention) -> torch.Tensor:
+        """A mixed step's attention (see `set_mixed`): q [1, H, N, D], k, v [1, Hkv, N, D] for
+        the step's N tokens; stores every new key/value, then calls `attention(q, k, v, mask)`
+        once per group of rows. Returns [1, H, N, D]."""
+        _, H, N, D = k.shape
+        new = torch.stack((k[0], v[0]), 1).transpose(0, 2)            # [N, 2, Hkv, D]
+        self.kv[layer].index_copy_(0, self._write, new)
+        blocks = self.kv[layer].view(self.manager.num_blocks, self.block_size, 2, H, D)
+        out, token = [], 0
+        for rows, count, read, S, mask in self._groups:
+            kv = blocks.index_select(0, read).view(rows, -1, 2, H, D)[:, :S]
+            qg = q[0, :, token:token + count].unflatten(1, (rows, -1)).transpose(0, 1)   # [rows, H, T, D]
+            o = attention(qg, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2), mask)
+            out.append(o.transpose(0, 1).flatten(1, 2))                 # [H, count, D]
+            token += count
+        return torch.cat(out, 1)[None]
 
     def _can_extend(self, blocks: list[list[int]], lengths: list[int], nb: int) -> bool:
         """Whether the kept copy holds these rows as the last decode step left them."""

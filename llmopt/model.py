@@ -97,17 +97,26 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if cache is not None:
-            # k, v: [B, Hkv, S, D] -- every key/value the cache holds for this layer
-            k, v = cache.update(self.layer_idx, input_pos, k, v)
-        if self.backend == "sdpa":
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                enable_gqa=self.n_heads != self.n_kv_heads)
+        if getattr(cache, "mixed", False):
+            # a continuous-batching step of decode rows and new prompts side by side: the
+            # cache stores every new key/value and attends group by group (PagedKVCache.attend)
+            out = cache.attend(self.layer_idx, q, k, v, self.attention)
         else:
-            out = plain_attention(q, k, v, mask)
+            if cache is not None:
+                # k, v: [B, Hkv, S, D] -- every key/value the cache holds for this layer
+                k, v = cache.update(self.layer_idx, input_pos, k, v)
+            out = self.attention(q, k, v, mask)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(out)
+
+    def attention(self, q, k, v, mask):
+        """Attention over q [B, H, T, D] and k, v [B, Hkv, S, D] with this layer's backend;
+        `mask` [B or 1, 1, T, S] (True: may attend), None for causal."""
+        if self.backend == "sdpa":
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[-2] > 1,
+                enable_gqa=self.n_heads != self.n_kv_heads)
+        return plain_attention(q, k, v, mask)
 
 
 def plain_attention(q, k, v, mask):
@@ -201,7 +210,9 @@ class Transformer(nn.Module):
         cos, sin = emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None]
 
         mask = None  # None means plain causal over [T, T]
-        if cache is not None or key_mask is not None:
+        if getattr(cache, "mixed", False):
+            pass     # a mixed step: the cache holds one mask per group of rows (PagedKVCache.set_mixed)
+        elif cache is not None or key_mask is not None:
             S = cache.kv_len(input_pos) if cache is not None else T
             slots = torch.arange(S, device=device)
             # a query at slot p sees keys at slots <= p: [T, S]
@@ -217,12 +228,15 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
                 cache=None, positions: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, vocab] (or [B, 1, vocab] with `last_only`).
+                key_mask: torch.Tensor | None = None, last_only: bool = False,
+                logits_to_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with `last_only`, [B, K, vocab] with `logits_to_keep`).
 
         input_pos: [T] cache slots the tokens occupy (default 0..T-1).
         positions: [B, T] rotary positions, when rows differ (left padding); default input_pos.
         key_mask:  [B, S] True for real tokens, False for padding, over the cache's slots.
+        logits_to_keep: [K] the positions along T whose logits are computed (the lm_head is
+                   the largest matmul: a mixed step of many prompt tokens needs one per row).
         """
         B, T = input_ids.shape
         cos, sin, mask, input_pos = self.layer_inputs(B, T, input_ids.device, input_pos, cache,
@@ -232,6 +246,8 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, cache, input_pos)
         if last_only:
             x = x[:, -1:]
+        elif logits_to_keep is not None:
+            x = x[:, logits_to_keep]
         return self.lm_head(self.norm(x))
 
 

@@ -2,8 +2,10 @@
 
 `poisson_workload` draws requests the way users send them: arrivals as a
 Poisson process (exponential gaps at `rate` requests/s), prompts cut from the
-held-out corpus, prompt and output lengths uniform in the given ranges. The
-same seed gives the same workload, so strategies are compared on equal terms.
+held-out corpus, and prompt and output lengths either uniform in the given
+ranges or drawn from the corpus itself (`lengths="corpus"`: every request is a
+turn of the plays' dialogue, as long as that speech). The same seed gives the
+same workload, so strategies are compared on equal terms.
 
 `run_load` replays a workload against any server with `submit(prompt, **options)`
 returning something with `.result()` (the `Engine`, the `DynamicBatcher`, or
@@ -13,6 +15,7 @@ request; `summarize_load` turns the rows into throughput and latency percentiles
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -31,31 +34,71 @@ class WorkItem:
     max_new_tokens: int
 
 
+LENGTHS = ("uniform", "corpus")
+# a speech in the plays: its speaker's name line ("FIRST WITCH.") and what they say
+_SPEECH = re.compile(r"([A-Z][A-Z' -]*[A-Z])\.\n(\S.*)", re.S)
+
+
 def poisson_workload(tokenizer, n: int, *, rate: float = float("inf"), seed: int = 0,
                      prompt_tokens: tuple[int, int] = (16, 64),
-                     output_tokens: tuple[int, int] = (8, 256), split: str = "test") -> list[WorkItem]:
+                     output_tokens: tuple[int, int] = (8, 256), split: str = "test",
+                     lengths: str = "uniform") -> list[WorkItem]:
     """`n` requests with Poisson arrivals at `rate` per second (inf: all at time 0).
 
-    Prompt lengths and output lengths are uniform integers in the given inclusive
-    ranges; prompts are token spans of the `split` text at random offsets.
+    lengths="uniform": prompt and output lengths are uniform integers in the given
+    inclusive ranges; prompts are token spans of the `split` text at random offsets.
+
+    lengths="corpus": each request is a turn of the dialogue in `split`, a speech
+    picked at random. Its prompt is the text before the speech up to its speaker's
+    name line ("MACBETH.\n"), as many tokens as the speech before it and its name
+    line; its output length is its own speech's length in tokens. Both are clipped
+    to the ranges. Speech lengths are long-tailed, as chat replies are (in the test
+    split: median 20 tokens, mean 36, a few over 400): most requests are short and a
+    few are long, the case where static batching wastes most.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if rate <= 0:
         raise ValueError(f"rate must be > 0 requests/s (inf for all at once), got {rate}")
+    if lengths not in LENGTHS:
+        raise ValueError(f"lengths must be one of {LENGTHS}, got {lengths!r}")
     for name, (lo, hi) in (("prompt_tokens", prompt_tokens), ("output_tokens", output_tokens)):
         if not 1 <= lo <= hi:
             raise ValueError(f"{name} must be a range (lo, hi) with 1 <= lo <= hi, got {(lo, hi)}")
     rng = random.Random(seed)
-    ids = tokenizer.encode(load_text(split)[:200_000])
+    if lengths == "corpus":
+        draw = _dialogue_turns(tokenizer, load_text(split), rng, prompt_tokens, output_tokens)
+    else:
+        ids = tokenizer.encode(load_text(split)[:200_000])
+
+        def draw():
+            length = rng.randint(*prompt_tokens)
+            start = rng.randrange(0, len(ids) - length)
+            return ids[start:start + length], rng.randint(*output_tokens)
     t, items = 0.0, []
     for i in range(n):
         if rate != float("inf"):
             t += rng.expovariate(rate)
-        length = rng.randint(*prompt_tokens)
-        start = rng.randrange(0, len(ids) - length)
-        items.append(WorkItem(i, t, ids[start:start + length], rng.randint(*output_tokens)))
+        items.append(WorkItem(i, t, *draw()))
     return items
+
+
+def _dialogue_turns(tokenizer, text: str, rng: random.Random, prompt_tokens, output_tokens):
+    """A function drawing (prompt ids, output length) for a random speech of `text`."""
+    blocks = [b.strip("\n") for b in re.split(r"\n\s*\n", text) if b.strip()]
+    # a speech with at least one block of text before it
+    turns = [(j, m) for j in range(1, len(blocks)) if (m := _SPEECH.fullmatch(blocks[j]))]
+    clip = lambda v, lo_hi: min(max(v, lo_hi[0]), lo_hi[1])   # noqa: E731
+
+    def draw():
+        while True:
+            j, m = rng.choice(turns)
+            cue = f"\n\n{m.group(1)}.\n"                 # the speaker's name line ends the prompt
+            context = tokenizer.encode("\n\n".join(blocks[max(0, j - 4):j]) + cue)
+            want = clip(len(tokenizer.encode(blocks[j - 1] + cue)), prompt_tokens)
+            if len(context) >= want:                   # (the first speeches have too little before them)
+                return context[-want:], clip(len(tokenizer.encode(m.group(2))), output_tokens)
+    return draw
 
 
 def static_server(model, tokenizer, *, batch_size: int = 8, max_wait_s: float = 0.05):
@@ -169,7 +212,7 @@ def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int =
     def continuous(policy="fcfs", overlap=False, keep_gathered=True):
         e = Engine(model, tokenizer, max_batch_size=slots, policy=policy, overlap=overlap,
                    keep_gathered=keep_gathered)
-        return e.generate_many(prompts, max_new_tokens=max_new, ignore_eos=True), e.steps
+        return e.generate_many(prompts, max_new_tokens=max_new, ignore_eos=True), e.forwards
 
     runs = {"static batching": static, "dynamic batching (length-aware)": dynamic,
             "continuous batching": continuous,

@@ -135,12 +135,14 @@ def test_dynamic_batcher_token_budget_and_lone_failure(tiny, reference):
 
 
 # ---- continuous batching --------------------------------------------------------------------
-@pytest.mark.parametrize("overlap, keep_gathered", [(False, True), (True, True), (False, False)])
-def test_engine_output_equals_unbatched(tiny, reference, overlap, keep_gathered):
+@pytest.mark.parametrize("overlap, keep_gathered, mixed", [(False, True, True), (True, True, True),
+                                                            (False, False, True), (False, True, False)])
+def test_engine_output_equals_unbatched(tiny, reference, overlap, keep_gathered, mixed):
     model, tok = tiny
     lengths = [48, 5, 33, 17, 48, 1, 40, 9, 26, 48, 12, 30]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(lengths))]
-    with Engine(model, tok, overlap=overlap, max_batch_size=4, keep_gathered=keep_gathered) as engine:
+    with Engine(model, tok, overlap=overlap, max_batch_size=4, keep_gathered=keep_gathered,
+                mixed_steps=mixed) as engine:
         handles = [engine.submit(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(prompts, lengths)]
         out = [h.result(timeout=120) for h in handles]
     for p, n, g in zip(prompts, lengths, out):
@@ -153,6 +155,26 @@ def test_engine_output_equals_unbatched(tiny, reference, overlap, keep_gathered)
     decode_steps = sum(s["rows"] > 0 for s in engine.step_log)
     assert 0 < engine.cache.gathers < decode_steps / 2 if keep_gathered else engine.cache.gathers == 0
     assert engine.cache.gathered[0] is None                      # idle: the kept copy is freed
+    log = engine.step_log
+    if mixed:   # new prompts ran inside decode steps: one forward a step, none of their own
+        assert any(s["rows"] and s["prefills"] for s in log)
+        assert engine.forwards == sum(1 for s in log if s["rows"] or s["prefills"])
+    else:       # a forward per prefill, then the step's
+        assert engine.forwards == decode_steps + sum(s["prefills"] for s in log)
+
+
+def test_mixed_steps_take_prompts_up_to_their_token_budget(tiny, reference):
+    model, tok = tiny
+    wide = Engine(model, tok, max_batch_size=4)
+    narrow = Engine(model, tok, max_batch_size=4, max_prefill_tokens=1)     # one prompt a step
+    for engine in (wide, narrow):
+        out = engine.generate_many(PROMPTS[:4], max_new_tokens=8, ignore_eos=True)
+        assert [g.token_ids for g in out] == [reference[p][:8] for p in PROMPTS[:4]]
+    assert wide.step_log[0]["prefills"] == 4 and max(s["prefills"] for s in narrow.step_log) == 1
+    for kwargs, message in [(dict(mixed_steps="yes"), "mixed_steps must be True or False"),
+                            (dict(max_prefill_tokens=0), "max_prefill_tokens must be an integer >= 1")]:
+        with pytest.raises(ValueError, match=message):
+            Engine(model, tok, **kwargs)
 
 
 def test_engine_refuses_a_non_bool_keep_gathered(tiny):
@@ -248,6 +270,32 @@ def test_a_failing_batched_forward_shrinks_the_batch_and_loses_nothing(tiny, ref
 
 
 @pytest.mark.parametrize("overlap", [False, True])
+def test_a_failing_mixed_step_prefills_its_prompts_alone_and_loses_nothing(tiny, reference, overlap):
+    """A fault in a mixed step's forward puts its new prompts back in the queue; the next step
+    prefills each in a forward of its own (where a fault would stay with its request)."""
+    model, tok = tiny
+    calls = {"n": 0, "alone": 0}
+
+    class Flaky(Engine):
+        def _forward_mixed(self, *args):
+            if calls["n"] < 2:
+                calls["n"] += 1
+                raise RuntimeError("simulated fault in a mixed step")
+            return super()._forward_mixed(*args)
+
+        def _prefill(self, seq):
+            calls["alone"] += 1
+            super()._prefill(seq)
+
+    engine = Flaky(model, tok, overlap=overlap, max_batch_size=2)
+    out = engine.generate_many(PROMPTS[:4], max_new_tokens=20, ignore_eos=True)
+    assert [g.token_ids for g in out] == [reference[p][:20] for p in PROMPTS[:4]]
+    # two prompts a step (two slots): both failing mixed steps' prompts ran alone after them
+    assert calls == {"n": 2, "alone": 4} and engine.scheduler.preemptions == 4
+    assert engine.cache.manager.num_free == engine.cache.manager.num_blocks
+
+
+@pytest.mark.parametrize("overlap", [False, True])
 def test_engine_stream_stop_and_errors(tiny, overlap):
     model, tok = tiny
     with Engine(model, tok, overlap=overlap, max_batch_size=2) as engine:
@@ -277,6 +325,10 @@ def test_overlap_launches_the_next_step_before_reading_the_last(tiny, reference)
         def _forward_rows(self, rows, lengths, tokens):
             events.append("launch")
             return super()._forward_rows(rows, lengths, tokens)
+
+        def _forward_mixed(self, rows, lengths, tokens, joining):      # the first step: prompts only
+            events.append("launch")
+            return super()._forward_mixed(rows, lengths, tokens, joining)
 
         def _read_back(self, launched):
             if launched is not None:
@@ -328,6 +380,27 @@ def test_workload_is_seeded_and_in_range(tiny):
     assert arrivals == sorted(arrivals) and 1.0 < arrivals[-1] < 10.0   # about 30 / 10 per s
     with pytest.raises(ValueError, match="rate"):
         poisson_workload(tok, 3, rate=0)
+    with pytest.raises(ValueError, match="lengths must be one of"):
+        poisson_workload(tok, 3, lengths="zipf")
+
+
+def test_dialogue_workload_takes_its_lengths_from_the_plays(tiny):
+    _, tok = tiny
+    work = poisson_workload(tok, 200, seed=5, prompt_tokens=(8, 64), output_tokens=(1, 1000), lengths="corpus")
+    assert work == poisson_workload(tok, 200, seed=5, prompt_tokens=(8, 64), output_tokens=(1, 1000),
+                                    lengths="corpus")
+    from llmopt.data import load_text
+    text = load_text("test")
+    for w in work[:20]:
+        prompt = tok.decode(w.prompt_ids)
+        speaker = prompt.rstrip("\n").rsplit("\n", 1)[-1]       # the prompt ends on a speaker's name line
+        assert prompt.endswith(".\n") and speaker.isupper() and f"\n\n{speaker}\n" in text
+        assert 8 <= len(w.prompt_ids) <= 64
+    out = sorted(w.max_new_tokens for w in work)
+    # long-tailed like the plays' speeches: most are short, the longest many times the median
+    assert out[0] >= 1 and out[len(out) // 2] < 40 and out[-1] > 5 * out[len(out) // 2]
+    clipped = poisson_workload(tok, 50, seed=5, output_tokens=(16, 32), lengths="corpus")
+    assert all(16 <= w.max_new_tokens <= 32 for w in clipped)
 
 
 def test_compare_batching_rows_and_ideal(tiny):

@@ -122,3 +122,44 @@ def test_to_device_gives_the_values_on_the_device():
         assert t.dtype == torch.long and t.tolist() == [[3, 1], [4, 1]]
         assert t.device.type == ("cpu" if device is None else device)
     assert to_device([0.5], "cpu", torch.float32).dtype == torch.float32
+
+
+def test_a_mixed_step_equals_a_decode_step_and_separate_prefills():
+    """Decode rows and new prompts in one packed forward (`set_mixed`, attention split by group)
+    give the logits and the cached keys/values of a decode step plus one prefill per prompt,
+    including a prompt whose first block is already cached (a prefix-cache hit)."""
+    cfg = llmopt.get_config("tiny")
+    model = llmopt.build_model(cfg, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    ids = lambda n: torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist()   # noqa: E731
+    running, new = [ids(21), ids(40)], [ids(7), ids(35)]       # prompts already cached / joining
+    manager = BlockManager(num_blocks=32, block_size=16)
+    caches = [PagedKVCache(cfg, 4, 256, manager=manager) for _ in range(2)]
+    blocks = {c: [manager.allocate(manager.blocks_needed(len(p) + 1)) for p in running + new] for c in caches}
+    with torch.no_grad():
+        for c in caches:                  # the running rows' prompts, and the prefix of new[1]
+            for b, p in zip(blocks[c], running + [[], new[1][:16]]):
+                if p:
+                    c.set_rows([b], [0], new_tokens=len(p))
+                    model(torch.tensor([p]), torch.arange(len(p)), c)
+        last = torch.tensor([[p[-1]] for p in running])         # the decode rows' next input
+        lens = [len(p) for p in running]
+        separate, mixed = caches
+        # separate: one decode step, then each prompt alone
+        S = separate.set_rows(blocks[separate][:2], lens)
+        key_mask = torch.arange(S)[None] <= separate.row_lengths[:, None]
+        want = [model(last, torch.tensor([S - 1]), separate, positions=separate.row_lengths[:, None],
+                      key_mask=key_mask)[:, -1]]
+        for b, p, start in zip(blocks[separate][2:], new, (0, 16)):
+            separate.set_rows([b], [start], new_tokens=len(p) - start)
+            want.append(model(torch.tensor([p[start:]]), torch.arange(start, len(p)), separate)[:, -1])
+        # mixed: all in one forward
+        pos = mixed.set_mixed(blocks[mixed][:2], lens, [(blocks[mixed][2], 0, 7), (blocks[mixed][3], 16, 19)])
+        assert pos.tolist() == lens + list(range(7)) + list(range(16, 35))
+        tokens = torch.tensor([last[0, 0], last[1, 0]] + new[0] + new[1][16:])[None]
+        got = model(tokens, pos, mixed, positions=pos[None], logits_to_keep=torch.tensor([0, 1, 8, 27]))[0]
+    torch.testing.assert_close(got, torch.cat(want), atol=1e-5, rtol=1e-5)
+    for layer in range(cfg.n_layers):        # the same keys and values landed in the same slots
+        for b_sep, b_mix, n in zip(blocks[separate], blocks[mixed], [22, 41, 7, 35]):   # + the decoded token
+            slots = lambda bl, c: c.kv[layer].view(32, 16, *c.kv[layer].shape[1:])[bl].flatten(0, 1)[:n]  # noqa: E731
+            torch.testing.assert_close(slots(b_sep, separate), slots(b_mix, mixed), atol=1e-5, rtol=1e-5)
