@@ -16,10 +16,11 @@ def test_gpu_suite_smoke(tmp_path):
     rows = res["decode_batch1"]["rows"]
     assert rows[0]["greedy_token_agreement"] == 1.0
     assert [r["label"] for r in rows][-2:] == ["llmopt (static cache), fused projections", "transformers generate"]
-    for part in ("quantized_decode", "attention_prefill", "batching", "speculative", "bitsandbytes"):
+    for part in ("quantized_decode", "attention_prefill", "batching", "batching_dialogue", "speculative",
+                 "bitsandbytes"):
         assert "error" not in res[part], res[part]
         assert res[part]["rows"]
-    assert all(r["identical"] for r in res["batching"]["rows"])
+    assert all(r["identical"] for r in res["batching"]["rows"] + res["batching_dialogue"]["rows"])
     assert all(r["identical"] for r in res["speculative"]["rows"][1:])
     assert (tmp_path / "gpu_results.md").read_text().startswith("# GPU suite")
 
