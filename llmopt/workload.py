@@ -172,12 +172,15 @@ def summarize_load(df: pd.DataFrame, label: str = "", submitted: int | None = No
 
 def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int = 8,
                      max_batch_tokens: int | None = None, repeats: int = 1,
-                     overlap: bool = False, gather_every_step: bool = False) -> list[dict]:
+                     overlap: bool = False, gather_every_step: bool = False,
+                     prefill_alone: bool = False) -> list[dict]:
     """Offline throughput of static, dynamic and continuous batching on one workload
     (continuous twice: first come first served, and longest budget first; with `overlap`
     once more, first come first served with `Engine(overlap=True)`; with
     `gather_every_step` once more with `Engine(keep_gathered=False)`, which gathers
-    every row's KV blocks into order in every layer of every step).
+    every row's KV blocks into order in every layer of every step; with `prefill_alone`
+    once more with `Engine(mixed_steps=False)`, which runs each new prompt in a forward
+    of its own instead of inside a decode step).
 
     Every request is there at time 0 and runs to exactly its `max_new_tokens`
     (end-of-sequence ignored), so the three do the same useful work. Repeats are
@@ -209,9 +212,9 @@ def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int =
         out = b.run(prompts, max_new_tokens=max_new, ignore_eos=True)
         return out, sum(x["steps"] for x in b.batches if x["outcome"] == "ok")
 
-    def continuous(policy="fcfs", overlap=False, keep_gathered=True):
+    def continuous(policy="fcfs", overlap=False, keep_gathered=True, mixed_steps=True):
         e = Engine(model, tokenizer, max_batch_size=slots, policy=policy, overlap=overlap,
-                   keep_gathered=keep_gathered)
+                   keep_gathered=keep_gathered, mixed_steps=mixed_steps)
         return e.generate_many(prompts, max_new_tokens=max_new, ignore_eos=True), e.forwards
 
     runs = {"static batching": static, "dynamic batching (length-aware)": dynamic,
@@ -221,6 +224,8 @@ def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int =
         runs["continuous batching, overlapped"] = lambda: continuous(overlap=True)
     if gather_every_step:
         runs["continuous batching, gathering every step"] = lambda: continuous(keep_gathered=False)
+    if prefill_alone:
+        runs["continuous batching, each prompt prefilled alone"] = lambda: continuous(mixed_steps=False)
     times: dict[str, list[float]] = {k: [] for k in runs}
     outputs, forwards = {}, {}
     for _ in range(repeats):
