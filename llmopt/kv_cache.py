@@ -262,47 +262,53 @@ class PagedKVCache:
         its own; their kernels take every group in one launch (variable-length attention).
         """
         bs, dev = self.block_size, self.device
-        write, positions, groups = [], [], []    # groups: (rows, tokens, blocks to read, blocks per row)
+        rows = [list(row) for row in blocks] + [list(row) for row, _, _ in prompts]
+        write, positions, groups = [], [], []      # groups: (first row, rows, first token, tokens, blocks)
+        for row, n in zip(blocks, lengths):
+            write += self._slots_of(row, n, 1)
+        positions += lengths
         if blocks:
-            nb = self.manager.blocks_needed(max(lengths) + 1)
-            for row, n in zip(blocks, lengths):
-                write += self._slots_of(row, n, 1)
-            positions += lengths
-            table = [b for row in blocks for b in row[:nb] + [0] * (nb - len(row[:nb]))]   # padded with block 0
-            groups.append((len(blocks), len(blocks), table, nb))
-        for row, start, count in prompts:
+            groups.append((0, len(blocks), 0, len(blocks), self.manager.blocks_needed(max(lengths) + 1)))
+        for r, (row, start, count) in enumerate(prompts, start=len(blocks)):
             write += self._slots_of(row, start, count)
+            groups.append((r, 1, len(positions), count, self.manager.blocks_needed(start + count)))
             positions += range(start, start + count)
-            nb = self.manager.blocks_needed(start + count)
-            groups.append((1, count, row[:nb], nb))
-        flat = [b for g in groups for b in g[2]]
-        idx = to_device(write + positions + flat, dev)
-        self._write, pos, read = idx.split([len(write), len(positions), len(flat)])
-        self._groups, offset, token = [], 0, 0
-        for rows, count, table, nb in groups:
-            q_pos = pos[token:token + count]                               # each query's position
+        # one gather of every row (decode rows, then each prompt) per layer, kept for the next
+        # decode step as a regather would keep it: those rows are the next step's rows
+        nb = max(g[4] for g in groups)
+        wb = min(-(-nb // 8) * 8, max(self.max_blocks, nb)) if self.keep_gathered else nb
+        table = [b for row in rows for b in row[:wb] + [0] * (wb - len(row[:wb]))]
+        idx = to_device(write + positions + table, dev)
+        self._write, pos, self._read_blocks = idx.split([len(write), len(positions), len(table)])
+        self._groups = []
+        for first_row, n_rows, first, count, nbg in groups:
             # a query at position p sees its own row's keys at slots <= p: [rows, 1, T, S]
-            mask = torch.arange(nb * bs, device=dev) <= q_pos.view(rows, 1, -1, 1)
-            self._groups.append((rows, count, read[offset:offset + len(table)], nb * bs, mask))
-            offset, token = offset + len(table), token + count
-        self.mixed, self._gathered_rows, self.row_lengths = True, None, None
+            mask = torch.arange(nbg * bs, device=dev) <= pos[first:first + count].view(n_rows, 1, -1, 1)
+            self._groups.append((first_row, n_rows, first, count, nbg * bs, mask))
+        self.mixed, self.row_lengths, self._mixed_rows = True, None, len(rows)
+        self._mode = "regather" if self.keep_gathered else "gather"
+        if self.keep_gathered:   # what each row caches, less the token the next step adds
+            self._gathered_rows = (rows, list(lengths) + [start + count - 1 for _, start, count in prompts])
+            self.gathers += 1
         return pos
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention) -> torch.Tensor:
         """A mixed step's attention (see `set_mixed`): q [1, H, N, D], k, v [1, Hkv, N, D] for
-        the step's N tokens; stores every new key/value, then calls `attention(q, k, v, mask)`
-        once per group of rows. Returns [1, H, N, D]."""
+        the step's N tokens; stores every new key/value, gathers every row's blocks into
+        order once, then calls `attention(q, k, v, mask)` once per group. Returns [1, H, N, D]."""
         _, H, N, D = k.shape
         new = torch.stack((k[0], v[0]), 1).transpose(0, 2)            # [N, 2, Hkv, D]
         self.kv[layer].index_copy_(0, self._write, new)
         blocks = self.kv[layer].view(self.manager.num_blocks, self.block_size, 2, H, D)
-        out, token = [], 0
-        for rows, count, read, S, mask in self._groups:
-            kv = blocks.index_select(0, read).view(rows, -1, 2, H, D)[:, :S]
-            qg = q[0, :, token:token + count].unflatten(1, (rows, -1)).transpose(0, 1)   # [rows, H, T, D]
+        rows = blocks.index_select(0, self._read_blocks).view(self._mixed_rows, -1, 2, H, D)   # [R, W, 2, Hkv, D]
+        if self._mode == "regather":
+            self.gathered[layer] = rows
+        out = []
+        for first_row, n_rows, first, count, S, mask in self._groups:
+            kv = rows[first_row:first_row + n_rows, :S]
+            qg = q[0, :, first:first + count].unflatten(1, (n_rows, -1)).transpose(0, 1)   # [rows, H, T, D]
             o = attention(qg, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2), mask)
             out.append(o.transpose(0, 1).flatten(1, 2))                 # [H, count, D]
-            token += count
         return torch.cat(out, 1)[None]
 
     def _can_extend(self, blocks: list[list[int]], lengths: list[int], nb: int) -> bool:
