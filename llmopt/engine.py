@@ -159,12 +159,22 @@ class PrefixCache:
             found.append(block)
         return found
 
-    def insert(self, ids: list[int], blocks: list[int]) -> None:
-        """Remember the full blocks of `ids` (held in `blocks`) for later requests."""
+    def insert(self, ids: list[int], blocks: list[int]) -> list:
+        """Remember the full blocks of `ids` (held in `blocks`) for later requests; returns the
+        keys that were new."""
+        added = []
         for key, block in zip(self._keys(ids), blocks):
             if key not in self.blocks:
                 self.blocks[key] = block
                 self.manager.share([block])
+                added.append(key)
+        return added
+
+    def forget(self, keys: list) -> None:
+        """Drop these keys (blocks whose contents were never computed) and their references."""
+        for key in keys:
+            if key in self.blocks:
+                self.manager.release([self.blocks.pop(key)])
 
     def evict(self, n: int, keep=()) -> int:
         """Free up to `n` blocks that only the cache holds (not in `keep`); returns how many."""
@@ -373,6 +383,7 @@ class Engine:
         self.overlap = overlap
         self.mixed_steps, self.max_prefill_tokens = mixed_steps, max_prefill_tokens
         self._prefill_separately = False       # once, after a mixed step failed (see _decode)
+        self._registered: list = []            # prefix-cache keys registered by this step's admissions
         self._inflight = None                  # overlap: (rows, tokens on device, host copy, event)
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config
@@ -557,14 +568,14 @@ class Engine:
         for seq in [s for s in list(sched.waiting) + sched.running if s.cancelled]:
             self._finish(seq, "cancelled", error=CancelledError(f"request {seq.id} was cancelled"))
         decode_rows = list(sched.running)
-        admitted, joining = self._admit()
         if self.overlap:   # a row whose last token is already being computed needs no further step
             decode_rows = [s for s in decode_rows if len(s.generated) + s.inflight < s.max_new_tokens]
-        rows = sched.grow([s for s in decode_rows if s.state == "running"])
+        # the running rows get their next token's blocks first; new sequences take what is left
+        rows = sched.grow(decode_rows)
         if sched.copies:
             self.cache.copy_blocks([(a, b) for a, b, _ in sched.copies])
             self.blocks_copied += len(sched.copies)
-        joining = [s for s in joining if s.state == "running"]      # grow may have preempted them
+        admitted, joining = self._admit()
         if rows or joining or self._inflight is not None:
             self._decode(rows, joining)
         if not sched.running:
@@ -584,10 +595,12 @@ class Engine:
         sched, admitted, joining = self.scheduler, [], []
         separate = not self.mixed_steps or self._prefill_separately
         self._prefill_separately = False
+        self._registered = []                  # prefix-cache keys of joining prompts, not yet computed
         budget = self.max_prefill_tokens
-        # one at a time: a prefill registers its prompt blocks before the next admission looks
-        # them up; joining prompts register theirs after the step, so with the prefix cache on
-        # one prompt joins a step
+        # one at a time: each admission registers its prompt's blocks in the prefix cache before
+        # the next looks them up. A joining prompt registers them now, before they are computed:
+        # a later prompt of this step that shares them reads them in the same forward, after
+        # every layer has written its new keys (PagedKVCache.attend)
         while budget > 0 and sched.waiting:
             if any(sched.waiting[0] in j.siblings for j in joining):
                 break                     # a sample of a joining prompt forks from it after the step
@@ -601,7 +614,9 @@ class Engine:
                 self._prefill(seq)
                 continue
             joining.append(seq)
-            budget = 0 if self.prefix_cache is not None else budget - (seq.num_tokens - seq.cached_tokens)
+            budget -= seq.num_tokens - seq.cached_tokens
+            if self.prefix_cache is not None:
+                self._registered += self.prefix_cache.insert(seq.prompt_ids, seq.blocks)
         return admitted, joining
 
     def _prefill(self, seq: Sequence) -> None:
@@ -667,6 +682,8 @@ class Engine:
                 if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 if joining:   # the new prompts wait and are prefilled on their own next step
+                    if self.prefix_cache is not None:
+                        self.prefix_cache.forget(self._registered)
                     for seq in reversed(joining):
                         self.scheduler.preempt(seq)
                     self._prefill_separately = True

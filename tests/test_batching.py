@@ -269,12 +269,20 @@ def test_a_failing_batched_forward_shrinks_the_batch_and_loses_nothing(tiny, ref
     assert [g.token_ids for g in out] == [reference[p][:20] for p in PROMPTS[:4]]
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_a_failing_mixed_step_prefills_its_prompts_alone_and_loses_nothing(tiny, reference, overlap):
-    """A fault in a mixed step's forward puts its new prompts back in the queue; the next step
-    prefills each in a forward of its own (where a fault would stay with its request)."""
+@pytest.mark.parametrize("overlap, prefix_caching", [(False, False), (True, False), (False, True)])
+def test_a_failing_mixed_step_prefills_its_prompts_alone_and_loses_nothing(tiny, reference, overlap,
+                                                                           prefix_caching):
+    """A fault in a mixed step's forward puts its new prompts back in the queue (and drops the
+    prefix-cache entries they registered, never computed); the next step prefills each in a
+    forward of its own (where a fault would stay with its request)."""
     model, tok = tiny
     calls = {"n": 0, "alone": 0}
+    prompts = PROMPTS[:4]
+    if prefix_caching:     # a shared first block, registered by the first prompt of a failing step
+        prompts = ["To be, or not to be, that is the question:\nWhether 'tis nobler in the mind " + p
+                   for p in prompts]
+        reference = {p: llmopt.generate(model, tok, p, max_new_tokens=20, ignore_eos=True).token_ids
+                     for p in prompts}
 
     class Flaky(Engine):
         def _forward_mixed(self, *args):
@@ -287,11 +295,14 @@ def test_a_failing_mixed_step_prefills_its_prompts_alone_and_loses_nothing(tiny,
             calls["alone"] += 1
             super()._prefill(seq)
 
-    engine = Flaky(model, tok, overlap=overlap, max_batch_size=2)
-    out = engine.generate_many(PROMPTS[:4], max_new_tokens=20, ignore_eos=True)
-    assert [g.token_ids for g in out] == [reference[p][:20] for p in PROMPTS[:4]]
+    engine = Flaky(model, tok, overlap=overlap, max_batch_size=2, prefix_caching=prefix_caching)
+    out = engine.generate_many(prompts, max_new_tokens=20, ignore_eos=True)
+    assert [g.token_ids for g in out] == [reference[p][:20] for p in prompts]
     # two prompts a step (two slots): both failing mixed steps' prompts ran alone after them
     assert calls == {"n": 2, "alone": 4} and engine.scheduler.preemptions == 4
+    if prefix_caching:
+        assert any(g.stats["cached_prompt_tokens"] for g in out)
+        engine.prefix_cache.clear()
     assert engine.cache.manager.num_free == engine.cache.manager.num_blocks
 
 
