@@ -628,6 +628,8 @@ class Engine:
             pos = torch.arange(start, start + ids.shape[1], device=ids.device)
             self.forwards += 1
             logits = self.model(ids, pos, self.cache, last_only=True)[:, -1]
+            if self.prefix_cache is not None:      # computed: later prompts may share its blocks
+                self.prefix_cache.insert(seq.prompt_ids, seq.blocks)
             rows, logits = self._started([], [seq], logits)
             for c, tok in zip(rows, self._sample(rows, logits)):
                 self._accept(c, tok)
@@ -636,14 +638,12 @@ class Engine:
 
     def _started(self, rows: list[Sequence], new: list[Sequence], logits: torch.Tensor):
         """After a forward that computed the prompts of `new` (logits: one row per sequence of
-        rows + new): register their blocks in the prefix cache, and fork samples of the same
-        prompt still waiting. A fork shares its prompt's blocks and draws its first token from
-        the same logits, with its own generator. Returns the rows to sample and their logits."""
+        rows + new): fork samples of the same prompt still waiting. A fork shares its prompt's
+        blocks and draws its first token from the same logits, with its own generator. Returns
+        the rows to sample and their logits."""
         index = list(range(len(rows)))
         rows = list(rows)
         for i, seq in enumerate(new, start=len(rows)):
-            if self.scheduler.prefix_cache is not None:
-                self.scheduler.prefix_cache.insert(seq.prompt_ids, seq.blocks)
             forks = [c for c in seq.siblings if not seq.generated and not c.generated
                      and not c.cancelled and self.scheduler.fork(seq, c)]
             for c in forks:

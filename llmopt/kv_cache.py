@@ -226,7 +226,7 @@ class PagedKVCache:
         else:
             self._mode = "gather"                     # a prefill leaves the kept copy alone
         if self._mode != "extend":                    # the blocks to read, each row padded with block 0
-            wb = nb if self._mode == "gather" else min(-(-nb // 8) * 8, max(self.max_blocks, nb))
+            wb = nb if self._mode == "gather" else self._kept_width(nb)
             table = [row[:wb] + [0] * (wb - len(row[:wb])) for row in blocks]
             self._read_blocks = to_device(table, self.device).flatten()
             self.gathers += self._mode == "regather"
@@ -239,6 +239,11 @@ class PagedKVCache:
         idx = to_device(write + extra + list(lengths), self.device)
         self._write, self._gathered_write, self.row_lengths = idx.split([len(write), len(extra), len(lengths)])
         return self._ragged_kv_len
+
+    def _kept_width(self, nb: int) -> int:
+        """Blocks per row of a kept gathered copy for rows needing `nb`: rounded up to a
+        multiple of 8, so the copy is extended for a while before it must be gathered again."""
+        return min(-(-nb // 8) * 8, max(self.max_blocks, nb))
 
     def _slots_of(self, row: list[int], n: int, new_tokens: int) -> list[int]:
         """Slots of positions n .. n + new_tokens - 1 of a row that owns blocks `row`."""
@@ -276,7 +281,7 @@ class PagedKVCache:
         # one gather of every row (decode rows, then each prompt) per layer, kept for the next
         # decode step as a regather would keep it: those rows are the next step's rows
         nb = max(g[4] for g in groups)
-        wb = min(-(-nb // 8) * 8, max(self.max_blocks, nb)) if self.keep_gathered else nb
+        wb = self._kept_width(nb) if self.keep_gathered else nb
         table = [b for row in rows for b in row[:wb] + [0] * (wb - len(row[:wb]))]
         idx = to_device(write + positions + table, dev)
         self._write, pos, self._read_blocks = idx.split([len(write), len(positions), len(table)])
