@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import llmopt
-from llmopt import metrics
+from llmopt import metrics, profiling
 from llmopt.profiling import (categorize, measure, op_breakdown, peak_memory, roofline, sdpa_kernels,
                               summarize, utilization)
 
@@ -50,6 +50,14 @@ def test_sdpa_kernels_on_cpu():
 
 def test_peak_memory_sees_an_allocation():
     r = peak_memory(lambda: torch.ones(64 * 2**20 // 4).add_(1), device="cpu")
+    assert r["delta_bytes"] > 32 * 2**20
+
+
+@pytest.mark.skipif(not profiling._reset_peak_rss(), reason="the kernel keeps no resettable RSS peak")
+def test_peak_memory_sees_a_spike_between_samples():
+    # The sampler never wakes while fn runs (one sample a minute) and the tensor is freed
+    # before the last sample: only the kernel's high-water mark can see it.
+    r = peak_memory(lambda: torch.ones(64 * 2**20 // 4).add_(1), device="cpu", interval_s=60)
     assert r["delta_bytes"] > 32 * 2**20
 
 
