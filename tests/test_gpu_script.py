@@ -1,10 +1,20 @@
 """The prepared GPU suite runs end to end in CPU smoke mode, so it never rots."""
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _suite():
+    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_gpu_suite_smoke(tmp_path):
@@ -22,7 +32,24 @@ def test_gpu_suite_smoke(tmp_path):
         assert res[part]["rows"]
     assert all(r["identical"] for r in res["batching"]["rows"] + res["batching_dialogue"]["rows"])
     assert all(r["identical"] for r in res["speculative"]["rows"][1:])
-    assert (tmp_path / "gpu_results.md").read_text().startswith("# GPU suite")
+    md = (tmp_path / "gpu_results.md").read_text()
+    assert md.startswith("# GPU suite") and "| decode MBU (batch 1, bf16, compiled) | 70% | not run | - |" in md
+    goals = {g["row"]: g for g in res["goals"]}
+    fcfs = goals["batching_dialogue: continuous batching"]
+    assert fcfs["measured"] == res["batching_dialogue"]["rows"][2]["throughput_vs_static"]
+    assert fcfs["met"] is (fcfs["measured"] >= 3.0)
+
+
+def test_goals_from_the_h100_run_of_2026_11_27():
+    """The goals table read off a committed H100 result: the figures its README quotes."""
+    res = json.loads((ROOT / "results" / "gpu-NVIDIA-H100-80GB-HBM3-2026-11-27" / "run1-full-suite.json").read_text())
+    g = _suite().goals(res)
+    assert [x["met"] for x in g] == [False, True, False, False, False]
+    assert g[0]["measured"] == pytest.approx(0.481, abs=1e-3)        # MBU 48%
+    assert g[1]["measured"] == pytest.approx(552.1 / 82.8, rel=1e-3)  # 6.67x
+    assert g[2]["measured"] == pytest.approx(619.6 / 552.1, rel=1e-3)  # int8 vs the fastest bf16 row
+    assert [x["row"] for x in g[3:]] == ["batching: continuous batching", "batching: continuous batching, longest first"]
+    assert g[4]["measured"] == pytest.approx(1.41, abs=0.005)
 
 
 def test_gpu_suite_runs_only_the_sections_asked(tmp_path):
