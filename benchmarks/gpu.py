@@ -94,8 +94,11 @@ def main(argv=None) -> int:
     card = info["device_name"].replace(" ", "-").replace("/", "-")
     out = Path(args.out or f"results/gpu-{card}-{time.strftime('%Y-%m-%d')}")
     out.mkdir(parents=True, exist_ok=True)
+    import torch._inductor.config as inductor
     results: dict = {"device": info, "smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M"),
-                     "transformers": __import__("transformers").__version__}
+                     "transformers": __import__("transformers").__version__,
+                     # TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 tunes each Triton kernel's launch config
+                     "coordinate_descent_tuning": inductor.coordinate_descent_tuning}
     preset = "tiny" if args.smoke else args.preset
     new_tokens = 8 if args.smoke else args.new_tokens
     repeats = 1 if args.smoke else 3
@@ -269,6 +272,7 @@ def main(argv=None) -> int:
         save()
     md = [f"# GPU suite: {info['device_name']}", "",
           f"{results['date']}, torch {info['torch']}, transformers {results['transformers']}"
+          f"{', Inductor coordinate-descent tuning' if results['coordinate_descent_tuning'] else ''}"
           f"{' (CPU smoke mode)' if args.smoke else ''}.", ""]
     pr = results["probes"]
     if "error" not in pr:

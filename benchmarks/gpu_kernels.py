@@ -1,6 +1,6 @@
 """Which kernels eat a decode step? torch.profiler over a few compiled decode steps per variant.
 
-    python benchmarks/gpu_kernels.py --variants bf16,int8,int8-ref,int4   # on a GPU
+    python benchmarks/gpu_kernels.py --variants bf16,bf16-fused,int8,int4   # on a GPU
     python benchmarks/gpu_kernels.py --smoke                              # CPU, tiny shape
 
 Prints, per variant, the step time and the top kernels by device time (random weights: shapes decide speed).
@@ -20,8 +20,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 import llmopt  # noqa: E402
 from llmopt.quantize import quantize  # noqa: E402
 
-VARIANTS = {"bf16": None, "int8": ("int8", {}), "int8-ref": ("int8", {"fused": False}),
-            "int4": ("int4", {"group_size": 64})}
+VARIANTS = {"bf16": None, "bf16-fused": None, "int8": ("int8", {}), "int8-ref": ("int8", {"fused": False}),
+            "int4": ("int4", {"group_size": 64})}     # bf16-fused: q, k, v and gate, up as one matmul each
 
 
 def main(argv=None) -> int:
@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     prompt = list(range(1, 33))
     for name in args.variants.split(","):
         model = llmopt.build_model(cfg, device=device, dtype=dtype)
+        if name == "bf16-fused":
+            llmopt.fuse_projections(model)
         if VARIANTS[name]:
             method, kw = VARIANTS[name]
             quantize(model, method, **kw)

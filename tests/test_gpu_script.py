@@ -1,6 +1,7 @@
 """The prepared GPU suite runs end to end in CPU smoke mode, so it never rots."""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +18,22 @@ def _suite():
     return module
 
 
-def test_gpu_suite_smoke(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--out", str(tmp_path)],
-                   check=True, cwd=ROOT, timeout=300)
-    res = json.loads((tmp_path / "gpu_results.json").read_text())
-    assert res["smoke"] and "error" not in res["probes"], res["probes"]
+def test_gpu_session_smoke(tmp_path):
+    """benchmarks/gpu_session.sh, the one call a lent GPU session makes, end to end in CPU smoke mode:
+    the whole suite, int8 / int4 with coordinate-descent tuning, and the kernel profile."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    log = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "--smoke"], env=env, cwd=ROOT,
+                         check=True, timeout=600, capture_output=True, text=True).stdout
+    for step in ("suite", "int8-coordinate-descent", "kernels"):
+        assert f"[{step}] exit 0 after" in log, log
+    kernels = (tmp_path / "kernels-log.txt").read_text()
+    assert all(f"== {v}: TPOT" in kernels for v in ("bf16", "bf16-fused", "int8")) and "aten::" in kernels
+    tuned = json.loads((tmp_path / "int8-coordinate-descent" / "gpu_results.json").read_text())
+    assert tuned["coordinate_descent_tuning"] is True and "decode_batch1" not in tuned
+    assert [r["label"] for r in tuned["quantized_decode"]["rows"]] == ["int8 weight-only", "int4 g64 weight-only"]
+
+    res = json.loads((tmp_path / "suite" / "gpu_results.json").read_text())
+    assert res["smoke"] and res["coordinate_descent_tuning"] is False and "error" not in res["probes"], res["probes"]
     assert "error" not in res["decode_batch1"], res["decode_batch1"]
     rows = res["decode_batch1"]["rows"]
     assert rows[0]["greedy_token_agreement"] == 1.0
@@ -32,7 +44,7 @@ def test_gpu_suite_smoke(tmp_path):
         assert res[part]["rows"]
     assert all(r["identical"] for r in res["batching"]["rows"] + res["batching_dialogue"]["rows"])
     assert all(r["identical"] for r in res["speculative"]["rows"][1:])
-    md = (tmp_path / "gpu_results.md").read_text()
+    md = (tmp_path / "suite" / "gpu_results.md").read_text()
     assert md.startswith("# GPU suite") and "| decode MBU (batch 1, bf16, compiled) | 70% | not run | - |" in md
     goals = {g["row"]: g for g in res["goals"]}
     fcfs = goals["batching_dialogue: continuous batching"]
@@ -57,10 +69,3 @@ def test_gpu_suite_runs_only_the_sections_asked(tmp_path):
                     "--only", "attention_prefill"], check=True, cwd=ROOT, timeout=300)
     res = json.loads((tmp_path / "gpu_results.json").read_text())
     assert "attention_prefill" in res and "decode_batch1" not in res and "batching" not in res
-
-
-def test_kernel_profile_smoke():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_kernels.py"), "--smoke",
-                          "--variants", "bf16,int8", "--top", "3"], check=True, cwd=ROOT, timeout=300,
-                         capture_output=True, text=True).stdout
-    assert "== bf16: TPOT" in out and "== int8: TPOT" in out and "aten::" in out
