@@ -201,15 +201,15 @@ def main(argv=None) -> int:
 
     def batching():
         """Continuous vs static batching: the trained tiny model on GPU too (tokens are real text),
-        64 requests, outputs 8-256 tokens, 8 slots (smoke: 8 requests, 8-24 tokens); continuous
-        also with the engine's host work overlapped with the device's. (Gathering every row's blocks
-        every step, `gather_every_step`, changed nothing measurable on an H100 in two runs of
-        2026-11-27 and is no longer run: it kept the suite over its 5 minutes.)"""
+        64 requests, outputs 8-256 tokens, 8 slots (smoke: 8 requests, 8-24 tokens). The rows with
+        the engine's host work overlapped and with every row's blocks gathered every step changed
+        nothing measurable here in two H100 runs of 2026-11-27 and are no longer run (they kept the
+        suite over its 5 minutes); dialogue turns keep the overlapped row."""
         from llmopt.workload import compare_batching, ideal_continuous_speedup, poisson_workload
         model, tok = llmopt.load_model("tiny", device=device)
         n, out_len = (8, (8, 24)) if args.smoke else (64, (8, 256))
         work = poisson_workload(tok, n, seed=0, prompt_tokens=(16, 64), output_tokens=out_len)
-        rows = compare_batching(model, tok, work, slots=8, repeats=repeats, overlap=True)
+        rows = compare_batching(model, tok, work, slots=8, repeats=repeats)
         return {"rows": rows, "slots": 8, "ideal": ideal_continuous_speedup([w.max_new_tokens for w in work], 8)}
 
     def batching_dialogue():
