@@ -20,8 +20,13 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 import llmopt  # noqa: E402
 from llmopt.quantize import quantize  # noqa: E402
 
-VARIANTS = {"bf16": None, "bf16-fused": None, "int8": ("int8", {}), "int8-ref": ("int8", {"fused": False}),
-            "int4": ("int4", {"group_size": 64})}     # bf16-fused: q, k, v and gate, up as one matmul each
+VARIANTS = {   # what each variant does to the model (in place)
+    "bf16": lambda m: m,
+    "bf16-fused": llmopt.fuse_projections,            # q, k, v and gate, up as one matmul each
+    "int8": lambda m: quantize(m, "int8"),
+    "int8-ref": lambda m: quantize(m, "int8", fused=False),
+    "int4": lambda m: quantize(m, "int4", group_size=64),
+}
 
 
 def main(argv=None) -> int:
@@ -39,11 +44,7 @@ def main(argv=None) -> int:
     prompt = list(range(1, 33))
     for name in args.variants.split(","):
         model = llmopt.build_model(cfg, device=device, dtype=dtype)
-        if name == "bf16-fused":
-            llmopt.fuse_projections(model)
-        if VARIANTS[name]:
-            method, kw = VARIANTS[name]
-            quantize(model, method, **kw)
+        VARIANTS[name](model)
         compile_mode = False if args.smoke else args.mode
         llmopt.generate(model, None, prompt, max_new_tokens=16, ignore_eos=True, compile=compile_mode)
         g = llmopt.generate(model, None, prompt, max_new_tokens=64, ignore_eos=True, compile=compile_mode)

@@ -219,8 +219,8 @@ def peak_memory(fn: Callable[[], object], device=None, interval_s: float = 0.002
                     pass
         return sum(sizes), max(sizes)
 
-    base = rss()[0]
     own_base = proc.memory_info().rss
+    base = rss()[0]
     kernel_peak = _reset_peak_rss()
     peak = [base, 0]
     done = threading.Event()
@@ -231,13 +231,16 @@ def peak_memory(fn: Callable[[], object], device=None, interval_s: float = 0.002
             peak[0], peak[1] = max(peak[0], total), max(peak[1], largest)
             done.wait(interval_s)
 
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
+    # sample only what the kernel does not keep (children's RSS, or no high-water mark)
+    t = threading.Thread(target=watch, daemon=True) if include_children or not kernel_peak else None
+    if t is not None:
+        t.start()
     try:
         fn()
     finally:
         done.set()
-        t.join()
+        if t is not None:
+            t.join()
     total, largest = rss()
     peak[0], peak[1] = max(peak[0], total), max(peak[1], largest)
     if kernel_peak:   # the sampled total, or the kernel's exact own peak over the same base
