@@ -31,12 +31,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(e))
         return 0
     from . import load_model, stream
-    model, tok = load_model(args.model)
     try:
+        model, tok = load_model(args.model)
         for piece in stream(model, tok, args.prompt, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_p=args.top_p, seed=args.seed):
             print(piece, end="", flush=True)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:    # a bad option, an unknown or incomplete model
         parser.error(str(e))
     print()
     return 0

@@ -15,6 +15,7 @@ import torch
 
 from .config import ModelConfig, get_config
 from .generate import generate
+from .precision import check_device
 from .profiling import device_info, hf_generate, measure_generation, measure_generations, roofline
 
 DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
@@ -523,7 +524,7 @@ def run_bench(only: list[str] | None = None, *, quick: bool = False, out: str | 
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         raise ValueError(f"unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS)}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(check_device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     out = Path(out or Path("reports") / time.strftime("bench-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     info = device_info(device)

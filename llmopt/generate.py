@@ -178,10 +178,14 @@ def encode_prompt(model, tokenizer, prompt, max_new_tokens: int) -> list[int]:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     limit = model.config.max_seq_len
+    if len(ids) >= limit:
+        raise ValueError(f"prompt is too long: {len(ids)} tokens, and the model's context is {limit} "
+                         f"tokens (prompt and new tokens together): keep at most the last {limit - 1} "
+                         "tokens of the prompt (or fewer, to leave room for more new tokens)")
     if len(ids) + max_new_tokens > limit:
         raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"the model's context of {limit} tokens: shorten the prompt or ask for "
-                         f"at most {max(0, limit - len(ids))} new tokens")
+                         f"at most {limit - len(ids)} new tokens")
     return ids
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig
 from .data import DATA_DIR
 from .model import Transformer, check_unfused, rope_inv_freq
+from .precision import check_device
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ def load_model(name_or_path: str | Path = "tiny", *, device=None,
 
     "tiny-draft" (and any folder `python -m llmopt.draft` wrote) gives an `llmopt.draft.MLPDraft`.
     """
+    device = check_device(device)
     folder = resolve(name_or_path)
     hf = json.loads((folder / "config.json").read_text())
     from .draft import MLPDraft, is_mlp_draft_folder
@@ -108,7 +110,7 @@ def load_model(name_or_path: str | Path = "tiny", *, device=None,
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg)  # built on the meta device above; rebuild for real
-    model = model.to(device or "cpu").eval()
+    model = model.to(device).eval()
     tokenizer = Tokenizer.from_folder(folder, eos_token_id=cfg.eos_token_id,
                                       bos_token_id=cfg.bos_token_id)
     model.name = str(name_or_path)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .precision import check_device
 
 ATTENTION_BACKENDS = ("sdpa", "plain")
 
@@ -329,9 +330,10 @@ def check_unfused(model, what: str) -> None:
 def build_model(cfg: ModelConfig, *, device=None, dtype: torch.dtype | None = None,
                 seed: int | None = 0) -> Transformer:
     """A model with random weights (std 0.02, as Llama initializes), for shape-only speed runs."""
+    device = check_device(device)
     if seed is not None:
         torch.manual_seed(seed)
-    with torch.device(device or "cpu"):
+    with device:
         model = Transformer(cfg)
     for name, p in model.named_parameters():
         if p.dim() >= 2:

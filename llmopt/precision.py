@@ -26,6 +26,28 @@ def as_dtype(dtype) -> torch.dtype:
     raise ValueError(f"dtype must be one of fp32, fp16, bf16 (or the torch dtypes), got {dtype!r}")
 
 
+def check_device(device) -> torch.device:
+    """`device` as a torch.device, or a ValueError that says why this machine cannot run on it
+    (no CUDA build of torch, no GPU visible, a GPU index past the last one)."""
+    try:
+        dev = torch.device(device if device is not None else "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a device name: use 'cpu', 'cuda' or 'cuda:N' ({e})") from None
+    if dev.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise ValueError(f"device {device!r}: this torch ({torch.__version__}) is a CPU-only build; use "
+                             "device='cpu', or install a CUDA build of torch on a machine with an NVIDIA GPU")
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(f"device {device!r}: torch has CUDA but sees no GPU here (driver, or "
+                             "CUDA_VISIBLE_DEVICES); use device='cpu'")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {device!r}: only {count} GPU(s) visible, cuda:0 to cuda:{count - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: Apple's MPS backend is not available here; use device='cpu'")
+    return dev
+
+
 def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:

@@ -95,6 +95,7 @@ def test_stats_are_consistent(model_and_tok):
     (dict(prompt=[99999]), "outside the vocabulary"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(max_new_tokens=10_000), "exceeds the model's context"),
+    (dict(prompt=[5] * 3000), "prompt is too long: 3000 tokens.*keep at most the last"),
     (dict(temperature=-1.0), "temperature must be >= 0"),
     (dict(temperature=1.0, top_k=0), "top_k must be"),
     (dict(temperature=1.0, top_p=1.5), r"top_p must be in \(0, 1\]"),

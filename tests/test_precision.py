@@ -23,6 +23,26 @@ def test_dtype_names_and_errors():
         precision.as_dtype("fp8")
 
 
+def test_a_device_this_machine_lacks_is_a_clear_error(monkeypatch):
+    assert precision.check_device(None) == torch.device("cpu")
+    assert precision.check_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="not a device name"):
+        llmopt.load_model("tiny", device="gpu0")
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    with pytest.raises(ValueError, match="CPU-only build; use device='cpu'"):
+        llmopt.load_model("tiny", device="cuda")
+    with pytest.raises(ValueError, match="CPU-only build"):
+        llmopt.build_model(llmopt.get_config("tiny"), device="cuda:0")
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match="sees no GPU"):
+        precision.check_device("cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="only 2 GPU"):
+        precision.check_device("cuda:2")
+    assert precision.check_device("cuda:1") == torch.device("cuda", 1)
+
+
 def test_cpu_capability_check_warns_or_passes():
     s = precision.dtype_support("cpu", "fp16")
     assert s["supported"]

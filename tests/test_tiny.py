@@ -107,3 +107,18 @@ def test_bench_quick_serving_speculation_and_scoreboard(tmp_path):
     assert {r["technique"] for r in by["evaluation"]["rows"]} >= {"fp32 baseline", "int8 weight-only"}
     report = (tmp_path / "report.md").read_text()
     assert "Scoreboard" in report and "continuous / static" in report
+
+
+def test_command_line_generates_and_refuses_bad_input_with_a_usage_error(capsys, monkeypatch):
+    from llmopt.__main__ import main
+    assert main(["generate", "ROMEO:", "--max-new-tokens", "8"]) == 0
+    want = llmopt.generate(*llmopt.load_model("tiny"), "ROMEO:", max_new_tokens=8).text
+    assert capsys.readouterr().out == want + "\n"
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)   # as on a CPU-only torch
+    for argv, message in [(["generate", "Hi", "--model", "no-such-model"], "no checkpoint at 'no-such-model'"),
+                          (["generate", "Hi", "--temperature", "-1"], "temperature must be >= 0"),
+                          (["bench", "--device", "cuda", "cache"], "CPU-only build"),
+                          (["bench", "no-such-experiment"], "unknown experiment")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
