@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig
 from .data import DATA_DIR
 from .model import Transformer, check_unfused, rope_inv_freq
-from .precision import check_device
+from .precision import as_dtype, check_device
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -73,12 +73,15 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(name_or_path: str | Path = "tiny", *, device=None,
-               dtype: torch.dtype | None = None) -> tuple[Transformer | MLPDraft, Tokenizer]:
+               dtype: torch.dtype | str | None = None) -> tuple[Transformer | MLPDraft, Tokenizer]:
     """(model, tokenizer) for "tiny", "tiny-draft", a local HF folder or a hub name (notebook 00).
+
+    `dtype` (a torch dtype or "fp32" / "fp16" / "bf16") casts the weights; None keeps the checkpoint's.
 
     "tiny-draft" (and any folder `python -m llmopt.draft` wrote) gives an `llmopt.draft.MLPDraft`.
     """
     device = check_device(device)
+    dtype = as_dtype(dtype) if dtype is not None else None
     folder = resolve(name_or_path)
     hf = json.loads((folder / "config.json").read_text())
     from .draft import MLPDraft, is_mlp_draft_folder

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .precision import check_device
+from .precision import as_dtype, check_device
 
 ATTENTION_BACKENDS = ("sdpa", "plain")
 
@@ -341,5 +341,5 @@ def build_model(cfg: ModelConfig, *, device=None, dtype: torch.dtype | None = No
         elif name.endswith("bias"):
             nn.init.zeros_(p)
     if dtype is not None:
-        model = model.to(dtype)
+        model = model.to(as_dtype(dtype))
     return model.eval()

@@ -177,9 +177,17 @@ def test_mixed_steps_take_prompts_up_to_their_token_budget(tiny, reference):
             Engine(model, tok, **kwargs)
 
 
-def test_engine_refuses_a_non_bool_keep_gathered(tiny):
-    with pytest.raises(ValueError, match="keep_gathered must be True or False"):
-        Engine(*tiny, keep_gathered="yes")
+def test_engine_refuses_bad_construction_options(tiny):
+    for kwargs, message in [(dict(keep_gathered="yes"), "keep_gathered must be True or False"),
+                            (dict(block_size=0), "block_size must be an integer >= 1"),
+                            (dict(block_size=3.5), "block_size must be an integer >= 1"),
+                            (dict(num_blocks=0), "num_blocks must be an integer >= 1 or None"),
+                            (dict(max_seq_len=0), "max_seq_len must be an integer >= 1 or None"),
+                            (dict(max_batch_size=True), "max_batch_size must be an integer"),
+                            (dict(watermark=1.5), r"watermark .* must be in \[0, 1\)"),
+                            (dict(watermark=-0.1), r"watermark .* must be in \[0, 1\)")]:
+        with pytest.raises(ValueError, match=message):
+            Engine(*tiny, **kwargs)
 
 
 @pytest.mark.parametrize("overlap, keep_gathered", [(False, True), (True, True), (False, False)])

@@ -23,6 +23,14 @@ def test_dtype_names_and_errors():
         precision.as_dtype("fp8")
 
 
+def test_dtype_names_load_and_build():
+    model, _ = llmopt.load_model("tiny", dtype="bf16")
+    assert model.dtype is torch.bfloat16 and model.layers[0].mlp.up_proj.weight.dtype is torch.bfloat16
+    assert llmopt.build_model(llmopt.get_config("tiny"), dtype="fp16").dtype is torch.float16
+    with pytest.raises(ValueError, match="dtype must be one of fp32, fp16, bf16"):
+        llmopt.load_model("tiny", dtype="fp8")
+
+
 def test_a_device_this_machine_lacks_is_a_clear_error(monkeypatch):
     assert precision.check_device(None) == torch.device("cpu")
     assert precision.check_device("cpu") == torch.device("cpu")
