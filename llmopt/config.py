@@ -72,6 +72,20 @@ class ModelConfig:
         emb = self.vocab_size * d
         return self.n_layers * per_layer + d + emb * (1 if self.tie_embeddings else 2)
 
+    @classmethod
+    def of(cls, obj) -> "ModelConfig":
+        """The config of `obj`: a ModelConfig, an llmopt model, a `transformers` model or config,
+        or a config.json dict, so the roofline helpers take a user's own model too."""
+        if isinstance(obj, cls):
+            return obj
+        if isinstance(obj, dict):
+            return cls.from_hf(obj)
+        if hasattr(obj, "to_dict") and hasattr(obj, "model_type"):    # transformers PretrainedConfig
+            return cls.from_hf(obj.to_dict())
+        if getattr(obj, "config", None) is not None:                   # a model
+            return cls.of(obj.config)
+        raise TypeError(f"expected a ModelConfig, a model or a transformers config, got {type(obj).__name__}")
+
     # -- Hugging Face config.json round trip ---------------------------------
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":

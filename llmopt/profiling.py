@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import torch
 
+from .config import ModelConfig
+
 
 def synchronize(device=None) -> None:
     """Wait for queued device work, so a clock read after it is honest."""
@@ -286,7 +288,9 @@ def roofline(cfg, dtype: torch.dtype = torch.float32, context: int = 512, batch:
     Weights: every matrix is read once per step (the embedding table only as the
     output head, when tied). KV: each row reads its whole cache. FLOPs: 2 per
     weight per token, plus attention's QK^T and AV (4 x layers x heads x head_dim x context).
+    `cfg`: a ModelConfig, an llmopt or `transformers` model, or a `transformers` config.
     """
+    cfg = ModelConfig.of(cfg)
     bytes_per = torch.finfo(dtype).bits // 8
     matmul_params = cfg.n_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
     weight_bytes = matmul_params * bytes_per

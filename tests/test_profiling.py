@@ -32,6 +32,20 @@ def test_roofline_counts():
     assert u["mbu"] == pytest.approx(0.5)
 
 
+def test_roofline_of_a_transformers_model(hf_checkpoint):
+    """The roofline takes a user's own transformers model (or its config): the weights it counts as
+    read per step are the model's own parameters, the input table left out when untied."""
+    family, folder, hf = hf_checkpoint
+    params = sum(p.numel() for p in hf.parameters())
+    table = 0 if hf.config.tie_word_embeddings else hf.get_input_embeddings().weight.numel()
+    r = roofline(hf, torch.float32, context=10)
+    assert r["weight_bytes"] == (params - table) * 4
+    assert r == roofline(hf.config, torch.float32, context=10) == roofline(llmopt.load_model(folder)[0],
+                                                                          torch.float32, context=10)
+    with pytest.raises(TypeError, match="expected a ModelConfig"):
+        roofline(42)
+
+
 def test_op_breakdown_covers_the_wall_time():
     model = llmopt.build_model(llmopt.get_config("tiny"))
     ids = torch.randint(0, 4096, (1, 16))
