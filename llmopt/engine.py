@@ -374,11 +374,13 @@ class Engine:
                  watermark: float = 0.01, prefix_caching: bool = False, metrics=None,
                  policy: str = "fcfs", overlap: bool = False, keep_gathered: bool = True,
                  mixed_steps: bool = True, max_prefill_tokens: int = 512) -> None:
-        for name, value in (("max_batch_size", max_batch_size), ("max_prefill_tokens", max_prefill_tokens),
-                            ("block_size", block_size), ("num_blocks", num_blocks), ("max_seq_len", max_seq_len)):
-            optional = name in ("num_blocks", "max_seq_len")        # None: the default
-            if not (optional and value is None) and (not isinstance(value, int) or isinstance(value, bool)
-                                                     or value < 1):
+        for name, value, optional in (("max_batch_size", max_batch_size, False),
+                                      ("max_prefill_tokens", max_prefill_tokens, False),
+                                      ("block_size", block_size, False), ("num_blocks", num_blocks, True),
+                                      ("max_seq_len", max_seq_len, True)):       # optional: None is the default
+            if optional and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1{' or None' if optional else ''}, got {value!r}")
         if not isinstance(watermark, (int, float)) or not 0 <= watermark < 1:
             raise ValueError(f"watermark (share of blocks kept free for running sequences) must be in [0, 1), "
