@@ -122,12 +122,25 @@ def _write_shard(ids, path: Path) -> int:
     return int(len(ids))
 
 
+def _check_inputs(files, tokenizer_json) -> None:
+    """Refuse a missing corpus file or tokenizer here, with its path, rather than inside a worker."""
+    if isinstance(files, (str, Path)) or not files:
+        raise ValueError(f"files must be a non-empty list of text files, got {files!r}")
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} corpus file(s) not found: {missing[:3]}")
+    if not Path(tokenizer_json).is_file():
+        raise FileNotFoundError(f"tokenizer file {str(tokenizer_json)!r} not found: give a tokenizers JSON "
+                                f"file, such as {DATA_DIR / 'tiny' / 'tokenizer.json'}")
+
+
 def tokenize_serial(files, tokenizer_json, out_dir) -> dict:
     """The naive way: read the whole corpus into memory, tokenize it, write one shard.
 
     Peak memory grows with the corpus (all its text and all its ids are held at once).
     """
     import numpy as np
+    _check_inputs(files, tokenizer_json)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -163,6 +176,8 @@ def tokenize_dask(files, tokenizer_json, out_dir, *, blocksize: str | int = "16M
     """
     import dask.bag as db
     from dask.distributed import Client, LocalCluster, as_completed
+    if client is None and scheduler is None:    # on another cluster the paths are the workers' to find
+        _check_inputs(files, tokenizer_json)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     own_cluster, own_client = None, client is None

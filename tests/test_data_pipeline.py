@@ -61,3 +61,14 @@ def test_shards_feed_training(corpus, tmp_path):
     assert report["train_tokens"] == len(shards)
     with pytest.raises(FileNotFoundError, match="shard"):
         TokenShards(tmp_path)
+
+
+def test_missing_inputs_are_named_before_any_worker_starts(corpus, tmp_path):
+    for fn in (tokenize_serial, tokenize_dask):
+        with pytest.raises(FileNotFoundError, match="corpus file.*nope.txt"):
+            fn([*corpus[:1], tmp_path / "nope.txt"], TOKENIZER, tmp_path / "out")
+        with pytest.raises(FileNotFoundError, match="tokenizer file .*missing.json' not found"):
+            fn(corpus[:1], tmp_path / "missing.json", tmp_path / "out")
+        with pytest.raises(ValueError, match="non-empty list"):
+            fn(str(corpus[0]), TOKENIZER, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
