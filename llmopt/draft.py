@@ -286,7 +286,8 @@ def write_report_md(folder: Path, report: dict, target_name: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m llmopt.draft", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="tiny", help="the target model (an embedded name or a folder)")
     p.add_argument("--out", required=True, help="folder to write the draft to")
     p.add_argument("--epochs", type=float, default=3.0)
@@ -300,8 +301,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-train-tokens", type=int, help="use only this many corpus tokens (quick runs)")
     p.add_argument("--max-eval-tokens", type=int, help="score agreement on only this many held-out tokens")
     args = p.parse_args(argv)
+    if args.epochs <= 0:
+        p.error(f"--epochs must be > 0, got {args.epochs}")
+    for name in ("context", "embed_dim", "hidden_dim", "out_dim"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.sampled_sequences < 0:
+        p.error(f"--sampled-sequences must be >= 0, got {args.sampled_sequences}")
     from .load import load_model, resolve
-    target, tok = load_model(args.target)
+    try:
+        target, tok = load_model(args.target)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
     cfg = MLPDraftConfig(vocab_size=target.config.vocab_size, context=args.context, embed_dim=args.embed_dim,
                          hidden_dim=args.hidden_dim, out_dim=args.out_dim,
                          pad_token_id=tok.eos_token_id if tok.eos_token_id is not None else 0,

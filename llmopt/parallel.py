@@ -329,6 +329,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8, help="pipeline: prompts in the batch")
     p.add_argument("--micro-batches", type=int, default=4, help="pipeline: micro-batches per step")
     args = p.parse_args(argv)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        p.error("run this under torchrun, which starts one process per rank: torchrun --standalone "
+                f"--nproc_per_node 2 -m llmopt.parallel {args.mode} (or llmopt.parallel.launch from Python)")
     torch.set_num_threads(args.threads)
     rank, world, device = _setup()
     try:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .config import get_config
 from .data import TEST_WORKS, VALIDATION_WORKS, load_split
 from .model import build_model
+from .precision import check_device
 
 
 def encode_split(tok, split: str) -> torch.Tensor:
@@ -164,7 +165,8 @@ def write_report_md(folder: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m llmopt.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--tokenizer", help="reuse this folder's tokenizer.json instead of training one")
@@ -186,6 +188,16 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.shards and not args.tokenizer:
         p.error("--shards needs --tokenizer (the folder whose tokenizer.json made the shards)")
+    for name in ("steps", "batch_size", "seq_len", "vocab_size", "eval_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        get_config(args.preset)
+        check_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
+    if args.tokenizer and not (Path(args.tokenizer) / "tokenizer.json").is_file():
+        p.error(f"--tokenizer {args.tokenizer}: no tokenizer.json in that folder")
 
     from tokenizers import Tokenizer as HFTokenizer
     from .load import save_model
@@ -209,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = get_config(args.preset).replace(vocab_size=tok.get_vocab_size(),
                                           bos_token_id=eos, eos_token_id=eos)
     from .precision import as_dtype, check_dtype
-    device = torch.device(args.device)
+    device = check_device(args.device)
     amp_dtype = check_dtype(device, as_dtype(args.amp)) if args.amp else None
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     model = build_model(cfg, seed=args.seed, device=device).train()

@@ -122,3 +122,24 @@ def test_command_line_generates_and_refuses_bad_input_with_a_usage_error(capsys,
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("train", ["--preset", "nope", "--out", "x"], "unknown preset 'nope'"),
+    ("train", ["--out", "x", "--steps", "0"], "--steps must be >= 1"),
+    ("train", ["--out", "x", "--device", "gpu0"], "not a device name"),
+    ("train", ["--out", "x", "--tokenizer", "."], "no tokenizer.json in that folder"),
+    ("draft", ["--target", "nope", "--out", "x"], "no checkpoint at 'nope'"),
+    ("draft", ["--out", "x", "--epochs", "0"], "--epochs must be > 0"),
+    ("draft", ["--out", "x", "--context", "0"], "--context must be >= 1"),
+    ("parallel", ["tensor"], "run this under torchrun"),
+])
+def test_training_and_parallel_commands_refuse_bad_input_with_a_usage_error(module, argv, message, capsys,
+                                                                             monkeypatch, tmp_path):
+    import importlib
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(f"llmopt.{module}").main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()                      # nothing written
