@@ -169,9 +169,18 @@ def hf_generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, ignore_e
     return HFGeneration(new, stats)
 
 
+_OPEN_PEAKS: list[list[int]] = []   # per CPU peak_memory in progress: the highest own RSS seen before a reset
+
+
 def _reset_peak_rss() -> bool:
-    """Reset this process's RSS high-water mark (Linux >= 4.0); False where the kernel has none."""
+    """Reset this process's RSS high-water mark (Linux >= 4.0); False where the kernel has none.
+    The mark is the process's, so the peak so far is first handed to the measurements still
+    open (a peak_memory inside another's `fn`)."""
     try:
+        if _OPEN_PEAKS:
+            so_far = _peak_rss()
+            for box in _OPEN_PEAKS:
+                box[0] = max(box[0], so_far)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         return True
@@ -224,6 +233,9 @@ def peak_memory(fn: Callable[[], object], device=None, interval_s: float = 0.002
     own_base = proc.memory_info().rss
     base = rss()[0]
     kernel_peak = _reset_peak_rss()
+    own = [own_base]                   # the kernel's peaks from before any reset inside fn
+    if kernel_peak:
+        _OPEN_PEAKS.append(own)
     peak = [base, 0]
     done = threading.Event()
 
@@ -243,10 +255,12 @@ def peak_memory(fn: Callable[[], object], device=None, interval_s: float = 0.002
         done.set()
         if t is not None:
             t.join()
+        if kernel_peak:
+            _OPEN_PEAKS.remove(own)
     total, largest = rss()
     peak[0], peak[1] = max(peak[0], total), max(peak[1], largest)
     if kernel_peak:   # the sampled total, or the kernel's exact own peak over the same base
-        own_peak = _peak_rss()
+        own_peak = max(own[0], _peak_rss())
         peak[0], peak[1] = max(peak[0], base + own_peak - own_base), max(peak[1], own_peak)
     out = {"peak_bytes": peak[0], "delta_bytes": peak[0] - base, "kind": "process RSS"}
     if include_children:

@@ -74,6 +74,17 @@ def test_peak_memory_sees_a_spike_between_samples():
     r = peak_memory(lambda: torch.ones(64 * 2**20 // 4).add_(1), device="cpu", interval_s=60)
     assert r["delta_bytes"] > 32 * 2**20
 
+    # a measurement inside another resets the process's mark: the outer one still sees the
+    # spike that came before it
+    inner = {}
+
+    def outer():
+        torch.ones(64 * 2**20 // 4).add_(1)                 # made and freed before the inner reset
+        inner.update(peak_memory(lambda: None, device="cpu", interval_s=60))
+
+    r = peak_memory(outer, device="cpu", interval_s=60)
+    assert r["delta_bytes"] > 32 * 2**20 and inner["delta_bytes"] < 16 * 2**20
+
 
 def test_perplexity_sliding_window_scores_every_token_once():
     V = 8
