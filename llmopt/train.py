@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .config import get_config
 from .data import TEST_WORKS, VALIDATION_WORKS, load_split
 from .model import build_model
-from .precision import check_device
+from .precision import as_dtype, check_device, check_dtype
 
 
 def encode_split(tok, split: str) -> torch.Tensor:
@@ -191,9 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("steps", "batch_size", "seq_len", "vocab_size", "eval_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    try:
-        get_config(args.preset)
-        check_device(args.device)
+    try:   # checked before the tokenizer and corpus work, and kept for the run
+        preset = get_config(args.preset)
+        device = check_device(args.device)
+        amp_dtype = check_dtype(device, as_dtype(args.amp)) if args.amp else None
     except ValueError as e:
         p.error(str(e))
     if args.tokenizer and not (Path(args.tokenizer) / "tokenizer.json").is_file():
@@ -218,11 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"tokenizer: {tok.get_vocab_size()} tokens; train {len(train_ids):,} tokens, "
           f"validation {len(val_ids):,} ({time.perf_counter() - t0:.1f}s)")
 
-    cfg = get_config(args.preset).replace(vocab_size=tok.get_vocab_size(),
-                                          bos_token_id=eos, eos_token_id=eos)
-    from .precision import as_dtype, check_dtype
-    device = check_device(args.device)
-    amp_dtype = check_dtype(device, as_dtype(args.amp)) if args.amp else None
+    cfg = preset.replace(vocab_size=tok.get_vocab_size(), bos_token_id=eos, eos_token_id=eos)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     model = build_model(cfg, seed=args.seed, device=device).train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
