@@ -42,7 +42,7 @@ def goals(results: dict) -> list[dict]:
     fastest bf16 compiled row, fused projections included (the stricter comparison)."""
     def rows(key):
         part = results.get(key)
-        return part.get("rows", []) if isinstance(part, dict) else []
+        return [r for r in part.get("rows", []) if "error" not in r] if isinstance(part, dict) else []
 
     def best(rs, field="decode_tokens_per_s"):
         return max(rs, key=lambda r: r[field]) if rs else None
@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="reduce-overhead",
                    help="torch.compile modes for the compiled decode rows (GPU), comma-separated")
     p.add_argument("--sync-every", type=int, default=16, help="the rows that read tokens back every k steps")
+    p.add_argument("--graph-steps", type=int, default=16, help="decode steps per CUDA graph in the DecodeGraph rows")
     args = p.parse_args(argv)
     started = time.perf_counter()
 
@@ -112,7 +113,26 @@ def main(argv=None) -> int:
         "matmul_TFLOPs": probe_matmul(device, dtype, n=512 if args.smoke else 8192) / 1e12,
         "matmul_dtype": str(dtype)})
 
+    def timed_row(model, label, opts, prompt, reference=None):
+        """One generate path's row (its first call, the compile, timed apart); a path that fails
+        gives a row with its error, and the section goes on."""
+        run = lambda: llmopt.generate(model, None, prompt, max_new_tokens=new_tokens,  # noqa: E731
+                                      ignore_eos=True, **opts)
+        try:
+            t0 = time.perf_counter()
+            tokens = run().token_ids
+            first_call_s = time.perf_counter() - t0
+            row = llmopt.measure_generation(run, repeats=repeats, label=label, model=f"{preset} (random weights)")
+        except Exception as e:
+            print(traceback.format_exc()[-2000:], flush=True)
+            return {"label": label, "error": f"{type(e).__name__}: {e}"}
+        row["first_call_s"] = first_call_s
+        if reference is not None:
+            row["greedy_token_agreement"] = sum(a == b for a, b in zip(tokens, reference)) / len(reference)
+        return row
+
     def decode_vs_transformers():
+        from llmopt.bench import graph_variants
         cfg = llmopt.get_config(preset)
         model = llmopt.build_model(cfg, device=device, dtype=dtype)
         hf = to_transformers(model)
@@ -120,35 +140,36 @@ def main(argv=None) -> int:
         rows = compare_with_transformers(model, None, hf, prompt=prompt, new_tokens=new_tokens,
                                          repeats=repeats, label=f"{preset} (random weights)",
                                          compiled=modes, sync_every=args.sync_every)
-        del model, hf
+        del hf
+        eager = llmopt.generate(model, None, prompt, max_new_tokens=new_tokens, ignore_eos=True).token_ids
+        # k decode steps per CUDA graph that llmopt records and replays (DecodeGraph): one launch and
+        # one read per k tokens, where reduce-overhead still runs the host's loop for every step
+        for label, opts in graph_variants(modes, args.graph_steps):
+            rows.insert(len(rows) - 1, timed_row(model, label, opts, prompt, eager))   # transformers stays last
+        del model
         # the same weights with q, k, v and gate, up fused into one matmul each (fewer, larger
-        # kernels; llmopt.fuse_projections), on the fastest path: compiled, tokens read every k steps
+        # kernels; llmopt.fuse_projections), on the graph path
         fused = llmopt.fuse_projections(llmopt.build_model(cfg, device=device, dtype=dtype))
-        for name, opts in ([(f"llmopt compiled decode ({m}), fused projections, sync every {args.sync_every} "
-                             "tokens", {"compile": m, "sync_every": args.sync_every}) for m in modes]
-                           or [("llmopt (static cache), fused projections", {})]):
-            run = lambda o=opts: llmopt.generate(fused, None, prompt, max_new_tokens=new_tokens,  # noqa: E731
-                                                 ignore_eos=True, **o)
-            t0 = time.perf_counter()
-            run()                                     # the compile
-            first_call_s = time.perf_counter() - t0
-            row = llmopt.measure_generation(run, repeats=repeats, label=name, model=f"{preset} (random weights)")
-            row["first_call_s"] = first_call_s
-            rows.insert(len(rows) - 1, row)          # transformers stays the last row
+        for label, opts in graph_variants(modes, args.graph_steps, ", fused projections"):
+            rows.insert(len(rows) - 1, timed_row(fused, label, opts, prompt, eager))
         del fused
         add_mbu(rows, cfg, dtype)
+        ok = [r for r in rows[:-1] if "error" not in r]
         return {"rows": rows, "ratio_llmopt_over_transformers":
-                max(r["decode_tokens_per_s"] for r in rows[:-1]) / rows[-1]["decode_tokens_per_s"]}
+                max(r["decode_tokens_per_s"] for r in ok) / rows[-1]["decode_tokens_per_s"]}
 
     def add_mbu(rows, cfg, dtype, bytes_scale=1.0):
         bw = results.get("probes", {}).get("copy_bandwidth_GBps")
         for r in rows:
+            if "error" in r:
+                continue
             step = decode_bytes_per_token(cfg, dtype, context=32 + new_tokens // 2) * bytes_scale
             r["bytes_per_step"] = step
             if bw:
                 r["mbu"] = step * r["decode_tokens_per_s"] / (bw * 1e9)
 
     def quantized_decode():
+        from llmopt.bench import graph_variants
         from llmopt.quantize import model_bytes, quantize
         cfg = llmopt.get_config(preset)
         prompt = list(range(1, 33))
@@ -159,16 +180,18 @@ def main(argv=None) -> int:
             model = llmopt.build_model(cfg, device=device, dtype=dtype)
             full = model_bytes(model)
             quantize(model, method, **kw)
-            # each compiled mode reading tokens every k steps, as the best bf16 row (eager only in smoke
-            # mode: on a GPU it was measured on 2026-11-26/27, 13-18 ms a token, and it keeps the suite short)
-            for name, opts in ([(f" compiled ({m}), sync every {args.sync_every} tokens",
-                                 {"compile": m, "sync_every": args.sync_every}) for m in modes] or [("", {})]):
-                run = lambda m=model, o=opts: llmopt.generate(m, None, prompt, max_new_tokens=new_tokens,
-                                                               ignore_eos=True, **o)
-                row = llmopt.measure_generation(run, repeats=repeats, label=label + name,
-                                                model=f"{preset} (random weights)")
-                row["bytes_ratio"] = model_bytes(model) / full
-                add_mbu([row], cfg, dtype, row["bytes_ratio"])
+            # the bf16 rows' fast paths: k steps per CUDA graph first (DecodeGraph), then int8 with
+            # each compiled mode reading tokens every k steps (eager only in smoke mode: on a GPU it
+            # was measured on 2026-11-26/27, 13-18 ms a token, and it keeps the suite short)
+            paths = [(name.replace("llmopt", label, 1), o) for name, o in graph_variants(modes, args.graph_steps)]
+            if method == "int8":
+                paths += [(f"{label} compiled ({m}), sync every {args.sync_every} tokens",
+                           {"compile": m, "sync_every": args.sync_every}) for m in modes] or [(label, {})]
+            for name, opts in paths:
+                row = timed_row(model, name, opts, prompt)
+                if "error" not in row:
+                    row["bytes_ratio"] = model_bytes(model) / full
+                    add_mbu([row], cfg, dtype, row["bytes_ratio"])
                 rows.append(row)
                 save()
             del model
@@ -292,19 +315,20 @@ def main(argv=None) -> int:
           [[g["goal"], fmt(g, g["target"]), "not run" if g["measured"] is None else fmt(g, g["measured"]),
             {True: "yes", False: "**no**", None: "-"}[g["met"]], g["row"] or ""] for g in results["goals"]])
     mbu = lambda r: f"{r.get('mbu', float('nan')):.0%}"  # noqa: E731
+    failed = lambda r, n: [r["label"], f"failed: {r['error'][:200]}"] + [""] * (n - 2) if "error" in r else None  # noqa: E731
     dec = results.get("decode_batch1", {})
     if "rows" in dec:
         table(f"Decode, batch 1, greedy, {new_tokens} new tokens, {preset} shape with random weights:",
               ["path", "decode tokens/s", "TPOT ms", "TTFT ms", "MBU"],
-              [[r["label"], f"{r['decode_tokens_per_s']:.1f}", f"{r['tpot_s'] * 1e3:.2f}",
-                f"{r['ttft_s'] * 1e3:.1f}", mbu(r)] for r in dec["rows"]])
+              [failed(r, 5) or [r["label"], f"{r['decode_tokens_per_s']:.1f}", f"{r['tpot_s'] * 1e3:.2f}",
+                                f"{r['ttft_s'] * 1e3:.1f}", mbu(r)] for r in dec["rows"]])
         md.append(f"\nbest llmopt / transformers: **{dec['ratio_llmopt_over_transformers']:.2f}x**")
     q = results.get("quantized_decode", {})
     if "rows" in q:
         table("Weight-only quantization, same shape and decode:",
               ["path", "decode tokens/s", "TPOT ms", "bytes vs full", "MBU"],
-              [[r["label"], f"{r['decode_tokens_per_s']:.1f}", f"{r['tpot_s'] * 1e3:.2f}",
-                f"{r['bytes_ratio']:.2f}", mbu(r)] for r in q["rows"]])
+              [failed(r, 5) or [r["label"], f"{r['decode_tokens_per_s']:.1f}", f"{r['tpot_s'] * 1e3:.2f}",
+                                f"{r['bytes_ratio']:.2f}", mbu(r)] for r in q["rows"]])
     bnb = results.get("bitsandbytes", {})
     if "rows" in bnb:
         table(f"bitsandbytes through transformers (eager generate), same shape, {bnb['rows'][0]['new_tokens']} new tokens:",

@@ -52,13 +52,15 @@ def decode_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, context: int, b
 def compare_with_transformers(model, tokenizer, hf_model, *, prompt=DEFAULT_PROMPT,
                               new_tokens: int = 128, repeats: int = 3, label: str = "",
                               compiled: bool | str | tuple[str, ...] = False,
-                              sync_every: int | None = None) -> list[dict]:
+                              sync_every: int | None = None, graph_steps: int | None = None) -> list[dict]:
     """llmopt's generate vs `transformers` generate on the same weights: batch 1, greedy.
 
     Returns rows for llmopt (static cache, eager), llmopt with the compiled decode
     step when `compiled` (True: "reduce-overhead" on a GPU, "default" elsewhere; or the
     torch.compile mode, or a tuple of modes, one row each), each compiled path (or the
-    eager one) again reading tokens back only every `sync_every` steps when given, and
+    eager one) again reading tokens back only every `sync_every` steps when given, the
+    same with `graph_steps` decode steps per CUDA graph of llmopt's (`DecodeGraph`; one row
+    per distinct step compile: reduce-overhead's own graphs are dropped inside it), and
     transformers; each row records whether its greedy tokens equal transformers'.
     """
     ids = prompt if not isinstance(prompt, str) else tokenizer.encode(prompt)
@@ -73,7 +75,9 @@ def compare_with_transformers(model, tokenizer, hf_model, *, prompt=DEFAULT_PROM
     variants += [(f"llmopt compiled decode ({mode})", {"compile": mode}) for mode in modes]
     if sync_every:      # each compiled path (or the eager one) again, reading tokens every k steps
         variants += [(f"{name}, sync every {sync_every} tokens", {**kw, "sync_every": sync_every})
-                     for name, kw in (variants[1:] or variants)]
+                     for name, kw in (variants[1 : 1 + len(modes)] or variants[:1])]
+    if graph_steps:
+        variants += graph_variants(modes, graph_steps)
     reference = hf_generate(hf_model, ids_t, max_new_tokens=new_tokens).token_ids
     runs, first = {}, {}
     for name, kw in variants:
@@ -91,6 +95,22 @@ def compare_with_transformers(model, tokenizer, hf_model, *, prompt=DEFAULT_PROM
         row["greedy_token_agreement"] = sum(a == b for a, b in zip(tokens, reference)) / max(1, len(tokens))
     rows[-1]["greedy_token_agreement"] = 1.0
     return rows
+
+
+def graph_variants(modes, k: int, suffix: str = "") -> list[tuple[str, dict]]:
+    """(label, generate options) for decoding with k steps per `DecodeGraph`: eager when no
+    `modes`, else one per distinct compile of the recorded step (reduce-overhead's is default's)."""
+    from .generate import GRAPH_STEP_MODES
+    if not modes:
+        return [(f"llmopt (static cache){suffix}, {k} steps per CUDA graph", {"graph_steps": k})]
+    seen, out = set(), []
+    for mode in modes:
+        torch_mode = GRAPH_STEP_MODES[mode]
+        if torch_mode not in seen:
+            seen.add(torch_mode)
+            out.append((f"llmopt compiled decode ({torch_mode or 'default'}){suffix}, {k} steps per CUDA graph",
+                        {"compile": mode, "graph_steps": k}))
+    return out
 
 
 def bench_baseline(quick: bool, device: str) -> dict:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .kv_cache import CACHE_KINDS, make_cache, to_device
-from .sampling import check_sampling, sample
+from .sampling import check_sampling, greedy, sample
 
 
 @dataclass
@@ -134,6 +134,103 @@ def _frozen_decode(model):
     return entry[1]
 
 
+def greedy_step(model, token: torch.Tensor, input_pos: torch.Tensor, cache) -> torch.Tensor:
+    """One greedy decode step that feeds itself: returns the next token [B] and writes it into
+    `token` [B, 1], and moves `input_pos` [1] on by one, in place.
+
+    The same tensors are then the next step's inputs, so k calls in a row need nothing from
+    the host in between: that is what lets `DecodeGraph` record them as one CUDA graph.
+    """
+    nxt = greedy(decode_one_token(model, token, input_pos, cache))
+    token.copy_(nxt[:, None])
+    input_pos.add_(1)
+    return nxt
+
+
+# torch.compile mode of the step inside llmopt's own CUDA graph: torch's CUDA graphs
+# (reduce-overhead) cannot be recorded inside another graph, so that mode drops them
+GRAPH_STEP_MODES = {True: None, "default": None, "reduce-overhead": None,
+                    "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def graph_step(model, compile: str | bool = False):
+    """The step `DecodeGraph` records: `greedy_step`, compiled when `compile` (kept per model and mode)."""
+    if not compile:
+        return greedy_step
+    mode = GRAPH_STEP_MODES[compile]
+    per_model = _COMPILED.setdefault(model, {})
+    key = ("greedy_step", mode)
+    if key not in per_model:
+        per_model[key] = torch.compile(greedy_step, mode=mode, fullgraph=True, dynamic=False)
+    return per_model[key]
+
+
+class DecodeGraph:
+    """`k` greedy decode steps recorded as one CUDA graph and replayed by llmopt (notebook 08).
+
+    `compile="reduce-overhead"` already replays each step as a CUDA graph, but the host
+    still runs every step: the Python loop, Dynamo's guard checks, the graph tree's
+    bookkeeping and a separate launch per step. On an H100 (2026-11-27) a 1B-shape token
+    took 1.69 ms while its step's graph, profiled on the same card, kept the GPU busy for
+    1.49 ms: the rest was the GPU waiting for the host. Here the host launches one graph per
+    k tokens and reads the k tokens back once: `greedy_step` feeds each step's token
+    and position to the next on the device, so nothing in between needs the host.
+
+    The first `run` does its k steps outside the graph (a side stream: compiling, autotuning
+    and library handles happen there; the tokens are real) and then records them; later
+    runs replay. The graph holds raw addresses of the weights, the cache and its own
+    buffers, so it is kept per model only while those stay the same (`decode_graph`).
+    On a CPU there is nothing to record: `run` takes the same k steps one by one.
+    """
+
+    def __init__(self, model, cache, k: int, step) -> None:
+        self.model, self.cache, self.k, self.step = model, cache, k, step
+        device = model.device
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)   # the next step's input
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)        # its cache slot
+        self.out = torch.zeros(k, dtype=torch.long, device=device)        # the k tokens of a run
+        self.graph = None
+        self.weights = _weights_key(model)
+
+    def start(self, token: torch.Tensor, pos: int) -> None:
+        """Continue after `token` (a device tensor of one id), whose cache slot is `pos`."""
+        self.token.copy_(token.view(1, 1))
+        self.pos.fill_(pos)
+
+    def steps(self, n: int) -> torch.Tensor:
+        """The next n tokens [n], step by step without the graph (also the graph's recording)."""
+        return torch.cat([self.step(self.model, self.token, self.pos, self.cache) for _ in range(n)])
+
+    def run(self) -> torch.Tensor:
+        """The next k tokens [k] on the device; the inputs move on by k."""
+        if self.model.device.type != "cuda":
+            return self.steps(self.k)
+        if self.graph is None:
+            side = torch.cuda.Stream(self.model.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.out.copy_(self.steps(self.k))          # the warm-up: real tokens
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: work other threads do meanwhile (another request) is not an error
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):   # records; runs nothing
+                self.out.copy_(self.steps(self.k))
+            self.graph = graph
+        else:
+            self.graph.replay()
+        return self.out
+
+
+def decode_graph(model, cache, k: int, compile: str | bool = False) -> DecodeGraph:
+    """The `DecodeGraph` of `model` for this cache, k and step; kept per model and rebuilt (and
+    recorded again) when any of them, or any weight, changes."""
+    step = graph_step(model, compile)
+    g = model.__dict__.get("_llmopt_decode_graph")   # on the model: freed with it
+    if g is None or g.cache is not cache or g.k != k or g.step is not step or g.weights != _weights_key(model):
+        g = model.__dict__["_llmopt_decode_graph"] = DecodeGraph(model, cache, k, step)
+    return g
+
+
 def compiled_cache(model, batch_size: int, max_len: int):
     """(cache, release) for a compiled decode: a static cache kept per model and reused.
 
@@ -197,20 +294,23 @@ def _eos_ids(tokenizer, ignore_eos: bool) -> set[int]:
 def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tokens: int,
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                   seed: int | None = None, cache: str = "static", ignore_eos: bool = False,
-                  compile: str | bool = False, sync_every: int = 1):
+                  compile: str | bool = False, sync_every: int = 1, graph_steps: int = 1):
     """Yields (token_id, seconds since `start`) for each new token; the loop of generate/stream.
 
     With `sync_every` = k > 1 the next token stays on the device and feeds the next step
     directly: the host reads tokens (one sync) only every k steps, so on an asynchronous
     device (a GPU) it queues k steps ahead instead of waiting for each one. The first
     token is always read at once (TTFT). A chunk that passes end-of-sequence has computed a
-    few tokens nobody reads; the tokens yielded are the same as with k = 1.
+    few tokens nobody reads; the tokens yielded are the same as with k = 1. With
+    `graph_steps` = k > 1 (greedy) the k steps after the first token run as one CUDA
+    graph (`DecodeGraph`), read back once.
     """
     device = model.device
     decode = decode_one_token
-    max_len = len(ids) + max_new_tokens
-    if compile:
+    max_len = len(ids) + max_new_tokens + graph_steps - 1   # a graph's last run may pass the end
+    if compile and graph_steps == 1:
         decode = compiled_decode(model, "default" if compile is True else compile)
+    if compile or graph_steps > 1:
         # one graph serves every length in a bucket: fixed cache shape
         max_len = min(model.config.max_seq_len, -(-max_len // COMPILE_BUCKET) * COMPILE_BUCKET)
     gen = None
@@ -221,7 +321,7 @@ def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tok
     release = None
     with torch.inference_mode():
         tokens = torch.tensor([ids], device=device)                     # [1, T]
-        if compile:
+        if compile or graph_steps > 1:
             kv, release = compiled_cache(model, 1, max_len)
         else:
             kv = make_cache(cache, model.config, 1, max_len, device=device, dtype=model.dtype)
@@ -230,6 +330,10 @@ def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tok
                 logits = model(tokens, last_only=True)[:, -1]
             else:
                 logits = prefill(model, tokens, kv)
+            if graph_steps > 1:
+                yield from _graph_tokens(model, kv, logits, len(ids), max_len, start,
+                                         max_new_tokens=max_new_tokens, k=graph_steps, compile=compile, eos=eos)
+                return
             # the next token's position, counted on the device: building it from a host int
             # every step would make the host wait for the device each step (`to_device`)
             pos = torch.tensor([len(ids)], device=device)
@@ -259,8 +363,35 @@ def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tok
                 release()
 
 
+def _graph_tokens(model, kv, logits, pos: int, max_len: int, start: float, *, max_new_tokens: int,
+                  k: int, compile, eos: set[int]):
+    """`_token_stream`'s loop with `graph_steps=k`: the first token from the prefill's logits
+    (read at once, TTFT), then k greedy tokens per `DecodeGraph` run, each run read back once.
+    Steps go one at a time where a whole run no longer fits the cache, and on a CPU (no graph)
+    for the last tokens; a GPU's last run may compute up to k - 1 tokens past the end, unread."""
+    first = greedy(logits)
+    tok, made = first.item(), 1
+    yield tok, time.perf_counter() - start
+    if tok in eos or made == max_new_tokens:
+        return
+    chunks = decode_graph(model, kv, k, compile)
+    chunks.start(first, pos)                      # the first new token sits at slot len(prompt)
+    pos += 1
+    while made < max_new_tokens:
+        whole = pos + k <= max_len and (model.device.type == "cuda" or made + k <= max_new_tokens)
+        run = k if whole else min(k, max_len - pos, max_new_tokens - made)
+        toks = (chunks.run() if whole else chunks.steps(run)).tolist()   # one host sync per run
+        pos += run
+        now = time.perf_counter() - start
+        for tok in toks[:max_new_tokens - made]:
+            made += 1
+            yield tok, now
+            if tok in eos:
+                return
+
+
 def _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p,
-                     cache, compile=False, sync_every=1) -> list[int]:
+                     cache, compile=False, sync_every=1, graph_steps=1) -> list[int]:
     """Validate every option before any work starts; returns the prompt's ids."""
     from .draft import MLPDraft
     if isinstance(model, MLPDraft):
@@ -277,6 +408,17 @@ def _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_
                          f"'max-autotune', got {compile!r}")
     if compile and cache != "static":
         raise ValueError(f"compile needs cache='static' (fixed shapes), got cache={cache!r}")
+    if not isinstance(graph_steps, int) or isinstance(graph_steps, bool) or graph_steps < 1:
+        raise ValueError(f"graph_steps must be an integer >= 1 (decode steps per CUDA graph), got {graph_steps!r}")
+    if graph_steps > 1:
+        if temperature != 0:
+            raise ValueError("graph_steps records greedy decoding (temperature=0) in the graph: for sampling, "
+                             "use sync_every=k instead, which also reads tokens back every k steps")
+        if cache != "static":
+            raise ValueError(f"graph_steps needs cache='static' (fixed addresses), got cache={cache!r}")
+        if sync_every != 1:
+            raise ValueError("graph_steps already reads tokens back once per graph of k steps: leave "
+                             f"sync_every at 1 (got {sync_every!r})")
     return encode_prompt(model, tokenizer, prompt, max_new_tokens)
 
 
@@ -333,7 +475,8 @@ def _as_stop_list(stop) -> list[str]:
 def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop=None, cache: str = "static", ignore_eos: bool = False,
-             compile: str | bool = False, n: int = 1, sync_every: int = 1) -> Generation | list[Generation]:
+             compile: str | bool = False, n: int = 1, sync_every: int = 1,
+             graph_steps: int = 1) -> Generation | list[Generation]:
     """Generate up to `max_new_tokens` after `prompt` (text or ids); greedy at temperature 0 (notebook 00).
 
     Stops at the tokenizer's end-of-sequence token (unless `ignore_eos`) or when the
@@ -341,6 +484,10 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
     runs the decode step through `torch.compile` (notebook 08). `sync_every=k` reads
     the sampled tokens back to the host once every k steps instead of every step, so a
     GPU is fed k steps ahead (same tokens; tokens of a chunk share one arrival time).
+    `graph_steps=k` (greedy) goes further: llmopt records k decode steps as one CUDA graph
+    and launches that, one launch and one read per k tokens (`DecodeGraph`; with
+    `compile`, the step inside is compiled without torch's own CUDA graphs; on a CPU the
+    same k steps run one by one, same tokens).
 
     `n > 1` returns a list of n samples of the same prompt (sample i seeded with
     seed + i), decoded together by the continuous-batching engine: the prompt is
@@ -350,23 +497,23 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
     if n != 1:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n (samples per prompt) must be an integer >= 1, got {n!r}")
-        if compile or sync_every != 1:
-            raise ValueError("n > 1 runs on the engine's paged cache: compile and sync_every are not "
-                             "supported there")
+        if compile or sync_every != 1 or graph_steps != 1:
+            raise ValueError("n > 1 runs on the engine's paged cache: compile, sync_every and graph_steps "
+                             "are not supported there")
         from .engine import Engine
         engine = Engine(model, tokenizer, max_batch_size=n)
         return engine.sample_n(prompt, n, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos)
     start = time.perf_counter()
     ids = _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, cache,
-                           compile, sync_every)
+                           compile, sync_every, graph_steps)
     stop = _as_stop_list(stop)
     eos = _eos_ids(tokenizer, ignore_eos)
     new, times, reason, text = [], [], "length", None
     for tok, t in _token_stream(model, tokenizer, ids, start, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 cache=cache, ignore_eos=ignore_eos, compile=compile,
-                                sync_every=sync_every):
+                                sync_every=sync_every, graph_steps=graph_steps):
         new.append(tok)
         times.append(t)
         if tok in eos:
@@ -382,7 +529,7 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
         text = tokenizer.decode(new) if tokenizer is not None else ""  # ids in, ids out
     stats = timing_stats(times, len(ids))
     stats.update(cache=cache, device=str(model.device), dtype=str(model.dtype).removeprefix("torch."),
-                 compiled=bool(compile))
+                 compiled=bool(compile), graph_steps=graph_steps)
     return Generation(token_ids=new, text=text, prompt_ids=ids, finish_reason=reason, stats=stats,
                       token_times=times)
 
@@ -394,7 +541,8 @@ def stream(model, tokenizer, prompt, **options) -> Iterator[str]:
     ids = _checked_request(model, tokenizer, prompt, options["max_new_tokens"],
                            options.get("temperature", 0.0), options.get("top_k"),
                            options.get("top_p"), options.get("cache", "static"),
-                           options.get("compile", False), options.get("sync_every", 1))
+                           options.get("compile", False), options.get("sync_every", 1),
+                           options.get("graph_steps", 1))
     text = TextStream(tokenizer, _as_stop_list(options.pop("stop", None)))
     eos = _eos_ids(tokenizer, options.get("ignore_eos", False))
     for tok, _ in _token_stream(model, tokenizer, ids, start, **options):

@@ -235,6 +235,86 @@ def test_sync_every_k_tokens_gives_the_same_tokens(model_and_tok, cache):
             llmopt.generate(model, tok, prompt, sync_every=bad)
 
 
+def test_graph_steps_give_the_greedy_tokens(model_and_tok):
+    """k decode steps per graph run (`DecodeGraph`; on a CPU the same steps one by one) give
+    plain greedy's tokens: for any k, when end-of-sequence falls inside a run, for one new
+    token, and at the end of the context, where a whole run no longer fits the cache."""
+    from conftest import EosAt
+    model, tok = model_and_tok
+    prompt = list(range(3, 20))
+    ref = llmopt.generate(model, tok, prompt, max_new_tokens=20, ignore_eos=True)
+    eos_tok = EosAt(tok, ref.token_ids[9])
+    cut = llmopt.generate(model, eos_tok, prompt, max_new_tokens=20)
+    assert cut.finish_reason == "eos" and len(cut.token_ids) < 20
+    for k in (2, 3, 8, 32):
+        g = llmopt.generate(model, tok, prompt, max_new_tokens=20, ignore_eos=True, graph_steps=k)
+        assert g.token_ids == ref.token_ids and g.stats["graph_steps"] == k
+        assert len(set(g.token_times)) == 1 + -(-19 // k)     # the first token, then one read per run
+        e = llmopt.generate(model, eos_tok, prompt, max_new_tokens=20, graph_steps=k)
+        assert (e.token_ids, e.finish_reason) == (cut.token_ids, "eos")
+        assert "".join(llmopt.stream(model, tok, prompt, max_new_tokens=20, ignore_eos=True,
+                                     graph_steps=k)) == ref.text
+    one = llmopt.generate(model, tok, prompt, max_new_tokens=1, ignore_eos=True, graph_steps=4)
+    assert one.token_ids == ref.token_ids[:1]
+    limit = model.config.max_seq_len
+    long_prompt = [5 + i % 200 for i in range(limit - 18)]      # runs of 8 fit twice, then one step
+    full = llmopt.generate(model, tok, long_prompt, max_new_tokens=18, ignore_eos=True)
+    ends = llmopt.generate(model, tok, long_prompt, max_new_tokens=18, ignore_eos=True, graph_steps=8)
+    assert ends.token_ids == full.token_ids
+    assert len(set(ends.token_times)) == 4
+
+
+def test_graph_steps_compiled_and_kept_until_the_weights_change(model_and_tok):
+    """With `compile` the recorded step is `greedy_step` through torch.compile: same tokens.
+    The `DecodeGraph` is kept for the next generation on the same cache and k (on a GPU its
+    recording is replayed), and made anew for another k or after a weight changes in place
+    (a graph holds the old weights' addresses)."""
+    import copy
+    from llmopt.generate import compiled_cache, decode_graph
+    model, tok = copy.deepcopy(model_and_tok[0]), model_and_tok[1]
+    prompt = list(range(5, 25))
+    eager = llmopt.generate(model, tok, prompt, max_new_tokens=12, ignore_eos=True)
+    compiled = llmopt.generate(model, tok, prompt, max_new_tokens=12, ignore_eos=True, compile=True, graph_steps=4)
+    assert compiled.token_ids == eager.token_ids
+    kept = model.__dict__["_llmopt_decode_graph"]
+    cache, release = compiled_cache(model, 1, 256)
+    release()
+    assert kept.cache is cache and decode_graph(model, cache, 4, True) is kept
+    assert decode_graph(model, cache, 8, True) is not kept
+    graph = decode_graph(model, cache, 4, False)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)
+    assert decode_graph(model, cache, 4, False) is not graph
+
+
+def test_graph_steps_refuse_what_they_cannot_do(model_and_tok):
+    model, tok = model_and_tok
+    for bad in (0, 1.5, True, "4"):
+        with pytest.raises(ValueError, match="graph_steps must be an integer"):
+            llmopt.generate(model, tok, "to be", graph_steps=bad)
+    for kw, msg in ((dict(temperature=0.8), "greedy decoding.*sync_every"), (dict(cache="dynamic"), "cache='static'"),
+                    (dict(sync_every=4), "leave sync_every at 1"), (dict(n=2), "n > 1")):
+        with pytest.raises(ValueError, match=msg):
+            llmopt.generate(model, tok, "to be", graph_steps=4, **kw)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile", [False, True])
+def test_graph_steps_record_and_replay_a_cuda_graph(compile):
+    """On a GPU: the first generation records the graph, the next ones replay it; every token
+    is plain greedy's (the trained tiny model in fp32, so kernel choices cannot flip a token)."""
+    model, tok = llmopt.load_model("tiny", device="cuda", dtype="fp32")
+    prompts = ["ROMEO:", "JULIET:\nWherefore art thou", "ROMEO:"]
+    recorded = None
+    for p in prompts:
+        ref = llmopt.generate(model, tok, p, max_new_tokens=40, ignore_eos=True).token_ids
+        g = llmopt.generate(model, tok, p, max_new_tokens=40, ignore_eos=True, compile=compile, graph_steps=8)
+        assert g.token_ids == ref
+        graph = model.__dict__["_llmopt_decode_graph"].graph
+        assert graph is not None and graph is (recorded or graph)    # recorded once, then replayed
+        recorded = graph
+
+
 def test_greedy_is_argmax_with_the_first_index_on_ties():
     from llmopt.sampling import greedy
     g = torch.Generator().manual_seed(0)

@@ -125,11 +125,26 @@ def test_compare_with_transformers_has_a_row_per_compile_mode_and_sync_every():
     model, tok = llmopt.load_model("tiny")
     hf = to_transformers(model)
     rows = compare_with_transformers(model, tok, hf, prompt="ROMEO:", new_tokens=6, repeats=1,
-                                     compiled=("default",), sync_every=3)
+                                     compiled=("default",), sync_every=3, graph_steps=4)
     assert [r["label"] for r in rows] == [
         "llmopt (static cache)", "llmopt compiled decode (default)",
-        "llmopt compiled decode (default), sync every 3 tokens", "transformers generate"]
-    assert [r["greedy_token_agreement"] for r in rows] == [1.0] * 4
-    rows = compare_with_transformers(model, tok, hf, prompt="ROMEO:", new_tokens=6, repeats=1, sync_every=3)
+        "llmopt compiled decode (default), sync every 3 tokens",
+        "llmopt compiled decode (default), 4 steps per CUDA graph", "transformers generate"]
+    assert [r["greedy_token_agreement"] for r in rows] == [1.0] * 5
+    rows = compare_with_transformers(model, tok, hf, prompt="ROMEO:", new_tokens=6, repeats=1, sync_every=3,
+                                     graph_steps=4)
     assert [r["label"] for r in rows] == ["llmopt (static cache)", "llmopt (static cache), sync every 3 tokens",
-                                          "transformers generate"]
+                                          "llmopt (static cache), 4 steps per CUDA graph", "transformers generate"]
+    assert [r["greedy_token_agreement"] for r in rows] == [1.0] * 4
+
+
+def test_graph_variants_record_one_graph_per_distinct_step_compile():
+    """reduce-overhead's CUDA graphs cannot sit inside llmopt's graph: its step compiles as default's,
+    so the two give one graph row, not two."""
+    from llmopt.bench import graph_variants
+    assert graph_variants(("reduce-overhead", "default", "max-autotune"), 16) == [
+        ("llmopt compiled decode (default), 16 steps per CUDA graph", {"compile": "reduce-overhead", "graph_steps": 16}),
+        ("llmopt compiled decode (max-autotune-no-cudagraphs), 16 steps per CUDA graph",
+         {"compile": "max-autotune", "graph_steps": 16})]
+    assert graph_variants((), 8, ", fused projections") == [
+        ("llmopt (static cache), fused projections, 8 steps per CUDA graph", {"graph_steps": 8})]
