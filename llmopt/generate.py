@@ -212,9 +212,14 @@ class DecodeGraph:
                 self.out.copy_(self.steps(self.k))          # the warm-up: real tokens
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            # thread_local: work other threads do meanwhile (another request) is not an error
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):   # records; runs nothing
-                self.out.copy_(self.steps(self.k))
+            try:
+                # thread_local: work other threads do meanwhile (another request) is not an error
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):   # records; runs nothing
+                    self.out.copy_(self.steps(self.k))
+            except Exception as e:
+                raise RuntimeError(f"recording {self.k} decode steps as one CUDA graph failed ({type(e).__name__}: "
+                                   f"{e}); generate with graph_steps=1 instead (sync_every={self.k} also reads "
+                                   f"tokens back once per {self.k} steps)") from e
             self.graph = graph
         else:
             self.graph.replay()
