@@ -21,6 +21,7 @@ from concurrent.futures import Future
 
 import torch
 
+from .config import check_count
 from .generate import (COMPILE_BUCKET, Generation, _as_stop_list, _checked_request, _eos_ids,
                        _stop_at, compiled_decode, decode_one_token, per_prompt, per_prompt_options,
                        timing_stats)
@@ -180,8 +181,8 @@ class DynamicBatcher:
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_batch_tokens: int = 8192,
                  max_wait_s: float = 0.01, sort_by_length: bool = True,
                  memory_budget: int | None = None, cache: str = "static") -> None:
-        if max_batch_size < 1 or max_batch_tokens < 1:
-            raise ValueError("max_batch_size and max_batch_tokens must be >= 1")
+        check_count(max_batch_size, "max_batch_size")
+        check_count(max_batch_tokens, "max_batch_tokens")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.max_wait_s, self.sort_by_length = max_wait_s, sort_by_length

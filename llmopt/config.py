@@ -15,6 +15,17 @@ from typing import Any
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
+def check_count(value, name: str, *, optional: bool = False) -> None:
+    """Raise a ValueError naming `name` unless `value` is an integer >= 1 (or None when `optional`).
+
+    Every count llmopt takes (tokens, steps, slots, samples, processes) is checked this way;
+    True and False are refused although Python counts them as integers."""
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1{' or None' if optional else ''}, got {value!r}")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 4096
@@ -38,9 +49,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
                      "intermediate_size", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_count(getattr(self, name), name)
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}), "

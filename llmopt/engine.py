@@ -30,6 +30,7 @@ from concurrent.futures import CancelledError, Future
 
 import torch
 
+from .config import check_count
 from .generate import (Generation, TextStream, _as_stop_list, _checked_request, _eos_ids, _stop_at,
                        per_prompt_options, timing_stats)
 from .kv_cache import BlockManager, PagedKVCache, to_device
@@ -378,10 +379,7 @@ class Engine:
                                       ("max_prefill_tokens", max_prefill_tokens, False),
                                       ("block_size", block_size, False), ("num_blocks", num_blocks, True),
                                       ("max_seq_len", max_seq_len, True)):       # optional: None is the default
-            if optional and value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1{' or None' if optional else ''}, got {value!r}")
+            check_count(value, name, optional=optional)
         if not isinstance(watermark, (int, float)) or not 0 <= watermark < 1:
             raise ValueError(f"watermark (share of blocks kept free for running sequences) must be in [0, 1), "
                              f"got {watermark!r}")
@@ -480,8 +478,7 @@ class Engine:
         run later on their own (through the prefix cache when it is on). Output equals n
         separate runs with those seeds. `engine.forks` and `engine.blocks_copied` count both.
         """
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n (samples per prompt) must be an integer >= 1, got {n!r}")
+        check_count(n, "n (samples per prompt)")
         if "max_new_tokens" in options and isinstance(options["max_new_tokens"], (list, tuple)):
             raise ValueError("sample_n takes one max_new_tokens for all samples")
         base = seed if seed is not None else int(torch.randint(0, 2**31 - n, ()).item())

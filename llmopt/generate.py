@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import check_count
 from .kv_cache import CACHE_KINDS, make_cache, to_device
 from .sampling import check_sampling, greedy, sample
 
@@ -277,8 +278,7 @@ def encode_prompt(model, tokenizer, prompt, max_new_tokens: int) -> list[int]:
     bad = [i for i in ids if not 0 <= i < vocab]
     if bad:
         raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_count(max_new_tokens, "max_new_tokens")
     limit = model.config.max_seq_len
     if len(ids) >= limit:
         raise ValueError(f"prompt is too long: {len(ids)} tokens, and the model's context is {limit} "
@@ -404,8 +404,7 @@ def _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_
                         "speculative decoding; pass it as the draft: speculative_generate(target, draft, "
                         "tokenizer, prompt), with a target such as load_model('tiny')")
     check_sampling(temperature, top_k, top_p)
-    if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
-        raise ValueError(f"sync_every must be an integer >= 1 (tokens read per host sync), got {sync_every!r}")
+    check_count(sync_every, "sync_every (tokens read per host sync)")
     if cache not in CACHE_KINDS:
         raise ValueError(f"cache must be one of {CACHE_KINDS}, got {cache!r}")
     if compile not in (False, True, "default", "reduce-overhead", "max-autotune"):
@@ -413,8 +412,7 @@ def _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_
                          f"'max-autotune', got {compile!r}")
     if compile and cache != "static":
         raise ValueError(f"compile needs cache='static' (fixed shapes), got cache={cache!r}")
-    if not isinstance(graph_steps, int) or isinstance(graph_steps, bool) or graph_steps < 1:
-        raise ValueError(f"graph_steps must be an integer >= 1 (decode steps per CUDA graph), got {graph_steps!r}")
+    check_count(graph_steps, "graph_steps (decode steps per CUDA graph)")
     if graph_steps > 1:
         if temperature != 0:
             raise ValueError("graph_steps records greedy decoding (temperature=0) in the graph: for sampling, "
@@ -500,8 +498,7 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
     notebook 13).
     """
     if n != 1:
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n (samples per prompt) must be an integer >= 1, got {n!r}")
+        check_count(n, "n (samples per prompt)")
         if compile or sync_every != 1 or graph_steps != 1:
             raise ValueError("n > 1 runs on the engine's paged cache: compile, sync_every and graph_steps "
                              "are not supported there")
@@ -637,8 +634,7 @@ class Session:
         """Append `text` (may be empty) and generate `max_new_tokens` more, reusing the cache."""
         start = time.perf_counter()
         check_sampling(temperature, top_k, top_p)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        check_count(max_new_tokens, "max_new_tokens")
         new_in = self._pending + (self.tokenizer.encode(text) if text else [])
         if not new_in and not self.ids:
             raise ValueError("the session is empty: give it some text first")

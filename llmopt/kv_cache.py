@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, check_count
 
 CACHE_KINDS = ("none", "dynamic", "static", "paged")
 
@@ -115,8 +115,8 @@ class BlockManager:
     """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
+        check_count(num_blocks, "num_blocks")
+        check_count(block_size, "block_size")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
         self.refcount = [0] * num_blocks

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .config import check_count
 from .sampling import greedy
 
 
@@ -360,8 +361,7 @@ def launch(mode: str, nproc: int = 2, *, model: str = "tiny", prompts: list[str]
     and return rank 0's result. Raises RuntimeError with the ranks' output if it fails."""
     if mode not in ("data", "tensor", "pipeline"):
         raise ValueError(f"mode must be 'data', 'tensor' or 'pipeline', got {mode!r}")
-    if not isinstance(nproc, int) or nproc < 1:
-        raise ValueError(f"nproc must be an integer >= 1, got {nproc!r}")
+    check_count(nproc, "nproc")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

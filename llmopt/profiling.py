@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, check_count
 
 
 def synchronize(device=None) -> None:
@@ -426,8 +426,8 @@ def tokens_per_call(model, tokenizer, prompt: str, total_tokens: int, per_call: 
     call (measured as a 1-token call on a 1-token prompt), prefill beyond that, and decode.
     """
     from .generate import Session, generate
-    if per_call < 1 or total_tokens < 1:
-        raise ValueError("per_call and total_tokens must be >= 1")
+    check_count(per_call, "per_call")
+    check_count(total_tokens, "total_tokens")
     one = tokenizer.encode(prompt)[:1]
     fixed = statistics.median(generate(model, tokenizer, one, max_new_tokens=1).stats["e2e_s"]
                               for _ in range(5))

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import torch
 
+from .config import check_count
+
 
 def check_sampling(temperature: float = 0.0, top_k: int | None = None,
                    top_p: float | None = None) -> None:
     """Raise ValueError naming the bad parameter and the allowed range."""
     if not isinstance(temperature, (int, float)) or temperature != temperature or temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+    check_count(top_k, "top_k", optional=True)
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 

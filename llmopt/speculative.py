@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from .config import check_count
 from .draft import MLPDraft
 from .generate import Generation, _as_stop_list, _checked_request, _eos_ids, _stop_at, timing_stats
 from .kv_cache import make_cache
@@ -169,8 +170,7 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
     (None if it paid at every size). Off by default: it costs a few hundred extra forwards.
     """
     start = time.perf_counter()
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k (draft tokens per round) must be an integer >= 1, got {k!r}")
+    check_count(k, "k (draft tokens per round)")
     if batch_sizes is not None and (not batch_sizes or not all(isinstance(b, int) and b >= 1
                                                                 for b in batch_sizes)):
         raise ValueError(f"batch_sizes must be positive integers (batch sizes to predict the "

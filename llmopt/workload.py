@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from .config import check_count
 from .data import load_text
 
 
@@ -56,8 +57,7 @@ def poisson_workload(tokenizer, n: int, *, rate: float = float("inf"), seed: int
     split's 1,566 speeches: median 18 tokens, mean 36, the longest 392): most requests
     are short and a few are long, the case where static batching wastes most.
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    check_count(n, "n (requests)")
     if rate <= 0:
         raise ValueError(f"rate must be > 0 requests/s (inf for all at once), got {rate}")
     if lengths not in LENGTHS:

@@ -1,4 +1,6 @@
 """Generation: caches agree with recomputation, sampling is checked, bad input is refused clearly."""
+import re
+
 import pytest
 import torch
 
@@ -290,7 +292,7 @@ def test_graph_steps_compiled_and_kept_until_the_weights_change(model_and_tok):
 def test_graph_steps_refuse_what_they_cannot_do(model_and_tok):
     model, tok = model_and_tok
     for bad in (0, 1.5, True, "4"):
-        with pytest.raises(ValueError, match="graph_steps must be an integer"):
+        with pytest.raises(ValueError, match="graph_steps .* must be an integer"):
             llmopt.generate(model, tok, "to be", graph_steps=bad)
     for kw, msg in ((dict(temperature=0.8), "greedy decoding.*sync_every"), (dict(cache="dynamic"), "cache='static'"),
                     (dict(sync_every=4), "leave sync_every at 1"), (dict(n=2), "n > 1")):
@@ -324,3 +326,23 @@ def test_greedy_is_argmax_with_the_first_index_on_ties():
             assert torch.equal(greedy(x), x.argmax(-1))
     ties = torch.tensor([[1.0, 3.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0], [5.0, 2.0, 5.0, 5.0]])
     assert greedy(ties).tolist() == ties.argmax(-1).tolist() == [1, 0, 0]
+
+
+def test_every_count_is_checked_the_same_way(model_and_tok):
+    """Counts (tokens, slots, samples, blocks, sizes) refuse 0, fractions and True alike, and the
+    error names the argument."""
+    import dataclasses
+    from llmopt.batching import DynamicBatcher
+    from llmopt.kv_cache import BlockManager
+    from llmopt.workload import poisson_workload
+    model, tok = model_and_tok
+    calls = {"max_new_tokens": lambda v: llmopt.generate(model, tok, "to be", max_new_tokens=v),
+             "max_batch_size": lambda v: DynamicBatcher(model, tok, max_batch_size=v),
+             "n (requests)": lambda v: poisson_workload(tok, v),
+             "block_size": lambda v: BlockManager(8, v),
+             "dim": lambda v: dataclasses.replace(model.config, dim=v),
+             "top_k": lambda v: llmopt.generate(model, tok, "to be", temperature=1.0, top_k=v)}
+    for name, call in calls.items():
+        for bad in (0, 2.5, True):
+            with pytest.raises(ValueError, match=re.escape(f"{name} must be an integer >= 1")):
+                call(bad)
