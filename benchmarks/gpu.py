@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import llmopt  # noqa: E402
-from llmopt.bench import compare_with_transformers, decode_bytes_per_token, to_transformers  # noqa: E402
+from llmopt.bench import compare_with_transformers, decode_bytes_per_token, graph_variants, to_transformers  # noqa: E402
 from llmopt.profiling import device_info, probe_bandwidth, probe_matmul  # noqa: E402
 
 
@@ -132,7 +132,6 @@ def main(argv=None) -> int:
         return row
 
     def decode_vs_transformers():
-        from llmopt.bench import graph_variants
         cfg = llmopt.get_config(preset)
         model = llmopt.build_model(cfg, device=device, dtype=dtype)
         hf = to_transformers(model)
@@ -169,7 +168,6 @@ def main(argv=None) -> int:
                 r["mbu"] = step * r["decode_tokens_per_s"] / (bw * 1e9)
 
     def quantized_decode():
-        from llmopt.bench import graph_variants
         from llmopt.quantize import model_bytes, quantize
         cfg = llmopt.get_config(preset)
         prompt = list(range(1, 33))

@@ -75,7 +75,7 @@ def compare_with_transformers(model, tokenizer, hf_model, *, prompt=DEFAULT_PROM
     variants += [(f"llmopt compiled decode ({mode})", {"compile": mode}) for mode in modes]
     if sync_every:      # each compiled path (or the eager one) again, reading tokens every k steps
         variants += [(f"{name}, sync every {sync_every} tokens", {**kw, "sync_every": sync_every})
-                     for name, kw in (variants[1 : 1 + len(modes)] or variants[:1])]
+                     for name, kw in (variants[1:] or variants)]
     if graph_steps:
         variants += graph_variants(modes, graph_steps)
     reference = hf_generate(hf_model, ids_t, max_new_tokens=new_tokens).token_ids
