@@ -18,8 +18,18 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--model", default="tiny")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int)
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", help="stop before this text (may be given several times)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cpu)")
+    g.add_argument("--dtype", help="fp32, fp16 or bf16 (default: the checkpoint's)")
+    g.add_argument("--compile", nargs="?", const=True, default=False,
+                   help="compile the decode step: no value for the default mode, or default, "
+                        "reduce-overhead (CUDA graphs on a GPU), max-autotune")
+    g.add_argument("--sync-every", type=int, default=1, help="read tokens back every k steps (GPU)")
+    g.add_argument("--graph-steps", type=int, default=1, help="greedy: k decode steps per CUDA graph (GPU)")
+    g.add_argument("--stats", action="store_true", help="print TTFT, TPOT and tokens/s to stderr at the end")
     args = parser.parse_args(argv)
 
     if args.command == "bench":
@@ -30,11 +40,21 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             parser.error(str(e))
         return 0
-    from . import load_model, stream
+    from . import generate, load_model, stream
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, stop=args.stop, compile=args.compile,
+                   sync_every=args.sync_every, graph_steps=args.graph_steps)
     try:
-        model, tok = load_model(args.model)
-        for piece in stream(model, tok, args.prompt, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_p=args.top_p, seed=args.seed):
+        model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
+        if args.stats:   # the whole text at the end, then its timings
+            g = generate(model, tok, args.prompt, **options)
+            print(g.text)
+            st = g.stats
+            print(f"{st['new_tokens']} tokens ({g.finish_reason}); TTFT {st['ttft_s'] * 1e3:.1f} ms, TPOT "
+                  f"{st['tpot_s'] * 1e3:.2f} ms, {st['decode_tokens_per_s']:.1f} tokens/s decoding, on "
+                  f"{st['device']} in {st['dtype']}", file=sys.stderr)
+            return 0
+        for piece in stream(model, tok, args.prompt, **options):
             print(piece, end="", flush=True)
     except (ValueError, FileNotFoundError) as e:    # a bad option, an unknown or incomplete model
         parser.error(str(e))

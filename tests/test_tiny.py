@@ -112,11 +112,26 @@ def test_bench_quick_serving_speculation_and_scoreboard(tmp_path):
 def test_command_line_generates_and_refuses_bad_input_with_a_usage_error(capsys, monkeypatch):
     from llmopt.__main__ import main
     assert main(["generate", "ROMEO:", "--max-new-tokens", "8"]) == 0
-    want = llmopt.generate(*llmopt.load_model("tiny"), "ROMEO:", max_new_tokens=8).text
+    model, tok = llmopt.load_model("tiny")
+    want = llmopt.generate(model, tok, "ROMEO:", max_new_tokens=8).text
     assert capsys.readouterr().out == want + "\n"
+    # the generate options, and --stats: the text at the end and its timings on stderr
+    assert main(["generate", "ROMEO:", "--max-new-tokens", "24", "--graph-steps", "4", "--stats"]) == 0
+    out = capsys.readouterr()
+    assert out.out == llmopt.generate(model, tok, "ROMEO:", max_new_tokens=24).text + "\n"
+    assert "24 tokens (length); TTFT" in out.err and "on cpu in float32" in out.err
+    assert main(["generate", "ROMEO:", "--max-new-tokens", "24", "--stop", ",", "--top-k", "5",
+                 "--temperature", "0.8", "--seed", "3", "--dtype", "bf16"]) == 0
+    assert capsys.readouterr().out == llmopt.generate(
+        *llmopt.load_model("tiny", dtype="bf16"), "ROMEO:", max_new_tokens=24, stop=",", top_k=5,
+        temperature=0.8, seed=3).text + "\n"
     monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)   # as on a CPU-only torch
     for argv, message in [(["generate", "Hi", "--model", "no-such-model"], "no checkpoint at 'no-such-model'"),
                           (["generate", "Hi", "--temperature", "-1"], "temperature must be >= 0"),
+                          (["generate", "Hi", "--graph-steps", "4", "--temperature", "1"], "greedy decoding"),
+                          (["generate", "Hi", "--compile", "fast"], "compile must be"),
+                          (["generate", "Hi", "--dtype", "int3"], "dtype must be one of"),
+                          (["generate", "Hi", "--device", "cuda"], "CPU-only build"),
                           (["bench", "--device", "cuda", "cache"], "CPU-only build"),
                           (["bench", "no-such-experiment"], "unknown experiment")]:
         with pytest.raises(SystemExit) as exit_:
