@@ -86,6 +86,7 @@ def main(argv=None) -> int:
                    help="torch.compile modes for the compiled decode rows (GPU), comma-separated")
     p.add_argument("--sync-every", type=int, default=16, help="the rows that read tokens back every k steps")
     p.add_argument("--graph-steps", type=int, default=16, help="decode steps per CUDA graph in the DecodeGraph rows")
+    p.add_argument("--int4", action="store_true", help="also time int4 g64 in the quantized section (GPU)")
     args = p.parse_args(argv)
     started = time.perf_counter()
 
@@ -173,14 +174,24 @@ def main(argv=None) -> int:
         prompt = list(range(1, 33))
         rows = []
         results["quantized_decode"] = {"rows": rows}      # saved row by row: a cut run keeps them
-        # int8 first, with fused projections first (the fastest bf16 path's layout; a run cut by its
-        # limit keeps the rows that decide the goal), then int4
-        for label, method, kw, fuse in (("int8 weight-only, fused projections", "int8", {}, True),
-                                        ("int8 weight-only", "int8", {}, False),
-                                        ("int4 g64 weight-only", "int4", {"group_size": 64}, False)):
+        # int8 with fused projections first (the fastest bf16 path's layout; a run cut by its limit
+        # keeps the rows that decide the goal): Inductor's kernels, then llmopt's Triton GEMV (a GPU
+        # only: Triton's CPU interpreter is far too slow for a smoke run); unfused int8 as measured on
+        # 2026-11-27; int4 only in smoke mode or with --int4 (1.79 ms a token on the H100, 2026-11-27)
+        variants = [("int8 weight-only, fused projections", "int8", {}, True)]
+        if device == "cuda":
+            variants.append(("int8 weight-only, fused projections, Triton GEMV", "int8", {"kernel": "triton"}, True))
+        variants.append(("int8 weight-only", "int8", {}, False))
+        if args.smoke or args.int4:
+            variants.append(("int4 g64 weight-only", "int4", {"group_size": 64}, False))
+        for label, method, kw, fuse in variants:
             model = llmopt.build_model(cfg, device=device, dtype=dtype)
             full = model_bytes(model)
-            quantize(llmopt.fuse_projections(model) if fuse else model, method, **kw)
+            try:
+                quantize(llmopt.fuse_projections(model) if fuse else model, method, **kw)
+            except Exception as e:      # e.g. no Triton on this machine: the row says so
+                rows.append({"label": label, "error": f"{type(e).__name__}: {e}"})
+                continue
             # the bf16 rows' fast paths: k steps per CUDA graph first (DecodeGraph), then unfused int8
             # with each compiled mode reading tokens every k steps, as measured on 2026-11-27 (eager only
             # in smoke mode: on a GPU it was measured on 2026-11-26/27, 13-18 ms a token)

@@ -25,6 +25,9 @@ VARIANTS = {   # what each variant does to the model (in place)
     "bf16-fused": llmopt.fuse_projections,            # q, k, v and gate, up as one matmul each
     "int8": lambda m: quantize(m, "int8"),
     "int8-ref": lambda m: quantize(m, "int8", fused=False),
+    # llmopt's Triton GEMV behind every int8 layer (CUDA; a CPU smoke run takes Inductor's int8 instead)
+    "int8-fused-triton": lambda m: quantize(llmopt.fuse_projections(m), "int8",
+                                            kernel="triton" if m.device.type == "cuda" else "auto"),
     "int4": lambda m: quantize(m, "int4", group_size=64),
 }
 

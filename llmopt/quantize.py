@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import int8_gemv
+
 METHODS = ("int8", "int4")
 
 _FROZEN = False   # True while a decode step is traced with its weights frozen into constants
@@ -101,7 +103,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 class Int8Linear(nn.Module):
     """y = x @ (q * scale)^T + b, with q int8 [N, K] and one scale per output channel."""
 
-    def __init__(self, linear: nn.Linear, fused: bool | None = None) -> None:
+    def __init__(self, linear: nn.Linear, fused: bool | None = None, kernel: str = "auto") -> None:
         super().__init__()
         q, scale = quantize_int8(linear.weight.detach())
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -112,8 +114,15 @@ class Int8Linear(nn.Module):
         # slower path, 17.6 ms per 1B-shape decode step vs 12.6 ms for the reference path;
         # on the 2-core Xeon CPU 7-16x slower than a dense matmul. True still forces it.
         self.fused = bool(fused) and _int8_kernel_ok(linear.weight.device, linear.weight.dtype)
+        # "triton": one activation row (a decode step at batch 1) goes through llmopt's own
+        # Triton GEMV (llmopt.kernels.int8_gemv); more rows take the paths below
+        self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "triton" and x.numel() == x.shape[-1]:
+            y = int8_gemv(x.reshape(-1), self.weight, self.scale)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            return y + self.bias if self.bias is not None else y
         # Compiled bf16 on a CPU also takes the packed op, which Inductor with frozen weights
         # and max_autotune times against its C++ weight-only-int8 GEMM template (generate's
         # compile="max-autotune"). Any other form would be constant-folded by freezing into a
@@ -276,7 +285,8 @@ def _probe(key, fn) -> bool:
 
 
 def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, symmetric: bool = False,
-             fused: bool | None = None, embeddings: bool = True, skip: tuple[str, ...] = ()) -> nn.Module:
+             fused: bool | None = None, embeddings: bool = True, skip: tuple[str, ...] = (),
+             kernel: str = "auto") -> nn.Module:
     """Replace every `nn.Linear` (except names in `skip`) with a quantized one, in place (notebook 06).
 
     `fused=None` picks PyTorch's packed kernels where they were measured faster (int4 on
@@ -287,12 +297,23 @@ def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, sy
     lookups need the readable layout), otherwise stored as int8 rows. Traced for a CPU
     decode step with frozen weights (`generate(..., compile="max-autotune")`), int8 layers
     (bf16) and int4 layers (bf16 or fp32) call PyTorch's packed kernels whatever `fused` says.
+
+    `kernel="triton"` (int8, CUDA) decodes one row at a time through llmopt's own Triton
+    GEMV (`llmopt.kernels.int8_gemv`): the int8 tile read once, fp32 accumulation, the
+    scale at the end; longer inputs (prefill) keep the paths above.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r} (bitsandbytes is "
                          "used through transformers: see llmopt.quantize_bnb)")
     if method == "int4" and group_size not in (32, 64, 128, 256):
         raise ValueError(f"group_size must be 32, 64, 128 or 256, got {group_size}")
+    if kernel not in ("auto", "triton"):
+        raise ValueError(f"kernel must be 'auto' or 'triton', got {kernel!r}")
+    if kernel == "triton":
+        if method != "int8":
+            raise ValueError(f"kernel='triton' is an int8 kernel; method {method!r} has none: use kernel='auto'")
+        from .kernels import check_gemv_device
+        check_gemv_device(next(model.parameters()).device)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else \
         getattr(model, "embed_tokens", None)
     dtype = emb.weight.dtype if emb is not None else torch.float32
@@ -303,7 +324,7 @@ def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, sy
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         tied = embeddings and emb is not None and lin.weight is emb.weight
         if method == "int8":
-            new = Int8Linear(lin, fused=fused)
+            new = Int8Linear(lin, fused=fused, kernel=kernel)
         else:
             new = Int4Linear(lin, group_size=group_size, symmetric=symmetric,
                              fused=False if tied else fused)
@@ -318,7 +339,7 @@ def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, sy
             tied_head = Int8Linear(table, fused=False)
         _replace_embedding(model, emb, QuantEmbedding(tied_head, dtype))
     model.quantization = {"method": method, "group_size": group_size if method == "int4" else None,
-                          "symmetric": symmetric if method == "int4" else True, "skip": skip}
+                          "symmetric": symmetric if method == "int4" else True, "skip": skip, "kernel": kernel}
     return model
 
 

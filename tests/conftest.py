@@ -8,6 +8,10 @@ import torch
 
 os.environ.setdefault("LLMOPT_CI", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Without a GPU, Triton kernels (llmopt.kernels) run in Triton's CPU interpreter. It must be on
+# before anything imports Triton: the library's own helpers (tl.sum) are made then, interpreted or not.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # One small config per supported family, each exercising a different feature.
 FAMILIES = {

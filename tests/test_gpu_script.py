@@ -28,11 +28,11 @@ def test_gpu_session_smoke(tmp_path):
     for step in ("suite", "int8-coordinate-descent", "kernels", "cuda-tests"):
         assert f"[{step}] exit 0 after" in log, log
     kernels = (tmp_path / "kernels-log.txt").read_text()
-    assert "== bf16-fused: TPOT" in kernels and "aten::" in kernels
+    assert "== int8-fused-triton: TPOT" in kernels and "aten::" in kernels
     assert "skipped" in (tmp_path / "cuda-tests-log.txt").read_text()
     tuned = json.loads((tmp_path / "int8-coordinate-descent" / "gpu_results.json").read_text())
     assert tuned["coordinate_descent_tuning"] is True and "decode_batch1" not in tuned
-    assert [r["label"] for r in tuned["quantized_decode"]["rows"]] == [
+    assert [r["label"] for r in tuned["quantized_decode"]["rows"]] == [   # no Triton GEMV row on a CPU
         "int8 weight-only, fused projections (static cache), 16 steps per CUDA graph",
         "int8 weight-only (static cache), 16 steps per CUDA graph", "int8 weight-only",
         "int4 g64 weight-only (static cache), 16 steps per CUDA graph"]

@@ -1,9 +1,12 @@
 """Weight-only quantization: error within half a step, exact packing, logits close, bytes counted."""
+import importlib.util
+
 import pytest
 import torch
+from torch import nn
 
 import llmopt
-from llmopt.quantize import (dequantize_int4, dequantize_int8, model_bytes, pack_int4, quantize,
+from llmopt.quantize import (Int8Linear, dequantize_int4, dequantize_int8, model_bytes, pack_int4, quantize,
                              quantize_int4, quantize_int8, unpack_int4)
 
 
@@ -209,3 +212,85 @@ def test_int4_frozen_decode_repacks_for_the_cpu_kernel_and_matches_eager(monkeyp
         got = lin(x)
     assert len(calls) == 1 and got.shape == ref.shape
     torch.testing.assert_close(got.float(), ref.float(), atol=tol * ref.abs().max().item(), rtol=0)
+
+
+# Triton's CPU interpreter (conftest turns it on where there is no GPU; on a GPU the CUDA test below runs)
+triton_only = pytest.mark.skipif(importlib.util.find_spec("triton") is None or torch.cuda.is_available(),
+                                 reason="needs Triton, and runs its CPU interpreter where there is no GPU")
+
+
+@triton_only
+@pytest.mark.parametrize("n, k, config", [
+    (48, 96, {"BLOCK_N": 1, "BLOCK_K": 128, "num_warps": 2}),      # one output a program, K masked
+    (64, 512, {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4}),    # whole blocks: the unmasked loop
+    (37, 300, {"BLOCK_N": 8, "BLOCK_K": 64, "num_warps": 2}),      # ragged N and K
+])
+def test_triton_int8_gemv_matches_the_reference(n, k, config):
+    """llmopt's Triton GEMV (in Triton's CPU interpreter) computes (q @ x) * scale: within fp32
+    rounding of the exact sum, and within one bf16 step of it for bf16 activations."""
+    from llmopt.kernels import gemv_with
+    g = torch.Generator().manual_seed(n * k)
+    q, scale = quantize_int8(torch.randn(n, k, generator=g))
+    x = torch.randn(k, generator=g)
+    exact = (q.double() @ x.double()) * scale.double()
+    y = gemv_with(x, q, scale, config)
+    assert y.dtype == torch.float32 and torch.allclose(y.double(), exact, rtol=1e-5, atol=1e-5)
+    yb = gemv_with(x.bfloat16(), q, scale.bfloat16(), config)
+    exact_b = (q.double() @ x.bfloat16().double()) * scale.bfloat16().double()
+    assert yb.dtype == torch.bfloat16 and torch.allclose(yb.double(), exact_b, rtol=2 ** -7, atol=1e-3)
+
+
+@triton_only
+def test_int8_layers_decode_one_row_through_the_triton_kernel(monkeypatch):
+    """quantize(..., kernel="triton"): a one-row input goes through the custom op (also under
+    torch.compile, as one opaque op) and equals the reference path; longer inputs keep the
+    reference path."""
+    from llmopt.kernels import gemv_config
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40, bias=True)
+    ref, fast = Int8Linear(lin), Int8Linear(lin, kernel="triton")
+    one, rows = torch.randn(1, 1, 96), torch.randn(3, 96)
+    assert torch.allclose(fast(one), ref(one), atol=1e-5) and fast(one).shape == (1, 1, 40)
+    assert torch.equal(fast(rows), ref(rows))
+    calls = []
+    monkeypatch.setattr("llmopt.kernels.gemv_config", lambda n, k: calls.append((n, k)) or gemv_config(n, k))
+    fast(one)
+    assert calls == [(40, 96)]
+    compiled = torch.compile(lambda x: fast(x), fullgraph=True)
+    assert torch.allclose(compiled(one), ref(one), atol=1e-5)
+
+
+def test_triton_kernel_option_is_checked():
+    model = llmopt.build_model(llmopt.get_config("tiny"))
+    with pytest.raises(ValueError, match="kernel must be 'auto' or 'triton'"):
+        quantize(model, "int8", kernel="cuda")
+    with pytest.raises(ValueError, match="int8 kernel"):
+        quantize(model, "int4", kernel="triton")
+    if importlib.util.find_spec("triton") is not None:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("TRITON_INTERPRET", raising=False)    # a CPU without the interpreter
+            with pytest.raises(ValueError, match="runs on CUDA GPUs, not on 'cpu'"):
+                quantize(model, "int8", kernel="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("options", [{}, {"compile": True, "graph_steps": 8}])
+def test_triton_int8_decode_on_cuda_matches_the_reference_path(options):
+    """On a GPU: int8 through the Triton GEMV gives the reference int8 path's greedy tokens (the
+    trained tiny model, fp32 activations), eager and compiled inside llmopt's CUDA graph; and the
+    kernel's [N] output matches the exact product on the 1B model's shapes."""
+    from llmopt.kernels import int8_gemv
+    prompts = ["ROMEO:", "JULIET:\nWherefore art thou"]
+    outs = {}
+    for kernel in ("auto", "triton"):
+        model, tok = llmopt.load_model("tiny", device="cuda", dtype="fp32")
+        quantize(model, "int8", kernel=kernel)
+        outs[kernel] = [llmopt.generate(model, tok, p, max_new_tokens=40, ignore_eos=True, **options).token_ids
+                        for p in prompts]
+    assert outs["triton"] == outs["auto"]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n, k in ((3072, 2048), (2048, 8192), (128256, 2048)):
+        q, scale = quantize_int8(torch.randn(n, k, device="cuda", generator=g))
+        x = torch.randn(k, device="cuda", generator=g)
+        exact = (q.double() @ x.double()) * scale.double()
+        assert torch.allclose(int8_gemv(x, q, scale).double(), exact, rtol=1e-4, atol=1e-3)
