@@ -2,12 +2,17 @@
 
     python benchmarks/gpu_kernels.py --variants bf16,bf16-fused,int8,int4   # on a GPU
     python benchmarks/gpu_kernels.py --smoke                              # CPU, tiny shape
+    python benchmarks/gpu_kernels.py --gemv --variants ""                 # only the Triton GEMV's blocks
 
 Prints, per variant, the step time and the top kernels by device time (random weights: shapes decide speed).
+With --gemv it first times llmopt's Triton int8 GEMV (`llmopt.kernels`) on each distinct weight shape of the
+model, with the block sizes `gemv_config` picks and with the neighbouring ones, as GB/s of int8 weight read
+(each timing: 20 launches recorded as one CUDA graph, so the host's launch cost is not in it).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +37,65 @@ VARIANTS = {   # what each variant does to the model (in place)
 }
 
 
+def gemv_neighbours(cfg: dict, k: int) -> list[dict]:
+    """`cfg` and the configs one step away from it: half or twice the outputs or the K block, other warps."""
+    bn, bk, nw = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]
+    out = [cfg]
+    out += [dict(cfg, BLOCK_N=b) for b in (bn // 2, bn * 2) if 1 <= b <= 32]
+    out += [dict(cfg, BLOCK_K=b) for b in (bk // 2, bk * 2) if 64 <= b <= max(64, 2 * k)]
+    out += [dict(cfg, num_warps=w) for w in (2, 4, 8) if w != nw]
+    return out
+
+
+def time_gemv(x, q, scale, config: dict, device: str, launches: int = 20) -> float:
+    """Seconds per call of the GEMV with `config`: on CUDA the median of 5 replays of a graph of
+    `launches` calls, timed with events; elsewhere (Triton's interpreter) one call."""
+    from llmopt.kernels import gemv_with
+    gemv_with(x, q, scale, config)                      # compiles
+    if device != "cuda":
+        t0 = time.perf_counter()
+        gemv_with(x, q, scale, config)
+        return time.perf_counter() - t0
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            gemv_with(x, q, scale, config)
+    graph.replay()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / launches)
+    return sorted(times)[2]
+
+
+def gemv_sweep(cfg, device: str, dtype, smoke: bool) -> None:
+    """The Triton GEMV on the model's weight shapes (fused q/k/v and gate/up, as the suite runs them)."""
+    from llmopt.kernels import gemv_config
+    from llmopt.quantize import quantize_int8
+    hd = cfg.head_dim
+    shapes = {"q,k,v fused": ((cfg.n_heads + 2 * cfg.n_kv_heads) * hd, cfg.dim), "o": (cfg.dim, cfg.n_heads * hd),
+              "gate,up fused": (2 * cfg.intermediate_size, cfg.dim), "down": (cfg.dim, cfg.intermediate_size),
+              "lm_head": (cfg.vocab_size, cfg.dim)}
+    if smoke:     # Triton's interpreter: one small shape, two configs
+        shapes = {"o": shapes["o"]}
+    print(f"\n== Triton int8 GEMV ({device}): GB/s of int8 weight read per call; * = gemv_config's pick", flush=True)
+    for name, (n, k) in shapes.items():
+        q, scale = quantize_int8(torch.randn(n, k, device=device))
+        scale, x = scale.to(dtype), torch.randn(k, device=device, dtype=dtype)
+        pick = gemv_config(n, k)
+        configs = gemv_neighbours(pick, k)[:2] if smoke else gemv_neighbours(pick, k)
+        cells = []
+        for c in configs:
+            t = time_gemv(x, q, scale, c, device)
+            cells.append(f"{'*' if c == pick else ''}{c['BLOCK_N']}x{c['BLOCK_K']}/w{c['num_warps']} "
+                         f"{n * k / t / 1e9:.0f}")
+        print(f"{name} [{n} x {k}], {n * k / 2**20:.1f} MiB: " + "; ".join(cells), flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--smoke", action="store_true")
@@ -39,13 +103,18 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="bf16,int8,int8-ref,int4")
     p.add_argument("--mode", default="reduce-overhead")
     p.add_argument("--top", type=int, default=8)
+    p.add_argument("--gemv", action="store_true", help="time the Triton int8 GEMV's block sizes first")
     args = p.parse_args(argv)
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     preset = "tiny" if args.smoke else args.preset
     cfg = llmopt.get_config(preset)
     prompt = list(range(1, 33))
-    for name in args.variants.split(","):
+    if args.gemv:
+        if device == "cpu":           # Triton's interpreter; it must be on before Triton is imported
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        gemv_sweep(cfg, device, dtype, args.smoke)
+    for name in filter(None, args.variants.split(",")):
         model = llmopt.build_model(cfg, device=device, dtype=dtype)
         VARIANTS[name](model)
         compile_mode = False if args.smoke else args.mode

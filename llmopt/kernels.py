@@ -49,49 +49,19 @@ def check_gemv_device(device: torch.device) -> None:
                          "(TRITON_INTERPRET=1 runs it on a CPU, slowly, for testing); use kernel='auto'")
 
 
-_KERNELS: dict[bool, object] = {}    # interpreted or compiled -> the jitted kernel
-
-
-def _kernel():
-    """The jitted kernel, made on first use: Triton decides at decoration time whether to
-    interpret, so a test that sets TRITON_INTERPRET=1 gets an interpreted one."""
-    key = interpreting()
-    if key not in _KERNELS:
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def int8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_wn,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
-            rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-            rk = tl.arange(0, BLOCK_K)
-            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + rk
-                if EVEN:     # N and K are multiples of the blocks: no masks on the hot loop
-                    x = tl.load(x_ptr + kk)
-                    w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :])
-                else:
-                    x = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
-                    w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :],
-                                mask=(rn[:, None] < N) & (kk[None, :] < K), other=0)
-                acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-            scale = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-            y = tl.sum(acc, axis=1) * scale
-            tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
-
-        _KERNELS[key] = int8_gemv_kernel
-    return _KERNELS[key]
-
-
 def gemv_config(n: int, k: int) -> dict:
-    """Block sizes and warps for an [n, k] int8 weight: 512 bytes of K per row of the tile (16
-    bytes a thread over a warp, wide loads), and as many outputs per program as keep every SM
-    busy (at least ~2 programs per SM of an H100's 132 for the narrow matrices), up to 16."""
-    block_k = 512 if k >= 512 else max(16, 1 << (k - 1).bit_length())
+    """Block sizes and warps for an [n, k] int8 weight. Up to 16 outputs a program, fewer where
+    that leaves under 264 programs (two per SM of an H100's 132); 512 bytes of K per row of the
+    tile (wide 16-byte loads), more for long rows when the tile has few of them, so each program
+    keeps about 4-8 KB of loads in flight. Chosen by reasoning, not yet timed on a GPU:
+    `benchmarks/gpu_kernels.py --gemv` times it against other blocks on the card at hand."""
     block_n = 16
     while block_n > 1 and -(-n // block_n) < 264:
         block_n //= 2
+    block_k = 512
+    while block_n * block_k < 4096 and block_k < 2048 and block_k * 2 <= k:
+        block_k *= 2
+    block_k = min(block_k, max(16, 1 << (k - 1).bit_length()))
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4 if block_n * block_k >= 4096 else 2}
 
 
@@ -105,8 +75,9 @@ def gemv_with(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config
     y = torch.empty(n, device=x.device, dtype=x.dtype)
     even = n % config["BLOCK_N"] == 0 and k % config["BLOCK_K"] == 0
     grid = (-(-n // config["BLOCK_N"]),)
-    _kernel()[grid](x, weight, scale, y, n, k, weight.stride(0), BLOCK_N=config["BLOCK_N"],
-                    BLOCK_K=config["BLOCK_K"], EVEN=even, num_warps=config["num_warps"])
+    from ._gemv_kernel import int8_gemv_kernel    # Triton, on first use (the source is in that file)
+    int8_gemv_kernel[grid](x, weight, scale, y, n, k, weight.stride(0), BLOCK_N=config["BLOCK_N"],
+                           BLOCK_K=config["BLOCK_K"], EVEN=even, num_warps=config["num_warps"])
     return y
 
 
