@@ -192,13 +192,15 @@ def main(argv=None) -> int:
             except Exception as e:      # e.g. no Triton on this machine: the row says so
                 rows.append({"label": label, "error": f"{type(e).__name__}: {e}"})
                 continue
-            # the bf16 rows' fast paths: k steps per CUDA graph first (DecodeGraph), then unfused int8
-            # with each compiled mode reading tokens every k steps, as measured on 2026-11-27 (eager only
-            # in smoke mode: on a GPU it was measured on 2026-11-26/27, 13-18 ms a token)
-            paths = [(name.replace("llmopt", label, 1), o) for name, o in graph_variants(modes, args.graph_steps)]
-            if label == "int8 weight-only":
-                paths += [(f"{label} compiled ({m}), sync every {args.sync_every} tokens",
-                           {"compile": m, "sync_every": args.sync_every}) for m in modes] or [(label, {})]
+            # fused int8 on the bf16 rows' fastest path, k steps per CUDA graph (DecodeGraph); unfused int8
+            # as on 2026-11-27, each compiled mode reading tokens every k steps, to compare runs (one compile
+            # less than a graph row too: the section must leave the batching goals time). Eager only in
+            # smoke mode (on a GPU measured on 2026-11-26/27, 13-18 ms a token)
+            if fuse or method == "int4":
+                paths = [(name.replace("llmopt", label, 1), o) for name, o in graph_variants(modes, args.graph_steps)]
+            else:
+                paths = [(f"{label} compiled ({m}), sync every {args.sync_every} tokens",
+                          {"compile": m, "sync_every": args.sync_every}) for m in modes] or [(label, {})]
             for name, opts in paths:
                 row = timed_row(model, name, opts, prompt)
                 if "error" not in row:
