@@ -258,6 +258,12 @@ def test_graph_steps_give_the_greedy_tokens(model_and_tok):
                                      graph_steps=k)) == ref.text
     one = llmopt.generate(model, tok, prompt, max_new_tokens=1, ignore_eos=True, graph_steps=4)
     assert one.token_ids == ref.token_ids[:1]
+    stop = ref.text[len(ref.text) // 2:][:3]                    # a stop string inside a later run
+    plain = llmopt.generate(model, tok, prompt, max_new_tokens=20, ignore_eos=True, stop=stop)
+    graphed = llmopt.generate(model, tok, prompt, max_new_tokens=20, ignore_eos=True, stop=stop, graph_steps=8)
+    assert plain.finish_reason == "stop" and (graphed.text, graphed.finish_reason) == (plain.text, "stop")
+    assert "".join(llmopt.stream(model, tok, prompt, max_new_tokens=20, ignore_eos=True, stop=stop,
+                                 graph_steps=8)) == plain.text
     limit = model.config.max_seq_len
     long_prompt = [5 + i % 200 for i in range(limit - 18)]      # runs of 8 fit twice, then one step
     full = llmopt.generate(model, tok, long_prompt, max_new_tokens=18, ignore_eos=True)
