@@ -182,16 +182,23 @@ class DecodeGraph:
     runs replay. The graph holds raw addresses of the weights, the cache and its own
     buffers, so it is kept per model only while those stay the same (`decode_graph`).
     On a CPU there is nothing to record: `run` takes the same k steps one by one.
+    It is kept beside the model (`_COMPILED`, never inside it, so `copy.deepcopy(model)`
+    does not try to copy a recorded graph) and holds the model weakly.
     """
 
     def __init__(self, model, cache, k: int, step) -> None:
-        self.model, self.cache, self.k, self.step = model, cache, k, step
+        self._model = weakref.ref(model)
+        self.cache, self.k, self.step = cache, k, step
         device = model.device
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)   # the next step's input
         self.pos = torch.zeros(1, dtype=torch.long, device=device)        # its cache slot
         self.out = torch.zeros(k, dtype=torch.long, device=device)        # the k tokens of a run
         self.graph = None
         self.weights = _weights_key(model)
+
+    @property
+    def model(self):
+        return self._model()
 
     def start(self, token: torch.Tensor, pos: int) -> None:
         """Continue after `token` (a device tensor of one id), whose cache slot is `pos`."""
@@ -231,9 +238,10 @@ def decode_graph(model, cache, k: int, compile: str | bool = False) -> DecodeGra
     """The `DecodeGraph` of `model` for this cache, k and step; kept per model and rebuilt (and
     recorded again) when any of them, or any weight, changes."""
     step = graph_step(model, compile)
-    g = model.__dict__.get("_llmopt_decode_graph")   # on the model: freed with it
+    per_model = _COMPILED.setdefault(model, {})
+    g = per_model.get("graph")
     if g is None or g.cache is not cache or g.k != k or g.step is not step or g.weights != _weights_key(model):
-        g = model.__dict__["_llmopt_decode_graph"] = DecodeGraph(model, cache, k, step)
+        g = per_model["graph"] = DecodeGraph(model, cache, k, step)
     return g
 
 

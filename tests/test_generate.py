@@ -1,5 +1,7 @@
 """Generation: caches agree with recomputation, sampling is checked, bad input is refused clearly."""
+import gc
 import re
+import weakref
 
 import pytest
 import torch
@@ -278,13 +280,13 @@ def test_graph_steps_compiled_and_kept_until_the_weights_change(model_and_tok):
     recording is replayed), and made anew for another k or after a weight changes in place
     (a graph holds the old weights' addresses)."""
     import copy
-    from llmopt.generate import compiled_cache, decode_graph
+    from llmopt.generate import _COMPILED, compiled_cache, decode_graph
     model, tok = copy.deepcopy(model_and_tok[0]), model_and_tok[1]
     prompt = list(range(5, 25))
     eager = llmopt.generate(model, tok, prompt, max_new_tokens=12, ignore_eos=True)
     compiled = llmopt.generate(model, tok, prompt, max_new_tokens=12, ignore_eos=True, compile=True, graph_steps=4)
     assert compiled.token_ids == eager.token_ids
-    kept = model.__dict__["_llmopt_decode_graph"]
+    kept = _COMPILED[model]["graph"]
     cache, release = compiled_cache(model, 1, 256)
     release()
     assert kept.cache is cache and decode_graph(model, cache, 4, True) is kept
@@ -293,6 +295,11 @@ def test_graph_steps_compiled_and_kept_until_the_weights_change(model_and_tok):
     with torch.no_grad():
         model.lm_head.weight.mul_(1.5)
     assert decode_graph(model, cache, 4, False) is not graph
+    copy.deepcopy(model)                       # the kept graph is beside the model, not copied with it
+    ref = weakref.ref(model)
+    del model, kept, graph, cache
+    gc.collect()
+    assert ref() is None                        # nor does it keep the model alive
 
 
 def test_graph_steps_refuse_what_they_cannot_do(model_and_tok):
@@ -311,6 +318,7 @@ def test_graph_steps_refuse_what_they_cannot_do(model_and_tok):
 def test_graph_steps_record_and_replay_a_cuda_graph(compile):
     """On a GPU: the first generation records the graph, the next ones replay it; every token
     is plain greedy's (the trained tiny model in fp32, so kernel choices cannot flip a token)."""
+    from llmopt.generate import _COMPILED
     model, tok = llmopt.load_model("tiny", device="cuda", dtype="fp32")
     prompts = ["ROMEO:", "JULIET:\nWherefore art thou", "ROMEO:"]
     recorded = None
@@ -318,7 +326,7 @@ def test_graph_steps_record_and_replay_a_cuda_graph(compile):
         ref = llmopt.generate(model, tok, p, max_new_tokens=40, ignore_eos=True).token_ids
         g = llmopt.generate(model, tok, p, max_new_tokens=40, ignore_eos=True, compile=compile, graph_steps=8)
         assert g.token_ids == ref
-        graph = model.__dict__["_llmopt_decode_graph"].graph
+        graph = _COMPILED[model]["graph"].graph
         assert graph is not None and graph is (recorded or graph)    # recorded once, then replayed
         recorded = graph
 
