@@ -65,11 +65,15 @@ def compiled_decode(model, mode: str = "default"):
     """
     if mode == "max-autotune" and model.device.type == "cpu":
         return _frozen_decode(model)
+    return _compiled_once(model, mode, decode_one_token, None if mode == "default" else mode)
+
+
+def _compiled_once(model, key, fn, mode: str | None):
+    """`fn` through torch.compile (fixed shapes, one graph), made once per model and `key`."""
     per_model = _COMPILED.setdefault(model, {})
-    if mode not in per_model:
-        per_model[mode] = torch.compile(decode_one_token, mode=None if mode == "default" else mode,
-                                        fullgraph=True, dynamic=False)
-    return per_model[mode]
+    if key not in per_model:
+        per_model[key] = torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
+    return per_model[key]
 
 
 def _own_decode_step(model):
@@ -159,11 +163,7 @@ def graph_step(model, compile: str | bool = False):
     if not compile:
         return greedy_step
     mode = GRAPH_STEP_MODES[compile]
-    per_model = _COMPILED.setdefault(model, {})
-    key = ("greedy_step", mode)
-    if key not in per_model:
-        per_model[key] = torch.compile(greedy_step, mode=mode, fullgraph=True, dynamic=False)
-    return per_model[key]
+    return _compiled_once(model, ("greedy_step", mode), greedy_step, mode)
 
 
 class DecodeGraph:
@@ -186,7 +186,7 @@ class DecodeGraph:
     does not try to copy a recorded graph) and holds the model weakly.
     """
 
-    def __init__(self, model, cache, k: int, step) -> None:
+    def __init__(self, model, cache, k: int, step, weights: tuple) -> None:
         self._model = weakref.ref(model)
         self.cache, self.k, self.step = cache, k, step
         device = model.device
@@ -194,7 +194,7 @@ class DecodeGraph:
         self.pos = torch.zeros(1, dtype=torch.long, device=device)        # its cache slot
         self.out = torch.zeros(k, dtype=torch.long, device=device)        # the k tokens of a run
         self.graph = None
-        self.weights = _weights_key(model)
+        self.weights = weights                      # `_weights_key(model)` when recorded
 
     @property
     def model(self):
@@ -239,9 +239,9 @@ def decode_graph(model, cache, k: int, compile: str | bool = False) -> DecodeGra
     recorded again) when any of them, or any weight, changes."""
     step = graph_step(model, compile)
     per_model = _COMPILED.setdefault(model, {})
-    g = per_model.get("graph")
-    if g is None or g.cache is not cache or g.k != k or g.step is not step or g.weights != _weights_key(model):
-        g = per_model["graph"] = DecodeGraph(model, cache, k, step)
+    g, weights = per_model.get("graph"), _weights_key(model)
+    if g is None or g.cache is not cache or g.k != k or g.step is not step or g.weights != weights:
+        g = per_model["graph"] = DecodeGraph(model, cache, k, step, weights)
     return g
 
 
