@@ -33,6 +33,7 @@ import torch
 from .config import check_count
 from .generate import (Generation, TextStream, _as_stop_list, _checked_request, _eos_ids, _stop_at,
                        per_prompt_options, timing_stats)
+from .engine_graphs import EngineGraphs
 from .kv_cache import BlockManager, PagedKVCache, to_device
 from .sampling import greedy, sample
 
@@ -367,6 +368,11 @@ class Engine:
     runs once for all the step's tokens and only attention is split by group (Sarathi-Serve,
     vLLM). `mixed_steps=False` prefills each new prompt in a forward of its own first.
     `engine.forwards` counts the model's forwards either way.
+    With `cuda_graphs`, decode steps that bring no new prompt run as CUDA graphs, one
+    recorded per bucket of shapes (rows and key blocks rounded up to powers of two) and
+    replayed with the step's inputs copied into its buffers (`engine_graphs.py`): on a GPU
+    a small model's step then costs one launch instead of one per kernel. On a CPU the
+    same padded steps run eagerly. `engine.graphs` counts what ran how.
     A fault while serving one request fails that request only.
     """
 
@@ -374,7 +380,7 @@ class Engine:
                  num_blocks: int | None = None, max_seq_len: int | None = None,
                  watermark: float = 0.01, prefix_caching: bool = False, metrics=None,
                  policy: str = "fcfs", overlap: bool = False, keep_gathered: bool = True,
-                 mixed_steps: bool = True, max_prefill_tokens: int = 512) -> None:
+                 mixed_steps: bool = True, max_prefill_tokens: int = 512, cuda_graphs: bool = False) -> None:
         for name, value, optional in (("max_batch_size", max_batch_size, False),
                                       ("max_prefill_tokens", max_prefill_tokens, False),
                                       ("block_size", block_size, False), ("num_blocks", num_blocks, True),
@@ -383,7 +389,8 @@ class Engine:
         if not isinstance(watermark, (int, float)) or not 0 <= watermark < 1:
             raise ValueError(f"watermark (share of blocks kept free for running sequences) must be in [0, 1), "
                              f"got {watermark!r}")
-        for name, flag in (("overlap", overlap), ("keep_gathered", keep_gathered), ("mixed_steps", mixed_steps)):
+        for name, flag in (("overlap", overlap), ("keep_gathered", keep_gathered), ("mixed_steps", mixed_steps),
+                           ("cuda_graphs", cuda_graphs)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
         self.overlap = overlap
@@ -398,7 +405,8 @@ class Engine:
         num_blocks = num_blocks or max_batch_size * per_seq
         self.cache = PagedKVCache(cfg, max_batch_size, self.max_seq_len, block_size=block_size,
                                   num_blocks=num_blocks, device=model.device, dtype=model.dtype,
-                                  keep_gathered=keep_gathered)
+                                  keep_gathered=keep_gathered, scratch_block=cuda_graphs)
+        self.graphs = EngineGraphs(model, self.cache, max_batch_size) if cuda_graphs else None
         self.prefix_cache = PrefixCache(self.cache.manager) if prefix_caching else None
         self.scheduler = Scheduler(self.cache.manager, max_batch_size,
                                    watermark_blocks=int(watermark * num_blocks), prefix_cache=self.prefix_cache,
@@ -736,6 +744,9 @@ class Engine:
     def _forward_rows(self, rows: list[Sequence], lengths: list[int], tokens: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] for one new token per row (tokens [B, 1]); row b has lengths[b] tokens cached."""
         device = self.model.device
+        if self.graphs is not None:
+            self.forwards += 1
+            return self.graphs.forward([s.blocks for s in rows], lengths, tokens[:, 0])
         S = self.cache.set_rows([s.blocks for s in rows], lengths)          # key slots attention reads
         lens = self.cache.row_lengths                                          # lengths, on the device
         key_mask = torch.arange(S, device=device)[None, :] <= lens[:, None]      # [B, S]

@@ -166,6 +166,36 @@ def graph_step(model, compile: str | bool = False):
     return _compiled_once(model, ("greedy_step", mode), greedy_step, mode)
 
 
+class GraphRecordingError(RuntimeError):
+    """Recording a CUDA graph failed (the warm-up run before it succeeded)."""
+
+
+def record_cuda_graph(fn, *, pool=None, stream=None):
+    """Run `fn()` once, then record what it launches as a CUDA graph: (first result, graph).
+
+    The first run is the warm-up, on a side stream as PyTorch's CUDA-graph notes ask
+    (compiling, autotuning and library handles happen there); its result is real. The
+    recording runs nothing: every replay fills the tensors `fn` wrote during it. `pool`
+    and `stream` are `torch.cuda.graph`'s (graphs that never run at once may share a
+    memory pool). A failed recording raises `GraphRecordingError` (a failed warm-up raises
+    what it raised)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        result = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    if isinstance(result, torch.Tensor):   # made on the side stream, read on this one from now on
+        result.record_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    try:
+        # thread_local: work other threads do meanwhile (another request) is not an error
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            fn()                                         # records; runs nothing
+    except Exception as e:
+        raise GraphRecordingError(f"{type(e).__name__}: {e}") from e
+    return result, graph
+
+
 class DecodeGraph:
     """`k` greedy decode steps recorded as one CUDA graph and replayed by llmopt (notebook 08).
 
@@ -214,21 +244,12 @@ class DecodeGraph:
         if self.model.device.type != "cuda":
             return self.steps(self.k)
         if self.graph is None:
-            side = torch.cuda.Stream(self.model.device)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.out.copy_(self.steps(self.k))          # the warm-up: real tokens
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
             try:
-                # thread_local: work other threads do meanwhile (another request) is not an error
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):   # records; runs nothing
-                    self.out.copy_(self.steps(self.k))
-            except Exception as e:
-                raise RuntimeError(f"recording {self.k} decode steps as one CUDA graph failed ({type(e).__name__}: "
-                                   f"{e}); generate with graph_steps=1 instead (sync_every={self.k} also reads "
-                                   f"tokens back once per {self.k} steps)") from e
-            self.graph = graph
+                _, self.graph = record_cuda_graph(lambda: self.out.copy_(self.steps(self.k)))
+            except GraphRecordingError as e:
+                raise RuntimeError(f"recording {self.k} decode steps as one CUDA graph failed ({e}); generate "
+                                   f"with graph_steps=1 instead (sync_every={self.k} also reads tokens back "
+                                   f"once per {self.k} steps)") from e.__cause__
         else:
             self.graph.replay()
         return self.out

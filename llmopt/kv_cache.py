@@ -18,7 +18,7 @@ from .config import ModelConfig, check_count
 CACHE_KINDS = ("none", "dynamic", "static", "paged")
 
 
-def to_device(values, device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+def to_device(values, device, dtype: torch.dtype = torch.long, out: torch.Tensor | None = None) -> torch.Tensor:
     """A tensor of host values (a list) on `device`, without making the host wait for the device.
 
     `torch.tensor(values, device="cuda")` copies from ordinary (pageable) host memory, and
@@ -26,9 +26,14 @@ def to_device(values, device, dtype: torch.dtype = torch.long) -> torch.Tensor:
     queued so far has finished, so it cannot queue the next step while the device computes
     this one. Staging the values in pinned (page-locked) memory allows a truly asynchronous
     copy, ordered on the stream like any kernel (PyTorch keeps the pinned block alive until
-    the copy is done). On a CPU it is plain `torch.tensor`.
+    the copy is done). On a CPU it is plain `torch.tensor`. With `out` (a tensor of as many
+    elements, on `device`) the values are copied into it, the same way, and it is returned.
     """
-    if device is None or torch.device(device).type != "cuda":
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if out is not None:
+        return out.copy_(torch.tensor(values, dtype=out.dtype, pin_memory=cuda).view(out.shape),
+                         non_blocking=cuda)
+    if not cuda:
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
@@ -164,17 +169,24 @@ class PagedKVCache:
 
     pool per layer: [num_blocks * block_size, 2, Hkv, D] (keys and values side by side);
     block_table: [B, max_blocks]
+
+    With `scratch_block`, the pool holds one block more than the manager hands out
+    (`self.scratch_block`): the engine's CUDA graphs pad a step to a fixed batch size
+    with rows that write there (engine_graphs.py).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, *, block_size: int = 16,
                  num_blocks: int | None = None, device=None, dtype: torch.dtype = torch.float32,
-                 manager: BlockManager | None = None, keep_gathered: bool = False) -> None:
+                 manager: BlockManager | None = None, keep_gathered: bool = False,
+                 scratch_block: bool = False) -> None:
         self.block_size = block_size
         self.max_blocks = -(-max_len // block_size)              # blocks per sequence at most
         if manager is None:
             manager = BlockManager(num_blocks or batch_size * self.max_blocks, block_size)
         self.manager = manager
-        slots = manager.num_blocks * block_size
+        self.scratch_block = manager.num_blocks if scratch_block else None   # nobody's block
+        self.pool_blocks = manager.num_blocks + int(scratch_block)
+        slots = self.pool_blocks * block_size
         # keys and values of a slot side by side, so one gather reads both: [slots, 2, Hkv, D]
         self.kv = [torch.zeros(slots, 2, cfg.n_kv_heads, cfg.head_dim, device=device, dtype=dtype)
                    for _ in range(cfg.n_layers)]
@@ -238,6 +250,20 @@ class PagedKVCache:
             self._gathered_rows = ([list(row) for row in blocks], list(lengths))
         idx = to_device(write + extra + list(lengths), self.device)
         self._write, self._gathered_write, self.row_lengths = idx.split([len(write), len(extra), len(lengths)])
+        return self._ragged_kv_len
+
+    def use_table(self, write: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor) -> int:
+        """Ragged mode with every index already on the device, for the engine's CUDA graphs
+        (engine_graphs.py): a decode step as `set_rows` sets it up, one new token per row,
+        whose slot is `write[b]`; attention reads the blocks `table` [B, W] of each row in
+        order and `lengths` [B] are the tokens each row caches. The graph reads these
+        tensors where they are, so the engine refills them for each replay. The kept
+        gathered copy is dropped (this step does not extend it). Returns the key slots
+        attention sees, W x block_size."""
+        self.drop_gathered()
+        self.mixed, self._mode = False, "gather"
+        self._write, self._read_blocks, self.row_lengths = write, table.flatten(), lengths
+        self._ragged_kv_len = table.shape[1] * self.block_size
         return self._ragged_kv_len
 
     def _kept_width(self, nb: int) -> int:
@@ -304,7 +330,7 @@ class PagedKVCache:
         _, H, N, D = k.shape
         new = torch.stack((k[0], v[0]), 1).transpose(0, 2)            # [N, 2, Hkv, D]
         self.kv[layer].index_copy_(0, self._write, new)
-        blocks = self.kv[layer].view(self.manager.num_blocks, self.block_size, 2, H, D)
+        blocks = self.kv[layer].view(self.pool_blocks, self.block_size, 2, H, D)
         rows = blocks.index_select(0, self._read_blocks).view(self._mixed_rows, -1, 2, H, D)   # [R, W, 2, Hkv, D]
         if self._mode == "regather":
             self.gathered[layer] = rows
@@ -352,7 +378,7 @@ class PagedKVCache:
             self.kv[layer].index_copy_(0, self._write, new)
             # whole blocks, in each row's order: [B, S, 2, Hkv, D]; slots past a row's
             # length hold other data, which the engine's key mask hides
-            blocks = self.kv[layer].view(self.manager.num_blocks, self.block_size, 2, H, D)
+            blocks = self.kv[layer].view(self.pool_blocks, self.block_size, 2, H, D)
             if self._mode == "extend":                    # the kept copy, plus this step's token
                 kv = self.gathered[layer]
                 kv.view(-1, 2, H, D).index_copy_(0, self._gathered_write, new)
@@ -380,7 +406,7 @@ class PagedKVCache:
         src = to_device([a for a, _ in pairs], dev)
         dst = to_device([b for _, b in pairs], dev)
         for t in self.kv:
-            blocks = t.view(self.manager.num_blocks, self.block_size, *t.shape[1:])
+            blocks = t.view(self.pool_blocks, self.block_size, *t.shape[1:])
             blocks.index_copy_(0, dst, blocks.index_select(0, src))
 
     def kv_len(self, input_pos: torch.Tensor) -> int:
@@ -402,7 +428,7 @@ class PagedKVCache:
     def used_bytes(self) -> int:
         """Bytes of the blocks actually handed out (what paging saves is nbytes - this)."""
         used = self.manager.num_blocks - self.manager.num_free
-        return self.nbytes * used // self.manager.num_blocks
+        return self.nbytes * used // self.pool_blocks
 
 
 def make_cache(kind: str, cfg: ModelConfig, batch_size: int, max_len: int, *,

@@ -173,14 +173,18 @@ def summarize_load(df: pd.DataFrame, label: str = "", submitted: int | None = No
 def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int = 8,
                      max_batch_tokens: int | None = None, repeats: int = 1,
                      overlap: bool = False, gather_every_step: bool = False,
-                     prefill_alone: bool = False) -> list[dict]:
+                     prefill_alone: bool = False, cuda_graphs: bool = False) -> list[dict]:
     """Offline throughput of static, dynamic and continuous batching on one workload
     (continuous twice: first come first served, and longest budget first; with `overlap`
     once more, first come first served with `Engine(overlap=True)`; with
     `gather_every_step` once more with `Engine(keep_gathered=False)`, which gathers
     every row's KV blocks into order in every layer of every step; with `prefill_alone`
     once more with `Engine(mixed_steps=False)`, which runs each new prompt in a forward
-    of its own instead of inside a decode step).
+    of its own instead of inside a decode step; with `cuda_graphs` twice more, first come
+    first served and longest first, with `Engine(cuda_graphs=True)`, whose decode steps
+    replay CUDA graphs on a GPU: that engine is kept across repeats, so only its first
+    repeat records graphs; its rows add first_wall_s, graphs_recorded, graph_replays,
+    graph_steps (over all repeats) and graph_error).
 
     Every request is there at time 0 and runs to exactly its `max_new_tokens`
     (end-of-sequence ignored), so the three do the same useful work. Repeats are
@@ -212,10 +216,18 @@ def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int =
         out = b.run(prompts, max_new_tokens=max_new, ignore_eos=True)
         return out, sum(x["steps"] for x in b.batches if x["outcome"] == "ok")
 
-    def continuous(policy="fcfs", overlap=False, keep_gathered=True, mixed_steps=True):
-        e = Engine(model, tokenizer, max_batch_size=slots, policy=policy, overlap=overlap,
-                   keep_gathered=keep_gathered, mixed_steps=mixed_steps)
-        return e.generate_many(prompts, max_new_tokens=max_new, ignore_eos=True), e.forwards
+    kept: dict[str, Engine] = {}
+
+    def continuous(policy="fcfs", overlap=False, keep_gathered=True, mixed_steps=True, graphs_row=None):
+        # an engine with CUDA graphs (`graphs_row`: its label) is built once and kept across
+        # repeats, as a server keeps its recorded graphs: its first repeat records them
+        e = kept.get(graphs_row) or Engine(model, tokenizer, max_batch_size=slots, policy=policy,
+                                           overlap=overlap, keep_gathered=keep_gathered,
+                                           mixed_steps=mixed_steps, cuda_graphs=graphs_row is not None)
+        if graphs_row is not None:
+            kept[graphs_row] = e
+        before = e.forwards
+        return e.generate_many(prompts, max_new_tokens=max_new, ignore_eos=True), e.forwards - before
 
     runs = {"static batching": static, "dynamic batching (length-aware)": dynamic,
             "continuous batching": continuous,
@@ -226,6 +238,10 @@ def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int =
         runs["continuous batching, gathering every step"] = lambda: continuous(keep_gathered=False)
     if prefill_alone:
         runs["continuous batching, each prompt prefilled alone"] = lambda: continuous(mixed_steps=False)
+    if cuda_graphs:
+        for policy, label in (("fcfs", "continuous batching, CUDA graphs"),
+                              ("longest-first", "continuous batching, longest first, CUDA graphs")):
+            runs[label] = lambda policy=policy, label=label: continuous(policy, graphs_row=label)
     times: dict[str, list[float]] = {k: [] for k in runs}
     outputs, forwards = {}, {}
     for _ in range(repeats):
@@ -241,6 +257,10 @@ def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int =
         rows.append(dict(label=label, requests=len(workload), slots=slots, tokens=tokens, wall_s=wall,
                          tokens_per_s=tokens / wall, forwards=forwards[label],
                          identical=[g.token_ids for g in outputs[label]] == reference))
+        if label in kept:
+            g = kept[label].graphs
+            rows[-1].update(first_wall_s=times[label][0], graphs_recorded=g.recorded, graph_replays=g.replays,
+                            graph_steps=g.steps, graph_error=g.error)
     for r in rows:   # per repeat, against the static run just before it: drift between repeats cancels
         ratios = [s / t for s, t in zip(times["static batching"], times[r["label"]])]
         r.update(throughput_vs_static=median(ratios), throughput_vs_static_min=min(ratios),

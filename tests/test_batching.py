@@ -371,6 +371,85 @@ def test_overlap_launches_the_next_step_before_reading_the_last(tiny, reference)
         Engine(model, tok, overlap="yes")
 
 
+# ---- the engine's CUDA graphs (on a CPU: the same padded steps, eagerly) ------------------------
+def test_buckets_round_up_to_powers_of_two_within_their_cap():
+    from llmopt.engine_graphs import bucket
+    assert [bucket(n, 16) for n in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
+    assert [bucket(n, 6) for n in (3, 5, 6)] == [4, 6, 6]
+    assert bucket(100, 128) == 128 and bucket(129, 200) == 200
+
+
+@pytest.mark.parametrize("overlap, mixed", [(False, True), (True, True), (False, False)])
+def test_engine_graph_steps_equal_unbatched(tiny, reference, overlap, mixed):
+    """Decode steps padded up to their bucket (rows and key blocks rounded up to powers of two,
+    padding rows writing into the scratch block) give every request its unbatched tokens; the
+    scratch block is nobody's, so the pool's accounting is unchanged."""
+    model, tok = tiny
+    lengths = [48, 5, 33, 17, 48, 1, 40, 9, 26, 48, 12, 30]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(lengths))]
+    engine = Engine(model, tok, overlap=overlap, max_batch_size=4, block_size=4, mixed_steps=mixed,
+                    cuda_graphs=True)
+    out = engine.generate_many(prompts, max_new_tokens=lengths, ignore_eos=True)
+    assert [g.token_ids for g in out] == [reference[p][:n] for p, n in zip(prompts, lengths)]
+    g, cache = engine.graphs, engine.cache
+    decode_only = sum(s["rows"] > 0 and not (mixed and s["prefills"]) for s in engine.step_log)
+    assert g.steps == decode_only > 0                            # every decode-only step went through them
+    assert g.replays == g.recorded == 0 and g.error is None      # a CPU records nothing
+    rows, widths = zip(*g.buckets)
+    assert set(rows) == {1, 2, 4}                    # 3 rows pad to 4; the batch shrank at the end
+    assert set(widths) == {4, 8, 16}                 # 4 to 15 blocks of 4 tokens, as rows grew
+    assert cache.scratch_block == cache.manager.num_blocks and cache.pool_blocks == cache.manager.num_blocks + 1
+    assert cache.manager.num_free == cache.manager.num_blocks
+    with pytest.raises(ValueError, match="cuda_graphs must be True or False"):
+        Engine(model, tok, cuda_graphs="yes")
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_engine_graph_steps_sample_per_request_and_survive_preemption(tiny, reference, overlap):
+    model, tok = tiny
+    kw = dict(max_new_tokens=24, temperature=0.8, top_p=0.9)
+    engine = Engine(model, tok, overlap=overlap, max_batch_size=3, cuda_graphs=True)
+    out = engine.generate_many(PROMPTS[:3], seed=[5, 6, 7], **kw)
+    for p, s, g in zip(PROMPTS, [5, 6, 7], out):
+        assert g.token_ids == llmopt.generate(model, tok, p, seed=s, **kw).token_ids
+    tight = Engine(model, tok, overlap=overlap, max_batch_size=4, num_blocks=9, block_size=16, cuda_graphs=True)
+    out = tight.generate_many(PROMPTS * 2, max_new_tokens=48, ignore_eos=True)
+    assert tight.scheduler.preemptions > 0 and tight.graphs.steps > 0
+    assert [g.token_ids for g in out] == [reference[p] for p in PROMPTS * 2]
+    assert tight.cache.manager.num_free == 9
+
+
+def test_engine_graphs_need_a_scratch_block(tiny):
+    from llmopt.engine_graphs import EngineGraphs
+    from llmopt.kv_cache import PagedKVCache
+    model, _ = tiny
+    cache = PagedKVCache(model.config, 2, 64, block_size=16)
+    with pytest.raises(ValueError, match="scratch_block=True"):
+        EngineGraphs(model, cache, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("overlap", [False, True])
+def test_engine_cuda_graphs_record_and_replay(overlap):
+    """On a GPU: graphs are recorded per bucket and replayed, and every request still gets the
+    tokens the engine gives without graphs (and plain greedy decoding)."""
+    model, tok = llmopt.load_model("tiny", device="cuda", dtype="fp32")
+    lengths = [48, 5, 33, 17, 48, 1, 40, 9, 26, 48, 12, 30]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(lengths))]
+    runs = [Engine(model, tok, overlap=overlap, max_batch_size=4, cuda_graphs=g) for g in (False, True)]
+    eager, graphed = (e.generate_many(prompts, max_new_tokens=lengths, ignore_eos=True) for e in runs)
+    g = runs[1].graphs
+    assert g.error is None and g.recorded == len(g.buckets) > 0 and g.replays > g.recorded
+    assert [x.token_ids for x in graphed] == [x.token_ids for x in eager]
+    ref = [llmopt.generate(model, tok, p, max_new_tokens=n, ignore_eos=True).token_ids
+           for p, n in zip(prompts, lengths)]
+    assert [x.token_ids for x in graphed] == ref
+    recorded, replays, steps = g.recorded, g.replays, g.steps
+    again = runs[1].generate_many(prompts, max_new_tokens=lengths, ignore_eos=True)   # replays only
+    assert [x.token_ids for x in again] == ref
+    assert g.recorded == recorded and g.replays - replays == g.steps - steps > 0
+
+
 def test_close_without_waiting_cancels_what_is_queued(tiny):
     model, tok = tiny
     engine = Engine(model, tok, max_batch_size=1)
@@ -441,6 +520,13 @@ def test_compare_batching_rows_and_ideal(tiny):
     assert ideal_continuous_speedup([10] * 8, 4)["step_ratio"] == 1.0
     # first come: 5..8 join slots freed at 1..4 and end at 12; longest first: 8, 7, 6, 5 fill the
     # slots, then 4, 3, 2, 1 join the slots freed at 5, 6, 7, 8: all end at 9 = 36 tokens / 4 slots
+    graphs = compare_batching(model, tok, work, slots=4, cuda_graphs=True, repeats=2)
+    assert [r["label"] for r in graphs[4:]] == ["continuous batching, CUDA graphs",
+                                                "continuous batching, longest first, CUDA graphs"]
+    for plain, r in zip(rows[2:4], graphs[4:]):   # the same schedule, one engine kept over the repeats
+        assert r["identical"] and r["forwards"] == plain["forwards"] and r["graph_error"] is None
+        assert r["graph_steps"] > 0 and r["graphs_recorded"] == r["graph_replays"] == 0    # a CPU records none
+        assert r["first_wall_s"] > 0
     lpt = ideal_continuous_speedup([1, 2, 3, 4, 5, 6, 7, 8], 4)
     assert lpt["continuous_steps"] == 12 and lpt["longest_first_steps"] == 9 and lpt["static_steps"] == 12
     assert lpt["static_longest_first_steps"] == 12
