@@ -14,6 +14,7 @@ grows almost linearly with B until compute takes over.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -22,9 +23,10 @@ from concurrent.futures import Future
 import torch
 
 from .config import check_count
-from .generate import (COMPILE_BUCKET, Generation, _as_stop_list, _checked_request, _eos_ids,
-                       _stop_at, compiled_decode, decode_one_token, per_prompt, per_prompt_options,
-                       timing_stats)
+from .cuda_graphs import BatchStepGraph
+from .generate import (_COMPILED, COMPILE_BUCKET, Generation, _as_stop_list, _checked_request, _eos_ids,
+                       _stop_at, _weights_key, compiled_cache, compiled_decode, decode_one_token,
+                       per_prompt, per_prompt_options, timing_stats)
 from .kv_cache import kv_cache_bytes, make_cache, to_device
 from .sampling import greedy, sample
 
@@ -47,10 +49,21 @@ def batch_memory_bytes(cfg, batch_size: int, prompt_len: int, total_len: int,
     return kv + acts + batch_size * cfg.vocab_size * 4
 
 
+def batch_step_graph(model, cache, batch: int) -> BatchStepGraph:
+    """The `BatchStepGraph` of `model` for this static cache and batch size: kept per model
+    (beside it, in `_COMPILED`) and made anew, to be recorded again, when the cache, the
+    batch size or any weight changes (a graph holds their addresses)."""
+    per_model = _COMPILED.setdefault(model, {})
+    g, weights = per_model.get("batch_graph"), _weights_key(model)
+    if g is None or g.cache is not cache or g.batch != batch or g.weights != weights:
+        g = per_model["batch_graph"] = BatchStepGraph(model, cache, batch, decode_one_token, weights)
+    return g
+
+
 def generate_batch(model, tokenizer, prompts, *, max_new_tokens=64, temperature: float = 0.0,
                    top_k: int | None = None, top_p: float | None = None, seed=None, stop=None,
                    cache: str = "static", ignore_eos: bool = False, compile: str | bool = False,
-                   memory_budget: int | None = None) -> list[Generation]:
+                   memory_budget: int | None = None, cuda_graphs: bool = False) -> list[Generation]:
     """Generate for several prompts at once (static batching): one `Generation` per prompt, in order.
 
     Takes the options of `generate`; `max_new_tokens` and `seed` may also be lists
@@ -58,7 +71,18 @@ def generate_batch(model, tokenizer, prompts, *, max_new_tokens=64, temperature:
     unbatched call, so greedy and seeded outputs equal `generate`'s per prompt.
     `memory_budget` (bytes) refuses a batch whose estimated cache and activations
     exceed it with `MemoryBudgetExceeded`, before anything is allocated.
+    With `cuda_graphs` (static cache, no `compile`), the batch's decode step is recorded
+    as one CUDA graph at its first step and replayed at every later one, with no
+    compiler involved (`BatchStepGraph`); the cache is kept per model, sized up to a
+    multiple of 256 slots, so later batches of the same size reuse cache and graph. On
+    a CPU the same step runs eagerly.
     """
+    if not isinstance(cuda_graphs, bool):
+        raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+    if cuda_graphs and (cache != "static" or compile):
+        raise ValueError("cuda_graphs=True records the eager decode step over a static cache: use it with "
+                         f"cache='static' and without compile (got cache={cache!r}, compile={compile!r}); "
+                         "compile='reduce-overhead' records CUDA graphs through torch.compile instead")
     start = time.perf_counter()
     if isinstance(prompts, (str, torch.Tensor)) or not len(prompts):
         raise ValueError("prompts must be a non-empty list of prompts (text or token ids); "
@@ -74,7 +98,7 @@ def generate_batch(model, tokenizer, prompts, *, max_new_tokens=64, temperature:
     T = max(len(i) for i in ids)
     steps = max(max_new)
     max_len = T + steps
-    if compile:
+    if compile or cuda_graphs:
         max_len = min(cfg.max_seq_len, -(-max_len // COMPILE_BUCKET) * COMPILE_BUCKET)
     if max_len > cfg.max_seq_len:
         raise ValueError(f"longest prompt ({T} tokens, after padding) + max_new_tokens ({steps}) "
@@ -109,8 +133,14 @@ def generate_batch(model, tokenizer, prompts, *, max_new_tokens=64, temperature:
     reason = ["length"] * n
     texts: list[str | None] = [None] * n
     done = [False] * n
-    with torch.inference_mode():
-        kv = make_cache(cache, cfg, n, max_len, device=device, dtype=model.dtype)
+    with torch.inference_mode(), contextlib.ExitStack() as held:
+        if cuda_graphs:       # the kept cache (and with it the kept graph), when no other call holds it
+            kv, release = compiled_cache(model, n, max_len)
+            held.callback(release)
+            graph = batch_step_graph(model, kv, n)
+            graph.start(pad_t, key_mask)
+        else:
+            kv = make_cache(cache, cfg, n, max_len, device=device, dtype=model.dtype)
         if kv is None:
             logits = model(tokens, positions=positions, key_mask=key_mask[:, :T], last_only=True)[:, -1]
         else:
@@ -148,6 +178,8 @@ def generate_batch(model, tokenizer, prompts, *, max_new_tokens=64, temperature:
                 positions = torch.cat([positions, pos], dim=1)
                 logits = model(tokens, positions=positions, key_mask=key_mask[:, :p + 1],
                                last_only=True)[:, -1]
+            elif cuda_graphs:
+                logits = graph.run(next_tok, p)
             else:
                 logits = decode(model, next_tok[:, None], to_device([p], device), kv,
                                 positions=pos, key_mask=key_mask)
@@ -157,7 +189,7 @@ def generate_batch(model, tokenizer, prompts, *, max_new_tokens=64, temperature:
         text = texts[r] if texts[r] is not None else (tokenizer.decode(new[r]) if tokenizer else "")
         stats = timing_stats(times[r], len(ids[r]))
         stats.update(cache=cache, device=str(device), dtype=str(model.dtype).removeprefix("torch."),
-                     compiled=bool(compile), batch_size=n,
+                     compiled=bool(compile), cuda_graphs=cuda_graphs, batch_size=n,
                      padding_fraction=1 - sum(map(len, ids)) / padded_tokens)
         out.append(Generation(token_ids=new[r], text=text, prompt_ids=ids[r], finish_reason=reason[r],
                               stats=stats, token_times=times[r]))
@@ -176,17 +208,21 @@ class DynamicBatcher:
     match. When a batch raises CUDA out-of-memory, or exceeds `memory_budget`
     bytes, it is split in half and each half retried; a single request that still
     does not fit fails alone with a clear error. Nothing is lost or run twice.
+    `cache` and `cuda_graphs` are passed to `generate_batch`.
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_batch_tokens: int = 8192,
                  max_wait_s: float = 0.01, sort_by_length: bool = True,
-                 memory_budget: int | None = None, cache: str = "static") -> None:
+                 memory_budget: int | None = None, cache: str = "static", cuda_graphs: bool = False) -> None:
         check_count(max_batch_size, "max_batch_size")
         check_count(max_batch_tokens, "max_batch_tokens")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.max_wait_s, self.sort_by_length = max_wait_s, sort_by_length
-        self.memory_budget, self.cache = memory_budget, cache
+        if not isinstance(cuda_graphs, bool) or (cuda_graphs and cache != "static"):
+            raise ValueError(f"cuda_graphs must be True or False, and True only with cache='static' "
+                             f"(got cuda_graphs={cuda_graphs!r}, cache={cache!r})")
+        self.memory_budget, self.cache, self.cuda_graphs = memory_budget, cache, cuda_graphs
         self._queue: deque = deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -319,7 +355,8 @@ class DynamicBatcher:
                                   max_new_tokens=[r["max_new_tokens"] for r in batch],
                                   seed=[r["seed"] for r in batch], temperature=temperature,
                                   top_k=top_k, top_p=top_p, stop=list(stop), ignore_eos=ignore_eos,
-                                  cache=self.cache, memory_budget=self.memory_budget)
+                                  cache=self.cache, memory_budget=self.memory_budget,
+                                  cuda_graphs=self.cuda_graphs)
         except (MemoryBudgetExceeded, torch.OutOfMemoryError) as e:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -33,7 +33,7 @@ import torch
 from .config import check_count
 from .generate import (Generation, TextStream, _as_stop_list, _checked_request, _eos_ids, _stop_at,
                        per_prompt_options, timing_stats)
-from .engine_graphs import EngineGraphs
+from .cuda_graphs import EngineGraphs
 from .kv_cache import BlockManager, PagedKVCache, to_device
 from .sampling import greedy, sample
 
@@ -370,7 +370,7 @@ class Engine:
     `engine.forwards` counts the model's forwards either way.
     With `cuda_graphs`, decode steps that bring no new prompt run as CUDA graphs, one
     recorded per bucket of shapes (rows and key blocks rounded up to powers of two) and
-    replayed with the step's inputs copied into its buffers (`engine_graphs.py`): on a GPU
+    replayed with the step's inputs copied into its buffers (`cuda_graphs.py`): on a GPU
     a small model's step then costs one launch instead of one per kernel. On a CPU the
     same padded steps run eagerly. `engine.graphs` counts what ran how.
     A fault while serving one request fails that request only.

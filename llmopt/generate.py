@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import check_count
+from .cuda_graphs import GraphRecordingError, record_cuda_graph
 from .kv_cache import CACHE_KINDS, make_cache, to_device
 from .sampling import check_sampling, greedy, sample
 
@@ -164,36 +165,6 @@ def graph_step(model, compile: str | bool = False):
         return greedy_step
     mode = GRAPH_STEP_MODES[compile]
     return _compiled_once(model, ("greedy_step", mode), greedy_step, mode)
-
-
-class GraphRecordingError(RuntimeError):
-    """Recording a CUDA graph failed (the warm-up run before it succeeded)."""
-
-
-def record_cuda_graph(fn, *, pool=None, stream=None):
-    """Run `fn()` once, then record what it launches as a CUDA graph: (first result, graph).
-
-    The first run is the warm-up, on a side stream as PyTorch's CUDA-graph notes ask
-    (compiling, autotuning and library handles happen there); its result is real. The
-    recording runs nothing: every replay fills the tensors `fn` wrote during it. `pool`
-    and `stream` are `torch.cuda.graph`'s (graphs that never run at once may share a
-    memory pool). A failed recording raises `GraphRecordingError` (a failed warm-up raises
-    what it raised)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        result = fn()
-    torch.cuda.current_stream().wait_stream(side)
-    if isinstance(result, torch.Tensor):   # made on the side stream, read on this one from now on
-        result.record_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    try:
-        # thread_local: work other threads do meanwhile (another request) is not an error
-        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-            fn()                                         # records; runs nothing
-    except Exception as e:
-        raise GraphRecordingError(f"{type(e).__name__}: {e}") from e
-    return result, graph
 
 
 class DecodeGraph:

@@ -172,7 +172,7 @@ class PagedKVCache:
 
     With `scratch_block`, the pool holds one block more than the manager hands out
     (`self.scratch_block`): the engine's CUDA graphs pad a step to a fixed batch size
-    with rows that write there (engine_graphs.py).
+    with rows that write there (cuda_graphs.py).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, *, block_size: int = 16,
@@ -254,7 +254,7 @@ class PagedKVCache:
 
     def use_table(self, write: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor) -> int:
         """Ragged mode with every index already on the device, for the engine's CUDA graphs
-        (engine_graphs.py): a decode step as `set_rows` sets it up, one new token per row,
+        (cuda_graphs.py): a decode step as `set_rows` sets it up, one new token per row,
         whose slot is `write[b]`; attention reads the blocks `table` [B, W] of each row in
         order and `lengths` [B] are the tokens each row caches. The graph reads these
         tensors where they are, so the engine refills them for each replay. The kept

@@ -180,11 +180,13 @@ def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int =
     `gather_every_step` once more with `Engine(keep_gathered=False)`, which gathers
     every row's KV blocks into order in every layer of every step; with `prefill_alone`
     once more with `Engine(mixed_steps=False)`, which runs each new prompt in a forward
-    of its own instead of inside a decode step; with `cuda_graphs` twice more, first come
+    of its own instead of inside a decode step; with `cuda_graphs` three times more, static
+    batching with `generate_batch(cuda_graphs=True)` and continuous batching, first come
     first served and longest first, with `Engine(cuda_graphs=True)`, whose decode steps
-    replay CUDA graphs on a GPU: that engine is kept across repeats, so only its first
+    replay CUDA graphs on a GPU: such an engine is kept across repeats, so only its first
     repeat records graphs; its rows add first_wall_s, graphs_recorded, graph_replays,
-    graph_steps (over all repeats) and graph_error).
+    graph_steps (over all repeats) and graph_error; every graph row adds
+    throughput_vs_static_graphs (and its _min, _max), against static batching with graphs).
 
     Every request is there at time 0 and runs to exactly its `max_new_tokens`
     (end-of-sequence ignored), so the three do the same useful work. Repeats are
@@ -202,9 +204,9 @@ def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int =
     max_new = [w.max_new_tokens for w in workload]
     budget = max_batch_tokens or slots * (max(map(len, prompts)) + max(max_new))
 
-    def static():
+    def static(cuda_graphs=False):
         b = DynamicBatcher(model, tokenizer, max_batch_size=slots, max_batch_tokens=10**9,
-                           sort_by_length=False)
+                           sort_by_length=False, cuda_graphs=cuda_graphs)
         out = b.run(prompts, max_new_tokens=max_new, ignore_eos=True)
         # one prefill and then as many steps as the batch's longest request, per batch
         return out, sum(max(g.stats["new_tokens"] for g in out[i:i + slots])
@@ -239,6 +241,7 @@ def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int =
     if prefill_alone:
         runs["continuous batching, each prompt prefilled alone"] = lambda: continuous(mixed_steps=False)
     if cuda_graphs:
+        runs["static batching, CUDA graphs"] = lambda: static(cuda_graphs=True)
         for policy, label in (("fcfs", "continuous batching, CUDA graphs"),
                               ("longest-first", "continuous batching, longest first, CUDA graphs")):
             runs[label] = lambda policy=policy, label=label: continuous(policy, graphs_row=label)
@@ -257,6 +260,10 @@ def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int =
         rows.append(dict(label=label, requests=len(workload), slots=slots, tokens=tokens, wall_s=wall,
                          tokens_per_s=tokens / wall, forwards=forwards[label],
                          identical=[g.token_ids for g in outputs[label]] == reference))
+        if label == "static batching, CUDA graphs":      # the last batch's graph (kept per model)
+            from .generate import _COMPILED
+            last = _COMPILED.get(model, {}).get("batch_graph")
+            rows[-1].update(graph_error=last.error if last is not None else None)
         if label in kept:
             g = kept[label].graphs
             rows[-1].update(first_wall_s=times[label][0], graphs_recorded=g.recorded, graph_replays=g.replays,
@@ -265,6 +272,10 @@ def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int =
         ratios = [s / t for s, t in zip(times["static batching"], times[r["label"]])]
         r.update(throughput_vs_static=median(ratios), throughput_vs_static_min=min(ratios),
                  throughput_vs_static_max=max(ratios))
+        if r["label"].endswith("CUDA graphs"):   # like for like: against static batching with graphs too
+            ratios = [s / t for s, t in zip(times["static batching, CUDA graphs"], times[r["label"]])]
+            r.update(throughput_vs_static_graphs=median(ratios), throughput_vs_static_graphs_min=min(ratios),
+                     throughput_vs_static_graphs_max=max(ratios))
     return rows
 
 

@@ -79,6 +79,59 @@ def test_batched_sampling_matches_unbatched_per_seed(tiny):
         assert g.token_ids == llmopt.generate(model, tok, p, seed=s, **kw).token_ids
 
 
+def test_static_batching_with_cuda_graphs_equals_unbatched(tiny, reference):
+    """generate_batch(cuda_graphs=True): one step recorded per batch and replayed (on a CPU, the
+    same step eagerly); greedy and seeded outputs unchanged; the graph and its cache are kept
+    per model for the next batch of that size and made anew when the size or a weight changes."""
+    from llmopt.batching import batch_step_graph
+    from llmopt.generate import _COMPILED
+    model, tok = tiny
+    lengths = [48, 10, 30, 1, 48, 20]
+    out = generate_batch(model, tok, PROMPTS, max_new_tokens=lengths, ignore_eos=True, cuda_graphs=True)
+    assert [g.token_ids for g in out] == [reference[p][:n] for p, n in zip(PROMPTS, lengths)]
+    assert out[0].stats["cuda_graphs"] is True
+    kept = _COMPILED[model]["batch_graph"]
+    assert kept.cache.max_len == 256 and kept.batch == len(PROMPTS)      # slots rounded up to 256
+    again = generate_batch(model, tok, PROMPTS[::-1], max_new_tokens=24, ignore_eos=True, cuda_graphs=True)
+    assert [g.token_ids for g in again] == [reference[p][:24] for p in PROMPTS[::-1]]   # stale slots masked
+    assert _COMPILED[model]["batch_graph"] is kept and kept.replays == 0 and kept.error is None  # a CPU: eager
+    kw = dict(max_new_tokens=20, temperature=0.9, top_k=40, top_p=0.95)
+    sampled = generate_batch(model, tok, PROMPTS[:3], seed=[1, 2, 3], cuda_graphs=True, **kw)
+    assert [g.token_ids for g in sampled] == \
+        [g.token_ids for g in generate_batch(model, tok, PROMPTS[:3], seed=[1, 2, 3], **kw)]
+    assert _COMPILED[model]["batch_graph"] is not kept                  # another batch size
+    three = _COMPILED[model]["batch_graph"]
+    assert batch_step_graph(model, three.cache, 3) is three
+    with torch.no_grad():
+        model.norm.weight.mul_(1.0)                                     # a weight changed in place
+    assert batch_step_graph(model, three.cache, 3) is not three
+    for kwargs, message in [(dict(cache="dynamic"), "cache='static'"), (dict(compile=True), "without compile"),
+                            (dict(cuda_graphs="yes"), "cuda_graphs must be True or False")]:
+        with pytest.raises(ValueError, match=message):
+            generate_batch(model, tok, PROMPTS[:2], **{"cuda_graphs": True, **kwargs})
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        DynamicBatcher(model, tok, cache="paged", cuda_graphs=True)
+    b = DynamicBatcher(model, tok, max_batch_size=4, cuda_graphs=True)
+    assert [g.token_ids for g in b.run(PROMPTS, max_new_tokens=12, ignore_eos=True)] == \
+        [reference[p][:12] for p in PROMPTS]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_static_batching_cuda_graphs_record_and_replay():
+    model, tok = llmopt.load_model("tiny", device="cuda", dtype="fp32")
+    lengths = [48, 10, 30, 1, 48, 20]
+    eager = generate_batch(model, tok, PROMPTS, max_new_tokens=lengths, ignore_eos=True)
+    graphed = generate_batch(model, tok, PROMPTS, max_new_tokens=lengths, ignore_eos=True, cuda_graphs=True)
+    from llmopt.generate import _COMPILED
+    g = _COMPILED[model]["batch_graph"]
+    assert g.error is None and g.graph is not None and g.replays == max(lengths) - 2   # step 1 records
+    assert [x.token_ids for x in graphed] == [x.token_ids for x in eager]
+    again = generate_batch(model, tok, PROMPTS[::-1], max_new_tokens=24, ignore_eos=True, cuda_graphs=True)
+    assert _COMPILED[model]["batch_graph"] is g            # the same graph, replayed for the next batch
+    assert [x.token_ids for x in again] == \
+        [x.token_ids for x in generate_batch(model, tok, PROMPTS[::-1], max_new_tokens=24, ignore_eos=True)]
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(prompts=[]), "non-empty list"),
     (dict(prompts="ROMEO:"), "non-empty list"),
@@ -373,7 +426,7 @@ def test_overlap_launches_the_next_step_before_reading_the_last(tiny, reference)
 
 # ---- the engine's CUDA graphs (on a CPU: the same padded steps, eagerly) ------------------------
 def test_buckets_round_up_to_powers_of_two_within_their_cap():
-    from llmopt.engine_graphs import bucket
+    from llmopt.cuda_graphs import bucket
     assert [bucket(n, 16) for n in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
     assert [bucket(n, 6) for n in (3, 5, 6)] == [4, 6, 6]
     assert bucket(100, 128) == 128 and bucket(129, 200) == 200
@@ -420,7 +473,7 @@ def test_engine_graph_steps_sample_per_request_and_survive_preemption(tiny, refe
 
 
 def test_engine_graphs_need_a_scratch_block(tiny):
-    from llmopt.engine_graphs import EngineGraphs
+    from llmopt.cuda_graphs import EngineGraphs
     from llmopt.kv_cache import PagedKVCache
     model, _ = tiny
     cache = PagedKVCache(model.config, 2, 64, block_size=16)
@@ -521,12 +574,16 @@ def test_compare_batching_rows_and_ideal(tiny):
     # first come: 5..8 join slots freed at 1..4 and end at 12; longest first: 8, 7, 6, 5 fill the
     # slots, then 4, 3, 2, 1 join the slots freed at 5, 6, 7, 8: all end at 9 = 36 tokens / 4 slots
     graphs = compare_batching(model, tok, work, slots=4, cuda_graphs=True, repeats=2)
-    assert [r["label"] for r in graphs[4:]] == ["continuous batching, CUDA graphs",
+    assert [r["label"] for r in graphs[4:]] == ["static batching, CUDA graphs", "continuous batching, CUDA graphs",
                                                 "continuous batching, longest first, CUDA graphs"]
-    for plain, r in zip(rows[2:4], graphs[4:]):   # the same schedule, one engine kept over the repeats
+    assert graphs[4]["identical"] and graphs[4]["forwards"] == rows[0]["forwards"]
+    assert graphs[4]["throughput_vs_static_graphs"] == 1.0 and "throughput_vs_static_graphs" not in graphs[2]
+    for plain, r in zip(rows[2:4], graphs[5:]):   # the same schedule, one engine kept over the repeats
         assert r["identical"] and r["forwards"] == plain["forwards"] and r["graph_error"] is None
         assert r["graph_steps"] > 0 and r["graphs_recorded"] == r["graph_replays"] == 0    # a CPU records none
         assert r["first_wall_s"] > 0
+        assert r["throughput_vs_static_graphs_min"] <= r["throughput_vs_static_graphs"] \
+            <= r["throughput_vs_static_graphs_max"]
     lpt = ideal_continuous_speedup([1, 2, 3, 4, 5, 6, 7, 8], 4)
     assert lpt["continuous_steps"] == 12 and lpt["longest_first_steps"] == 9 and lpt["static_steps"] == 12
     assert lpt["static_longest_first_steps"] == 12

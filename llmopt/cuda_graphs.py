@@ -1,4 +1,11 @@
-"""CUDA graphs for the continuous-batching engine's decode steps (notebook 13).
+"""CUDA graphs for batched decode steps whose inputs change every step (notebooks 04 and 13).
+
+`record_cuda_graph` records any step (also `generate`'s `DecodeGraph`, notebook 08).
+`BatchStepGraph` is static batching's decode step as one graph: a batch keeps its shape
+from its first step to its last, so one graph serves the whole batch, replayed with each
+step's token and position copied into its buffers (`generate_batch(..., cuda_graphs=True)`).
+
+`EngineGraphs` is the continuous-batching engine's:
 
 On a GPU a small model's decode step is bound by the host: Python launches the
 forward's hundred-odd kernels one by one, and that takes longer than running them
@@ -30,8 +37,101 @@ import warnings
 
 import torch
 
-from .generate import GraphRecordingError, record_cuda_graph
 from .kv_cache import PagedKVCache, to_device
+
+
+class GraphRecordingError(RuntimeError):
+    """Recording a CUDA graph failed (the warm-up run before it succeeded)."""
+
+
+def record_cuda_graph(fn, *, pool=None, stream=None):
+    """Run `fn()` once, then record what it launches as a CUDA graph: (first result, graph).
+
+    The first run is the warm-up, on a side stream as PyTorch's CUDA-graph notes ask
+    (compiling, autotuning and library handles happen there); its result is real. The
+    recording runs nothing: every replay fills the tensors `fn` wrote during it. `pool`
+    and `stream` are `torch.cuda.graph`'s (graphs that never run at once may share a
+    memory pool). A failed recording raises `GraphRecordingError` (a failed warm-up raises
+    what it raised)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        result = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    if isinstance(result, torch.Tensor):   # made on the side stream, read on this one from now on
+        result.record_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    try:
+        # thread_local: work other threads do meanwhile (another request) is not an error
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            fn()                                         # records; runs nothing
+    except Exception as e:
+        raise GraphRecordingError(f"{type(e).__name__}: {e}") from e
+    return result, graph
+
+
+class BatchStepGraph:
+    """One batched decode step over a static cache as a CUDA graph (static batching, notebook 04).
+
+    `step(model, token [B, 1], input_pos [1], cache, positions=, key_mask=)` is the step to
+    record (`decode_one_token`). A static cache attends over all its `max_len` slots with a
+    mask, so every step of a batch has the same shapes: `start` sets the batch's left
+    padding and key mask, then each `run` copies the new tokens and the cache slot into the
+    graph's buffers and replays (each row's rotary position, slot minus its padding, is
+    computed inside the graph). On a CPU, or after a failed recording (which warns), the
+    same step runs eagerly. The graph holds the addresses of the weights and the cache:
+    `llmopt.batching` keeps one per model and cache (`batch_step_graph`).
+    """
+
+    def __init__(self, model, cache, batch: int, step, weights: tuple = ()) -> None:
+        import weakref
+        self._model = weakref.ref(model)
+        self.cache, self.batch, self.step, self.weights = cache, batch, step, weights
+        device = model.device
+        self.record = device.type == "cuda"
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)     # [B, 1]
+        self.input_pos = torch.zeros(1, dtype=torch.long, device=device)        # the slot, [1]
+        self.pad = torch.zeros(batch, 1, dtype=torch.long, device=device)       # left padding [B, 1]
+        self.key_mask = torch.zeros(batch, cache.max_len, dtype=torch.bool, device=device)
+        self.logits: torch.Tensor | None = None
+        self.graph = None
+        self.replays = 0
+        self.error: str | None = None
+
+    @property
+    def model(self):
+        return self._model()
+
+    def start(self, pad: torch.Tensor, key_mask: torch.Tensor) -> None:
+        """A new batch: its rows' left padding [B, 1] and key mask [B, max_len]."""
+        self.pad.copy_(pad)
+        self.key_mask.copy_(key_mask)
+
+    def run(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """Logits [B, V] for `token` [B] (device) at cache slot `pos`."""
+        self.token[:, 0].copy_(token)
+        to_device([pos], self.input_pos.device, out=self.input_pos)
+        if not self.record or self.error is not None:
+            return self._run()
+        if self.graph is None:
+            try:
+                logits, self.graph = record_cuda_graph(lambda: self._run(keep=True))
+            except GraphRecordingError as e:
+                self.error = str(e)
+                warnings.warn(f"recording the batched decode step as a CUDA graph failed ({e}); "
+                              "it runs eagerly instead", RuntimeWarning, stacklevel=2)
+                return self._run()
+            return logits
+        self.graph.replay()
+        self.replays += 1
+        return self.logits
+
+    def _run(self, keep: bool = False) -> torch.Tensor:
+        logits = self.step(self.model, self.token, self.input_pos, self.cache,
+                           positions=self.input_pos - self.pad, key_mask=self.key_mask)
+        if keep:              # the recording's output: what every replay fills
+            self.logits = logits
+        return logits
 
 
 def bucket(n: int, cap: int) -> int:
