@@ -14,15 +14,20 @@ launching). A CUDA graph launches a recorded step at once (notebook 08), but it
 replays fixed shapes at fixed addresses, while an engine's batch changes at every
 step: rows join and leave, and every row's cache grows.
 
-vLLM's answer, followed here: record one graph per *bucket* of shapes, the batch
-rounded up to a power of two (at most `max_batch_size`) and the key blocks per row
-rounded up to a power of two (at most the cache's `max_blocks`), and pad each step up
-to its bucket. Padding rows write their keys into a scratch block no sequence owns
-and their logits are dropped; key slots past a row's length are masked, as always.
-The step's inputs (tokens, each row's length, the slot of its new token and its
-block table) are copied into the bucket's own buffers, in one copy, before each
-replay. Steps that bring new prompts in (a mixed step: its shape depends on the
-prompts) run eagerly, as without graphs.
+vLLM's answer, followed here: record one graph per *bucket* of shapes, and pad each
+step up to its bucket. A bucket is (rows, new tokens per row, key blocks per row), each
+rounded up to a power of two (at most `max_batch_size`, the token budget and the cache's
+`max_blocks`). A decode step adds one token a row; a step that also brings new prompts
+in (a mixed step) adds a whole prompt in the joining rows, so every row's new tokens
+are left padded up to the longest prompt's bucket and the last position holds each
+row's last token. Padding (rows, and queries of rows with fewer new tokens) writes its
+keys into a scratch block no sequence owns, and its logits are dropped; every query
+sees its own row's keys up to its own position. The step's inputs (tokens, each row's
+cached and new token counts, the slots of its new tokens and its block table) are
+copied into the bucket's own buffers, in one copy, before each replay. A step over the
+token budget (rows x new tokens per row, padded, above 1,024) runs eagerly, as without
+graphs. The padding is real work, negligible on a GPU for a small model whose steps wait
+on the host, and a cost on a CPU.
 
 The first step of a bucket runs eagerly on a side stream (its logits are real), then
 is recorded (`record_cuda_graph`); every graph shares one memory pool, as they never
@@ -140,40 +145,46 @@ def bucket(n: int, cap: int) -> int:
 
 
 class StepBucket:
-    """The buffers (and, on a GPU, the graph) of one decode-step shape: `batch` rows that
-    read `width` blocks of keys each."""
+    """The buffers (and, on a GPU, the graph) of one step shape: `batch` rows of `queries` new
+    tokens each (left padded) that read `width` blocks of keys each."""
 
-    def __init__(self, batch: int, width: int, block_size: int, device) -> None:
-        self.batch, self.width = batch, width
-        # every index a step needs, in one buffer (one host-to-device copy a step):
-        # lengths [B], write slots [B], block table [B, W]
-        self.inputs = torch.zeros(batch * (2 + width), dtype=torch.long, device=device)
-        self.lengths = self.inputs[:batch]
-        self.write = self.inputs[batch:2 * batch]
-        self.table = self.inputs[2 * batch:].view(batch, width)
-        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)     # [B, 1]
+    def __init__(self, batch: int, queries: int, width: int, block_size: int, device) -> None:
+        self.batch, self.queries, self.width = batch, queries, width
+        B, Q, W = batch, queries, width
+        # every index a step needs, in one buffer (one host-to-device copy a step): tokens cached
+        # per row [B], new tokens per row [B], write slots [B, Q], block table [B, W], tokens [B, Q]
+        self.inputs = torch.zeros(B * (2 + 2 * Q + W), dtype=torch.long, device=device)
+        self.lengths, self.counts, write, table, tokens = self.inputs.split([B, B, B * Q, B * W, B * Q])
+        self.write, self.table, self.tokens = write, table.view(B, W), tokens.view(B, Q)
         self.last_slot = torch.tensor([width * block_size - 1], device=device)    # input_pos [1]
         self.logits: torch.Tensor | None = None    # [B, V], the graph's output (a GPU)
         self.graph = None
-        self.steps = 0                             # decode steps of this shape
+        self.steps = 0                             # steps of this shape
 
 
 class EngineGraphs:
-    """The engine's decode-only steps as CUDA graphs, one per bucket of shapes (see the module).
+    """The engine's steps as CUDA graphs, one per bucket of shapes (see the module).
+
+    A step's rows are the running rows (one new token each, given on the device) and then
+    the prompts joining in this step (their tokens, from the host). Each row's new tokens
+    are left padded to the bucket's query count, so its last token's logits are the last
+    position's; padding queries write into the scratch block. A bucket's rows x queries may
+    be at most `max_tokens` (`fits`): a step with longer prompts runs eagerly.
 
     `steps` counts the steps that went through the buckets, `replays` those that replayed
     a recorded graph (0 on a CPU), `recorded` the graphs recorded; `error` says why
     recording failed, if it did (the engine then runs eagerly).
     """
 
-    def __init__(self, model, cache: PagedKVCache, max_batch_size: int) -> None:
+    def __init__(self, model, cache: PagedKVCache, max_batch_size: int, max_tokens: int = 1024) -> None:
         if cache.scratch_block is None:
             raise ValueError("EngineGraphs needs a PagedKVCache made with scratch_block=True "
                              "(padding rows write there)")
-        self.model, self.cache, self.max_batch_size = model, cache, max_batch_size
+        self.model, self.cache = model, cache
+        self.max_batch_size, self.max_tokens = max_batch_size, max_tokens
         self.device = model.device
         self.record = self.device.type == "cuda"
-        self.buckets: dict[tuple[int, int], StepBucket] = {}
+        self.buckets: dict[tuple[int, int, int], StepBucket] = {}
         self.steps = self.replays = 0
         self.error: str | None = None
         if self.record:
@@ -185,56 +196,83 @@ class EngineGraphs:
         return sum(b.graph is not None for b in self.buckets.values())
 
     def table(self) -> list[dict]:
-        """One row per bucket met so far: rows, key blocks per row, decode steps, recorded."""
-        return [dict(rows=b.batch, key_blocks=b.width, steps=b.steps, recorded=b.graph is not None)
-                for _, b in sorted(self.buckets.items())]
+        """One row per bucket met so far: rows, queries per row, key blocks per row, steps, recorded."""
+        return [dict(rows=b.batch, queries=b.queries, key_blocks=b.width, steps=b.steps,
+                     recorded=b.graph is not None) for _, b in sorted(self.buckets.items())]
 
-    def bucket_of(self, batch: int, lengths: list[int]) -> tuple[int, int]:
-        """(rows, blocks per row) of the bucket for `batch` rows caching `lengths` tokens."""
-        blocks = self.cache.manager.blocks_needed(max(lengths) + 1)     # the new token's included
-        return bucket(batch, self.max_batch_size), bucket(blocks, self.cache.max_blocks)
+    def bucket_of(self, rows: int, queries: int, lengths: list[int], counts: list[int]) -> tuple[int, int, int]:
+        """(rows, queries per row, blocks per row) of the bucket for a step whose rows cache
+        `lengths` tokens and add `counts` tokens each (`queries` = the most of them)."""
+        blocks = self.cache.manager.blocks_needed(max(n + q for n, q in zip(lengths, counts)))
+        return (bucket(rows, self.max_batch_size), bucket(queries, self.max_tokens),
+                bucket(blocks, self.cache.max_blocks))
 
-    def forward(self, blocks: list[list[int]], lengths: list[int], tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] for one new token per row, as `Engine._forward_rows` computes them:
-        row b owns `blocks[b]`, caches `lengths[b]` tokens, and its new token is `tokens[b]`
-        (a device tensor [B])."""
-        cache, B = self.cache, len(blocks)
-        key = self.bucket_of(B, lengths)
-        b = self.buckets.get(key)
-        if b is None:
-            b = self.buckets[key] = StepBucket(*key, cache.block_size, self.device)
-        pad, W, scratch = b.batch - B, b.width, cache.scratch_block
-        write = [cache._slots_of(row, n, 1)[0] for row, n in zip(blocks, lengths)]
-        table = [i for row in blocks for i in row[:W] + [scratch] * (W - len(row[:W]))]
-        to_device(lengths + [0] * pad + write + [scratch * cache.block_size] * pad
-                  + table + [scratch] * (pad * W), self.device, out=b.inputs)
-        b.tokens[:B, 0].copy_(tokens)            # padding rows keep whatever token they had
+    def fits(self, rows: int, queries: int) -> bool:
+        """Whether a step of `rows` rows adding at most `queries` tokens each goes through a bucket."""
+        return bucket(rows, self.max_batch_size) * bucket(queries, self.max_tokens) <= self.max_tokens
+
+    def forward(self, blocks: list[list[int]], lengths: list[int], tokens: torch.Tensor,
+                prompts: list[list[int]] = ()) -> torch.Tensor:
+        """Logits [R, V], one per row, as `Engine._forward_rows` / `_forward_mixed` compute them:
+        row r owns `blocks[r]` and caches `lengths[r]` tokens; the first len(tokens) rows add
+        one token each (`tokens`, a device tensor), the rest add `prompts` (host ids), one
+        prompt per row."""
+        cache, R, D = self.cache, len(blocks), len(tokens)
+        counts = [1] * D + [len(p) for p in prompts]
+        b = self._bucket(self.bucket_of(R, max(counts), lengths, counts))
+        B, Q, W = b.batch, b.queries, b.width
+        scratch = cache.scratch_block
+        free = scratch * cache.block_size              # where padding queries write
+        write, table, ids = [], [], []
+        for r in range(B):
+            if r < R:
+                n, q, row = lengths[r], counts[r], blocks[r]
+                write += [free] * (Q - q) + cache._slots_of(row, n, q)
+                table += row[:W] + [scratch] * (W - len(row[:W]))
+                ids += [0] * (Q - q) + (list(prompts[r - D]) if r >= D else [0])
+            else:                                      # a padding row
+                write += [free] * Q
+                table += [scratch] * W
+                ids += [0] * Q
+        pad = [0] * (B - R)
+        to_device(lengths + pad + counts + pad + write + table + ids, self.device, out=b.inputs)
+        if D:
+            b.tokens[:D, Q - 1].copy_(tokens)          # the running rows' tokens, still on the device
         cache.use_table(b.write, b.table, b.lengths)
         self.steps += 1
         b.steps += 1
         if not self.record or self.error is not None:
-            return self._run(b)[:B]
+            return self._run(b)[:R]
         if b.graph is None:
             try:
-                logits, b.graph = record_cuda_graph(lambda: self._run(b, into=b), pool=self.pool,
+                logits, b.graph = record_cuda_graph(lambda: self._run(b, keep=True), pool=self.pool,
                                                     stream=self.stream)
             except GraphRecordingError as e:
                 self.error = str(e)
-                warnings.warn(f"recording the engine's decode step as a CUDA graph failed ({e}); "
+                warnings.warn(f"recording the engine's step as a CUDA graph failed ({e}); "
                               "the engine runs eagerly from now on", RuntimeWarning, stacklevel=2)
-                return self._run(b)[:B]
-            return logits[:B]
+                return self._run(b)[:R]
+            return logits[:R]
         b.graph.replay()
         self.replays += 1
-        return b.logits[:B]
+        return b.logits[:R]
 
-    def _run(self, b: StepBucket, into: StepBucket | None = None) -> torch.Tensor:
-        """The padded step, eagerly: logits [b.batch, V]. With `into`, they are kept as its
-        output (the recording's outputs are what a replay fills)."""
-        S = b.width * self.cache.block_size
-        key_mask = torch.arange(S, device=self.device)[None, :] <= b.lengths[:, None]   # [B, S]
-        logits = self.model(b.tokens, b.last_slot, self.cache, positions=b.lengths[:, None],
-                            key_mask=key_mask)[:, -1]
-        if into is not None:
-            into.logits = logits
+    def _bucket(self, key: tuple[int, int, int]) -> StepBucket:
+        if key not in self.buckets:
+            self.buckets[key] = StepBucket(*key, self.cache.block_size, self.device)
+        return self.buckets[key]
+
+    def _run(self, b: StepBucket, keep: bool = False) -> torch.Tensor:
+        """The padded step, eagerly: logits [b.batch, V]. With `keep`, they are kept as the
+        bucket's output (the recording's outputs are what a replay fills)."""
+        Q, S = b.queries, b.width * self.cache.block_size
+        t = torch.arange(Q, device=self.device)
+        # each query's position: its row's cached tokens, then its place among the row's new ones
+        pos = (b.lengths[:, None] + t - (Q - b.counts[:, None])).clamp(min=0)            # [B, Q]
+        # a query sees its row's keys up to its own position (padding queries: finite, dropped)
+        mask = torch.arange(S, device=self.device) <= pos[:, :, None]                     # [B, Q, S]
+        logits = self.model(b.tokens, b.last_slot, self.cache, positions=pos, key_mask=mask,
+                            last_only=True)[:, -1]
+        if keep:
+            b.logits = logits
         return logits

@@ -368,11 +368,12 @@ class Engine:
     runs once for all the step's tokens and only attention is split by group (Sarathi-Serve,
     vLLM). `mixed_steps=False` prefills each new prompt in a forward of its own first.
     `engine.forwards` counts the model's forwards either way.
-    With `cuda_graphs`, decode steps that bring no new prompt run as CUDA graphs, one
-    recorded per bucket of shapes (rows and key blocks rounded up to powers of two) and
-    replayed with the step's inputs copied into its buffers (`cuda_graphs.py`): on a GPU
-    a small model's step then costs one launch instead of one per kernel. On a CPU the
-    same padded steps run eagerly. `engine.graphs` counts what ran how.
+    With `cuda_graphs`, steps run as CUDA graphs, one recorded per bucket of shapes (rows,
+    new tokens per row and key blocks per row, each rounded up to a power of two; mixed
+    steps too, up to 1,024 padded tokens) and replayed with the step's inputs copied into
+    its buffers (`cuda_graphs.py`): on a GPU a small model's step then costs one launch
+    instead of one per kernel. On a CPU the same padded steps run eagerly (slower: padding
+    is real work there). `engine.graphs` counts what ran how.
     A fault while serving one request fails that request only.
     """
 
@@ -760,6 +761,10 @@ class Engine:
         joining sequence, in one forward of a single packed sequence (PagedKVCache.set_mixed)."""
         device = self.model.device
         prompts = [s.all_ids[s.cached_tokens:] for s in joining]
+        if self.graphs is not None and self.graphs.fits(len(rows) + len(joining), max(map(len, prompts))):
+            self.forwards += 1
+            return self.graphs.forward([s.blocks for s in rows + joining],
+                                       lengths + [s.cached_tokens for s in joining], tokens, prompts)
         pos = self.cache.set_mixed([s.blocks for s in rows], lengths,
                                    [(s.blocks, s.cached_tokens, len(p)) for s, p in zip(joining, prompts)])
         ids = torch.cat([tokens, to_device([t for p in prompts for t in p], device)])[None]

@@ -213,6 +213,8 @@ class Transformer(nn.Module):
         mask = None  # None means plain causal over [T, T]
         if getattr(cache, "mixed", False):
             pass     # a mixed step: the cache holds one mask per group of rows (PagedKVCache.set_mixed)
+        elif key_mask is not None and key_mask.dim() == 3:
+            mask = key_mask[:, None]    # [B, T, S]: each query's own keys, given whole (the engine's graphs)
         elif cache is not None or key_mask is not None:
             S = cache.kv_len(input_pos) if cache is not None else T
             slots = torch.arange(S, device=device)
@@ -235,7 +237,9 @@ class Transformer(nn.Module):
 
         input_pos: [T] cache slots the tokens occupy (default 0..T-1).
         positions: [B, T] rotary positions, when rows differ (left padding); default input_pos.
-        key_mask:  [B, S] True for real tokens, False for padding, over the cache's slots.
+        key_mask:  [B, S] True for real tokens, False for padding, over the cache's slots; or
+                   [B, T, S], the keys each query may see (then nothing else is masked; every
+                   query must see at least one key).
         logits_to_keep: [K] the positions along T whose logits are computed (the lm_head is
                    the largest matmul: a mixed step of many prompt tokens needs one per row).
         """

@@ -434,9 +434,10 @@ def test_buckets_round_up_to_powers_of_two_within_their_cap():
 
 @pytest.mark.parametrize("overlap, mixed", [(False, True), (True, True), (False, False)])
 def test_engine_graph_steps_equal_unbatched(tiny, reference, overlap, mixed):
-    """Decode steps padded up to their bucket (rows and key blocks rounded up to powers of two,
-    padding rows writing into the scratch block) give every request its unbatched tokens; the
-    scratch block is nobody's, so the pool's accounting is unchanged."""
+    """Steps padded up to their bucket (rows, new tokens per row and key blocks rounded up to
+    powers of two, padding writing into the scratch block) give every request its unbatched
+    tokens; mixed steps go through buckets too; the scratch block is nobody's, so the pool's
+    accounting is unchanged."""
     model, tok = tiny
     lengths = [48, 5, 33, 17, 48, 1, 40, 9, 26, 48, 12, 30]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(lengths))]
@@ -445,12 +446,16 @@ def test_engine_graph_steps_equal_unbatched(tiny, reference, overlap, mixed):
     out = engine.generate_many(prompts, max_new_tokens=lengths, ignore_eos=True)
     assert [g.token_ids for g in out] == [reference[p][:n] for p, n in zip(prompts, lengths)]
     g, cache = engine.graphs, engine.cache
-    decode_only = sum(s["rows"] > 0 and not (mixed and s["prefills"]) for s in engine.step_log)
-    assert g.steps == decode_only > 0                            # every decode-only step went through them
+    # every forward went through a bucket, but prompts prefilled alone (mixed_steps=False)
+    alone = 0 if mixed else sum(s["prefills"] for s in engine.step_log)
+    assert g.steps == engine.forwards - alone > 0
     assert g.replays == g.recorded == 0 and g.error is None      # a CPU records nothing
-    rows, widths = zip(*g.buckets)
-    assert set(rows) == {1, 2, 4}                    # 3 rows pad to 4; the batch shrank at the end
-    assert set(widths) == {4, 8, 16}                 # 4 to 15 blocks of 4 tokens, as rows grew
+    rows, queries, _ = map(set, zip(*g.buckets))
+    assert rows == {1, 2, 4}                         # 3 rows pad to 4; the batch shrank at the end
+    # decode steps add one token a row; mixed steps a prompt (1-21 tokens, padded to 32 at most)
+    assert queries == ({1} if not mixed else {1, 4, 16, 32})
+    assert {w for r, q, w in g.buckets if q == 1} == {4, 8, 16}   # 4 to 15 blocks of 4 tokens, as rows grew
+    assert sum(r["steps"] for r in g.table()) == g.steps
     assert cache.scratch_block == cache.manager.num_blocks and cache.pool_blocks == cache.manager.num_blocks + 1
     assert cache.manager.num_free == cache.manager.num_blocks
     with pytest.raises(ValueError, match="cuda_graphs must be True or False"):
@@ -470,6 +475,25 @@ def test_engine_graph_steps_sample_per_request_and_survive_preemption(tiny, refe
     assert tight.scheduler.preemptions > 0 and tight.graphs.steps > 0
     assert [g.token_ids for g in out] == [reference[p] for p in PROMPTS * 2]
     assert tight.cache.manager.num_free == 9
+    # forked samples sharing prompt blocks (copy on write) and cached prefixes, through the buckets
+    shared = Engine(model, tok, overlap=overlap, max_batch_size=4, prefix_caching=True, cuda_graphs=True)
+    plain = Engine(model, tok, overlap=overlap, max_batch_size=4, prefix_caching=True)
+    for e in (shared, plain):
+        e.sample_n(PROMPTS[1], 3, seed=9, **kw)
+    assert [g.token_ids for g in shared.sample_n(PROMPTS[1], 3, seed=9, **kw)] == \
+        [g.token_ids for g in plain.sample_n(PROMPTS[1], 3, seed=9, **kw)]
+    assert shared.forks > 0 and shared.prefix_cache.hit_tokens > 0 and shared.graphs.steps == shared.forwards
+
+
+def test_engine_steps_over_the_graph_token_budget_run_eagerly(tiny, reference):
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch_size=4, cuda_graphs=True)
+    engine.graphs.max_tokens = 16      # 4 rows x 4 tokens: the longer prompts' mixed steps run eagerly
+    assert engine.graphs.fits(4, 4) and not engine.graphs.fits(3, 5) and engine.graphs.fits(1, 16)
+    out = engine.generate_many(PROMPTS, max_new_tokens=24, ignore_eos=True)
+    assert [g.token_ids for g in out] == [reference[p][:24] for p in PROMPTS]
+    assert 0 < engine.graphs.steps < engine.forwards
+    assert max(q for _, q, _ in engine.graphs.buckets) <= 16
 
 
 def test_engine_graphs_need_a_scratch_block(tiny):
