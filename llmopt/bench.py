@@ -369,13 +369,16 @@ def _batching(quick: bool, device: str, lengths: str, n: int, out: tuple[int, in
     from .workload import compare_batching, ideal_continuous_speedup, poisson_workload
     model, tok = load_model("tiny", device=device)
     work = poisson_workload(tok, n, seed=0, prompt_tokens=(16, 64), output_tokens=out, lengths=lengths)
+    # on a GPU also with CUDA graphs, static and continuous (on a CPU they run the same steps eagerly)
     rows = compare_batching(model, tok, work, slots=8, repeats=1 if quick else 5, gather_every_step=True,
-                            prefill_alone=True)
+                            prefill_alone=True, cuda_graphs=torch.device(device).type == "cuda")
     ideal = ideal_continuous_speedup([w.max_new_tokens for w in work], 8)
     for r in rows:
         r.update(model="tiny", device=device, dtype="float32")
+    graphed = {r["label"]: r["throughput_vs_static_graphs"] for r in rows if "throughput_vs_static_graphs" in r}
     return {"name": name, "metric": "tokens_per_s", "title": title, "rows": rows,
-            "ratios": {"throughput, continuous / static batching": rows[2]["throughput_vs_static"],
+            "ratios": {**{f"throughput, {label} / static batching, CUDA graphs": v
+                          for label, v in graphed.items() if label.startswith("continuous")},"throughput, continuous / static batching": rows[2]["throughput_vs_static"],
                        "throughput, continuous (longest first) / static batching":
                        rows[3]["throughput_vs_static"],
                        "throughput, continuous / static, lowest of the repeats": rows[2]["throughput_vs_static_min"],
