@@ -268,7 +268,7 @@ def main(argv=None) -> int:
         """The same on dialogue turns, the shape of chat traffic: output lengths are the plays' speeches
         (long-tailed: median 18 tokens, the longest 392), 256 requests, 16 slots (smoke: 16
         requests, 4 slots). Also with CUDA graphs, static (`generate_batch(cuda_graphs=True)`) and
-        continuous (`Engine(cuda_graphs=True)`): tiny's step was host-bound on the H100 (about 3 ms a
+        continuous (`Engine(cuda_graphs=True, overlap=True)`): tiny's step was host-bound on the H100 (about 3 ms a
         forward, most of it launching kernels)."""
         from llmopt.workload import compare_batching, ideal_continuous_speedup, poisson_workload
         model, tok = llmopt.load_model("tiny", device=device)
