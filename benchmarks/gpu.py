@@ -84,7 +84,7 @@ def _graph_note(row: dict) -> str:
         return f"recording failed, ran eagerly: {row['graph_error'][:80]}"
     if "graph_steps" not in row:
         return ""
-    return (f"{row['graphs_recorded']} recorded, {row['graph_replays']} of {row['graph_steps']} decode steps "
+    return (f"{row['graphs_recorded']} recorded, {row['graph_replays']} of {row['graph_steps']} steps "
             f"replayed; first repeat {row['first_wall_s']:.2f} s")
 
 
