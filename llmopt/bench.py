@@ -378,7 +378,8 @@ def _batching(quick: bool, device: str, lengths: str, n: int, out: tuple[int, in
     graphed = {r["label"]: r["throughput_vs_static_graphs"] for r in rows if "throughput_vs_static_graphs" in r}
     return {"name": name, "metric": "tokens_per_s", "title": title, "rows": rows,
             "ratios": {**{f"throughput, {label} / static batching, CUDA graphs": v
-                          for label, v in graphed.items() if label.startswith("continuous")},"throughput, continuous / static batching": rows[2]["throughput_vs_static"],
+                          for label, v in graphed.items() if label.startswith("continuous")},
+                       "throughput, continuous / static batching": rows[2]["throughput_vs_static"],
                        "throughput, continuous (longest first) / static batching":
                        rows[3]["throughput_vs_static"],
                        "throughput, continuous / static, lowest of the repeats": rows[2]["throughput_vs_static_min"],

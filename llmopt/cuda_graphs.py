@@ -5,8 +5,7 @@
 from its first step to its last, so one graph serves the whole batch, replayed with each
 step's token and position copied into its buffers (`generate_batch(..., cuda_graphs=True)`).
 
-`EngineGraphs` is the continuous-batching engine's:
-
+`EngineGraphs` is the continuous-batching engine's steps as graphs, which is harder.
 On a GPU a small model's decode step is bound by the host: Python launches the
 forward's hundred-odd kernels one by one, and that takes longer than running them
 (the H100 run of 2026-11-27: `tiny`'s batched step took about 3 ms, most of it
@@ -39,6 +38,7 @@ engine after changing the model's weights.
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 
@@ -89,7 +89,6 @@ class BatchStepGraph:
     """
 
     def __init__(self, model, cache, batch: int, step, weights: tuple = ()) -> None:
-        import weakref
         self._model = weakref.ref(model)
         self.cache, self.batch, self.step, self.weights = cache, batch, step, weights
         device = model.device
@@ -202,14 +201,16 @@ class EngineGraphs:
 
     def bucket_of(self, rows: int, queries: int, lengths: list[int], counts: list[int]) -> tuple[int, int, int]:
         """(rows, queries per row, blocks per row) of the bucket for a step whose rows cache
-        `lengths` tokens and add `counts` tokens each (`queries` = the most of them)."""
+        `lengths` tokens and add `counts` tokens each (`queries` = the most of them; the step
+        must `fit`)."""
         blocks = self.cache.manager.blocks_needed(max(n + q for n, q in zip(lengths, counts)))
         return (bucket(rows, self.max_batch_size), bucket(queries, self.max_tokens),
                 bucket(blocks, self.cache.max_blocks))
 
     def fits(self, rows: int, queries: int) -> bool:
-        """Whether a step of `rows` rows adding at most `queries` tokens each goes through a bucket."""
-        return bucket(rows, self.max_batch_size) * bucket(queries, self.max_tokens) <= self.max_tokens
+        """Whether a step of `rows` rows adding at most `queries` tokens each goes through a bucket:
+        its rows x queries, both rounded up to powers of two, within `max_tokens`."""
+        return bucket(rows, self.max_batch_size) * (1 << (queries - 1).bit_length()) <= self.max_tokens
 
     def forward(self, blocks: list[list[int]], lengths: list[int], tokens: torch.Tensor,
                 prompts: list[list[int]] = ()) -> torch.Tensor:

@@ -171,8 +171,8 @@ class PagedKVCache:
     block_table: [B, max_blocks]
 
     With `scratch_block`, the pool holds one block more than the manager hands out
-    (`self.scratch_block`): the engine's CUDA graphs pad a step to a fixed batch size
-    with rows that write there (cuda_graphs.py).
+    (`self.scratch_block`): the engine's CUDA graphs pad a step to a fixed shape, and the
+    padding writes there (cuda_graphs.py).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, *, block_size: int = 16,
@@ -254,12 +254,12 @@ class PagedKVCache:
 
     def use_table(self, write: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor) -> int:
         """Ragged mode with every index already on the device, for the engine's CUDA graphs
-        (cuda_graphs.py): a decode step as `set_rows` sets it up, one new token per row,
-        whose slot is `write[b]`; attention reads the blocks `table` [B, W] of each row in
-        order and `lengths` [B] are the tokens each row caches. The graph reads these
-        tensors where they are, so the engine refills them for each replay. The kept
-        gathered copy is dropped (this step does not extend it). Returns the key slots
-        attention sees, W x block_size."""
+        (cuda_graphs.py): T new tokens per row (a step of [B, T] tokens), whose slots are
+        `write` [B * T], row by row; attention reads the blocks `table` [B, W] of each row in
+        order, and `lengths` [B] are the tokens each row cached before the step (the caller
+        masks each query's keys). The graph reads these tensors where they are, so the
+        engine refills them for each replay. The kept gathered copy is dropped (this step
+        does not extend it). Returns the key slots attention sees, W x block_size."""
         self.drop_gathered()
         self.mixed, self._mode = False, "gather"
         self._write, self._read_blocks, self.row_lengths = write, table.flatten(), lengths

@@ -490,6 +490,7 @@ def test_engine_steps_over_the_graph_token_budget_run_eagerly(tiny, reference):
     engine = Engine(model, tok, max_batch_size=4, cuda_graphs=True)
     engine.graphs.max_tokens = 16      # 4 rows x 4 tokens: the longer prompts' mixed steps run eagerly
     assert engine.graphs.fits(4, 4) and not engine.graphs.fits(3, 5) and engine.graphs.fits(1, 16)
+    assert not engine.graphs.fits(1, 17) and not engine.graphs.fits(1, 2000)   # a prompt over the budget
     out = engine.generate_many(PROMPTS, max_new_tokens=24, ignore_eos=True)
     assert [g.token_ids for g in out] == [reference[p][:24] for p in PROMPTS]
     assert 0 < engine.graphs.steps < engine.forwards
