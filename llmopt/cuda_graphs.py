@@ -46,7 +46,11 @@ from .kv_cache import PagedKVCache, to_device
 
 
 class GraphRecordingError(RuntimeError):
-    """Recording a CUDA graph failed (the warm-up run before it succeeded)."""
+    """Recording a CUDA graph failed; the warm-up run before it succeeded (`result`)."""
+
+    def __init__(self, message: str, result=None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 def record_cuda_graph(fn, *, pool=None, stream=None):
@@ -56,8 +60,8 @@ def record_cuda_graph(fn, *, pool=None, stream=None):
     (compiling, autotuning and library handles happen there); its result is real. The
     recording runs nothing: every replay fills the tensors `fn` wrote during it. `pool`
     and `stream` are `torch.cuda.graph`'s (graphs that never run at once may share a
-    memory pool). A failed recording raises `GraphRecordingError` (a failed warm-up raises
-    what it raised)."""
+    memory pool). A failed recording raises `GraphRecordingError`, carrying the warm-up's
+    result (a failed warm-up raises what it raised)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -71,8 +75,29 @@ def record_cuda_graph(fn, *, pool=None, stream=None):
         with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             fn()                                         # records; runs nothing
     except Exception as e:
-        raise GraphRecordingError(f"{type(e).__name__}: {e}") from e
+        raise GraphRecordingError(f"{type(e).__name__}: {e}", result) from e
     return result, graph
+
+
+def replay_or_record(holder, run, what: str, *, pool=None, stream=None) -> tuple[torch.Tensor, str | None]:
+    """`run()`'s logits through the CUDA graph kept on `holder` (its `graph` and `logits`):
+    replayed when recorded, else recorded now (the warm-up's logits are this call's).
+    Returns (logits, None), or, when recording fails, (the warm-up's logits, why) after a
+    warning that `what` runs eagerly from now on (the caller keeps it eager)."""
+    if holder.graph is not None:
+        holder.graph.replay()
+        return holder.logits, None
+
+    def keep():           # the recording's output is what every replay fills
+        holder.logits = run()
+        return holder.logits
+    try:
+        logits, holder.graph = record_cuda_graph(keep, pool=pool, stream=stream)
+    except GraphRecordingError as e:
+        warnings.warn(f"recording {what} as a CUDA graph failed ({e}); it runs eagerly from now on",
+                      RuntimeWarning, stacklevel=3)
+        return e.result, str(e)
+    return logits, None
 
 
 class BatchStepGraph:
@@ -117,25 +142,13 @@ class BatchStepGraph:
         to_device([pos], self.input_pos.device, out=self.input_pos)
         if not self.record or self.error is not None:
             return self._run()
-        if self.graph is None:
-            try:
-                logits, self.graph = record_cuda_graph(lambda: self._run(keep=True))
-            except GraphRecordingError as e:
-                self.error = str(e)
-                warnings.warn(f"recording the batched decode step as a CUDA graph failed ({e}); "
-                              "it runs eagerly instead", RuntimeWarning, stacklevel=2)
-                return self._run()
-            return logits
-        self.graph.replay()
-        self.replays += 1
-        return self.logits
-
-    def _run(self, keep: bool = False) -> torch.Tensor:
-        logits = self.step(self.model, self.token, self.input_pos, self.cache,
-                           positions=self.input_pos - self.pad, key_mask=self.key_mask)
-        if keep:              # the recording's output: what every replay fills
-            self.logits = logits
+        self.replays += self.graph is not None
+        logits, self.error = replay_or_record(self, self._run, "the batched decode step")
         return logits
+
+    def _run(self) -> torch.Tensor:
+        return self.step(self.model, self.token, self.input_pos, self.cache,
+                         positions=self.input_pos - self.pad, key_mask=self.key_mask)
 
 
 def bucket(n: int, cap: int) -> int:
@@ -186,6 +199,7 @@ class EngineGraphs:
         self.buckets: dict[tuple[int, int, int], StepBucket] = {}
         self.steps = self.replays = 0
         self.error: str | None = None
+        self.pool = self.stream = None
         if self.record:
             self.pool = torch.cuda.graph_pool_handle()
             self.stream = torch.cuda.Stream(self.device)   # every recording on one stream, as pools ask
@@ -244,36 +258,23 @@ class EngineGraphs:
         b.steps += 1
         if not self.record or self.error is not None:
             return self._run(b)[:R]
-        if b.graph is None:
-            try:
-                logits, b.graph = record_cuda_graph(lambda: self._run(b, keep=True), pool=self.pool,
-                                                    stream=self.stream)
-            except GraphRecordingError as e:
-                self.error = str(e)
-                warnings.warn(f"recording the engine's step as a CUDA graph failed ({e}); "
-                              "the engine runs eagerly from now on", RuntimeWarning, stacklevel=2)
-                return self._run(b)[:R]
-            return logits[:R]
-        b.graph.replay()
-        self.replays += 1
-        return b.logits[:R]
+        self.replays += b.graph is not None
+        logits, self.error = replay_or_record(b, lambda: self._run(b), "the engine's step",
+                                              pool=self.pool, stream=self.stream)
+        return logits[:R]
 
     def _bucket(self, key: tuple[int, int, int]) -> StepBucket:
         if key not in self.buckets:
             self.buckets[key] = StepBucket(*key, self.cache.block_size, self.device)
         return self.buckets[key]
 
-    def _run(self, b: StepBucket, keep: bool = False) -> torch.Tensor:
-        """The padded step, eagerly: logits [b.batch, V]. With `keep`, they are kept as the
-        bucket's output (the recording's outputs are what a replay fills)."""
+    def _run(self, b: StepBucket) -> torch.Tensor:
+        """The padded step, eagerly: logits [b.batch, V]."""
         Q, S = b.queries, b.width * self.cache.block_size
         t = torch.arange(Q, device=self.device)
         # each query's position: its row's cached tokens, then its place among the row's new ones
         pos = (b.lengths[:, None] + t - (Q - b.counts[:, None])).clamp(min=0)            # [B, Q]
         # a query sees its row's keys up to its own position (padding queries: finite, dropped)
         mask = torch.arange(S, device=self.device) <= pos[:, :, None]                     # [B, Q, S]
-        logits = self.model(b.tokens, b.last_slot, self.cache, positions=pos, key_mask=mask,
-                            last_only=True)[:, -1]
-        if keep:
-            b.logits = logits
-        return logits
+        return self.model(b.tokens, b.last_slot, self.cache, positions=pos, key_mask=mask,
+                          last_only=True)[:, -1]

@@ -497,6 +497,69 @@ def test_engine_steps_over_the_graph_token_budget_run_eagerly(tiny, reference):
     assert max(q for _, q, _ in engine.graphs.buckets) <= 16
 
 
+class _FakeGraph:
+    """Stands in for a recorded CUDA graph on a CPU: a replay runs the recorded function again,
+    reading the buffers as they are now (what a real replay does)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def replay(self):
+        self.fn()
+
+
+def test_the_record_and_replay_path_and_its_fallback_on_a_cpu(tiny, reference, monkeypatch):
+    """The GPU-only branches, driven on a CPU: recording is faked (the warm-up runs, then a
+    'replay' reruns the step on the refilled buffers), so the tokens show every input reaches
+    the replay; a failed recording warns, returns the warm-up's logits (the step is not run a
+    second time) and leaves the path eager."""
+    import llmopt.cuda_graphs as cg
+    model, tok = tiny
+    calls = {"record": 0}
+
+    def fake_record(fn, *, pool=None, stream=None):
+        calls["record"] += 1
+        return fn(), _FakeGraph(fn)
+
+    monkeypatch.setattr(cg, "record_cuda_graph", fake_record)
+    lengths = [48, 5, 33, 17, 48, 1, 40, 9, 26, 48, 12, 30]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(lengths))]
+    for overlap in (False, True):
+        engine = Engine(model, tok, overlap=overlap, max_batch_size=4, cuda_graphs=True)
+        engine.graphs.record = True
+        out = engine.generate_many(prompts, max_new_tokens=lengths, ignore_eos=True)
+        assert [g.token_ids for g in out] == [reference[p][:n] for p, n in zip(prompts, lengths)]
+        g = engine.graphs
+        assert g.recorded == len(g.buckets) and g.replays == g.steps - g.recorded > 0 and g.error is None
+    from llmopt.batching import batch_step_graph
+    from llmopt.generate import compiled_cache
+    cache, release = compiled_cache(model, 2, 256)     # the cache and graph the next batch will take
+    release()
+    step = batch_step_graph(model, cache, 2)
+    step.record = True
+    batch = generate_batch(model, tok, PROMPTS[:2], max_new_tokens=30, ignore_eos=True, cuda_graphs=True)
+    assert batch_step_graph(model, cache, 2) is step
+    assert [g.token_ids for g in batch] == [reference[p][:30] for p in PROMPTS[:2]]
+    assert step.graph is not None and step.replays == 28            # step 1 recorded, 2..29 replayed
+
+    def failing_record(fn, *, pool=None, stream=None):
+        calls["record"] += 1
+        raise cg.GraphRecordingError("RuntimeError: capture refused", fn())
+
+    monkeypatch.setattr(cg, "record_cuda_graph", failing_record)
+    runs = {"n": 0}
+    engine = Engine(model, tok, max_batch_size=4, cuda_graphs=True)
+    engine.graphs.record = True
+    counted = engine.graphs._run
+    engine.graphs._run = lambda b: (runs.__setitem__("n", runs["n"] + 1), counted(b))[1]
+    calls["record"] = 0
+    with pytest.warns(RuntimeWarning, match="capture refused"):
+        out = engine.generate_many(prompts, max_new_tokens=lengths, ignore_eos=True)
+    assert [g.token_ids for g in out] == [reference[p][:n] for p, n in zip(prompts, lengths)]
+    assert calls["record"] == 1 and "capture refused" in engine.graphs.error and engine.graphs.replays == 0
+    assert runs["n"] == engine.graphs.steps                         # one run a step, the failed one too
+
+
 def test_engine_graphs_need_a_scratch_block(tiny):
     from llmopt.cuda_graphs import EngineGraphs
     from llmopt.kv_cache import PagedKVCache
