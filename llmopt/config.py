@@ -107,6 +107,10 @@ class ModelConfig:
             raise ValueError(f"unsupported architecture {arch!r} (model_type "
                              f"{hf.get('model_type')!r}); llmopt loads "
                              f"{', '.join(SUPPORTED_ARCHITECTURES)} checkpoints")
+        act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
+        if act not in ("silu", "swish"):
+            raise ValueError(f"this {arch} uses the activation {act!r}; llmopt's MLP is SwiGLU (silu), so "
+                             "its outputs would be wrong: use transformers for this checkpoint")
         # transformers 5 keeps rope settings in `rope_parameters`; 4.x used
         # `rope_theta` plus `rope_scaling`.
         rope = hf.get("rope_parameters") or {}

@@ -35,6 +35,7 @@ from .generate import (Generation, TextStream, _as_stop_list, _checked_request, 
                        per_prompt_options, timing_stats)
 from .cuda_graphs import EngineGraphs
 from .kv_cache import BlockManager, PagedKVCache, to_device
+from .model import check_llmopt_model
 from .sampling import greedy, sample
 
 _DONE = object()   # end-of-stream marker in a handle's token queue
@@ -399,6 +400,7 @@ class Engine:
         self._prefill_separately = False       # once, after a mixed step failed (see _decode)
         self._registered: list = []            # prefix-cache keys registered by this step's admissions
         self._inflight = None                  # overlap: (rows, tokens on device, host copy, event)
+        check_llmopt_model(model, "Engine")
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config
         self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)

@@ -22,6 +22,7 @@ import torch
 from .config import check_count
 from .cuda_graphs import GraphRecordingError, record_cuda_graph
 from .kv_cache import CACHE_KINDS, make_cache, to_device
+from .model import check_llmopt_model
 from .sampling import check_sampling, greedy, sample
 
 
@@ -403,6 +404,7 @@ def _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_
         raise TypeError(f"{model.name!r} is an MLP draft (llmopt.draft): it only proposes tokens for "
                         "speculative decoding; pass it as the draft: speculative_generate(target, draft, "
                         "tokenizer, prompt), with a target such as load_model('tiny')")
+    check_llmopt_model(model, "llmopt's generation")
     check_sampling(temperature, top_k, top_p)
     check_count(sync_every, "sync_every (tokens read per host sync)")
     if cache not in CACHE_KINDS:

@@ -90,7 +90,17 @@ def load_model(name_or_path: str | Path = "tiny", *, device=None,
         draft.name = str(name_or_path)
         return draft, Tokenizer.from_folder(folder, eos_token_id=draft.config.eos_token_id)
     cfg = ModelConfig.from_hf(hf)
-    state = {k.removeprefix("model."): v for k, v in _read_weights(folder).items()}
+    model = _from_state(cfg, _read_weights(folder), dtype, device, where=str(folder))
+    tokenizer = Tokenizer.from_folder(folder, eos_token_id=cfg.eos_token_id,
+                                      bos_token_id=cfg.bos_token_id)
+    model.name = str(name_or_path)
+    return model, tokenizer
+
+
+def _from_state(cfg: ModelConfig, hf_state: dict[str, torch.Tensor], dtype, device, *,
+                where: str, copy: bool = False) -> Transformer:
+    """An llmopt model from weights under Hugging Face names, checked against the config."""
+    state = {k.removeprefix("model."): v for k, v in hf_state.items()}
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     if dtype is None:
@@ -101,22 +111,53 @@ def load_model(name_or_path: str | Path = "tiny", *, device=None,
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     unexpected = [k for k in unexpected if "rotary_emb" not in k]
     if missing or unexpected:
-        raise ValueError(f"weights in {folder} do not match a {cfg.architecture} of this config: "
+        raise ValueError(f"weights in {where} do not match a {cfg.architecture} of this config: "
                          f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                          f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
     for k, v in state.items():
         want = model.state_dict()[k].shape
         if v.shape != want:
-            raise ValueError(f"weight {k} in {folder} has shape {tuple(v.shape)}, the config "
+            raise ValueError(f"weight {k} in {where} has shape {tuple(v.shape)}, the config "
                              f"says {tuple(want)}: config.json and weights disagree")
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    # copy=True: the new model never shares storage with the weights handed in (a live model's)
+    model.load_state_dict({k: v.to(dtype=dtype, copy=copy) for k, v in state.items() if k in expected},
+                          strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg)  # built on the meta device above; rebuild for real
-    model = model.to(device).eval()
-    tokenizer = Tokenizer.from_folder(folder, eos_token_id=cfg.eos_token_id,
-                                      bos_token_id=cfg.bos_token_id)
-    model.name = str(name_or_path)
+    return model.to(device).eval()
+
+
+def from_transformers(hf_model, tokenizer=None, *, device=None,
+                      dtype: torch.dtype | str | None = None) -> tuple[Transformer, Tokenizer | None]:
+    """(model, tokenizer): llmopt's model with a copy of a `transformers` model's weights, in memory.
+
+    For a Llama, Mistral or Qwen2 `...ForCausalLM` you already hold (the reverse of
+    `to_transformers`), so llmopt's generation, caches, batching engine, compilation
+    and speculative decoding run on your model: same logits (tested). `tokenizer`, a
+    `transformers` tokenizer, comes back wrapped as llmopt's `Tokenizer` (None stays
+    None). `device` and `dtype` default to the model's own. Other architectures have
+    no llmopt implementation: measure them with `llmopt.hf_generate` and the helpers,
+    which take any `transformers` model.
+    """
+    arch = type(hf_model).__name__
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"from_transformers converts {', '.join(SUPPORTED_ARCHITECTURES)} models, "
+                         f"got a {arch}: time it with llmopt.hf_generate, and measure it with the "
+                         "helpers (profiling, metrics, quantize), which take any transformers model")
+    config = hf_model.config.to_dict()
+    config["architectures"] = [arch]
+    cfg = ModelConfig.from_hf(config)
+    gen = getattr(hf_model, "generation_config", None)
+    if gen is not None and gen.eos_token_id is not None:
+        cfg = cfg.replace(eos_token_id=gen.eos_token_id)
+    first = next(hf_model.parameters())
+    device = check_device(device) if device is not None else first.device
+    dtype = as_dtype(dtype) if dtype is not None else first.dtype
+    model = _from_state(cfg, hf_model.state_dict(), dtype, device, where=f"this {arch}", copy=True)
+    model.name = getattr(hf_model, "name_or_path", "") or arch
+    if tokenizer is not None:
+        tokenizer = Tokenizer.from_transformers(tokenizer, eos_token_id=cfg.eos_token_id)
     return model, tokenizer
 
 

@@ -29,6 +29,18 @@ def device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def as_token_ids(ids, what: str) -> torch.Tensor:
+    """One text's token ids as a 1-D long tensor: a list, a 1-D tensor or a [1, T] batch of one."""
+    ids = torch.as_tensor(ids, dtype=torch.long) if not isinstance(ids, torch.Tensor) else ids
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1 or ids.is_floating_point():
+        raise ValueError(f"{what} scores one text: give its token ids as a list, a 1-D tensor or a "
+                         f"[1, T] tensor of integers, got a {ids.dtype} tensor of shape {tuple(ids.shape)} "
+                         "(for several texts, join them, or call it once per text)")
+    return ids
+
+
 def heldout_ids(tokenizer, split: str = "test", max_tokens: int | None = None) -> torch.Tensor:
     """Token ids of a held-out split (1-D), optionally truncated to `max_tokens`."""
     ids = tokenizer.encode(load_text(split, eos="\n\n"))
@@ -50,6 +62,7 @@ def perplexity(model, tokenizer=None, *, split: str = "test", ids: torch.Tensor 
         if tokenizer is None:
             raise ValueError("perplexity needs a tokenizer (to encode the split) or ids")
         ids = heldout_ids(tokenizer, split, max_tokens)
+    ids = as_token_ids(ids, "perplexity")
     stride = stride or max(1, context // 2)
     if not 0 < stride <= context:
         raise ValueError(f"stride must be in (0, context={context}], got {stride}")
@@ -98,6 +111,7 @@ def repetition_rate(seq, n: int = 4) -> float:
 @torch.no_grad()
 def compare_next_token(model, reference, ids: torch.Tensor, context: int = 256) -> dict:
     """Top-1 agreement and mean KL(reference || model) of next-token distributions on `ids`."""
+    ids = as_token_ids(ids, "compare_next_token")
     ids = ids[: (len(ids) // context) * context or len(ids)]
     agree, kl, count = 0, 0.0, 0
     for begin in range(0, len(ids), context):

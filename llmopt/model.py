@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from .config import SUPPORTED_ARCHITECTURES, ModelConfig
 from .precision import as_dtype, check_device
 
 ATTENTION_BACKENDS = ("sdpa", "plain")
@@ -267,6 +267,16 @@ def linear_from(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Li
     return m
 
 
+def is_conv1d(m: nn.Module) -> bool:
+    """transformers' `Conv1D` (GPT-2 and its family): a linear layer storing its weight as [in, out]."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+
+
+def as_linear(m: nn.Module) -> nn.Linear:
+    """`m` itself if it is an nn.Linear; a Conv1D as an equivalent nn.Linear (a copy, weight transposed)."""
+    return linear_from(m.weight.t(), m.bias) if is_conv1d(m) else m
+
+
 FUSED_GROUPS = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
                 ("mlp", "gate_up_proj", ("gate_proj", "up_proj")))
 
@@ -329,6 +339,22 @@ def check_unfused(model, what: str) -> None:
     if is_fused(model):
         raise ValueError(f"{what} needs separate q, k, v and gate, up projections: call "
                          "llmopt.unfuse_projections(model) first")
+
+
+def check_llmopt_model(model, what: str) -> None:
+    """A clear error when `what` (one of llmopt's generation paths) gets a model it cannot run."""
+    if isinstance(getattr(model, "config", None), ModelConfig):
+        return
+    name = type(model).__name__
+    if callable(getattr(model, "generate", None)) and hasattr(model, "config"):     # transformers
+        if name in SUPPORTED_ARCHITECTURES:
+            raise TypeError(f"{what} runs llmopt models, and this is a transformers {name}: convert it "
+                            "with model, tokenizer = llmopt.from_transformers(model, tokenizer), or time "
+                            "transformers' own generate with llmopt.hf_generate")
+        raise TypeError(f"{what} runs llmopt models, and this is a transformers {name}, an architecture "
+                        f"llmopt does not implement ({', '.join(SUPPORTED_ARCHITECTURES)}): time it with "
+                        "llmopt.hf_generate; the helpers (profiling, metrics, quantize) take it as it is")
+    raise TypeError(f"{what} runs llmopt models (llmopt.load_model, llmopt.from_transformers), got a {name}")
 
 
 def build_model(cfg: ModelConfig, *, device=None, dtype: torch.dtype | None = None,

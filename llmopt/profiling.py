@@ -296,6 +296,39 @@ def to_frame(rows: list[dict]):
 
 # -- Roofline: what a decode step must cost at least (notebook 01) ----------------------------
 
+def decode_shape(obj) -> dict:
+    """What a decode step's cost depends on: weights read as matrices (`matmul_params`: every
+    matrix but the input embedding, which a step only looks up), layers and attention heads."""
+    try:
+        cfg = ModelConfig.of(obj)
+    except ValueError:
+        if not isinstance(obj, torch.nn.Module) or getattr(obj, "config", None) is None:
+            raise
+        return _shape_of_any_model(obj)
+    return {"matmul_params": cfg.n_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim),
+            "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
+            "head_dim": cfg.head_dim}
+
+
+def _shape_of_any_model(model: torch.nn.Module) -> dict:
+    """`decode_shape` of a `transformers` model llmopt has no config for: every parameter but the
+    embedding tables (a table tied to the output head counts, as the head), and its config's attention."""
+    tables = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    heads = {m.weight.data_ptr() for m in model.modules() if hasattr(m, "weight")
+             and not isinstance(m, torch.nn.Embedding) and isinstance(m.weight, torch.Tensor)}
+    params = {p.data_ptr(): p.numel() for p in model.parameters()}
+    matmul = sum(n for ptr, n in params.items() if ptr not in tables or ptr in heads)
+    c = model.config
+    try:
+        n_layers, n_heads = c.num_hidden_layers, c.num_attention_heads
+    except AttributeError as e:
+        raise ValueError(f"cannot read layers and heads from this {type(model).__name__}'s config "
+                         f"({e}); give roofline a ModelConfig with the same shape") from e
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_heads
+    return {"matmul_params": matmul, "n_layers": n_layers, "n_heads": n_heads,
+            "n_kv_heads": getattr(c, "num_key_value_heads", None) or n_heads, "head_dim": head_dim}
+
+
 def roofline(cfg, dtype: torch.dtype = torch.float32, context: int = 512, batch: int = 1) -> dict:
     """Bytes read and FLOPs done per decode step of `batch` tokens at `context` cached tokens.
 
@@ -303,13 +336,15 @@ def roofline(cfg, dtype: torch.dtype = torch.float32, context: int = 512, batch:
     output head, when tied). KV: each row reads its whole cache. FLOPs: 2 per
     weight per token, plus attention's QK^T and AV (4 x layers x heads x head_dim x context).
     `cfg`: a ModelConfig, an llmopt or `transformers` model, or a `transformers` config.
+    A `transformers` model of an architecture llmopt does not implement (GPT-2, say) is
+    read from the model itself (its linear layers' weights, its config's heads and layers).
     """
-    cfg = ModelConfig.of(cfg)
+    s = decode_shape(cfg)
     bytes_per = torch.finfo(dtype).bits // 8
-    matmul_params = cfg.n_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
+    matmul_params = s["matmul_params"]
     weight_bytes = matmul_params * bytes_per
-    kv_bytes = batch * context * 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * bytes_per
-    attn_flops = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * context
+    kv_bytes = batch * context * 2 * s["n_layers"] * s["n_kv_heads"] * s["head_dim"] * bytes_per
+    attn_flops = 4 * s["n_layers"] * s["n_heads"] * s["head_dim"] * context
     flops_per_token = 2 * matmul_params + attn_flops
     return {"weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "bytes_per_step": weight_bytes + kv_bytes,
             "flops_per_token": flops_per_token, "flops_per_step": batch * flops_per_token,

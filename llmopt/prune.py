@@ -13,13 +13,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .model import Transformer, check_unfused, linear_from
+from .model import Transformer, check_unfused, is_conv1d, linear_from
 
 
-def prunable(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[tuple[str, nn.Linear]]:
-    """The Linear layers pruning applies to (everything but the output head)."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not any(n == s or n.endswith("." + s) for s in skip)]
+def prunable(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[tuple[str, nn.Module]]:
+    """The linear layers pruning applies to (everything but the output head): nn.Linear, and
+    transformers' Conv1D (GPT-2's family, weight stored as [in, out])."""
+    layers = [(n, m) for n, m in model.named_modules()
+              if (isinstance(m, nn.Linear) or is_conv1d(m)) and not any(n == s or n.endswith("." + s) for s in skip)]
+    if not layers:
+        raise ValueError(f"this {type(model).__name__} has no linear layers to prune (nn.Linear, or "
+                         "transformers' Conv1D) outside the output head")
+    return layers
 
 
 def sparsity(model: nn.Module) -> float:
@@ -60,19 +65,20 @@ def semi_structured_2_4(model: nn.Module, *, accelerate: bool = True) -> dict[st
 
     With `accelerate` on a GPU that supports it (fp16/bf16, compute capability 8.0+),
     weights are converted to PyTorch's semi-structured sparse tensors so matmuls use
-    sparse tensor cores; elsewhere the zeros are stored densely (no speed-up).
+    sparse tensor cores; elsewhere (and in transformers' Conv1D layers) the zeros are
+    stored densely (no speed-up).
     """
     masks = {}
     for name, m in prunable(model):
-        w = m.weight
+        w = m.weight.t() if is_conv1d(m) else m.weight       # [out, in]: groups run along the input
         if w.shape[1] % 4:
             raise ValueError(f"{name}: in_features {w.shape[1]} is not a multiple of 4")
         groups = w.abs().reshape(-1, 4)
         keep = groups.topk(2, dim=1).indices
         mask = torch.zeros_like(groups).scatter_(1, keep, 1.0).reshape(w.shape)
         w.mul_(mask)
-        masks[name] = mask
-        if accelerate and _semi_structured_ok(w):
+        masks[name] = mask.t() if is_conv1d(m) else mask     # in the layer's own weight layout
+        if accelerate and isinstance(m, nn.Linear) and _semi_structured_ok(w):
             from torch.sparse import to_sparse_semi_structured
             m.weight = nn.Parameter(to_sparse_semi_structured(w), requires_grad=False)
     return masks

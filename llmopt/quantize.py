@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import int8_gemv
+from .model import as_linear, is_conv1d
 
 METHODS = ("int8", "int4")
 
@@ -289,6 +290,9 @@ def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, sy
              kernel: str = "auto") -> nn.Module:
     """Replace every `nn.Linear` (except names in `skip`) with a quantized one, in place (notebook 06).
 
+    `transformers` models of the GPT-2 family keep their projections in `Conv1D` layers
+    (the weight stored transposed); those are quantized the same way.
+
     `fused=None` picks PyTorch's packed kernels where they were measured faster (int4 on
     GPUs) and the readable reference path elsewhere (int8 everywhere, int4 on CPU); True forces the packed kernels wherever this
     device and dtype run them; False forces the reference path. With `embeddings`
@@ -317,8 +321,12 @@ def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, sy
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else \
         getattr(model, "embed_tokens", None)
     dtype = emb.weight.dtype if emb is not None else torch.float32
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)
+    targets = [(name, as_linear(m)) for name, m in model.named_modules()
+               if (isinstance(m, nn.Linear) or is_conv1d(m))
                and not any(name == s or name.endswith("." + s) for s in skip)]
+    if not targets:
+        raise ValueError(f"quantize found no linear layers to quantize in this {type(model).__name__} "
+                         f"(nn.Linear, or transformers' Conv1D){' outside skip=' + repr(skip) if skip else ''}")
     tied_head = None
     for name, lin in targets:
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model

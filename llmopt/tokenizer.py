@@ -59,6 +59,20 @@ class Tokenizer:
         bos = bos_token_id if bos_token_id is not None else token_id("bos_token")
         return cls(backend, eos_token_id=eos, bos_token_id=bos, add_bos=add_bos, name=folder.name)
 
+    @classmethod
+    def from_transformers(cls, tok, eos_token_id=None) -> "Tokenizer":
+        """Wrap a `transformers` tokenizer; BOS is added when its own `encode` adds one."""
+        if isinstance(tok, cls):
+            return tok
+        if not (callable(getattr(tok, "encode", None)) and callable(getattr(tok, "decode", None))):
+            raise TypeError(f"expected a transformers tokenizer, got {type(tok).__name__}")
+        bos = tok.bos_token_id
+        plain, special = tok.encode("a", add_special_tokens=False), tok.encode("a", add_special_tokens=True)
+        add_bos = bos is not None and special[:1] == [bos] and plain[:1] != [bos]
+        eos = eos_token_id if eos_token_id is not None else tok.eos_token_id
+        return cls(tok, eos_token_id=eos, bos_token_id=bos, add_bos=add_bos,
+                   name=getattr(tok, "name_or_path", "") or type(tok).__name__)
+
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size() if hasattr(self.backend, "get_vocab_size") \

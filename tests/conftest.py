@@ -63,6 +63,16 @@ def make_hf_checkpoint(family: str, folder, tokenizer_dir, seed: int = 0):
     return model
 
 
+@pytest.fixture
+def gpt2():
+    """A random-weight GPT-2 (an architecture llmopt does not implement; its projections are Conv1D)."""
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
 @pytest.fixture(params=list(FAMILIES))
 def hf_checkpoint(request, tmp_path, small_tokenizer_dir):
     """(family, folder, transformers model) for each supported family."""

@@ -95,3 +95,67 @@ def test_config_validation_and_presets():
     assert sum(p.numel() for p in model.parameters()) == tiny.n_params
     big = get_config("llama-3.2-1b")
     assert 1.2e9 < big.n_params < 1.3e9  # Llama-3.2-1B has 1.24B parameters
+
+
+def test_from_transformers_gives_the_same_model(hf_checkpoint):
+    """A transformers model held in memory becomes an llmopt model: same logits, same greedy tokens,
+    its own copy of the weights; its tokenizer is wrapped, adding BOS only where transformers would."""
+    from transformers import PreTrainedTokenizerFast
+    from llmopt.profiling import hf_generate
+    family, folder, hf = hf_checkpoint
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token="<|endoftext|>")
+    model, tok = llmopt.from_transformers(hf, hf_tok)
+    assert isinstance(model, llmopt.Transformer) and model.config.architecture == type(hf).__name__
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+    prompt = "Friends, Romans, countrymen"
+    assert tok.encode(prompt) == hf_tok.encode(prompt, add_special_tokens=False)
+    ours = llmopt.generate(model, tok, prompt, max_new_tokens=16, ignore_eos=True)
+    assert ours.token_ids == hf_generate(hf, torch.tensor([tok.encode(prompt)]), max_new_tokens=16).token_ids
+    assert tok.eos_token_ids == [0]                   # the model's generation config, not the tokenizer's
+    with torch.no_grad():
+        hf.get_input_embeddings().weight.zero_()      # a copy: changing transformers' weights leaves ours
+    assert model.embed_tokens.weight.abs().sum() > 0
+    half, none = llmopt.from_transformers(hf, dtype="bf16")
+    assert half.dtype == torch.bfloat16 and none is None
+
+
+def test_from_transformers_adds_bos_only_when_transformers_does(small_tokenizer_dir):
+    from transformers import PreTrainedTokenizerFast
+    from llmopt.tokenizer import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+    plain = PreTrainedTokenizerFast(tokenizer_file=str(small_tokenizer_dir / "tokenizer.json"),
+                                    bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    assert not Tokenizer.from_transformers(plain).add_bos
+    with_bos = PreTrainedTokenizerFast(tokenizer_file=str(small_tokenizer_dir / "tokenizer.json"),
+                                       bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    with_bos._tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A",
+                                                            special_tokens=[("<|endoftext|>", 0)])
+    wrapped = Tokenizer.from_transformers(with_bos)
+    assert wrapped.encode("Romans") == with_bos.encode("Romans") == [0] + plain.encode("Romans")
+    with pytest.raises(TypeError, match="expected a transformers tokenizer"):
+        Tokenizer.from_transformers("gpt2")
+
+
+def test_transformers_models_get_clear_errors(hf_checkpoint, gpt2):
+    _, _, hf = hf_checkpoint
+    tok = llmopt.load_model("tiny")[1]
+    for run in (lambda m: llmopt.generate(m, tok, [1, 2, 3], max_new_tokens=2),
+                lambda m: llmopt.generate_batch(m, tok, [[1, 2]], max_new_tokens=2),
+                lambda m: llmopt.Engine(m, tok)):
+        with pytest.raises(TypeError, match=f"transformers {type(hf).__name__}: convert it with .*from_transformers"):
+            run(hf)
+        with pytest.raises(TypeError, match="GPT2LMHeadModel, an architecture llmopt does not implement.*hf_generate"):
+            run(gpt2)
+    with pytest.raises(ValueError, match="from_transformers converts .*got a GPT2LMHeadModel.*hf_generate"):
+        llmopt.from_transformers(gpt2)
+    with pytest.raises(ValueError, match="from_transformers converts"):
+        llmopt.from_transformers(hf.model)            # the bare decoder, without its head
+
+
+def test_an_activation_llmopt_lacks_is_refused():
+    hf = get_config("tiny").to_hf()
+    hf["hidden_act"] = "gelu"
+    with pytest.raises(ValueError, match="activation 'gelu'.*SwiGLU"):
+        ModelConfig.from_hf(hf)

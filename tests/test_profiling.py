@@ -46,6 +46,23 @@ def test_roofline_of_a_transformers_model(hf_checkpoint):
         roofline(42)
 
 
+def test_roofline_of_an_architecture_llmopt_does_not_implement(hf_checkpoint, gpt2):
+    """Counted from the model itself: the same figures as from the config for the families llmopt
+    implements, and for GPT-2 (Conv1D projections, a position table) counted by hand."""
+    from llmopt.profiling import _shape_of_any_model, decode_shape
+    _, _, hf = hf_checkpoint
+    assert _shape_of_any_model(hf) == decode_shape(hf)
+    d, L, V = 64, 2, 512
+    # per layer: two layer norms (weight, bias), c_attn (qkv), c_proj (o), c_fc, mlp c_proj
+    per_layer = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+    matmul = L * per_layer + 2 * d + V * d          # final norm, the tied head; wpe never read whole
+    r = roofline(gpt2, torch.float32, context=10)
+    assert r["weight_bytes"] == matmul * 4
+    assert r["kv_bytes"] == 10 * 2 * L * 4 * 16 * 4
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        roofline(gpt2.config)                       # a config alone: no weights to count
+
+
 def test_op_breakdown_covers_the_wall_time():
     model = llmopt.build_model(llmopt.get_config("tiny"))
     ids = torch.randint(0, 4096, (1, 16))
@@ -95,6 +112,10 @@ def test_perplexity_sliding_window_scores_every_token_once():
         assert metrics.perplexity(uniform, ids=ids, context=context, stride=stride) == pytest.approx(V)
     with pytest.raises(ValueError, match="stride"):
         metrics.perplexity(uniform, ids=ids, context=16, stride=32)
+    assert metrics.perplexity(uniform, ids=ids[None], context=16) == pytest.approx(V)   # [1, T]
+    for bad in (ids.reshape(2, 50), ids.float()):
+        with pytest.raises(ValueError, match="scores one text"):
+            metrics.perplexity(uniform, ids=bad)
 
 
 def test_text_metrics():
@@ -110,6 +131,8 @@ def test_compare_next_token_against_itself_and_a_perturbed_copy():
     ids = torch.randint(0, 4096, (64,))
     same = metrics.compare_next_token(model, model, ids, context=32)
     assert same["top1_agreement"] == 1.0 and abs(same["kl_divergence"]) < 1e-6
+    assert metrics.compare_next_token(model, model, ids[None], context=32) == same    # a [1, T] batch
+    assert metrics.compare_next_token(model, model, ids.tolist(), context=32) == same
     noisy = llmopt.build_model(llmopt.get_config("tiny"))
     with torch.no_grad():
         for p in noisy.parameters():

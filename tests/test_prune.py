@@ -78,3 +78,19 @@ def test_recovery_keeps_pruned_weights_at_zero():
     losses = prune.recover(model, tok, masks, steps=2, batch_size=2, seq_len=32)
     assert len(losses) == 2
     assert abs(prune.sparsity(model) - 0.5) < 0.01
+
+
+def test_gpt2_conv1d_layers_prune_too(gpt2):
+    """transformers' Conv1D keeps its weight as [in, out]: magnitude pruning counts it, and 2:4 groups
+    run along the input dimension as for nn.Linear, the mask in the layer's own layout."""
+    import copy
+    mag = copy.deepcopy(gpt2)
+    prune.magnitude_prune(mag, 0.5)
+    assert abs(prune.sparsity(mag) - 0.5) < 0.01 and len(prune.prunable(mag)) == 8
+    masks = prune.semi_structured_2_4(gpt2)
+    for name, m in prune.prunable(gpt2):
+        assert torch.equal(masks[name] == 0, m.weight == 0)
+        zeros = (m.weight.t().reshape(-1, 4) == 0).sum(1)     # [out, in]: consecutive inputs
+        assert (zeros >= 2).all(), name
+    with pytest.raises(ValueError, match="no linear layers to prune"):
+        prune.magnitude_prune(torch.nn.Sequential(torch.nn.ReLU()), 0.5)

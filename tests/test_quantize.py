@@ -106,6 +106,25 @@ def test_transformers_model_quantizes_too(hf_checkpoint):
     assert not any(isinstance(m, torch.nn.Linear) for m in hf.modules())
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_gpt2_conv1d_layers_quantize_too(gpt2, method):
+    """GPT-2's projections are transformers' Conv1D (weight [in, out]): each becomes a quantized
+    linear layer computing the same product, and a model with nothing to quantize is an error."""
+    from transformers.pytorch_utils import Conv1D
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(0))
+    layer = gpt2.transformer.h[0].mlp.c_fc
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        before, exact = gpt2(ids).logits, layer(x)
+        quantize(gpt2, method, group_size=32)
+        after, approx = gpt2(ids).logits, gpt2.transformer.h[0].mlp.c_fc(x)
+    assert not any(isinstance(m, (Conv1D, nn.Linear)) for m in gpt2.modules())
+    assert (approx - exact).norm() / exact.norm() < (0.01 if method == "int8" else 0.1)
+    assert (after - before).norm() / before.norm() < (0.02 if method == "int8" else 0.2)
+    with pytest.raises(ValueError, match="found no linear layers"):
+        quantize(nn.Sequential(nn.ReLU()), "int8")
+
+
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
 def test_bitsandbytes_through_transformers(mode):
     pytest.importorskip("bitsandbytes")
