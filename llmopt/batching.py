@@ -28,7 +28,7 @@ from .generate import (_COMPILED, COMPILE_BUCKET, Generation, _as_stop_list, _ch
                        _stop_at, _weights_key, compiled_cache, compiled_decode, decode_one_token,
                        per_prompt, per_prompt_options, timing_stats)
 from .kv_cache import kv_cache_bytes, make_cache, to_device
-from .sampling import greedy, sample
+from .sampling import greedy, sample, seeded_generator
 
 
 class MemoryBudgetExceeded(MemoryError):
@@ -90,8 +90,8 @@ def generate_batch(model, tokenizer, prompts, *, max_new_tokens=64, temperature:
     n = len(prompts)
     max_new = per_prompt(max_new_tokens, n, "max_new_tokens")
     seeds = per_prompt(seed, n, "seed")
-    ids = [_checked_request(model, tokenizer, p, m, temperature, top_k, top_p, cache, compile)
-           for p, m in zip(prompts, max_new)]
+    ids = [_checked_request(model, tokenizer, p, m, temperature, top_k, top_p, cache, compile, seed=s)
+           for p, m, s in zip(prompts, max_new, seeds)]
     stop = _as_stop_list(stop)
     eos = _eos_ids(tokenizer, ignore_eos)
     device, cfg = model.device, model.config
@@ -110,13 +110,7 @@ def generate_batch(model, tokenizer, prompts, *, max_new_tokens=64, temperature:
             raise MemoryBudgetExceeded(f"a batch of {n} x ({T} + {steps}) tokens needs about "
                                        f"{need / 2**20:.1f} MiB, over the budget of "
                                        f"{memory_budget / 2**20:.1f} MiB: split the batch")
-    gens = []
-    for s in seeds:
-        g = None
-        if temperature > 0:
-            g = torch.Generator(device=device)
-            g.manual_seed(s if s is not None else torch.seed())
-        gens.append(g)
+    gens = [seeded_generator(s, temperature, device) for s in seeds]
 
     pad = [T - len(i) for i in ids]
     pad_id = (eos and min(eos)) or 0
@@ -235,7 +229,7 @@ class DynamicBatcher:
               stop=None, ignore_eos: bool = False) -> dict:
         """Validate one request (raising in the caller) and make its queue entry."""
         ids = _checked_request(self.model, self.tokenizer, prompt, max_new_tokens, temperature,
-                               top_k, top_p, self.cache)
+                               top_k, top_p, self.cache, seed=seed)
         if len(ids) + max_new_tokens > self.max_batch_tokens:
             raise ValueError(f"request of {len(ids)} + {max_new_tokens} tokens exceeds "
                              f"max_batch_tokens={self.max_batch_tokens}: raise the budget or shorten it")

@@ -28,8 +28,9 @@ def ci_mode() -> bool:
 
 def to_transformers(model):
     """A `transformers` model with exactly this llmopt model's weights (in memory, no disk)."""
-    from .model import check_unfused
+    from .model import check_unfused, check_unquantized
     check_unfused(model, "to_transformers")
+    check_unquantized(model, "to_transformers")
     from transformers import AutoConfig, AutoModelForCausalLM
     hf_cfg = model.config.to_hf()
     model_type = hf_cfg.pop("model_type")

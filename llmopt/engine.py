@@ -36,7 +36,7 @@ from .generate import (Generation, TextStream, _as_stop_list, _checked_request, 
 from .cuda_graphs import EngineGraphs
 from .kv_cache import BlockManager, PagedKVCache, to_device
 from .model import check_llmopt_model
-from .sampling import greedy, sample
+from .sampling import greedy, sample, seeded_generator
 
 _DONE = object()   # end-of-stream marker in a handle's token queue
 
@@ -51,10 +51,8 @@ class Sequence:
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = \
             max_new_tokens, temperature, top_k, top_p
         self.stop, self.eos = stop, eos
-        self.generator = None
-        if temperature > 0:   # its own generator: a request's samples don't depend on its neighbours
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(seed if seed is not None else torch.seed())
+        # its own generator: a request's samples don't depend on its neighbours
+        self.generator = seeded_generator(seed, temperature, device)
         self.generated: list[int] = []
         self.inflight = 0                      # tokens sampled on the device, not yet read (overlap)
         self.blocks: list[int] = []            # physical KV blocks, in logical order
@@ -456,7 +454,7 @@ class Engine:
                       stop=None, ignore_eos: bool = False) -> Sequence:
         """Validate one request (raising in the caller) and make its Sequence."""
         ids = _checked_request(self.model, self.tokenizer, prompt, max_new_tokens, temperature,
-                               top_k, top_p, "paged")
+                               top_k, top_p, "paged", seed=seed)
         total = len(ids) + max_new_tokens
         capacity = self.cache.manager.num_blocks * self.cache.block_size
         if total > min(self.max_seq_len, capacity):

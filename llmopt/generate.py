@@ -23,7 +23,7 @@ from .config import check_count
 from .cuda_graphs import GraphRecordingError, record_cuda_graph
 from .kv_cache import CACHE_KINDS, make_cache, to_device
 from .model import check_llmopt_model
-from .sampling import check_sampling, greedy, sample
+from .sampling import check_sampling, check_seed, greedy, sample, seeded_generator
 
 
 @dataclass
@@ -272,7 +272,11 @@ def encode_prompt(model, tokenizer, prompt, max_new_tokens: int) -> list[int]:
     elif isinstance(prompt, torch.Tensor):
         ids = prompt.flatten().tolist()
     else:
-        ids = [int(i) for i in prompt]
+        try:
+            ids = [int(i) for i in prompt]
+        except (TypeError, ValueError):
+            raise ValueError(f"prompt must be text, a list of token ids or a tensor of them, got "
+                             f"{prompt!r:.60}") from None
     if not ids:
         raise ValueError("prompt is empty: give at least one token")
     vocab = model.config.vocab_size
@@ -319,10 +323,7 @@ def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tok
     if compile or graph_steps > 1:
         # one graph serves every length in a bucket: fixed cache shape
         max_len = min(model.config.max_seq_len, -(-max_len // COMPILE_BUCKET) * COMPILE_BUCKET)
-    gen = None
-    if temperature > 0:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed if seed is not None else torch.seed())
+    gen = seeded_generator(seed, temperature, device)
     eos = _eos_ids(tokenizer, ignore_eos)
     release = None
     with torch.inference_mode():
@@ -397,7 +398,7 @@ def _graph_tokens(model, kv, logits, pos: int, max_len: int, start: float, *, ma
 
 
 def _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p,
-                     cache, compile=False, sync_every=1, graph_steps=1) -> list[int]:
+                     cache, compile=False, sync_every=1, graph_steps=1, *, seed=None) -> list[int]:
     """Validate every option before any work starts; returns the prompt's ids."""
     from .draft import MLPDraft
     if isinstance(model, MLPDraft):
@@ -406,6 +407,7 @@ def _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_
                         "tokenizer, prompt), with a target such as load_model('tiny')")
     check_llmopt_model(model, "llmopt's generation")
     check_sampling(temperature, top_k, top_p)
+    check_seed(seed)
     check_count(sync_every, "sync_every (tokens read per host sync)")
     if cache not in CACHE_KINDS:
         raise ValueError(f"cache must be one of {CACHE_KINDS}, got {cache!r}")
@@ -472,7 +474,7 @@ def _as_stop_list(stop) -> list[str]:
         return []
     if isinstance(stop, str):
         return [stop]
-    if not all(isinstance(s, str) for s in stop):
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
         raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
     return list(stop)
 
@@ -510,7 +512,7 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
                                top_k=top_k, top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos)
     start = time.perf_counter()
     ids = _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, cache,
-                           compile, sync_every, graph_steps)
+                           compile, sync_every, graph_steps, seed=seed)
     stop = _as_stop_list(stop)
     eos = _eos_ids(tokenizer, ignore_eos)
     new, times, reason, text = [], [], "length", None
@@ -539,15 +541,21 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
 
 
 def stream(model, tokenizer, prompt, **options) -> Iterator[str]:
-    """Like `generate`, but yields the text of each new token as soon as it is sampled."""
+    """Like `generate`, but yields the text of each new token as soon as it is sampled.
+
+    A bad request raises here, at the call, not at the first token."""
     start = time.perf_counter()
     options.setdefault("max_new_tokens", 64)
     ids = _checked_request(model, tokenizer, prompt, options["max_new_tokens"],
                            options.get("temperature", 0.0), options.get("top_k"),
                            options.get("top_p"), options.get("cache", "static"),
                            options.get("compile", False), options.get("sync_every", 1),
-                           options.get("graph_steps", 1))
+                           options.get("graph_steps", 1), seed=options.get("seed"))
     text = TextStream(tokenizer, _as_stop_list(options.pop("stop", None)))
+    return _text_pieces(model, tokenizer, ids, start, text, options)
+
+
+def _text_pieces(model, tokenizer, ids, start, text, options) -> Iterator[str]:
     eos = _eos_ids(tokenizer, options.get("ignore_eos", False))
     for tok, _ in _token_stream(model, tokenizer, ids, start, **options):
         if tok in eos:
@@ -636,6 +644,7 @@ class Session:
         """Append `text` (may be empty) and generate `max_new_tokens` more, reusing the cache."""
         start = time.perf_counter()
         check_sampling(temperature, top_k, top_p)
+        check_seed(seed)
         check_count(max_new_tokens, "max_new_tokens")
         new_in = self._pending + (self.tokenizer.encode(text) if text else [])
         if not new_in and not self.ids:
@@ -644,10 +653,7 @@ class Session:
             raise ValueError(f"this session holds {self.max_len} tokens; {len(self.ids)} used, "
                              f"{len(new_in)} new and {max_new_tokens} to generate do not fit: "
                              "start a new Session (or give it a larger max_len)")
-        gen = None
-        if temperature > 0:
-            gen = torch.Generator(device=self.model.device)
-            gen.manual_seed(seed if seed is not None else torch.seed())
+        gen = seeded_generator(seed, temperature, self.model.device)
         eos = _eos_ids(self.tokenizer, ignore_eos)
         dev = self.model.device
         self.ids += new_in

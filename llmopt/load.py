@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig
 from .data import DATA_DIR
-from .model import Transformer, check_unfused, rope_inv_freq
+from .model import Transformer, check_unfused, check_unquantized, rope_inv_freq
 from .precision import as_dtype, check_device
 from .tokenizer import Tokenizer
 
@@ -140,6 +140,9 @@ def from_transformers(hf_model, tokenizer=None, *, device=None,
     no llmopt implementation: measure them with `llmopt.hf_generate` and the helpers,
     which take any `transformers` model.
     """
+    if not isinstance(hf_model, torch.nn.Module):
+        raise TypeError(f"from_transformers takes a transformers model object, got {hf_model!r:.60}; for a "
+                        "checkpoint folder (or a hub name) use llmopt.load_model(path)")
     arch = type(hf_model).__name__
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"from_transformers converts {', '.join(SUPPORTED_ARCHITECTURES)} models, "
@@ -164,6 +167,7 @@ def from_transformers(hf_model, tokenizer=None, *, device=None,
 def save_model(model: Transformer, folder: str | Path, tokenizer=None) -> Path:
     """Write `config.json` + `model.safetensors` (HF names) so `transformers` loads it too."""
     check_unfused(model, "save_model (Hugging Face weight names)")
+    check_unquantized(model, "save_model (a Hugging Face checkpoint)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model.config

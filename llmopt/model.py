@@ -341,6 +341,19 @@ def check_unfused(model, what: str) -> None:
                          "llmopt.unfuse_projections(model) first")
 
 
+def check_unquantized(model, what: str,
+                      fix: str = "apply it to the model before quantizing (or to a freshly loaded copy)") -> None:
+    """A clear error for the operations that need the full-precision weights (`llmopt.quantize`d
+    models record how, in `model.quantization`; transformers' own quantizers in the config)."""
+    done = getattr(model, "quantization", None)
+    bnb = getattr(getattr(model, "config", None), "quantization_config", None)
+    if done or bnb:
+        how = done["method"] if done else type(bnb).__name__ if not isinstance(bnb, dict) else \
+            bnb.get("quant_method", "transformers")
+        raise ValueError(f"{what} needs full-precision weights, and this model is already quantized "
+                         f"({how}): {fix}")
+
+
 def check_llmopt_model(model, what: str) -> None:
     """A clear error when `what` (one of llmopt's generation paths) gets a model it cannot run."""
     if isinstance(getattr(model, "config", None), ModelConfig):

@@ -13,12 +13,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .model import Transformer, check_unfused, is_conv1d, linear_from
+from .model import Transformer, check_unfused, check_unquantized, is_conv1d, linear_from
 
 
 def prunable(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[tuple[str, nn.Module]]:
     """The linear layers pruning applies to (everything but the output head): nn.Linear, and
     transformers' Conv1D (GPT-2's family, weight stored as [in, out])."""
+    check_unquantized(model, "pruning")
     layers = [(n, m) for n, m in model.named_modules()
               if (isinstance(m, nn.Linear) or is_conv1d(m)) and not any(n == s or n.endswith("." + s) for s in skip)]
     if not layers:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import int8_gemv
-from .model import as_linear, is_conv1d
+from .model import as_linear, check_unquantized, is_conv1d
 
 METHODS = ("int8", "int4")
 
@@ -309,6 +309,7 @@ def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, sy
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r} (bitsandbytes is "
                          "used through transformers: see llmopt.quantize_bnb)")
+    check_unquantized(model, "quantize", "quantize a freshly loaded copy of the full-precision model")
     if method == "int4" and group_size not in (32, 64, 128, 256):
         raise ValueError(f"group_size must be 32, 64, 128 or 256, got {group_size}")
     if kernel not in ("auto", "triton"):

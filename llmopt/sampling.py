@@ -16,6 +16,22 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None,
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
+def check_seed(seed) -> None:
+    """Raise ValueError unless `seed` is an integer or None (None: a fresh random seed)."""
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+
+
+def seeded_generator(seed: int | None, temperature: float, device) -> torch.Generator | None:
+    """A request's own random generator when it samples (temperature > 0), None when greedy."""
+    check_seed(seed)
+    if not temperature > 0:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else torch.seed())
+    return gen
+
+
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """The highest-scoring token ids along the last dimension (the first one on ties): argmax.
 

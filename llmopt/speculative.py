@@ -36,7 +36,7 @@ from .config import check_count
 from .draft import MLPDraft
 from .generate import Generation, _as_stop_list, _checked_request, _eos_ids, _stop_at, timing_stats
 from .kv_cache import make_cache
-from .sampling import check_sampling, probabilities
+from .sampling import check_sampling, probabilities, seeded_generator
 from .sampling import greedy as greedy_ids
 
 
@@ -190,13 +190,11 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
         if draft.device != target.device:
             raise ValueError(f"draft is on {draft.device}, target on {target.device}: move both to one device")
     check_sampling(temperature, top_k, top_p)
-    ids = _checked_request(target, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, "static")
+    ids = _checked_request(target, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, "static",
+                           seed=seed)
     stop = _as_stop_list(stop)
     eos = _eos_ids(tokenizer, ignore_eos)
-    gen = None
-    if temperature > 0:
-        gen = torch.Generator(device=target.device)
-        gen.manual_seed(seed if seed is not None else torch.seed())
+    gen = seeded_generator(seed, temperature, target.device)
     max_len = len(ids) + max_new_tokens + k + 1
     if max_len > target.config.max_seq_len:
         max_len = target.config.max_seq_len

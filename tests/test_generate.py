@@ -106,6 +106,10 @@ def test_stats_are_consistent(model_and_tok):
     (dict(temperature=1.0, top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(cache="paged-ish"), "cache must be one of"),
     (dict(stop=[1, 2]), "stop must be"),
+    (dict(stop=5), "stop must be a string or a list of strings, got 5"),
+    (dict(prompt=None), "prompt must be text, a list of token ids"),
+    (dict(temperature=0.8, seed="7"), "seed must be an integer or None, got '7'"),
+    (dict(seed=1.5), "seed must be an integer or None"),       # refused even when greedy ignores it
 ])
 def test_bad_requests_raise_clear_errors(model_and_tok, kwargs, message):
     model, tok = model_and_tok
@@ -113,6 +117,31 @@ def test_bad_requests_raise_clear_errors(model_and_tok, kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         llmopt.generate(model, tok, args.pop("prompt"), **args)
+
+
+@pytest.mark.parametrize("prompt, options, message", [
+    ("Hello", dict(stop=5), "stop must be a string or a list of strings"),
+    (None, {}, "prompt must be text"),
+    ("Hello", dict(temperature=0.8, seed="7"), "seed must be an integer or None"),
+])
+def test_every_entry_point_refuses_a_bad_request_in_the_caller(model_and_tok, prompt, options, message):
+    """The same check in stream, static and dynamic batching and the engine, before any work;
+    a server that refused one request goes on serving the others."""
+    from llmopt.speculative import speculative_generate
+    model, tok = model_and_tok
+    with pytest.raises(ValueError, match=message):
+        llmopt.stream(model, tok, prompt, max_new_tokens=4, **options)
+    with pytest.raises(ValueError, match=message):
+        llmopt.generate_batch(model, tok, ["A", prompt], max_new_tokens=4, **options)
+    with pytest.raises(ValueError, match=message):
+        speculative_generate(model, "lookup", tok, prompt, max_new_tokens=4, **options)
+    with llmopt.Engine(model, tok, max_batch_size=2) as engine, \
+            llmopt.DynamicBatcher(model, tok, max_batch_size=2) as batcher:
+        for server in (engine, batcher):
+            with pytest.raises(ValueError, match=message):
+                server.submit(prompt, max_new_tokens=4, **options)
+        assert engine.submit("A", max_new_tokens=2).result().token_ids
+        assert batcher.submit("A", max_new_tokens=2).result().token_ids
 
 
 def test_generation_stops_at_end_of_sequence(model_and_tok, monkeypatch):

@@ -48,6 +48,19 @@ def test_bad_options():
         quantize_int4(torch.randn(4, 40), 32)
 
 
+def test_what_needs_full_precision_weights_refuses_a_quantized_model(tmp_path):
+    """Quantizing twice, pruning, saving a Hugging Face checkpoint or handing the model to
+    transformers after quantizing would be silently wrong: each says to do it before."""
+    from llmopt import prune
+    m = quantize(llmopt.build_model(llmopt.get_config("tiny")), "int8")
+    for run, what in [(lambda: quantize(m, "int4"), "quantize"), (lambda: prune.magnitude_prune(m, 0.5), "pruning"),
+                      (lambda: llmopt.save_model(m, tmp_path), "save_model"),
+                      (lambda: llmopt.to_transformers(m), "to_transformers")]:
+        with pytest.raises(ValueError, match=f"{what}.* needs full-precision weights.*already quantized \\(int8\\)"):
+            run()
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("method,kw", [("int8", {}), ("int4", {"group_size": 32}),
                                        ("int4", {"group_size": 64, "symmetric": True})])
 def test_fused_and_reference_paths_agree(method, kw):
