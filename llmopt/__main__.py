@@ -1,4 +1,5 @@
-"""Command line: `python -m llmopt bench [experiments] [--quick] [--out DIR]`, `python -m llmopt generate`."""
+"""Command line: `python -m llmopt bench [experiments] [--quick] [--out DIR] [--model PATH]`,
+`python -m llmopt generate`."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--quick", action="store_true", help="CI sizes (also set by LLMOPT_CI=1)")
     b.add_argument("--out", help="report folder (default reports/bench-<time>)")
     b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    b.add_argument("--model", default="tiny",
+                   help="tiny (default), or your own Llama / Mistral / Qwen2 checkpoint folder")
     g = sub.add_parser("generate", help="generate text from a prompt")
     g.add_argument("prompt")
     g.add_argument("--model", default="tiny")
@@ -36,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import ci_mode, run_bench
         try:
             run_bench(args.experiments or None, quick=args.quick or ci_mode(), out=args.out,
-                      device=args.device)
-        except ValueError as e:
+                      device=args.device, model=args.model)
+        except (ValueError, FileNotFoundError) as e:
             parser.error(str(e))
         return 0
     from . import generate, load_model, stream

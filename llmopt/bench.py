@@ -2,7 +2,8 @@
 
 Each experiment returns result rows (plain dicts with device, dtype and model
 beside every figure); `run_bench` runs the chosen ones, prints ratios and writes
-`report.md`, `results.json` and PNG plots into one folder.
+`report.md`, `results.json` and PNG plots into one folder; on `tiny`, or on your own
+checkpoint (`model=`).
 """
 from __future__ import annotations
 
@@ -114,57 +115,84 @@ def graph_variants(modes, k: int, suffix: str = "") -> list[tuple[str, dict]]:
     return out
 
 
-def bench_baseline(quick: bool, device: str) -> dict:
-    """`tiny`: llmopt vs transformers generate, batch 1, greedy, 128 new tokens."""
+def model_label(model: str) -> str:
+    """How a report names the model an experiment ran: "tiny", or the checkpoint folder's name."""
+    return model if model in ("tiny", "tiny-draft-llama") else Path(model).name or str(model)
+
+
+def check_bench_model(model: str) -> None:
+    """Refuse, before any experiment runs, a model the bench cannot run (with load_model's reasons)."""
+    from .draft import is_mlp_draft_folder
+    from .load import resolve
+    hf = json.loads((resolve(model) / "config.json").read_text())
+    if is_mlp_draft_folder(hf):
+        raise ValueError(f"{model!r} is an MLP draft, not a model to benchmark: give a target such as 'tiny' "
+                         "or a Llama / Mistral / Qwen2 checkpoint folder")
+    ModelConfig.from_hf(hf)                    # an architecture llmopt implements, or a clear error
+
+
+def bench_baseline(quick: bool, device: str, model: str = "tiny") -> dict:
+    """llmopt vs transformers generate on the same checkpoint (`tiny` by default), batch 1, greedy."""
     from transformers import AutoModelForCausalLM
     from .load import load_model, resolve
-    model, tok = load_model("tiny", device=device)
-    hf = AutoModelForCausalLM.from_pretrained(resolve("tiny")).to(device).eval()
+    name, path = model_label(model), model
+    model, tok = load_model(path, device=device)
+    # safetensors only, in the dtype llmopt loaded (load_model has already refused pickled weights)
+    hf = AutoModelForCausalLM.from_pretrained(resolve(path), use_safetensors=True,
+                                              dtype=model.dtype).to(device).eval()
     new = 32 if quick else 128
     rows = compare_with_transformers(model, tok, hf, new_tokens=new, repeats=2 if quick else 5,
-                                     label="tiny", compiled=not quick)
+                                     label=name, compiled=not quick)
     hf_row = rows[-1]
     best = max(rows[:-1], key=lambda r: r["decode_tokens_per_s"])
     ratios = {f"decode tokens/s, {r['label']} / transformers":
               r["decode_tokens_per_s"] / hf_row["decode_tokens_per_s"] for r in rows[:-1]}
     ratios["end-to-end tokens/s (prefill included), llmopt eager / transformers"] = (
         rows[0]["e2e_tokens_per_s"] / hf_row["e2e_tokens_per_s"])
-    return {"name": "baseline", "title": f"llmopt vs transformers generate (tiny, batch 1, greedy, "
+    return {"name": "baseline", "title": f"llmopt vs transformers generate ({name}, batch 1, greedy, "
             f"{new} new tokens)", "rows": rows, "ratios": ratios,
-            "goal": {f"decode tokens/s, {best['label']} / transformers": 2.0},
+            "goal": {f"decode tokens/s, {best['label']} / transformers": 2.0} if name == "tiny" else {},
             "extra_keys": ["first_call_s", "greedy_token_agreement"]}
 
 
-def bench_cache(quick: bool, device: str) -> dict:
-    """`tiny`, batch 1: the static KV cache vs recomputing the whole sequence every step."""
+def bench_cache(quick: bool, device: str, model: str = "tiny") -> dict:
+    """Batch 1: the static KV cache vs recomputing the whole sequence every step."""
     from .load import load_model
     from .metrics import heldout_ids
-    model, tok = load_model("tiny", device=device)
+    name = model_label(model)
+    model, tok = load_model(model, device=device)
     prompt = heldout_ids(tok, "test", max_tokens=32).tolist()
     new = 64 if quick else 512
     rows = []
     for kind in ("none", "dynamic", "static", "paged"):
         rows.append(measure_generation(
             lambda: generate(model, tok, prompt, max_new_tokens=new, cache=kind, ignore_eos=True),
-            repeats=1 if quick else 3, warmup=1, label=f"cache={kind}", model="tiny",
-            device=device, dtype="float32"))
+            repeats=1 if quick else 3, warmup=1, label=f"cache={kind}", model=name,
+            device=device, dtype=str(model.dtype).removeprefix("torch.")))
     by = {r["label"]: r for r in rows}
-    return {"name": "cache", "title": f"KV cache vs recompute (tiny, batch 1, 32-token prompt, {new} new tokens)",
+    return {"name": "cache", "title": f"KV cache vs recompute ({name}, batch 1, 32-token prompt, {new} new tokens)",
             "rows": rows,
             "ratios": {"decode tokens/s, static cache / recompute":
                        by["cache=static"]["decode_tokens_per_s"] / by["cache=none"]["decode_tokens_per_s"],
                        "decode tokens/s, paged / static":
                        by["cache=paged"]["decode_tokens_per_s"] / by["cache=static"]["decode_tokens_per_s"]},
-            "goal": {"decode tokens/s, static cache / recompute": 8.0}}
+            "goal": {"decode tokens/s, static cache / recompute": 8.0} if name == "tiny" else {}}
 
 
-def bench_attention(quick: bool, device: str) -> dict:
-    """Prefill time (TTFT) of plain softmax attention vs SDPA at long prompts, `tiny` shape."""
+def bench_attention(quick: bool, device: str, model: str = "tiny") -> dict:
+    """Prefill time (TTFT) of plain softmax attention vs SDPA at long prompts (`tiny`'s shape, random
+    weights, by default; a checkpoint's own weights otherwise)."""
+    from .load import load_model
     from .model import build_model
     from .profiling import measure
-    model = build_model(get_config("tiny"), device=device)
+    name = model_label(model)
+    if model == "tiny":
+        model, label = build_model(get_config("tiny"), device=device), "tiny (random weights)"
+    else:
+        model, label = load_model(model, device=device)[0], name
+    dtype = str(model.dtype).removeprefix("torch.")
     rows, ratios = [], {}
-    for n in ((256, 512) if quick else (1024, 2048)):
+    for n in [n for n in ((256, 512) if quick else (1024, 2048)) if n <= model.config.max_seq_len]:
         ids = torch.randint(0, model.config.vocab_size, (1, n), device=device)
         times = {}
         for backend in ("plain", "sdpa"):
@@ -173,12 +201,12 @@ def bench_attention(quick: bool, device: str) -> dict:
                 t = measure(lambda: model(ids, last_only=True), warmup=1, repeats=2 if quick else 5,
                             device=device)["median"]
             times[backend] = t
-            rows.append({"label": f"{backend} attention, prompt {n}", "model": "tiny (random weights)",
-                         "device": device, "dtype": "float32", "prompt_len": n, "ttft_s": t,
+            rows.append({"label": f"{backend} attention, prompt {n}", "model": label,
+                         "device": device, "dtype": dtype, "prompt_len": n, "ttft_s": t,
                          "prefill_tokens_per_s": n / t})
         model.set_attention("sdpa")
         ratios[f"prefill time at {n} tokens, plain / SDPA"] = times["plain"] / times["sdpa"]
-    return {"name": "attention", "title": "SDPA vs plain attention, prefill", "rows": rows,
+    return {"name": "attention", "title": f"SDPA vs plain attention, prefill ({name})", "rows": rows,
             "ratios": ratios, "metric": "prefill_tokens_per_s"}
 
 
@@ -191,8 +219,9 @@ def _random_shape(preset: str, quick: bool, device: str, dtype=torch.float32):
     return build_model(cfg, device=device, dtype=dtype)
 
 
-def bench_precision(quick: bool, device: str) -> dict:
-    """Per dtype: decode tokens/s, peak memory, model bytes; perplexity change on `tiny`."""
+def bench_precision(quick: bool, device: str, model: str = "tiny") -> dict:
+    """Per dtype: decode tokens/s, peak memory, model bytes; perplexity change (`tiny` and a
+    ~100M-parameter random-weight shape by default, or the checkpoint given)."""
     import warnings
     from .load import load_model
     from .metrics import heldout_ids, perplexity
@@ -201,24 +230,26 @@ def bench_precision(quick: bool, device: str) -> dict:
     from .quantize import model_bytes
     rows, ratios = [], {}
     new = 16 if quick else 64
-    for source in ("tiny", "llama-100m"):
+    checkpoint = model
+    for source in (("tiny", "llama-100m") if checkpoint == "tiny" else (model_label(checkpoint),)):
         base_ppl = None
+        random = source == "llama-100m"
         for name in ("fp32", "bf16", "fp16"):
-            if source == "tiny":
-                model, tok = load_model("tiny", device=device)
-            else:
+            if random:
                 model, tok = _random_shape(source, quick, device), None
+            else:
+                model, tok = load_model(checkpoint, device=device)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 cast(model, name)
             prompt = list(range(1, 33))
             run = lambda: generate(model, tok, prompt, max_new_tokens=new, ignore_eos=True)  # noqa: E731
             row = measure_generation(run, repeats=1 if quick else 3, label=f"{source} {name}",
-                                     model=source + ("" if source == "tiny" else " (random weights)"),
+                                     model=source + (" (random weights)" if random else ""),
                                      device=device, dtype=name)
             row["peak_mb"] = peak_memory(run, device=device)["peak_bytes"] / 1e6
             row["model_mb"] = model_bytes(model) / 1e6
-            if source == "tiny":
+            if not random:
                 ids = heldout_ids(tok, "test", max_tokens=2048 if quick else 16384)
                 row["perplexity"] = perplexity(model, ids=ids, context=256)
                 base_ppl = base_ppl or row["perplexity"]
@@ -231,28 +262,30 @@ def bench_precision(quick: bool, device: str) -> dict:
             "ratios": ratios, "extra_keys": ["model_mb", "peak_mb", "perplexity", "perplexity_change"]}
 
 
-def bench_compile(quick: bool, device: str) -> dict:
-    """`tiny`: the compiled decode step vs eager, with the compile time beside the speed-up."""
+def bench_compile(quick: bool, device: str, model: str = "tiny") -> dict:
+    """The compiled decode step vs eager, with the compile time beside the speed-up."""
     from .load import load_model
-    model, tok = load_model("tiny", device=device)
+    name = model_label(model)
+    model, tok = load_model(model, device=device)
+    dtype = str(model.dtype).removeprefix("torch.")
     mode = "reduce-overhead" if device.startswith("cuda") else "default"
     new = 32 if quick else 256
     prompt = list(range(1, 33))
     eager = measure_generation(lambda: generate(model, tok, prompt, max_new_tokens=new, ignore_eos=True),
-                               repeats=1 if quick else 3, label="eager", model="tiny", device=device,
-                               dtype="float32")
+                               repeats=1 if quick else 3, label="eager", model=name, device=device,
+                               dtype=dtype)
     t0 = time.perf_counter()
     first = generate(model, tok, prompt, max_new_tokens=new, ignore_eos=True, compile=mode)
     compile_s = time.perf_counter() - t0 - eager["e2e_s"]
     comp = measure_generation(lambda: generate(model, tok, prompt, max_new_tokens=new, ignore_eos=True,
                                                compile=mode),
-                              repeats=1 if quick else 3, label=f"compiled ({mode})", model="tiny",
-                              device=device, dtype="float32")
+                              repeats=1 if quick else 3, label=f"compiled ({mode})", model=name,
+                              device=device, dtype=dtype)
     comp["compile_s"] = compile_s
     same = first.token_ids == generate(model, tok, prompt, max_new_tokens=new, ignore_eos=True).token_ids
     for r in (eager, comp):
         r["greedy_identical"] = same
-    return {"name": "compile", "title": f"Compiled vs eager decode (tiny, batch 1, {new} new tokens)",
+    return {"name": "compile", "title": f"Compiled vs eager decode ({name}, batch 1, {new} new tokens)",
             "rows": [eager, comp],
             "ratios": {"decode tokens/s, compiled / eager": comp["decode_tokens_per_s"] / eager["decode_tokens_per_s"]},
             "extra_keys": ["compile_s", "greedy_identical"]}
@@ -275,36 +308,56 @@ def _quantized(model, method: str | None, **kw):
     return quantize(model, method, **kw) if method else model
 
 
-def bench_quantization(quick: bool, device: str) -> dict:
-    """Weight-only quantization: bytes and held-out perplexity on `tiny`; CPU decode speed on a
-    ~100M-parameter shape against `transformers` fp32 generate."""
+def bench_quantization(quick: bool, device: str, model: str = "tiny") -> dict:
+    """Weight-only quantization: bytes and held-out perplexity on `tiny` (or the checkpoint given);
+    decode speed against `transformers` generate on a ~100M-parameter random-weight shape (or the
+    checkpoint itself)."""
+    import copy
     from .load import load_model
     from .metrics import compare_next_token, heldout_ids, perplexity
     from .quantize import model_bytes
+    name, path = model_label(model), model
     rows, ratios = [], {}
-    ref, tok = load_model("tiny", device=device)
+    ref, tok = load_model(path, device=device)
+    short = lambda m: str(m.dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16")  # noqa: E731
+    ref_dtype = short(ref)               # tiny: fp32; a checkpoint as it was saved
     ids = heldout_ids(tok, "test", max_tokens=2048 if quick else 16384)
-    fp32_bytes, fp32_ppl = model_bytes(ref), perplexity(ref, ids=ids, context=256)
+    ref_bytes, ref_ppl = model_bytes(ref), perplexity(ref, ids=ids, context=256)
+    skipped = []
     for label, method, kw in QUANT_METHODS:
-        model = _quantized(load_model("tiny", device=device)[0], method, **kw)
+        label = ref_dtype if method is None else label
+        try:
+            model = _quantized(copy.deepcopy(ref), method, **kw)
+        except ValueError as e:          # e.g. int4 groups that do not divide this model's widths
+            skipped.append({"label": f"{name} {label}", "model": name, "device": device, "method": label,
+                            "skipped": str(e)})
+            continue
         ppl = perplexity(model, ids=ids, context=256)
         agree = compare_next_token(model, ref, ids[:1024], context=256)
-        rows.append({"label": f"tiny {label}", "model": "tiny", "device": device, "method": label,
-                     "bytes_ratio": model_bytes(model) / fp32_bytes, "perplexity": ppl,
-                     "perplexity_change": ppl / fp32_ppl - 1, **agree})
+        rows.append({"label": f"{name} {label}", "model": name, "device": device, "method": label,
+                     "bytes_ratio": model_bytes(model) / ref_bytes, "perplexity": ppl,
+                     "perplexity_change": ppl / ref_ppl - 1, **agree})
     by = {r["method"]: r for r in rows}
-    ratios["tiny int8 weight bytes / fp32"] = by["int8"]["bytes_ratio"]
-    ratios["tiny int8 perplexity change (fraction)"] = by["int8"]["perplexity_change"]
-    ratios["tiny int4 g64 weight bytes / fp32"] = by["int4 g64"]["bytes_ratio"]
-    ratios["tiny int4 g64 perplexity change (fraction)"] = by["int4 g64"]["perplexity_change"]
+    for method in ("int8", "int4 g64"):
+        if method in by:
+            ratios[f"{name} {method} weight bytes / {ref_dtype}"] = by[method]["bytes_ratio"]
+            ratios[f"{name} {method} perplexity change (fraction)"] = by[method]["perplexity_change"]
 
-    # speed: a ~100M-parameter Llama shape (random weights), batch 1 decode
-    base = _random_shape("llama-100m", quick, device)
+    # speed: a ~100M-parameter Llama shape (random weights) or the checkpoint, batch 1 decode
+    if path == "tiny":
+        speed_name = "llama-100m"
+        fresh = lambda: _random_shape("llama-100m", quick, device)  # noqa: E731
+    else:
+        speed_name = name
+        fresh = lambda: copy.deepcopy(ref)  # noqa: E731
+    base = fresh()
     hf = to_transformers(base)
     prompt = list(range(1, 33))
     new = 16 if quick else 64
     reps = 1 if quick else 3
-    variants = [("llmopt fp32", None, {}), ("llmopt bf16", "bf16", {}), ("llmopt int8 weight-only", "int8", {}),
+    base_dtype = short(base)
+    variants = [(f"llmopt {base_dtype}", None, {}), ("llmopt bf16", "bf16", {}),
+                ("llmopt int8 weight-only", "int8", {}),
                 ("llmopt int8 weight-only, compiled", "int8", {"compile": True}),
                 ("llmopt bf16 + int8 weight-only, compiled max-autotune", "bf16+int8",
                  {"compile": "max-autotune"}),
@@ -314,68 +367,76 @@ def bench_quantization(quick: bool, device: str) -> dict:
                 ("llmopt bf16 + int4 g64 weight-only, compiled max-autotune", "bf16+int4",
                  {"compile": "max-autotune", "group_size": 64, "fused": True}),
                 ("llmopt int4 g64 weight-only", "int4", {"group_size": 64})]
-    if device == "cpu":
+    if device == "cpu" and base_dtype == "fp32":
         variants.append(("llmopt + torch dynamic int8 (W8A8)", "dynamic", {}))
-    runs = {"transformers fp32 generate":
+    if base_dtype == "bf16":             # the checkpoint is bf16 already
+        variants = [v for v in variants if v[0] != "llmopt bf16"]
+    runs = {f"transformers {base_dtype} generate":
             lambda: hf_generate(hf, torch.tensor([prompt], device=device), max_new_tokens=new)}
     ratios_bytes = {}
     for label, method, kw in variants:
-        model = _random_shape("llama-100m", quick, device)
+        model = fresh()
         kw = dict(kw)
         compiled = kw.pop("compile", False)
-        model = _quantized(model, method, **kw)
+        try:
+            model = _quantized(model, method, **kw)
+        except ValueError as e:
+            skipped.append({"label": label, "model": speed_name, "device": device, "skipped": str(e)})
+            continue
         ratios_bytes[label] = model_bytes(model) / model_bytes(base)
         runs[label] = lambda m=model, c=compiled: generate(m, None, prompt, max_new_tokens=new, ignore_eos=True,
                                                            compile=c)
     # interleaved: every variant sees the same drift of this machine's speed
-    speed = measure_generations(runs, repeats=reps, model="llama-100m (random)")
+    speed = measure_generations(runs, repeats=reps, model=speed_name + (" (random)" if path == "tiny" else ""))
     for row in speed[1:]:
         row["bytes_ratio"] = ratios_bytes[row["label"]]
     best = max(speed[1:], key=lambda r: r["decode_tokens_per_s"])
-    ratios[f"llama-100m decode tokens/s, best llmopt ({best['label']}) / transformers fp32"] = (
-        best["decode_tokens_per_s"] / speed[0]["decode_tokens_per_s"])
-    return {"name": "quantization", "title": "Weight-only quantization: size, quality, speed",
-            "rows": rows + speed, "ratios": ratios,
-            "goal": {"tiny int8 weight bytes / fp32": "<= 0.27", "tiny int4 g64 weight bytes / fp32": "<= 0.16",
-                     "tiny int8 perplexity change (fraction)": "<= 0.01",
-                     "tiny int4 g64 perplexity change (fraction)": "<= 0.10",
-                     f"llama-100m decode tokens/s, best llmopt ({best['label']}) / transformers fp32": 4.0},
+    speed_key = f"{speed_name} decode tokens/s, best llmopt ({best['label']}) / transformers {base_dtype}"
+    ratios[speed_key] = best["decode_tokens_per_s"] / speed[0]["decode_tokens_per_s"]
+    goal = {"tiny int8 weight bytes / fp32": "<= 0.27", "tiny int4 g64 weight bytes / fp32": "<= 0.16",
+            "tiny int8 perplexity change (fraction)": "<= 0.01",
+            "tiny int4 g64 perplexity change (fraction)": "<= 0.10", speed_key: 4.0}
+    return {"name": "quantization", "title": f"Weight-only quantization: size, quality, speed ({name})",
+            "rows": rows + speed + skipped, "ratios": ratios, "goal": goal if path == "tiny" else {},
             "extra_keys": ["bytes_ratio", "perplexity", "perplexity_change", "top1_agreement",
-                           "kl_divergence"]}
+                           "kl_divergence", "skipped"]}
 
 
-def bench_batching(quick: bool, device: str) -> dict:
+def bench_batching(quick: bool, device: str, model: str = "tiny") -> dict:
     """`tiny`, 8 slots: static vs dynamic vs continuous batching, all requests at time 0, output
     lengths uniform in 8-256 tokens (the workload issue #4's goals are set on)."""
     n, out = (16, (8, 64)) if quick else (64, (8, 256))
     res = _batching(quick, device, "uniform", n, out,
-                    f"Batching strategies (tiny, {n} requests, outputs {out[0]}-{out[1]} tokens, 8 slots)")
-    res["goal"] = {"throughput, continuous / static batching": 1.5,
-                   "throughput, continuous (longest first) / static batching": 1.5}
+                    f"Batching strategies ({model_label(model)}, {n} requests, outputs {out[0]}-{out[1]} tokens, "
+                    "8 slots)", model=model)
+    if model == "tiny":
+        res["goal"] = {"throughput, continuous / static batching": 1.5,
+                       "throughput, continuous (longest first) / static batching": 1.5}
     return res
 
 
-def bench_dialogue(quick: bool, device: str) -> dict:
+def bench_dialogue(quick: bool, device: str, model: str = "tiny") -> dict:
     """The same comparison on dialogue turns: output lengths are the plays' speeches (long-tailed,
     median 18 tokens, the longest 392), the shape of chat traffic."""
     n, out = (16, (4, 64)) if quick else (64, (4, 512))
     return _batching(quick, device, "corpus", n, out,
-                     f"Batching strategies on dialogue turns (tiny, {n} requests, output lengths of the "
-                     f"plays' speeches, {out[0]}-{out[1]} tokens, 8 slots)", name="dialogue")
+                     f"Batching strategies on dialogue turns ({model_label(model)}, {n} requests, output lengths "
+                     f"of the plays' speeches, {out[0]}-{out[1]} tokens, 8 slots)", name="dialogue", model=model)
 
 
 def _batching(quick: bool, device: str, lengths: str, n: int, out: tuple[int, int], title: str,
-              name: str = "batching") -> dict:
+              name: str = "batching", model: str = "tiny") -> dict:
     from .load import load_model
     from .workload import compare_batching, ideal_continuous_speedup, poisson_workload
-    model, tok = load_model("tiny", device=device)
+    label = model_label(model)
+    model, tok = load_model(model, device=device)
     work = poisson_workload(tok, n, seed=0, prompt_tokens=(16, 64), output_tokens=out, lengths=lengths)
     # on a GPU also with CUDA graphs, static and continuous (on a CPU they run the same steps eagerly)
     rows = compare_batching(model, tok, work, slots=8, repeats=1 if quick else 5, gather_every_step=True,
                             prefill_alone=True, cuda_graphs=torch.device(device).type == "cuda")
     ideal = ideal_continuous_speedup([w.max_new_tokens for w in work], 8)
     for r in rows:
-        r.update(model="tiny", device=device, dtype="float32")
+        r.update(model=label, device=device, dtype=str(model.dtype).removeprefix("torch."))
     graphed = {r["label"]: r["throughput_vs_static_graphs"] for r in rows if "throughput_vs_static_graphs" in r}
     return {"name": name, "metric": "tokens_per_s", "title": title, "rows": rows,
             "ratios": {**{f"throughput, {label} / static batching, CUDA graphs": v
@@ -401,13 +462,14 @@ def _batching(quick: bool, device: str, lengths: str, n: int, out: tuple[int, in
                            "throughput_vs_static_min", "throughput_vs_static_max"]}
 
 
-def bench_load(quick: bool, device: str) -> dict:
+def bench_load(quick: bool, device: str, model: str = "tiny") -> dict:
     """The engine under 16 client threads: throughput, latency percentiles, requests lost."""
     from .engine import Engine
     from .generate import generate
     from .load import load_model
     from .workload import poisson_workload, run_load, summarize_load
-    model, tok = load_model("tiny", device=device)
+    name = model_label(model)
+    model, tok = load_model(model, device=device)
     n = 64 if quick else 1000
     work = poisson_workload(tok, n, seed=0, prompt_tokens=(16, 64), output_tokens=(8, 64))
     with Engine(model, tok, max_batch_size=8) as engine:
@@ -417,10 +479,11 @@ def bench_load(quick: bool, device: str) -> dict:
     mismatched = sum(ids != generate(model, tok, w.prompt_ids, max_new_tokens=w.max_new_tokens,
                                      ignore_eos=True).token_ids
                      for w, ids in zip(work, ok["token_ids"]))
-    summary.update(model="tiny", device=device, dtype="float32", mismatched_vs_unbatched=mismatched,
+    summary.update(model=name, device=device, dtype=str(model.dtype).removeprefix("torch."),
+                   mismatched_vs_unbatched=mismatched,
                    preemptions=engine.scheduler.preemptions)
     return {"name": "load", "metric": "tokens_per_s",
-            "title": f"Engine under load (tiny, {n} requests from 16 client threads, closed loop)",
+            "title": f"Engine under load ({name}, {n} requests from 16 client threads, closed loop)",
             "rows": [summary],
             "ratios": {"requests lost": summary["lost"], "requests failed": summary["failed"],
                        "outputs differing from unbatched greedy": mismatched,
@@ -433,26 +496,28 @@ def bench_load(quick: bool, device: str) -> dict:
                            "e2e_p99_s", "ttft_p50_s", "ttft_p99_s", "mismatched_vs_unbatched"]}
 
 
-def bench_speculative(quick: bool, device: str) -> dict:
+def bench_speculative(quick: bool, device: str, model: str = "tiny") -> dict:
     """`tiny` target, greedy, k=4: tiny-draft (the MLP draft), the transformer draft and model-free
-    drafts against plain decoding."""
+    drafts against plain decoding (another checkpoint: the model-free drafts, which need no training)."""
     from .data import load_text
     from .load import load_model
     from .speculative import NGramDraft, PromptLookup, speculative_generate
-    target, tok = load_model("tiny", device=device)
-    draft, _ = load_model("tiny-draft", device=device)
-    transformer_draft, _ = load_model("tiny-draft-llama", device=device)
+    name, path = model_label(model), model
+    target, tok = load_model(path, device=device)
     table = NGramDraft.from_text(tok, load_text("train"))
     new = 32 if quick else 128
-    drafts = {"tiny-draft (MLP)": draft, "tiny-draft-llama (transformer)": transformer_draft,
-              "prompt lookup": "lookup", "n-gram table": table,
-              "prompt lookup + n-gram": PromptLookup(fallback=table)}
+    drafts = {}
+    if path == "tiny":                  # drafts trained for tiny's tokenizer
+        drafts["tiny-draft (MLP)"] = load_model("tiny-draft", device=device)[0]
+        drafts["tiny-draft-llama (transformer)"] = load_model("tiny-draft-llama", device=device)[0]
+    drafts.update({"prompt lookup": "lookup", "n-gram table": table,
+                   "prompt lookup + n-gram": PromptLookup(fallback=table)})
     runs = {"plain decoding": lambda: generate(target, tok, DEFAULT_PROMPT, max_new_tokens=new, ignore_eos=True)}
     for label, d in drafts.items():
         runs[f"speculative, {label}"] = (lambda d=d: speculative_generate(
             target, d, tok, DEFAULT_PROMPT, k=4, max_new_tokens=new, ignore_eos=True))
-    rows = measure_generations(runs, warmup=1, repeats=1 if quick else 5, model="tiny", device=device,
-                               dtype="float32")
+    rows = measure_generations(runs, warmup=1, repeats=1 if quick else 5, model=name, device=device,
+                               dtype=str(target.dtype).removeprefix("torch."))
     reference = runs["plain decoding"]().token_ids
     for row in rows[1:]:
         g = runs[row["label"]]()
@@ -463,50 +528,64 @@ def bench_speculative(quick: bool, device: str) -> dict:
     for row in rows:
         row["speedup"] = row["e2e_tokens_per_s"] / rows[0]["e2e_tokens_per_s"]
     by = {r["label"]: r for r in rows}
-    tpf = "tokens per target forward, tiny-draft k=4"
+    head = "tiny-draft (MLP)" if path == "tiny" else "prompt lookup + n-gram"
+    tpf = "tokens per target forward, tiny-draft k=4" if path == "tiny" else f"tokens per target forward, {head} k=4"
     wall = "end-to-end tokens/s, speculative (tiny-draft) / plain"
-    ratios = {tpf: by["speculative, tiny-draft (MLP)"]["tokens_per_target_forward"], wall:
-              by["speculative, tiny-draft (MLP)"]["speedup"]}
-    for label in list(drafts)[1:]:
-        ratios[f"end-to-end tokens/s, speculative ({label}) / plain"] = by[f"speculative, {label}"]["speedup"]
+    ratios = {tpf: by[f"speculative, {head}"]["tokens_per_target_forward"]}
+    if path == "tiny":
+        ratios[wall] = by[f"speculative, {head}"]["speedup"]
+    for label in drafts:
+        if label != "tiny-draft (MLP)":
+            ratios[f"end-to-end tokens/s, speculative ({label}) / plain"] = by[f"speculative, {label}"]["speedup"]
     return {"name": "speculative", "metric": "e2e_tokens_per_s",
-            "title": f"Speculative decoding (tiny target, k=4, greedy, {new} new tokens)", "rows": rows,
-            "ratios": ratios, "goal": {tpf: 2.0, wall: 1.2},
+            "title": f"Speculative decoding ({name} target, k=4, greedy, {new} new tokens)", "rows": rows,
+            "ratios": ratios, "goal": {tpf: 2.0, wall: 1.2} if path == "tiny" else {},
             "extra_keys": ["acceptance_rate", "tokens_per_target_forward", "draft_cost_ratio",
                            "expected_speedup", "speedup", "identical"]}
 
 
-def bench_parallel(quick: bool, device: str) -> dict:
+def bench_parallel(quick: bool, device: str, model: str = "tiny") -> dict:
     """torchrun with 2 processes (gloo on CPU, NCCL on GPUs): tensor and data parallel vs one process."""
-    from .parallel import launch
+    from .load import resolve
+    from .parallel import check_tensor_parallel, launch
     new = 16 if quick else 64
-    tp = launch("tensor", 2, max_new_tokens=new, prompts=[DEFAULT_PROMPT])
+    name = model_label(model)
+    try:                                 # a model whose heads do not split in two gets data parallel only
+        check_tensor_parallel(ModelConfig.from_hf(json.loads((resolve(model) / "config.json").read_text())), 2)
+        tp, tp_skipped = launch("tensor", 2, model=model, max_new_tokens=new, prompts=[DEFAULT_PROMPT]), None
+    except ValueError as e:
+        tp, tp_skipped = None, str(e)
     prompts = [DEFAULT_PROMPT, "KING:\nNow", "JULIET:", "HAMLET:"] * (1 if quick else 4)
-    dp1 = launch("data", 1, max_new_tokens=new, prompts=prompts)
-    dp2 = launch("data", 2, max_new_tokens=new, prompts=prompts)
-    rows = [dict(label="1 process", tpot_s=tp["single_tpot_s"], tokens_per_s=dp1["tokens_per_s"]),
-            dict(label="tensor parallel, 2 ranks", tpot_s=tp["tpot_s"], comm_share=tp["comm_share"],
-                 comm_s_per_token=tp["comm_s_per_token"], max_abs_logit_diff=tp["max_abs_logit_diff"],
-                 identical=tp["tokens_equal"]),
+    dp1 = launch("data", 1, model=model, max_new_tokens=new, prompts=prompts)
+    dp2 = launch("data", 2, model=model, max_new_tokens=new, prompts=prompts)
+    rows = [dict(label="1 process", tokens_per_s=dp1["tokens_per_s"]),
+            dict(label="tensor parallel, 2 ranks", skipped=tp_skipped),
             dict(label="data parallel, 2 ranks", tokens_per_s=dp2["tokens_per_s"],
                  identical=dp2["outputs"] == dp1["outputs"])]
+    ratios = {"throughput, data parallel 2 ranks / 1 process": dp2["tokens_per_s"] / dp1["tokens_per_s"]}
+    if tp is not None:
+        rows[0]["tpot_s"] = tp["single_tpot_s"]
+        rows[1] = dict(label="tensor parallel, 2 ranks", tpot_s=tp["tpot_s"], comm_share=tp["comm_share"],
+                       comm_s_per_token=tp["comm_s_per_token"], max_abs_logit_diff=tp["max_abs_logit_diff"],
+                       identical=tp["tokens_equal"])
+        ratios = {"per-token time, tensor parallel 2 ranks / 1 process": tp["tpot_s"] / tp["single_tpot_s"],
+                  "communication share of the tensor-parallel token time": tp["comm_share"], **ratios}
     for r in rows:
-        r.update(model="tiny", device=tp["device"], dtype="float32")
-    return {"name": "parallel", "metric": "tpot_s",
-            "title": f"Parallel generation (tiny, 2 processes, 1 thread each, {new} new tokens)", "rows": rows,
-            "ratios": {"per-token time, tensor parallel 2 ranks / 1 process": tp["tpot_s"] / tp["single_tpot_s"],
-                       "communication share of the tensor-parallel token time": tp["comm_share"],
-                       "throughput, data parallel 2 ranks / 1 process": dp2["tokens_per_s"] / dp1["tokens_per_s"]},
-            "extra_keys": ["tokens_per_s", "comm_share", "comm_s_per_token", "max_abs_logit_diff", "identical"]}
+        r.update(model=name, device=dp1["devices"][0])
+    return {"name": "parallel", "metric": "tokens_per_s" if tp is None else "tpot_s",
+            "title": f"Parallel generation ({name}, 2 processes, 1 thread each, {new} new tokens)", "rows": rows,
+            "ratios": ratios, "extra_keys": ["tokens_per_s", "comm_share", "comm_s_per_token", "max_abs_logit_diff",
+                                             "identical", "skipped"]}
 
 
-def bench_evaluation(quick: bool, device: str) -> dict:
-    """The scoreboard: quality beside speed for every technique on `tiny` (notebook 11)."""
+def bench_evaluation(quick: bool, device: str, model: str = "tiny") -> dict:
+    """The scoreboard: quality beside speed for every technique on `tiny` or the checkpoint (notebook 11)."""
     from .evaluate import scoreboard, workbook_variants
     from .load import load_model
     from .metrics import heldout_ids
     from .profiling import probe_bandwidth
-    model, tok = load_model("tiny", device=device)
+    name = model_label(model)
+    model, tok = load_model(model, device=device)
     n, new, eval_tokens = (2, 16, 1024) if quick else (8, 96, 8192)
     ids = heldout_ids(tok, "test", max_tokens=n * 400).tolist()
     prompts = [tok.decode(ids[i:i + 32]) for i in range(0, n * 400, 400)]
@@ -514,10 +593,10 @@ def bench_evaluation(quick: bool, device: str) -> dict:
     rows = scoreboard(variants, tok, prompts, baseline="fp32 baseline", eval_tokens=eval_tokens,
                       bandwidth=probe_bandwidth(device, nbytes=64 * 2**20))
     for r in rows:
-        r.update(label=r["technique"], model="tiny", device=device)
+        r.update(label=r["technique"], model=name, device=device)
     by = {r["technique"]: r for r in rows}
     return {"name": "evaluation", "metric": "speedup",
-            "title": f"Scoreboard: quality and speed of every technique (tiny, {n} prompts x {new} tokens, "
+            "title": f"Scoreboard: quality and speed of every technique ({name}, {n} prompts x {new} tokens, "
                      f"{eval_tokens} test tokens)", "rows": rows,
             "ratios": {f"{k}: decode speed vs fp32": v["speedup"] for k, v in by.items()} | {
                 f"{k}: perplexity change": v["perplexity_change"] for k, v in by.items()},
@@ -542,27 +621,35 @@ def _markdown_table(rows: list[dict], keys: list[str]) -> str:
 
 
 def run_bench(only: list[str] | None = None, *, quick: bool = False, out: str | Path | None = None,
-              device: str | None = None) -> dict:
-    """Run the suite (all experiments or `only`), print ratios, write the report folder."""
+              device: str | None = None, model: str = "tiny") -> dict:
+    """Run the suite (all experiments or `only`), print ratios, write the report folder.
+
+    `model`: "tiny" (the default, the workbook's figures) or your own Llama / Mistral / Qwen2
+    checkpoint folder (what `load_model` takes): every experiment then runs on it, against
+    `transformers` on the same weights where it has a baseline. The goals are `tiny`'s only.
+    """
     from tqdm.auto import tqdm
     names = only or list(EXPERIMENTS)
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         raise ValueError(f"unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS)}")
+    model = str(model)
+    check_bench_model(model)
     device = str(check_device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     out = Path(out or Path("reports") / time.strftime("bench-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     info = device_info(device)
-    results = {"device": info, "quick": quick, "experiments": []}
+    results = {"device": info, "quick": quick, "model": model, "experiments": []}
     try:
         import transformers
         info["transformers"] = transformers.__version__
     except ImportError:
         pass
-    md = [f"# llmopt bench\n\nDevice: **{info['device_name']}** ({info['device']}), torch "
+    md = [f"# llmopt bench\n\nModel: **{model_label(model)}**{'' if model == 'tiny' else f' ({model})'}. "
+          f"Device: **{info['device_name']}** ({info['device']}), torch "
           f"{info['torch']}, {info['threads']} threads{', quick mode' if quick else ''}.\n"]
     for name in tqdm(names, desc="bench"):
-        res = EXPERIMENTS[name](quick, device)
+        res = EXPERIMENTS[name](quick, device, model)
         results["experiments"].append(res)
         keys = [k for k in ("label", "model", "dtype", "prompt_len", "ttft_s", "tpot_s",
                             "decode_tokens_per_s", "prefill_tokens_per_s", "e2e_tokens_per_s",

@@ -145,7 +145,7 @@ def workbook_variants(model, tokenizer, *, new_tokens: int = 64, compile: bool =
     from .generate import generate
     from .precision import cast
     from .prune import magnitude_prune, prune_heads, prune_mlp
-    from .quantize import quantize
+    from .quantize import int4_group_size, quantize
     from .speculative import NGramDraft, PromptLookup, speculative_generate
 
     def gen_with(m, **kw):
@@ -157,8 +157,10 @@ def workbook_variants(model, tokenizer, *, new_tokens: int = 64, compile: bool =
     out["bf16 weights"] = Variant(bf16, gen_with(bf16), "weights and activations in bfloat16")
     int8 = quantize(copy.deepcopy(model), "int8")
     out["int8 weight-only"] = Variant(int8, gen_with(int8), "per-channel absmax")
-    int4 = quantize(copy.deepcopy(model), "int4", group_size=64)
-    out["int4 weight-only (g64)"] = Variant(int4, gen_with(int4), "group-wise, asymmetric")
+    group = int4_group_size(model)       # 64 for tiny; another when 64 does not divide the widths
+    if group is not None:
+        int4 = quantize(copy.deepcopy(model), "int4", group_size=group)
+        out[f"int4 weight-only (g{group})"] = Variant(int4, gen_with(int4), "group-wise, asymmetric")
     sparse = copy.deepcopy(model)
     magnitude_prune(sparse, 0.5)
     out["magnitude pruning 50%"] = Variant(sparse, gen_with(sparse), "unstructured; dense kernels")

@@ -77,6 +77,15 @@ def _rows(w: torch.Tensor, rank: int, world: int, unit: int) -> torch.Tensor:
     return w[rank * n:(rank + 1) * n]
 
 
+def check_tensor_parallel(cfg, world: int) -> None:
+    """Raise ValueError unless heads, kv heads and MLP channels split evenly over `world` ranks."""
+    for name, n in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads),
+                    ("intermediate_size", cfg.intermediate_size)):
+        if n % world:
+            raise ValueError(f"tensor parallelism over {world} ranks needs {name} ({n}) divisible by "
+                             f"{world}: use a world size that divides it")
+
+
 def shard_model(model, rank: int, world: int, timer: CommTimer | None = None):
     """This rank's tensor-parallel shard of an llmopt `Transformer` (weights copied, a new model).
 
@@ -88,11 +97,7 @@ def shard_model(model, rank: int, world: int, timer: CommTimer | None = None):
     from .model import Transformer, check_unfused
     check_unfused(model, "tensor parallelism")
     cfg = model.config
-    for name, n in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads),
-                    ("intermediate_size", cfg.intermediate_size)):
-        if n % world:
-            raise ValueError(f"tensor parallelism over {world} ranks needs {name} ({n}) divisible by "
-                             f"{world}: use a world size that divides it")
+    check_tensor_parallel(cfg, world)
     hd = cfg.head_dim
     local_cfg = replace(cfg, n_heads=cfg.n_heads // world, n_kv_heads=cfg.n_kv_heads // world,
                         intermediate_size=cfg.intermediate_size // world, head_dim=hd)

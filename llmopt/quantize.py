@@ -352,6 +352,14 @@ def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, sy
     return model
 
 
+def int4_group_size(model: nn.Module, preferred: tuple[int, ...] = (64, 128, 32)) -> int | None:
+    """The first group size in `preferred` that divides every linear layer's input width (int4
+    groups run along it), or None when none does."""
+    widths = {as_linear(m).in_features for _, m in model.named_modules()
+              if isinstance(m, nn.Linear) or is_conv1d(m)}
+    return next((g for g in preferred if all(w % g == 0 for w in widths)), None)
+
+
 def _replace_embedding(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
     for name, m in model.named_modules():
         if m is old:

@@ -109,6 +109,35 @@ def test_bench_quick_serving_speculation_and_scoreboard(tmp_path):
     assert "Scoreboard" in report and "continuous / static" in report
 
 
+def test_bench_runs_on_a_users_own_checkpoint(tmp_path, small_tokenizer_dir):
+    """`run_bench(model=folder)`: every experiment on a user's Qwen2 checkpoint, against transformers
+    on the same weights; what this model cannot do (int4 groups of 64 over 96 channels, tensor
+    parallelism over one kv head) is a row that says why, not a crash."""
+    from conftest import make_hf_checkpoint
+    from llmopt.bench import run_bench
+    folder = tmp_path / "my-qwen"
+    folder.mkdir()
+    make_hf_checkpoint("qwen2", folder, small_tokenizer_dir)        # 1 kv head, MLP width 96
+    res = run_bench(["baseline", "cache", "attention", "precision", "quantization", "batching", "load",
+                     "speculative", "parallel", "evaluation"], quick=True, out=tmp_path / "out", model=str(folder))
+    by = {e["name"]: e for e in res["experiments"]}
+    assert res["model"] == str(folder) and "Model: **my-qwen**" in (tmp_path / "out" / "report.md").read_text()
+    assert all(r["model"] == "my-qwen" for e in res["experiments"] for r in e["rows"])
+    assert all(r["greedy_token_agreement"] == 1.0 for r in by["baseline"]["rows"])
+    assert all(not e.get("goal") for e in res["experiments"] if e["name"] != "load")   # tiny's goals only
+    quant = {r["label"]: r for r in by["quantization"]["rows"]}
+    assert "multiple of group_size (64)" in quant["my-qwen int4 g64"]["skipped"]
+    assert quant["my-qwen int4 g32"]["perplexity_change"] < 0.05 and quant["my-qwen int8"]["bytes_ratio"] < 0.3
+    parallel = {r["label"]: r for r in by["parallel"]["rows"]}
+    assert "n_kv_heads (1) divisible by 2" in parallel["tensor parallel, 2 ranks"]["skipped"]
+    assert parallel["data parallel, 2 ranks"]["identical"]
+    assert all(r["identical"] for r in by["batching"]["rows"]) and by["load"]["rows"][0]["lost"] == 0
+    assert [r["label"] for r in by["speculative"]["rows"][1:]] == [
+        "speculative, prompt lookup", "speculative, n-gram table", "speculative, prompt lookup + n-gram"]
+    assert all(r["identical"] for r in by["speculative"]["rows"][1:])
+    assert "int4 weight-only (g32)" in {r["technique"] for r in by["evaluation"]["rows"]}
+
+
 def test_command_line_generates_and_refuses_bad_input_with_a_usage_error(capsys, monkeypatch):
     from llmopt.__main__ import main
     assert main(["generate", "ROMEO:", "--max-new-tokens", "8"]) == 0
@@ -133,7 +162,9 @@ def test_command_line_generates_and_refuses_bad_input_with_a_usage_error(capsys,
                           (["generate", "Hi", "--dtype", "int3"], "dtype must be one of"),
                           (["generate", "Hi", "--device", "cuda"], "CPU-only build"),
                           (["bench", "--device", "cuda", "cache"], "CPU-only build"),
-                          (["bench", "no-such-experiment"], "unknown experiment")]:
+                          (["bench", "no-such-experiment"], "unknown experiment"),
+                          (["bench", "cache", "--model", "no-such-model"], "no checkpoint at 'no-such-model'"),
+                          (["bench", "cache", "--model", "tiny-draft"], "is an MLP draft, not a model to benchmark")]:
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
