@@ -152,9 +152,12 @@ def workbook_variants(model, tokenizer, *, new_tokens: int = 64, compile: bool =
         return lambda p: generate(m, tokenizer, p, max_new_tokens=new_tokens, ignore_eos=True, **kw)
 
     cfg = model.config
-    out = {"fp32 baseline": Variant(model, gen_with(model), "static KV cache, eager, fp32")}
-    bf16 = cast(copy.deepcopy(model), torch.bfloat16, strict=False)
-    out["bf16 weights"] = Variant(bf16, gen_with(bf16), "weights and activations in bfloat16")
+    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(model.dtype, str(model.dtype))
+    # the first variant is the baseline: "fp32 baseline" for tiny, a checkpoint as it was saved otherwise
+    out = {f"{dtype} baseline": Variant(model, gen_with(model), f"static KV cache, eager, {dtype}")}
+    if model.dtype != torch.bfloat16:
+        bf16 = cast(copy.deepcopy(model), torch.bfloat16, strict=False)
+        out["bf16 weights"] = Variant(bf16, gen_with(bf16), "weights and activations in bfloat16")
     int8 = quantize(copy.deepcopy(model), "int8")
     out["int8 weight-only"] = Variant(int8, gen_with(int8), "per-channel absmax")
     group = int4_group_size(model)       # 64 for tiny; another when 64 does not divide the widths

@@ -54,3 +54,13 @@ def test_scoreboard_ranks_quality_and_names_the_baseline(tiny):
     for r in rows.values():
         assert 0 < r["distinct_1"] <= 1 and 0 <= r["repetition_rate"] <= 1 and r["mbu"] > 0
         assert r["tpot_s"] > 0 and torch.isfinite(torch.tensor(r["perplexity"]))
+
+
+def test_workbook_variants_name_the_baseline_by_the_models_dtype():
+    """A bf16 checkpoint is its own baseline ("bf16 baseline", first), with no separate bf16 row;
+    int4 takes a group size that divides the model's widths."""
+    model = llmopt.build_model(llmopt.get_config("tiny").replace(intermediate_size=96), dtype=torch.bfloat16)
+    tok = llmopt.load_model("tiny")[1]
+    variants = workbook_variants(model, tok, new_tokens=4, ngram_text="ROMEO: to be or not to be")
+    assert next(iter(variants)) == "bf16 baseline" and "bf16 weights" not in variants
+    assert "int4 weight-only (g32)" in variants                # 96 MLP channels: groups of 64 do not fit
