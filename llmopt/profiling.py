@@ -131,11 +131,23 @@ def hf_generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, ignore_e
     """Run `transformers`' own `generate` (greedy by default), timing each token as it arrives.
 
     A streamer receives every new token; we stamp its arrival (after a device
-    sync), which gives TTFT and TPOT for any Hugging Face causal LM.
+    sync), which gives TTFT and TPOT for any Hugging Face causal LM. `input_ids`: one
+    prompt's token ids ([1, T] or [T], a tensor or a list), moved to the model's device.
     """
     from transformers.generation.streamers import BaseStreamer
+    from .config import check_count
     from .generate import timing_stats
 
+    if isinstance(input_ids, str) or not isinstance(input_ids, (torch.Tensor, list, tuple)):
+        raise TypeError(f"hf_generate takes token ids, got {type(input_ids).__name__}: encode the prompt first, "
+                        "hf_generate(model, torch.tensor([tokenizer.encode(prompt)]), max_new_tokens=...)")
+    input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+    input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+        raise ValueError(f"hf_generate times one prompt: give its ids as [1, T] with T >= 1, got shape "
+                         f"{tuple(input_ids.shape)}")
+    check_count(max_new_tokens, "max_new_tokens")
+    input_ids = input_ids.to(next(model.parameters()).device)
     device = input_ids.device
     start = [0.0]
 

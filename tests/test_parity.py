@@ -39,3 +39,17 @@ def test_greedy_generation_matches_transformers(hf_checkpoint, cache):
     theirs = hf_generate(hf_model, ids, max_new_tokens=24)
     assert ours.token_ids == theirs.token_ids
     assert ours.prompt_ids == ids[0].tolist()
+
+
+def test_hf_generate_takes_one_prompts_ids_in_any_form_and_says_what_it_needs(hf_checkpoint):
+    _, _, hf_model = hf_checkpoint
+    ids = [5, 17, 42]
+    want = hf_generate(hf_model, torch.tensor([ids]), max_new_tokens=4).token_ids
+    assert hf_generate(hf_model, ids, max_new_tokens=4).token_ids == want
+    assert hf_generate(hf_model, torch.tensor(ids), max_new_tokens=4).token_ids == want
+    with pytest.raises(TypeError, match="encode the prompt first"):
+        hf_generate(hf_model, "Friends, Romans", max_new_tokens=4)
+    with pytest.raises(ValueError, match="one prompt"):
+        hf_generate(hf_model, torch.tensor([ids, ids]), max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_new_tokens must be"):
+        hf_generate(hf_model, ids, max_new_tokens=0)
