@@ -369,7 +369,7 @@ class Engine:
     `engine.forwards` counts the model's forwards either way.
     With `cuda_graphs`, steps run as CUDA graphs, one recorded per bucket of shapes (rows,
     new tokens per row and key blocks per row, each rounded up to a power of two; mixed
-    steps too, up to 1,024 padded tokens) and replayed with the step's inputs copied into
+    steps too, up to `graph_max_tokens` padded tokens) and replayed with the step's inputs copied into
     its buffers (`cuda_graphs.py`): on a GPU a small model's step then costs one launch
     instead of one per kernel. On a CPU the same padded steps run eagerly (slower: padding
     is real work there). `engine.graphs` counts what ran how.
@@ -380,9 +380,11 @@ class Engine:
                  num_blocks: int | None = None, max_seq_len: int | None = None,
                  watermark: float = 0.01, prefix_caching: bool = False, metrics=None,
                  policy: str = "fcfs", overlap: bool = False, keep_gathered: bool = True,
-                 mixed_steps: bool = True, max_prefill_tokens: int = 512, cuda_graphs: bool = False) -> None:
+                 mixed_steps: bool = True, max_prefill_tokens: int = 512, cuda_graphs: bool = False,
+                 graph_max_tokens: int = 1024) -> None:
         for name, value, optional in (("max_batch_size", max_batch_size, False),
                                       ("max_prefill_tokens", max_prefill_tokens, False),
+                                      ("graph_max_tokens", graph_max_tokens, False),
                                       ("block_size", block_size, False), ("num_blocks", num_blocks, True),
                                       ("max_seq_len", max_seq_len, True)):       # optional: None is the default
             check_count(value, name, optional=optional)
@@ -407,7 +409,7 @@ class Engine:
         self.cache = PagedKVCache(cfg, max_batch_size, self.max_seq_len, block_size=block_size,
                                   num_blocks=num_blocks, device=model.device, dtype=model.dtype,
                                   keep_gathered=keep_gathered, scratch_block=cuda_graphs)
-        self.graphs = EngineGraphs(model, self.cache, max_batch_size) if cuda_graphs else None
+        self.graphs = EngineGraphs(model, self.cache, max_batch_size, graph_max_tokens) if cuda_graphs else None
         self.prefix_cache = PrefixCache(self.cache.manager) if prefix_caching else None
         self.scheduler = Scheduler(self.cache.manager, max_batch_size,
                                    watermark_blocks=int(watermark * num_blocks), prefix_cache=self.prefix_cache,

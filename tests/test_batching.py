@@ -238,7 +238,8 @@ def test_engine_refuses_bad_construction_options(tiny):
                             (dict(max_seq_len=0), "max_seq_len must be an integer >= 1 or None"),
                             (dict(max_batch_size=True), "max_batch_size must be an integer"),
                             (dict(watermark=1.5), r"watermark .* must be in \[0, 1\)"),
-                            (dict(watermark=-0.1), r"watermark .* must be in \[0, 1\)")]:
+                            (dict(watermark=-0.1), r"watermark .* must be in \[0, 1\)"),
+                            (dict(cuda_graphs=True, graph_max_tokens=0), "graph_max_tokens must be an integer")]:
         with pytest.raises(ValueError, match=message):
             Engine(*tiny, **kwargs)
 
@@ -487,8 +488,8 @@ def test_engine_graph_steps_sample_per_request_and_survive_preemption(tiny, refe
 
 def test_engine_steps_over_the_graph_token_budget_run_eagerly(tiny, reference):
     model, tok = tiny
-    engine = Engine(model, tok, max_batch_size=4, cuda_graphs=True)
-    engine.graphs.max_tokens = 16      # 4 rows x 4 tokens: the longer prompts' mixed steps run eagerly
+    engine = Engine(model, tok, max_batch_size=4, cuda_graphs=True, graph_max_tokens=16)
+    # 4 rows x 4 tokens: the longer prompts' mixed steps run eagerly
     assert engine.graphs.fits(4, 4) and not engine.graphs.fits(3, 5) and engine.graphs.fits(1, 16)
     assert not engine.graphs.fits(1, 17) and not engine.graphs.fits(1, 2000)   # a prompt over the budget
     out = engine.generate_many(PROMPTS, max_new_tokens=24, ignore_eos=True)
