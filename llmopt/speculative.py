@@ -36,6 +36,7 @@ from .config import check_count
 from .draft import MLPDraft
 from .generate import Generation, _as_stop_list, _checked_request, _eos_ids, _stop_at, timing_stats
 from .kv_cache import make_cache
+from .model import check_llmopt_model
 from .sampling import check_sampling, probabilities, seeded_generator
 from .sampling import greedy as greedy_ids
 
@@ -182,6 +183,9 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
     if isinstance(draft, str):
         raise ValueError(f"draft must be a model, 'lookup' (prompt lookup) or an object with "
                          f"propose(tokens, k), got {draft!r}")
+    check_llmopt_model(target, "speculative decoding (the target)")
+    if not lookup:
+        check_llmopt_model(draft, "speculative decoding (the draft)")
     draft_cfg = getattr(draft, "config", None)
     if draft_cfg is not None and draft_cfg.vocab_size != target.config.vocab_size:
         raise ValueError(f"draft and target vocabularies differ ({draft_cfg.vocab_size} vs "

@@ -148,6 +148,12 @@ def test_transformers_models_get_clear_errors(hf_checkpoint, gpt2):
             run(hf)
         with pytest.raises(TypeError, match="GPT2LMHeadModel, an architecture llmopt does not implement.*hf_generate"):
             run(gpt2)
+    from llmopt.speculative import speculative_generate
+    target = llmopt.load_model("tiny")[0]
+    with pytest.raises(TypeError, match=r"speculative decoding \(the draft\) runs llmopt models.*from_transformers"):
+        speculative_generate(target, hf, tok, [1, 2, 3], max_new_tokens=2)
+    with pytest.raises(TypeError, match=r"speculative decoding \(the target\) runs llmopt models"):
+        speculative_generate(hf, "lookup", tok, [1, 2, 3], max_new_tokens=2)
     with pytest.raises(ValueError, match="from_transformers converts .*got a GPT2LMHeadModel.*hf_generate"):
         llmopt.from_transformers(gpt2)
     with pytest.raises(ValueError, match="from_transformers converts"):
