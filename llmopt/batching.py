@@ -201,7 +201,9 @@ class DynamicBatcher:
     when their sampling options (temperature, top_k, top_p, stop, ignore_eos)
     match. When a batch raises CUDA out-of-memory, or exceeds `memory_budget`
     bytes, it is split in half and each half retried; a single request that still
-    does not fit fails alone with a clear error. Nothing is lost or run twice.
+    does not fit fails alone with a clear error. Any other fault in a batch reruns its
+    requests one by one, so only the faulty request fails (its neighbours' tokens are
+    computed again). Nothing is lost, and no request returns twice.
     `cache` and `cuda_graphs` are passed to `generate_batch`.
     """
 
@@ -364,9 +366,15 @@ class DynamicBatcher:
             self._run(batch[:half], splits + 1)
             self._run(batch[half:], splits + 1)
             return
-        except Exception as e:  # a fault in this batch fails only this batch's requests
+        except Exception as e:
+            if len(batch) == 1:           # a fault of this request's own: it fails alone
+                batch[0]["future"].set_exception(e)
+                return
+            # one request's fault would fail the whole batch (one forward for all its rows): run each
+            # request alone instead, so the faulty one fails and its neighbours complete
+            self.batches.append(dict(size=len(batch), outcome=f"failed ({type(e).__name__}), rerun one by one"))
             for r in batch:
-                r["future"].set_exception(e)
+                self._run([r], splits + 1)
             return
         self.batches.append(dict(size=len(batch), outcome="ok", splits=splits,
                                  steps=max(len(g.token_ids) for g in gens),

@@ -187,6 +187,34 @@ def test_dynamic_batcher_token_budget_and_lone_failure(tiny, reference):
         b.submit("A", max_new_tokens=1000)
 
 
+def test_dynamic_batcher_a_faulty_request_fails_alone(tiny, reference):
+    """A fault that fails a batched run (here detokenizing one request's output) reruns the batch's
+    requests one by one: the faulty one fails with its own error, its neighbours complete."""
+    model, tok = tiny
+
+    class Touchy:                                    # decoding exactly 7 tokens raises
+        eos_token_ids = tok.eos_token_ids
+
+        def encode(self, text):
+            return tok.encode(text)
+
+        def decode(self, ids):
+            if len(ids) == 7:
+                raise RuntimeError("detokenizer exploded")
+            return tok.decode(ids)
+
+    lengths = [12, 7, 12, 12]
+    with DynamicBatcher(model, Touchy(), max_batch_size=4, max_wait_s=0.5) as b:
+        futures = [b.submit(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(PROMPTS, lengths)]
+        with pytest.raises(RuntimeError, match="exploded"):
+            futures[1].result(timeout=60)
+        for f, p, n in zip(futures, PROMPTS, lengths):
+            if n == 12:
+                assert f.result(timeout=60).token_ids == reference[p][:12]
+    assert b.batches[0]["outcome"] == "failed (RuntimeError), rerun one by one" and b.batches[0]["size"] == 4
+    assert sum(x["size"] for x in b.batches if x["outcome"] == "ok") == 3
+
+
 # ---- continuous batching --------------------------------------------------------------------
 @pytest.mark.parametrize("overlap, keep_gathered, mixed", [(False, True, True), (True, True, True),
                                                             (False, False, True), (False, True, False)])
