@@ -9,6 +9,7 @@ compiled alone. `generate` returns a `Generation`; `stream` yields text pieces.
 """
 from __future__ import annotations
 
+import operator
 import threading
 import time
 import types
@@ -261,6 +262,13 @@ def compiled_cache(model, batch_size: int, max_len: int):
                       dtype=model.dtype), lambda: None
 
 
+def _token_id(i) -> int:
+    """An integer token id (Python, NumPy or a 0-d integer tensor); TypeError for anything else."""
+    if isinstance(i, bool):
+        raise TypeError("a bool is not a token id")
+    return operator.index(i)
+
+
 def encode_prompt(model, tokenizer, prompt, max_new_tokens: int) -> list[int]:
     """Prompt text or ids -> ids, checked against the vocabulary and the context length."""
     if isinstance(prompt, str):
@@ -269,13 +277,16 @@ def encode_prompt(model, tokenizer, prompt, max_new_tokens: int) -> list[int]:
         if tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer: pass one, or give token ids")
         ids = tokenizer.encode(prompt)
-    elif isinstance(prompt, torch.Tensor):
-        ids = prompt.flatten().tolist()
     else:
-        try:
-            ids = [int(i) for i in prompt]
+        try:          # integers only: int() would quietly turn 1.5 into token 1
+            if isinstance(prompt, torch.Tensor):
+                if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+                    raise TypeError
+                ids = prompt.flatten().tolist()
+            else:
+                ids = [_token_id(i) for i in prompt]
         except (TypeError, ValueError):
-            raise ValueError(f"prompt must be text, a list of token ids or a tensor of them, got "
+            raise ValueError(f"prompt must be text, or token ids (integers) in a list or tensor, got "
                              f"{prompt!r:.60}") from None
     if not ids:
         raise ValueError("prompt is empty: give at least one token")

@@ -107,7 +107,10 @@ def test_stats_are_consistent(model_and_tok):
     (dict(cache="paged-ish"), "cache must be one of"),
     (dict(stop=[1, 2]), "stop must be"),
     (dict(stop=5), "stop must be a string or a list of strings, got 5"),
-    (dict(prompt=None), "prompt must be text, a list of token ids"),
+    (dict(prompt=None), "prompt must be text, or token ids"),
+    (dict(prompt=torch.tensor([1.5, 2.0])), r"token ids \(integers\)"),     # not quietly token 1
+    (dict(prompt=[1.5, 2]), r"token ids \(integers\)"),
+    (dict(prompt=[True, 3]), r"token ids \(integers\)"),
     (dict(temperature=0.8, seed="7"), "seed must be an integer or None, got '7'"),
     (dict(seed=1.5), "seed must be an integer or None"),       # refused even when greedy ignores it
 ])
@@ -122,6 +125,7 @@ def test_bad_requests_raise_clear_errors(model_and_tok, kwargs, message):
 @pytest.mark.parametrize("prompt, options, message", [
     ("Hello", dict(stop=5), "stop must be a string or a list of strings"),
     (None, {}, "prompt must be text"),
+    ([2.5], {}, r"token ids \(integers\)"),
     ("Hello", dict(temperature=0.8, seed="7"), "seed must be an integer or None"),
 ])
 def test_every_entry_point_refuses_a_bad_request_in_the_caller(model_and_tok, prompt, options, message):
@@ -142,6 +146,14 @@ def test_every_entry_point_refuses_a_bad_request_in_the_caller(model_and_tok, pr
                 server.submit(prompt, max_new_tokens=4, **options)
         assert engine.submit("A", max_new_tokens=2).result().token_ids
         assert batcher.submit("A", max_new_tokens=2).result().token_ids
+
+
+def test_token_ids_may_come_as_numpy_or_tensor_integers(model_and_tok):
+    import numpy as np
+    model, tok = model_and_tok
+    want = llmopt.generate(model, tok, [5, 17, 42], max_new_tokens=3).token_ids
+    for ids in (np.array([5, 17, 42]), torch.tensor([[5, 17, 42]]), [np.int64(5), torch.tensor(17), 42]):
+        assert llmopt.generate(model, tok, ids, max_new_tokens=3).token_ids == want
 
 
 def test_generation_stops_at_end_of_sequence(model_and_tok, monkeypatch):
