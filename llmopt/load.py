@@ -143,6 +143,7 @@ def from_transformers(hf_model, tokenizer=None, *, device=None,
     if not isinstance(hf_model, torch.nn.Module):
         raise TypeError(f"from_transformers takes a transformers model object, got {hf_model!r:.60}; for a "
                         "checkpoint folder (or a hub name) use llmopt.load_model(path)")
+    check_unquantized(hf_model, "from_transformers", "convert the full-precision model, then llmopt.quantize it")
     arch = type(hf_model).__name__
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"from_transformers converts {', '.join(SUPPORTED_ARCHITECTURES)} models, "

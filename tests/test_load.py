@@ -158,6 +158,9 @@ def test_transformers_models_get_clear_errors(hf_checkpoint, gpt2):
         llmopt.from_transformers(gpt2)
     with pytest.raises(ValueError, match="from_transformers converts"):
         llmopt.from_transformers(hf.model)            # the bare decoder, without its head
+    hf.config.quantization_config = {"quant_method": "bitsandbytes"}   # as transformers marks a bnb model
+    with pytest.raises(ValueError, match=r"already quantized \(bitsandbytes\): convert the full-precision"):
+        llmopt.from_transformers(hf)
 
 
 def test_an_activation_llmopt_lacks_is_refused():

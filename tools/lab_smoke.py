@@ -28,7 +28,7 @@ def free_port() -> int:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("notebook")
-    p.add_argument("--screenshot", default="lab.png")
+    p.add_argument("--screenshot", help="save a screenshot of the page here (default: none)")
     p.add_argument("--timeout", type=int, default=300)
     args = p.parse_args()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -87,7 +87,8 @@ def main() -> int:
             while after == before and time.time() < deadline:
                 page.wait_for_timeout(500)
                 after = panel.inner_text()
-            page.screenshot(path=args.screenshot, full_page=False)
+            if args.screenshot:
+                page.screenshot(path=args.screenshot, full_page=False)
             errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").count()
             tracebacks = page.locator("text=Traceback").count()
             browser.close()
