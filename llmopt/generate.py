@@ -411,11 +411,6 @@ def _graph_tokens(model, kv, logits, pos: int, max_len: int, start: float, *, ma
 def _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p,
                      cache, compile=False, sync_every=1, graph_steps=1, *, seed=None) -> list[int]:
     """Validate every option before any work starts; returns the prompt's ids."""
-    from .draft import MLPDraft
-    if isinstance(model, MLPDraft):
-        raise TypeError(f"{model.name!r} is an MLP draft (llmopt.draft): it only proposes tokens for "
-                        "speculative decoding; pass it as the draft: speculative_generate(target, draft, "
-                        "tokenizer, prompt), with a target such as load_model('tiny')")
     check_llmopt_model(model, "llmopt's generation")
     check_sampling(temperature, top_k, top_p)
     check_seed(seed)

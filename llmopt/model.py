@@ -358,6 +358,11 @@ def check_llmopt_model(model, what: str) -> None:
     """A clear error when `what` (one of llmopt's generation paths) gets a model it cannot run."""
     if isinstance(getattr(model, "config", None), ModelConfig):
         return
+    from .draft import MLPDraft
+    if isinstance(model, MLPDraft):
+        raise TypeError(f"{getattr(model, 'name', 'this')!r} is an MLP draft (llmopt.draft): it only proposes "
+                        "tokens for speculative decoding; pass it as the draft: speculative_generate(target, "
+                        "draft, tokenizer, prompt), with a target such as load_model('tiny')")
     name = type(model).__name__
     if callable(getattr(model, "generate", None)) and hasattr(model, "config"):     # transformers
         if name in SUPPORTED_ARCHITECTURES:
