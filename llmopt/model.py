@@ -272,6 +272,11 @@ def is_conv1d(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
 
 
+def is_linear(m: nn.Module) -> bool:
+    """A layer computing x @ W^T + b: nn.Linear, or transformers' Conv1D."""
+    return isinstance(m, nn.Linear) or is_conv1d(m)
+
+
 def as_linear(m: nn.Module) -> nn.Linear:
     """`m` itself if it is an nn.Linear; a Conv1D as an equivalent nn.Linear (a copy, weight transposed)."""
     return linear_from(m.weight.t(), m.bias) if is_conv1d(m) else m

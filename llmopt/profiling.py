@@ -326,10 +326,10 @@ def _shape_of_any_model(model: torch.nn.Module) -> dict:
     """`decode_shape` of a `transformers` model llmopt has no config for: every parameter but the
     embedding tables (a table tied to the output head counts, as the head), and its config's attention."""
     tables = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    heads = {m.weight.data_ptr() for m in model.modules() if hasattr(m, "weight")
-             and not isinstance(m, torch.nn.Embedding) and isinstance(m.weight, torch.Tensor)}
+    tied = {m.weight.data_ptr() for m in model.modules()          # a table another layer uses: the head
+            if not isinstance(m, torch.nn.Embedding) and isinstance(getattr(m, "weight", None), torch.Tensor)}
     params = {p.data_ptr(): p.numel() for p in model.parameters()}
-    matmul = sum(n for ptr, n in params.items() if ptr not in tables or ptr in heads)
+    matmul = sum(n for ptr, n in params.items() if ptr not in tables or ptr in tied)
     c = model.config
     try:
         n_layers, n_heads = c.num_hidden_layers, c.num_attention_heads

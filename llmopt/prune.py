@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .model import Transformer, check_unfused, check_unquantized, is_conv1d, linear_from
+from .model import Transformer, check_unfused, check_unquantized, is_conv1d, is_linear, linear_from
 
 
 def prunable(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[tuple[str, nn.Module]]:
@@ -21,7 +21,7 @@ def prunable(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[tup
     transformers' Conv1D (GPT-2's family, weight stored as [in, out])."""
     check_unquantized(model, "pruning")
     layers = [(n, m) for n, m in model.named_modules()
-              if (isinstance(m, nn.Linear) or is_conv1d(m)) and not any(n == s or n.endswith("." + s) for s in skip)]
+              if is_linear(m) and not any(n == s or n.endswith("." + s) for s in skip)]
     if not layers:
         raise ValueError(f"this {type(model).__name__} has no linear layers to prune (nn.Linear, or "
                          "transformers' Conv1D) outside the output head")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import int8_gemv
-from .model import as_linear, check_unquantized, is_conv1d
+from .model import as_linear, check_unquantized, is_conv1d, is_linear
 
 METHODS = ("int8", "int4")
 
@@ -322,14 +322,14 @@ def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, sy
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else \
         getattr(model, "embed_tokens", None)
     dtype = emb.weight.dtype if emb is not None else torch.float32
-    targets = [(name, as_linear(m)) for name, m in model.named_modules()
-               if (isinstance(m, nn.Linear) or is_conv1d(m))
-               and not any(name == s or name.endswith("." + s) for s in skip)]
+    targets = [(name, m) for name, m in model.named_modules()
+               if is_linear(m) and not any(name == s or name.endswith("." + s) for s in skip)]
     if not targets:
         raise ValueError(f"quantize found no linear layers to quantize in this {type(model).__name__} "
                          f"(nn.Linear, or transformers' Conv1D){' outside skip=' + repr(skip) if skip else ''}")
     tied_head = None
     for name, lin in targets:
+        lin = as_linear(lin)             # a Conv1D's transposed copy lives one layer at a time
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         tied = embeddings and emb is not None and lin.weight is emb.weight
         if method == "int8":
@@ -355,8 +355,7 @@ def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, sy
 def int4_group_size(model: nn.Module, preferred: tuple[int, ...] = (64, 128, 32)) -> int | None:
     """The first group size in `preferred` that divides every linear layer's input width (int4
     groups run along it), or None when none does."""
-    widths = {as_linear(m).in_features for _, m in model.named_modules()
-              if isinstance(m, nn.Linear) or is_conv1d(m)}
+    widths = {m.weight.shape[0] if is_conv1d(m) else m.in_features for m in model.modules() if is_linear(m)}
     return next((g for g in preferred if all(w % g == 0 for w in widths)), None)
 
 
