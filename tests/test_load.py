@@ -113,7 +113,10 @@ def test_from_transformers_gives_the_same_model(hf_checkpoint):
     assert tok.encode(prompt) == hf_tok.encode(prompt, add_special_tokens=False)
     ours = llmopt.generate(model, tok, prompt, max_new_tokens=16, ignore_eos=True)
     assert ours.token_ids == hf_generate(hf, torch.tensor([tok.encode(prompt)]), max_new_tokens=16).token_ids
-    assert tok.eos_token_ids == [0]                   # the model's generation config, not the tokenizer's
+    assert tok.eos_token_ids == [0]
+    hf.generation_config.eos_token_id = [7, 9]        # as Llama 3 instruct lists two
+    again, tok2 = llmopt.from_transformers(hf, hf_tok)
+    assert tok2.eos_token_ids == [7, 9] and again.config.eos_token_id == [7, 9]   # not the tokenizer's
     with torch.no_grad():
         hf.get_input_embeddings().weight.zero_()      # a copy: changing transformers' weights leaves ours
     assert model.embed_tokens.weight.abs().sum() > 0
