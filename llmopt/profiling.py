@@ -9,9 +9,12 @@ Works for llmopt models and for a user's own `transformers` model.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -419,6 +422,32 @@ def categorize(op_name: str) -> str:
     return "elementwise & other"
 
 
+@contextlib.contextmanager
+def _without_profiler_chatter():
+    """Drop the "USDT: ... profiler_start / profiler_stop" lines torch 2.13's profiler (kineto)
+    writes to the process's stderr at every start and stop (noise under every profiled
+    notebook cell); anything else written to stderr meanwhile is passed on afterwards."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:                          # no stderr file descriptor: nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().decode(errors="replace").splitlines(keepends=True)
+                    if not line.startswith("USDT:")]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 def op_breakdown(fn: Callable[[], object], *, device=None, steps: int = 1, warmup: int = 1,
                  trace_path: str | None = None) -> list[dict]:
     """Profile `fn()` and split its time into matmul, attention, norm, elementwise, sampling and
@@ -436,7 +465,7 @@ def op_breakdown(fn: Callable[[], object], *, device=None, steps: int = 1, warmu
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     synchronize(device)
-    with profile(activities=activities) as prof:
+    with _without_profiler_chatter(), profile(activities=activities) as prof:
         t0 = time.perf_counter()
         fn()
         synchronize(device)

@@ -1,5 +1,6 @@
 """The measurement protocol, roofline arithmetic, op breakdown and quality metrics."""
 import math
+import os
 
 import pytest
 import torch
@@ -72,6 +73,16 @@ def test_op_breakdown_covers_the_wall_time():
     assert {"matmul", "attention", "norm", "host overhead"} <= cats
     assert sum(r["share"] for r in rows) == pytest.approx(1.0)
     assert categorize("aten::addmm") == "matmul" and categorize("aten::multinomial") == "sampling"
+
+
+def test_op_breakdown_drops_the_profilers_own_stderr_lines_only(capfd):
+    def fn():
+        torch.ones(64) @ torch.ones(64)
+        os.write(2, b"a line of the caller's\n")
+    op_breakdown(fn, warmup=0)
+    err = capfd.readouterr().err
+    assert "USDT:" not in err and "profiler_start" not in err
+    assert "a line of the caller's" in err
 
 
 def test_sdpa_kernels_on_cpu():
