@@ -16,7 +16,7 @@ import torch
 
 from .config import ModelConfig, get_config
 from .generate import generate
-from .precision import check_device
+from .precision import check_device, dtype_name
 from .profiling import device_info, hf_generate, measure_generation, measure_generations, roofline
 
 DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
@@ -117,7 +117,7 @@ def graph_variants(modes, k: int, suffix: str = "") -> list[tuple[str, dict]]:
 
 def model_label(model: str) -> str:
     """How a report names the model an experiment ran: "tiny", or the checkpoint folder's name."""
-    return model if model in ("tiny", "tiny-draft-llama") else Path(model).name or str(model)
+    return Path(model).name or str(model)
 
 
 def check_bench_model(model: str) -> None:
@@ -319,8 +319,7 @@ def bench_quantization(quick: bool, device: str, model: str = "tiny") -> dict:
     name, path = model_label(model), model
     rows, ratios = [], {}
     ref, tok = load_model(path, device=device)
-    short = lambda m: str(m.dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16")  # noqa: E731
-    ref_dtype = short(ref)               # tiny: fp32; a checkpoint as it was saved
+    ref_dtype = dtype_name(ref.dtype)    # tiny: fp32; a checkpoint as it was saved
     ids = heldout_ids(tok, "test", max_tokens=2048 if quick else 16384)
     ref_bytes, ref_ppl = model_bytes(ref), perplexity(ref, ids=ids, context=256)
     skipped = []
@@ -355,7 +354,7 @@ def bench_quantization(quick: bool, device: str, model: str = "tiny") -> dict:
     prompt = list(range(1, 33))
     new = 16 if quick else 64
     reps = 1 if quick else 3
-    base_dtype = short(base)
+    base_dtype = dtype_name(base.dtype)
     variants = [(f"llmopt {base_dtype}", None, {}), ("llmopt bf16", "bf16", {}),
                 ("llmopt int8 weight-only", "int8", {}),
                 ("llmopt int8 weight-only, compiled", "int8", {"compile": True}),

@@ -143,7 +143,7 @@ def workbook_variants(model, tokenizer, *, new_tokens: int = 64, compile: bool =
 
     from .engine import Engine
     from .generate import generate
-    from .precision import cast
+    from .precision import cast, dtype_name
     from .prune import magnitude_prune, prune_heads, prune_mlp
     from .quantize import int4_group_size, quantize
     from .speculative import NGramDraft, PromptLookup, speculative_generate
@@ -152,7 +152,7 @@ def workbook_variants(model, tokenizer, *, new_tokens: int = 64, compile: bool =
         return lambda p: generate(m, tokenizer, p, max_new_tokens=new_tokens, ignore_eos=True, **kw)
 
     cfg = model.config
-    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(model.dtype, str(model.dtype))
+    dtype = dtype_name(model.dtype)
     # the first variant is the baseline: "fp32 baseline" for tiny, a checkpoint as it was saved otherwise
     out = {f"{dtype} baseline": Variant(model, gen_with(model), f"static KV cache, eager, {dtype}")}
     if model.dtype != torch.bfloat16:

@@ -26,6 +26,12 @@ def as_dtype(dtype) -> torch.dtype:
     raise ValueError(f"dtype must be one of fp32, fp16, bf16 (or the torch dtypes), got {dtype!r}")
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name of a dtype, as tables print it: fp32, fp16, bf16 (others as torch names them)."""
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(
+        dtype, str(dtype).removeprefix("torch."))
+
+
 def check_device(device) -> torch.device:
     """`device` as a torch.device, or a ValueError that says why this machine cannot run on it
     (no CUDA build of torch, no GPU visible, a GPU index past the last one)."""
