@@ -1,4 +1,4 @@
-"""Command line: `python -m llmopt bench [experiments] [--quick] [--out DIR] [--model PATH]`,
+"""Command line: `python -m llmopt bench [experiments] [--quick] [--out DIR] [--model PATH] [--text FILE]`,
 `python -m llmopt generate`."""
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     b.add_argument("--model", default="tiny",
                    help="tiny (default), or your own Llama / Mistral / Qwen2 checkpoint folder")
+    b.add_argument("--text", metavar="FILE",
+                   help="your own UTF-8 text: perplexity is scored on it and prompts are cut from it "
+                        "(default: the plays' held-out test split)")
     g = sub.add_parser("generate", help="generate text from a prompt")
     g.add_argument("prompt")
     g.add_argument("--model", default="tiny")
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import ci_mode, run_bench
         try:
             run_bench(args.experiments or None, quick=args.quick or ci_mode(), out=args.out,
-                      device=args.device, model=args.model)
+                      device=args.device, model=args.model, text=args.text)
         except (ValueError, FileNotFoundError) as e:
             parser.error(str(e))
         return 0

@@ -3,7 +3,7 @@
 Each experiment returns result rows (plain dicts with device, dtype and model
 beside every figure); `run_bench` runs the chosen ones, prints ratios and writes
 `report.md`, `results.json` and PNG plots into one folder; on `tiny`, or on your own
-checkpoint (`model=`).
+checkpoint (`model=`), scored and prompted with the plays or your own text (`text=`).
 """
 from __future__ import annotations
 
@@ -20,6 +20,53 @@ from .precision import check_device, dtype_name
 from .profiling import device_info, hf_generate, measure_generation, measure_generations, roofline
 
 DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
+
+
+TEXT_CHARS = 1_000_000       # of your own text, the bench reads this much
+MIN_TEXT_TOKENS = 128           # prompts of up to 64 tokens cut from it, and text after them
+
+
+def read_bench_text(path: str | Path) -> str:
+    """Your own text for the bench (`--text FILE`): a UTF-8 file, its first million characters."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file {path} not found: give the path of a UTF-8 text file")
+    try:
+        text = path.read_text(encoding="utf-8")[:TEXT_CHARS]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e}): save it as UTF-8") from None
+    if not text.strip():
+        raise ValueError(f"{path} holds no text: give a file of the text your model will see")
+    return text
+
+
+def check_bench_text(text: str, tokenizer, where: str = "the text") -> int:
+    """The text's length in tokens, or an error when it is too short to prompt and score with."""
+    n = len(tokenizer.encode(text))
+    if n < MIN_TEXT_TOKENS:
+        raise ValueError(f"{where} is {n} tokens long with this model's tokenizer; the bench needs at least "
+                         f"{MIN_TEXT_TOKENS} (give a longer text: perplexity uses up to 16,384 tokens)")
+    return n
+
+
+def eval_ids(tokenizer, text: str | None, max_tokens: int) -> torch.Tensor:
+    """The ids quality is scored on: the plays' held-out test split, or the start of your text."""
+    from .metrics import heldout_ids
+    if text is None:
+        return heldout_ids(tokenizer, "test", max_tokens=max_tokens)
+    return torch.tensor(tokenizer.encode(text)[:max_tokens], dtype=torch.long)
+
+
+def batch1_prompt(tokenizer, text: str | None):
+    """The batch-1 prompt: Romeo's line, or your text's first 32 tokens (as ids)."""
+    return DEFAULT_PROMPT if text is None else tokenizer.encode(text)[:32]
+
+
+def prompt_spans(ids, n: int, length: int = 32, gap: int = 400) -> list[list[int]]:
+    """`n` prompts of `length` tokens from `ids`, `gap` tokens apart (closer when the text is short)."""
+    ids = list(ids)
+    gap = min(gap, max(1, (len(ids) - length) // max(1, n - 1)))
+    return [ids[i * gap:i * gap + length] for i in range(n)]
 
 
 def ci_mode() -> bool:
@@ -131,7 +178,8 @@ def check_bench_model(model: str) -> None:
     ModelConfig.from_hf(hf)                    # an architecture llmopt implements, or a clear error
 
 
-def bench_baseline(quick: bool, device: str, model: str = "tiny") -> dict:
+def bench_baseline(quick: bool, device: str, model: str = "tiny",
+                   text: str | None = None) -> dict:
     """llmopt vs transformers generate on the same checkpoint (`tiny` by default), batch 1, greedy."""
     from transformers import AutoModelForCausalLM
     from .load import load_model, resolve
@@ -141,8 +189,8 @@ def bench_baseline(quick: bool, device: str, model: str = "tiny") -> dict:
     hf = AutoModelForCausalLM.from_pretrained(resolve(path), use_safetensors=True,
                                               dtype=model.dtype).to(device).eval()
     new = 32 if quick else 128
-    rows = compare_with_transformers(model, tok, hf, new_tokens=new, repeats=2 if quick else 5,
-                                     label=name, compiled=not quick)
+    rows = compare_with_transformers(model, tok, hf, prompt=batch1_prompt(tok, text), new_tokens=new,
+                                     repeats=2 if quick else 5, label=name, compiled=not quick)
     hf_row = rows[-1]
     best = max(rows[:-1], key=lambda r: r["decode_tokens_per_s"])
     ratios = {f"decode tokens/s, {r['label']} / transformers":
@@ -155,13 +203,13 @@ def bench_baseline(quick: bool, device: str, model: str = "tiny") -> dict:
             "extra_keys": ["first_call_s", "greedy_token_agreement"]}
 
 
-def bench_cache(quick: bool, device: str, model: str = "tiny") -> dict:
+def bench_cache(quick: bool, device: str, model: str = "tiny",
+                text: str | None = None) -> dict:
     """Batch 1: the static KV cache vs recomputing the whole sequence every step."""
     from .load import load_model
-    from .metrics import heldout_ids
     name = model_label(model)
     model, tok = load_model(model, device=device)
-    prompt = heldout_ids(tok, "test", max_tokens=32).tolist()
+    prompt = eval_ids(tok, text, max_tokens=32).tolist()
     new = 64 if quick else 512
     rows = []
     for kind in ("none", "dynamic", "static", "paged"):
@@ -179,7 +227,8 @@ def bench_cache(quick: bool, device: str, model: str = "tiny") -> dict:
             "goal": {"decode tokens/s, static cache / recompute": 8.0} if name == "tiny" else {}}
 
 
-def bench_attention(quick: bool, device: str, model: str = "tiny") -> dict:
+def bench_attention(quick: bool, device: str, model: str = "tiny",
+                    text: str | None = None) -> dict:
     """Prefill time (TTFT) of plain softmax attention vs SDPA at long prompts (`tiny`'s shape, random
     weights, by default; a checkpoint's own weights otherwise)."""
     from .load import load_model
@@ -219,12 +268,13 @@ def _random_shape(preset: str, quick: bool, device: str, dtype=torch.float32):
     return build_model(cfg, device=device, dtype=dtype)
 
 
-def bench_precision(quick: bool, device: str, model: str = "tiny") -> dict:
+def bench_precision(quick: bool, device: str, model: str = "tiny",
+                    text: str | None = None) -> dict:
     """Per dtype: decode tokens/s, peak memory, model bytes; perplexity change (`tiny` and a
     ~100M-parameter random-weight shape by default, or the checkpoint given)."""
     import warnings
     from .load import load_model
-    from .metrics import heldout_ids, perplexity
+    from .metrics import perplexity
     from .precision import cast
     from .profiling import peak_memory
     from .quantize import model_bytes
@@ -250,7 +300,7 @@ def bench_precision(quick: bool, device: str, model: str = "tiny") -> dict:
             row["peak_mb"] = peak_memory(run, device=device)["peak_bytes"] / 1e6
             row["model_mb"] = model_bytes(model) / 1e6
             if not random:
-                ids = heldout_ids(tok, "test", max_tokens=2048 if quick else 16384)
+                ids = eval_ids(tok, text, max_tokens=2048 if quick else 16384)
                 row["perplexity"] = perplexity(model, ids=ids, context=256)
                 base_ppl = base_ppl or row["perplexity"]
                 row["perplexity_change"] = row["perplexity"] / base_ppl - 1
@@ -262,7 +312,8 @@ def bench_precision(quick: bool, device: str, model: str = "tiny") -> dict:
             "ratios": ratios, "extra_keys": ["model_mb", "peak_mb", "perplexity", "perplexity_change"]}
 
 
-def bench_compile(quick: bool, device: str, model: str = "tiny") -> dict:
+def bench_compile(quick: bool, device: str, model: str = "tiny",
+                  text: str | None = None) -> dict:
     """The compiled decode step vs eager, with the compile time beside the speed-up."""
     from .load import load_model
     name = model_label(model)
@@ -308,19 +359,20 @@ def _quantized(model, method: str | None, **kw):
     return quantize(model, method, **kw) if method else model
 
 
-def bench_quantization(quick: bool, device: str, model: str = "tiny") -> dict:
+def bench_quantization(quick: bool, device: str, model: str = "tiny",
+                       text: str | None = None) -> dict:
     """Weight-only quantization: bytes and held-out perplexity on `tiny` (or the checkpoint given);
     decode speed against `transformers` generate on a ~100M-parameter random-weight shape (or the
     checkpoint itself)."""
     import copy
     from .load import load_model
-    from .metrics import compare_next_token, heldout_ids, perplexity
+    from .metrics import compare_next_token, perplexity
     from .quantize import model_bytes
     name, path = model_label(model), model
     rows, ratios = [], {}
     ref, tok = load_model(path, device=device)
     ref_dtype = dtype_name(ref.dtype)    # tiny: fp32; a checkpoint as it was saved
-    ids = heldout_ids(tok, "test", max_tokens=2048 if quick else 16384)
+    ids = eval_ids(tok, text, max_tokens=2048 if quick else 16384)
     ref_bytes, ref_ppl = model_bytes(ref), perplexity(ref, ids=ids, context=256)
     skipped = []
     for label, method, kw in QUANT_METHODS:
@@ -393,43 +445,51 @@ def bench_quantization(quick: bool, device: str, model: str = "tiny") -> dict:
     speed_key = f"{speed_name} decode tokens/s, best llmopt ({best['label']}) / transformers {base_dtype}"
     ratios[speed_key] = best["decode_tokens_per_s"] / speed[0]["decode_tokens_per_s"]
     goal = {"tiny int8 weight bytes / fp32": "<= 0.27", "tiny int4 g64 weight bytes / fp32": "<= 0.16",
-            "tiny int8 perplexity change (fraction)": "<= 0.01",
-            "tiny int4 g64 perplexity change (fraction)": "<= 0.10", speed_key: 4.0}
+            speed_key: 4.0}
+    if text is None:                     # the quality goals are set on the plays' test split
+        goal.update({"tiny int8 perplexity change (fraction)": "<= 0.01",
+                     "tiny int4 g64 perplexity change (fraction)": "<= 0.10"})
     return {"name": "quantization", "title": f"Weight-only quantization: size, quality, speed ({name})",
             "rows": rows + speed + skipped, "ratios": ratios, "goal": goal if path == "tiny" else {},
             "extra_keys": ["bytes_ratio", "perplexity", "perplexity_change", "top1_agreement",
                            "kl_divergence", "skipped"]}
 
 
-def bench_batching(quick: bool, device: str, model: str = "tiny") -> dict:
+def bench_batching(quick: bool, device: str, model: str = "tiny",
+                   text: str | None = None) -> dict:
     """`tiny`, 8 slots: static vs dynamic vs continuous batching, all requests at time 0, output
     lengths uniform in 8-256 tokens (the workload issue #4's goals are set on)."""
     n, out = (16, (8, 64)) if quick else (64, (8, 256))
     res = _batching(quick, device, "uniform", n, out,
                     f"Batching strategies ({model_label(model)}, {n} requests, outputs {out[0]}-{out[1]} tokens, "
-                    "8 slots)", model=model)
+                    "8 slots)", model=model, text=text)
     if model == "tiny":
         res["goal"] = {"throughput, continuous / static batching": 1.5,
                        "throughput, continuous (longest first) / static batching": 1.5}
     return res
 
 
-def bench_dialogue(quick: bool, device: str, model: str = "tiny") -> dict:
+def bench_dialogue(quick: bool, device: str, model: str = "tiny",
+                   text: str | None = None) -> dict:
     """The same comparison on dialogue turns: output lengths are the plays' speeches (long-tailed,
-    median 18 tokens, the longest 392), the shape of chat traffic."""
+    median 18 tokens, the longest 392), the shape of chat traffic. Always the plays' turns: `text`
+    is not read (the lengths of a text's speeches need the plays' layout)."""
     n, out = (16, (4, 64)) if quick else (64, (4, 512))
     return _batching(quick, device, "corpus", n, out,
                      f"Batching strategies on dialogue turns ({model_label(model)}, {n} requests, output lengths "
-                     f"of the plays' speeches, {out[0]}-{out[1]} tokens, 8 slots)", name="dialogue", model=model)
+                     f"of the plays' speeches, {out[0]}-{out[1]} tokens, 8 slots"
+                     f"{'; prompts from the plays, not your text' if text is not None else ''})",
+                     name="dialogue", model=model)
 
 
 def _batching(quick: bool, device: str, lengths: str, n: int, out: tuple[int, int], title: str,
-              name: str = "batching", model: str = "tiny") -> dict:
+              name: str = "batching", model: str = "tiny", text: str | None = None) -> dict:
     from .load import load_model
     from .workload import compare_batching, ideal_continuous_speedup, poisson_workload
     label = model_label(model)
     model, tok = load_model(model, device=device)
-    work = poisson_workload(tok, n, seed=0, prompt_tokens=(16, 64), output_tokens=out, lengths=lengths)
+    work = poisson_workload(tok, n, seed=0, prompt_tokens=(16, 64), output_tokens=out, lengths=lengths,
+                            text=text)
     # on a GPU also with CUDA graphs, static and continuous (on a CPU they run the same steps eagerly)
     rows = compare_batching(model, tok, work, slots=8, repeats=1 if quick else 5, gather_every_step=True,
                             prefill_alone=True, cuda_graphs=torch.device(device).type == "cuda")
@@ -461,7 +521,8 @@ def _batching(quick: bool, device: str, lengths: str, n: int, out: tuple[int, in
                            "throughput_vs_static_min", "throughput_vs_static_max"]}
 
 
-def bench_load(quick: bool, device: str, model: str = "tiny") -> dict:
+def bench_load(quick: bool, device: str, model: str = "tiny",
+               text: str | None = None) -> dict:
     """The engine under 16 client threads: throughput, latency percentiles, requests lost."""
     from .engine import Engine
     from .generate import generate
@@ -470,7 +531,7 @@ def bench_load(quick: bool, device: str, model: str = "tiny") -> dict:
     name = model_label(model)
     model, tok = load_model(model, device=device)
     n = 64 if quick else 1000
-    work = poisson_workload(tok, n, seed=0, prompt_tokens=(16, 64), output_tokens=(8, 64))
+    work = poisson_workload(tok, n, seed=0, prompt_tokens=(16, 64), output_tokens=(8, 64), text=text)
     with Engine(model, tok, max_batch_size=8) as engine:
         df = run_load(engine, work, clients=16, realtime=False, ignore_eos=True)
     summary = summarize_load(df, "continuous engine, 8 slots, 16 clients", submitted=n)
@@ -495,15 +556,25 @@ def bench_load(quick: bool, device: str, model: str = "tiny") -> dict:
                            "e2e_p99_s", "ttft_p50_s", "ttft_p99_s", "mismatched_vs_unbatched"]}
 
 
-def bench_speculative(quick: bool, device: str, model: str = "tiny") -> dict:
+def bench_speculative(quick: bool, device: str, model: str = "tiny",
+                      text: str | None = None) -> dict:
     """`tiny` target, greedy, k=4: tiny-draft (the MLP draft), the transformer draft and model-free
-    drafts against plain decoding (another checkpoint: the model-free drafts, which need no training)."""
+    drafts against plain decoding (another checkpoint: the model-free drafts, which need no training).
+
+    The n-gram table learns from the plays' training split and the prompt is Romeo's line; with
+    your `text`, the table learns from its first 90% of tokens and the prompt is the 32 after them
+    (so the table has not seen the text the target continues)."""
     from .data import load_text
     from .load import load_model
     from .speculative import NGramDraft, PromptLookup, speculative_generate
     name, path = model_label(model), model
     target, tok = load_model(path, device=device)
-    table = NGramDraft.from_text(tok, load_text("train"))
+    if text is None:
+        table, prompt = NGramDraft.from_text(tok, load_text("train")), DEFAULT_PROMPT
+    else:
+        ids = tok.encode(text)
+        cut = min(len(ids) * 9 // 10, len(ids) - 8)
+        table, prompt = NGramDraft.from_ids(ids[:cut]), ids[cut:cut + 32]
     new = 32 if quick else 128
     drafts = {}
     if path == "tiny":                  # drafts trained for tiny's tokenizer
@@ -511,10 +582,10 @@ def bench_speculative(quick: bool, device: str, model: str = "tiny") -> dict:
         drafts["tiny-draft-llama (transformer)"] = load_model("tiny-draft-llama", device=device)[0]
     drafts.update({"prompt lookup": "lookup", "n-gram table": table,
                    "prompt lookup + n-gram": PromptLookup(fallback=table)})
-    runs = {"plain decoding": lambda: generate(target, tok, DEFAULT_PROMPT, max_new_tokens=new, ignore_eos=True)}
+    runs = {"plain decoding": lambda: generate(target, tok, prompt, max_new_tokens=new, ignore_eos=True)}
     for label, d in drafts.items():
         runs[f"speculative, {label}"] = (lambda d=d: speculative_generate(
-            target, d, tok, DEFAULT_PROMPT, k=4, max_new_tokens=new, ignore_eos=True))
+            target, d, tok, prompt, k=4, max_new_tokens=new, ignore_eos=True))
     rows = measure_generations(runs, warmup=1, repeats=1 if quick else 5, model=name, device=device,
                                dtype=str(target.dtype).removeprefix("torch."))
     reference = runs["plain decoding"]().token_ids
@@ -538,23 +609,30 @@ def bench_speculative(quick: bool, device: str, model: str = "tiny") -> dict:
             ratios[f"end-to-end tokens/s, speculative ({label}) / plain"] = by[f"speculative, {label}"]["speedup"]
     return {"name": "speculative", "metric": "e2e_tokens_per_s",
             "title": f"Speculative decoding ({name} target, k=4, greedy, {new} new tokens)", "rows": rows,
-            "ratios": ratios, "goal": {tpf: 2.0, wall: 1.2} if path == "tiny" else {},
+            "ratios": ratios, "goal": {tpf: 2.0, wall: 1.2} if path == "tiny" and text is None else {},
             "extra_keys": ["acceptance_rate", "tokens_per_target_forward", "draft_cost_ratio",
                            "expected_speedup", "speedup", "identical"]}
 
 
-def bench_parallel(quick: bool, device: str, model: str = "tiny") -> dict:
+def bench_parallel(quick: bool, device: str, model: str = "tiny",
+                   text: str | None = None) -> dict:
     """torchrun with 2 processes (gloo on CPU, NCCL on GPUs): tensor and data parallel vs one process."""
     from .load import resolve
     from .parallel import check_tensor_parallel, launch
     new = 16 if quick else 64
     name = model_label(model)
+    if text is None:
+        prompts = [DEFAULT_PROMPT, "KING:\nNow", "JULIET:", "HAMLET:"] * (1 if quick else 4)
+    else:                                # 4 (16) spans of your text, as text
+        from .load import load_tokenizer
+        tok = load_tokenizer(model)
+        prompts = [tok.decode(p) for p in prompt_spans(tok.encode(text), 4 if quick else 16)]
     try:                                 # a model whose heads do not split in two gets data parallel only
         check_tensor_parallel(ModelConfig.from_hf(json.loads((resolve(model) / "config.json").read_text())), 2)
-        tp, tp_skipped = launch("tensor", 2, model=model, max_new_tokens=new, prompts=[DEFAULT_PROMPT]), None
+        tp = launch("tensor", 2, model=model, max_new_tokens=new, prompts=prompts[:1])
+        tp_skipped = None
     except ValueError as e:
         tp, tp_skipped = None, str(e)
-    prompts = [DEFAULT_PROMPT, "KING:\nNow", "JULIET:", "HAMLET:"] * (1 if quick else 4)
     dp1 = launch("data", 1, model=model, max_new_tokens=new, prompts=prompts)
     dp2 = launch("data", 2, model=model, max_new_tokens=new, prompts=prompts)
     rows = [dict(label="1 process", tokens_per_s=dp1["tokens_per_s"]),
@@ -577,20 +655,19 @@ def bench_parallel(quick: bool, device: str, model: str = "tiny") -> dict:
                                              "identical", "skipped"]}
 
 
-def bench_evaluation(quick: bool, device: str, model: str = "tiny") -> dict:
+def bench_evaluation(quick: bool, device: str, model: str = "tiny",
+                     text: str | None = None) -> dict:
     """The scoreboard: quality beside speed for every technique on `tiny` or the checkpoint (notebook 11)."""
     from .evaluate import scoreboard, workbook_variants
     from .load import load_model
-    from .metrics import heldout_ids
     from .profiling import probe_bandwidth
     name = model_label(model)
     model, tok = load_model(model, device=device)
     n, new, eval_tokens = (2, 16, 1024) if quick else (8, 96, 8192)
-    ids = heldout_ids(tok, "test", max_tokens=n * 400).tolist()
-    prompts = [tok.decode(ids[i:i + 32]) for i in range(0, n * 400, 400)]
+    prompts = [tok.decode(p) for p in prompt_spans(eval_ids(tok, text, max_tokens=n * 400), n)]
     variants = workbook_variants(model, tok, new_tokens=new)
     rows = scoreboard(variants, tok, prompts, baseline=next(iter(variants)), eval_tokens=eval_tokens,
-                      bandwidth=probe_bandwidth(device, nbytes=64 * 2**20))
+                      bandwidth=probe_bandwidth(device, nbytes=64 * 2**20), text=text)
     for r in rows:
         r.update(label=r["technique"], model=name, device=device)
     by = {r["technique"]: r for r in rows}
@@ -620,12 +697,17 @@ def _markdown_table(rows: list[dict], keys: list[str]) -> str:
 
 
 def run_bench(only: list[str] | None = None, *, quick: bool = False, out: str | Path | None = None,
-              device: str | None = None, model: str = "tiny") -> dict:
+              device: str | None = None, model: str = "tiny", text: str | Path | None = None) -> dict:
     """Run the suite (all experiments or `only`), print ratios, write the report folder.
 
     `model`: "tiny" (the default, the workbook's figures) or your own Llama / Mistral / Qwen2
     checkpoint folder (what `load_model` takes): every experiment then runs on it, against
     `transformers` on the same weights where it has a baseline. The goals are `tiny`'s only.
+
+    `text`: a UTF-8 file of your own text (at least 128 tokens; its first million characters are
+    read). Perplexity and next-token agreement are scored on it instead of the plays' held-out
+    test split, and prompts (batch 1, batching, load, parallel, the scoreboard, speculation) are
+    cut from it; the dialogue experiment keeps the plays' turns.
     """
     from tqdm.auto import tqdm
     names = only or list(EXPERIMENTS)
@@ -634,11 +716,17 @@ def run_bench(only: list[str] | None = None, *, quick: bool = False, out: str | 
         raise ValueError(f"unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS)}")
     model = str(model)
     check_bench_model(model)
+    if text is not None:
+        from .load import load_tokenizer
+        text_path, text = str(text), read_bench_text(text)
+        text_tokens = check_bench_text(text, load_tokenizer(model), where=f"text file {text_path}")
     device = str(check_device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     out = Path(out or Path("reports") / time.strftime("bench-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     info = device_info(device)
     results = {"device": info, "quick": quick, "model": model, "experiments": []}
+    if text is not None:
+        results["text"] = {"path": text_path, "tokens": text_tokens}
     try:
         import transformers
         info["transformers"] = transformers.__version__
@@ -647,8 +735,11 @@ def run_bench(only: list[str] | None = None, *, quick: bool = False, out: str | 
     md = [f"# llmopt bench\n\nModel: **{model_label(model)}**{'' if model == 'tiny' else f' ({model})'}. "
           f"Device: **{info['device_name']}** ({info['device']}), torch "
           f"{info['torch']}, {info['threads']} threads{', quick mode' if quick else ''}.\n"]
+    if text is not None:
+        md.append(f"Text: **{text_path}** ({text_tokens:,} tokens): perplexity and agreement are scored on "
+                  "it, and prompts are cut from it.\n")
     for name in tqdm(names, desc="bench"):
-        res = EXPERIMENTS[name](quick, device, model)
+        res = EXPERIMENTS[name](quick, device, model, text)
         results["experiments"].append(res)
         keys = [k for k in ("label", "model", "dtype", "prompt_len", "ttft_s", "tpot_s",
                             "decode_tokens_per_s", "prefill_tokens_per_s", "e2e_tokens_per_s",

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .metrics import compare_next_token, device_of, distinct_n, heldout_ids, logits_of, perplexity, repetition_rate
+from .metrics import (as_token_ids, compare_next_token, device_of, distinct_n, heldout_ids, logits_of, perplexity,
+                      repetition_rate)
 
 
 def type_token_ratio(texts_or_ids) -> float:
@@ -80,8 +81,9 @@ class Variant:
 
 def scoreboard(variants: dict[str, Variant], tokenizer, prompts: list[str], *, baseline: str,
                eval_tokens: int = 4096, context: int = 256, bandwidth: float | None = None,
-               repeats: int = 3) -> list[dict]:
-    """Quality and efficiency of every variant on the same prompts and test split; one row each.
+               repeats: int = 3, text: str | None = None) -> list[dict]:
+    """Quality and efficiency of every variant on the same prompts and test split (or `text`,
+    your own: its first `eval_tokens` tokens); one row each.
 
     `baseline` names the fp32 reference variant: agreement, KL and the perplexity
     change are against it, and it judges context relevance.
@@ -91,7 +93,8 @@ def scoreboard(variants: dict[str, Variant], tokenizer, prompts: list[str], *, b
     from .profiling import peak_memory
     from .quantize import model_bytes
     ref = variants[baseline].model
-    ids = heldout_ids(tokenizer, "test", max_tokens=eval_tokens)
+    ids = (heldout_ids(tokenizer, "test", max_tokens=eval_tokens) if text is None
+           else as_token_ids(tokenizer.encode(text)[:eval_tokens], "scoreboard's text"))
     prompt_ids = [tokenizer.encode(p) for p in prompts]
     # quality and peak memory, variant by variant (this pass also warms every variant up)
     rows, gens_of = [], {}

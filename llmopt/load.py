@@ -88,13 +88,22 @@ def load_model(name_or_path: str | Path = "tiny", *, device=None,
     if is_mlp_draft_folder(hf):
         draft = MLPDraft.load(folder, device=device, dtype=dtype)
         draft.name = str(name_or_path)
-        return draft, Tokenizer.from_folder(folder, eos_token_id=draft.config.eos_token_id)
+        return draft, load_tokenizer(folder)
     cfg = ModelConfig.from_hf(hf)
     model = _from_state(cfg, _read_weights(folder), dtype, device, where=str(folder))
-    tokenizer = Tokenizer.from_folder(folder, eos_token_id=cfg.eos_token_id,
-                                      bos_token_id=cfg.bos_token_id)
     model.name = str(name_or_path)
-    return model, tokenizer
+    return model, load_tokenizer(folder)
+
+
+def load_tokenizer(name_or_path: str | Path = "tiny") -> Tokenizer:
+    """The tokenizer `load_model` gives with the model, without reading any weights."""
+    folder = resolve(name_or_path)
+    hf = json.loads((folder / "config.json").read_text())
+    from .draft import MLPDraftConfig, is_mlp_draft_folder
+    if is_mlp_draft_folder(hf):
+        return Tokenizer.from_folder(folder, eos_token_id=MLPDraftConfig.from_json(hf).eos_token_id)
+    cfg = ModelConfig.from_hf(hf)
+    return Tokenizer.from_folder(folder, eos_token_id=cfg.eos_token_id, bos_token_id=cfg.bos_token_id)
 
 
 def _from_state(cfg: ModelConfig, hf_state: dict[str, torch.Tensor], dtype, device, *,

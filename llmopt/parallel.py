@@ -329,12 +329,15 @@ def main(argv=None) -> int:
     p.add_argument("mode", choices=["data", "tensor", "pipeline"])
     p.add_argument("--model", default="tiny")
     p.add_argument("--prompts", nargs="+", default=["ROMEO:", "KING:\nNow", "JULIET:", "HAMLET:"])
+    p.add_argument("--prompts-json", help="the prompts as a JSON list (any text, even one starting with '-')")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="CPU threads per rank")
     p.add_argument("--out", default=None, help="rank 0 writes its JSON result here")
     p.add_argument("--batch", type=int, default=8, help="pipeline: prompts in the batch")
     p.add_argument("--micro-batches", type=int, default=4, help="pipeline: micro-batches per step")
     args = p.parse_args(argv)
+    if args.prompts_json:
+        args.prompts = json.loads(args.prompts_json)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         p.error("run this under torchrun, which starts one process per rank: torchrun --standalone "
                 f"--nproc_per_node 2 -m llmopt.parallel {args.mode} (or llmopt.parallel.launch from Python)")
@@ -374,7 +377,7 @@ def launch(mode: str, nproc: int = 2, *, model: str = "tiny", prompts: list[str]
                "--threads", str(threads), "--out", out, "--batch", str(batch),
                "--micro-batches", str(micro_batches)]
         if prompts:
-            cmd += ["--prompts", *prompts]
+            cmd.append("--prompts-json=" + json.dumps(list(prompts)))
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         if proc.returncode != 0 or not os.path.exists(out):

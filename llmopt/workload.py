@@ -2,7 +2,7 @@
 
 `poisson_workload` draws requests the way users send them: arrivals as a
 Poisson process (exponential gaps at `rate` requests/s), prompts cut from the
-held-out corpus, and prompt and output lengths either uniform in the given
+held-out corpus (or your own text), and prompt and output lengths either uniform in the given
 ranges or drawn from the corpus itself (`lengths="corpus"`: every request is a
 turn of the plays' dialogue, as long as that speech). The same seed gives the
 same workload, so strategies are compared on equal terms.
@@ -43,7 +43,7 @@ _SPEECH = re.compile(r"([A-Z][A-Z' -]*[A-Z])\.\n(\S.*)", re.S)
 def poisson_workload(tokenizer, n: int, *, rate: float = float("inf"), seed: int = 0,
                      prompt_tokens: tuple[int, int] = (16, 64),
                      output_tokens: tuple[int, int] = (8, 256), split: str = "test",
-                     lengths: str = "uniform") -> list[WorkItem]:
+                     lengths: str = "uniform", text: str | None = None) -> list[WorkItem]:
     """`n` requests with Poisson arrivals at `rate` per second (inf: all at time 0).
 
     lengths="uniform": prompt and output lengths are uniform integers in the given
@@ -56,6 +56,10 @@ def poisson_workload(tokenizer, n: int, *, rate: float = float("inf"), seed: int
     to the ranges. Speech lengths are long-tailed, as chat replies are (the test
     split's 1,566 speeches: median 18 tokens, mean 36, the longest 392): most requests
     are short and a few are long, the case where static batching wastes most.
+
+    `text`: your own text instead of the `split` (for "corpus" lengths, in the plays'
+    layout: a speech is a block after a blank line that starts with its speaker's name
+    line in capitals, "MACBETH.").
     """
     check_count(n, "n (requests)")
     if rate <= 0:
@@ -66,10 +70,14 @@ def poisson_workload(tokenizer, n: int, *, rate: float = float("inf"), seed: int
         if not 1 <= lo <= hi:
             raise ValueError(f"{name} must be a range (lo, hi) with 1 <= lo <= hi, got {(lo, hi)}")
     rng = random.Random(seed)
+    source = load_text(split) if text is None else text
     if lengths == "corpus":
-        draw = _dialogue_turns(tokenizer, load_text(split), rng, prompt_tokens, output_tokens)
+        draw = _dialogue_turns(tokenizer, source, rng, prompt_tokens, output_tokens)
     else:
-        ids = tokenizer.encode(load_text(split)[:200_000])
+        ids = tokenizer.encode(source[:200_000])
+        if len(ids) <= prompt_tokens[1]:
+            raise ValueError(f"the text has {len(ids)} tokens, too few to cut prompts of up to "
+                             f"{prompt_tokens[1]} tokens from: give a longer text or shorter prompt_tokens")
 
         def draw():
             length = rng.randint(*prompt_tokens)
@@ -88,16 +96,21 @@ def _dialogue_turns(tokenizer, text: str, rng: random.Random, prompt_tokens, out
     blocks = [b.strip("\n") for b in re.split(r"\n\s*\n", text) if b.strip()]
     # a speech with at least one block of text before it
     turns = [(j, m) for j in range(1, len(blocks)) if (m := _SPEECH.fullmatch(blocks[j]))]
+    if not turns:
+        raise ValueError('lengths="corpus" found no speeches in the text (a block after a blank line that '
+                         'starts with a name line in capitals, "MACBETH."): use lengths="uniform" for other text')
     clip = lambda v, lo_hi: min(max(v, lo_hi[0]), lo_hi[1])   # noqa: E731
 
     def draw():
-        while True:
+        for _ in range(10_000):
             j, m = rng.choice(turns)
             cue = f"\n\n{m.group(1)}.\n"                 # the speaker's name line ends the prompt
             context = tokenizer.encode("\n\n".join(blocks[max(0, j - 4):j]) + cue)
             want = clip(len(tokenizer.encode(blocks[j - 1] + cue)), prompt_tokens)
             if len(context) >= want:                   # (the first speeches have too little before them)
                 return context[-want:], clip(len(tokenizer.encode(m.group(2))), output_tokens)
+        raise ValueError(f"no speech in the text has the {prompt_tokens[0]} tokens before it that "
+                         f"prompt_tokens={prompt_tokens} asks for: give a longer text or shorter prompt_tokens")
     return draw
 
 

@@ -671,6 +671,27 @@ def test_dialogue_workload_takes_its_lengths_from_the_plays(tiny):
     assert all(16 <= w.max_new_tokens <= 32 for w in clipped)
 
 
+def test_workload_from_your_own_text(tiny):
+    """`text=`: prompts are spans of that text; too little of it, or "corpus" lengths on text
+    without the plays' speeches, is an error that says what to change."""
+    _, tok = tiny
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    ids = tok.encode(text)
+    work = poisson_workload(tok, 20, seed=1, prompt_tokens=(8, 16), output_tokens=(4, 8), text=text)
+    joined = " ".join(map(str, ids))
+    assert all(8 <= len(w.prompt_ids) <= 16 and " ".join(map(str, w.prompt_ids)) in joined for w in work)
+    assert work != poisson_workload(tok, 20, seed=1, prompt_tokens=(8, 16), output_tokens=(4, 8))
+    with pytest.raises(ValueError, match="too few to cut prompts of up to 64"):
+        poisson_workload(tok, 2, prompt_tokens=(8, 64), text="A short text.")
+    with pytest.raises(ValueError, match="found no speeches"):
+        poisson_workload(tok, 2, lengths="corpus", text=text)
+    play = "Act one.\n\nHAMLET.\nTo be, or not to be.\n\nHORATIO.\nMy lord."
+    turns = poisson_workload(tok, 5, lengths="corpus", prompt_tokens=(1, 64), output_tokens=(1, 64), text=play)
+    assert {tok.decode(w.prompt_ids).rstrip("\n").rsplit("\n", 1)[-1] for w in turns} <= {"HAMLET.", "HORATIO."}
+    with pytest.raises(ValueError, match="no speech in the text has the 60 tokens"):
+        poisson_workload(tok, 2, lengths="corpus", prompt_tokens=(60, 64), text=play)
+
+
 def test_compare_batching_rows_and_ideal(tiny):
     model, tok = tiny
     work = poisson_workload(tok, 8, seed=0, prompt_tokens=(4, 12), output_tokens=(2, 24))

@@ -171,3 +171,12 @@ def test_an_activation_llmopt_lacks_is_refused():
     hf["hidden_act"] = "gelu"
     with pytest.raises(ValueError, match="activation 'gelu'.*SwiGLU"):
         ModelConfig.from_hf(hf)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-draft"])
+def test_load_tokenizer_is_load_models_without_the_weights(name):
+    _, tok = llmopt.load_model(name)
+    alone = llmopt.load_tokenizer(name)
+    text = "ROMEO:\nBut soft, what light"
+    assert alone.encode(text) == tok.encode(text) and alone.eos_token_id == tok.eos_token_id is not None
+    assert alone.bos_token_id == tok.bos_token_id

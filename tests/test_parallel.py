@@ -4,7 +4,8 @@ import pytest
 import llmopt
 from llmopt.parallel import launch, shard_model
 
-PROMPTS = ["ROMEO:", "KING:\nNow", "JULIET:", "To be, or not to be", "A"]
+# "--help" and "-x" reach the ranks as prompts, not as options (launch passes them as JSON)
+PROMPTS = ["ROMEO:", "KING:\nNow", "JULIET:", "To be, or not to be", "A", "--help", "-x"]
 
 
 def test_tensor_parallel_matches_single_process():

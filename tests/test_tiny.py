@@ -138,6 +138,46 @@ def test_bench_runs_on_a_users_own_checkpoint(tmp_path, small_tokenizer_dir):
     assert "int4 weight-only (g32)" in {r["technique"] for r in by["evaluation"]["rows"]}
 
 
+def test_bench_scores_and_prompts_with_your_own_text(tmp_path, tiny):
+    """`run_bench(text=FILE)`: perplexity and agreement are scored on the text (equal to the metrics run
+    on its ids directly), the prompts come from it, and goals set on the plays' text are left out."""
+    from llmopt.bench import prompt_spans, run_bench
+    from llmopt.metrics import perplexity
+    model, tok = tiny
+    text = load_split("train")[0][:30_000]        # a work tiny trained on: easier than the test split
+    (tmp_path / "mine.txt").write_text(text, encoding="utf-8")
+    res = run_bench(["precision", "speculative", "dialogue", "evaluation"], quick=True, out=tmp_path / "out",
+                    text=tmp_path / "mine.txt")
+    ids = torch.tensor(tok.encode(text))
+    assert res["text"] == {"path": str(tmp_path / "mine.txt"), "tokens": len(ids)}
+    assert f"Text: **{tmp_path / 'mine.txt'}** ({len(ids):,} tokens)" in (tmp_path / "out" / "report.md").read_text()
+    by = {e["name"]: e for e in res["experiments"]}
+    fp32 = next(r for r in by["precision"]["rows"] if r["label"] == "tiny fp32")
+    assert fp32["perplexity"] == pytest.approx(perplexity(model, ids=ids[:2048], context=256), rel=1e-6)
+    assert fp32["perplexity"] < 0.8 * perplexity(model, tok, split="test", max_tokens=2048)
+    board = {r["technique"]: r for r in by["evaluation"]["rows"]}
+    assert board["fp32 baseline"]["perplexity"] == pytest.approx(
+        perplexity(model, ids=ids[:1024], context=256), rel=1e-6)
+    assert all(r["identical"] for r in by["speculative"]["rows"][1:]) and not by["speculative"]["goal"]
+    assert "prompts from the plays, not your text" in by["dialogue"]["title"]
+    # the prompts: spans of the text, 400 tokens apart as on the plays, closer when the text is short
+    assert prompt_spans(range(2000), 3) == [list(range(s, s + 32)) for s in (0, 400, 800)]
+    assert prompt_spans(range(200), 4) == [list(range(s, s + 32)) for s in (0, 56, 112, 168)]
+
+
+def test_bench_refuses_a_text_it_cannot_use(tmp_path, capsys):
+    from llmopt.__main__ import main
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "short.txt").write_text("ROMEO:\nBut soft!")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 200)
+    for name, message in [("missing.txt", "not found: give the path of a UTF-8 text file"),
+                          ("empty.txt", "holds no text"), ("latin1.txt", "is not UTF-8 text"),
+                          ("short.txt", "tokens long with this model's tokenizer; the bench needs at least 128")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", "cache", "--text", str(tmp_path / name)])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_command_line_generates_and_refuses_bad_input_with_a_usage_error(capsys, monkeypatch):
     from llmopt.__main__ import main
     assert main(["generate", "ROMEO:", "--max-new-tokens", "8"]) == 0
