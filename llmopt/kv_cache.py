@@ -38,14 +38,22 @@ def to_device(values, device, dtype: torch.dtype = torch.long, out: torch.Tensor
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
-def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of cache one token costs: 2 (k and v) x layers x kv heads x head dim x dtype bytes."""
-    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype | str = torch.float32) -> int:
+    """Bytes of cache one token costs: 2 (k and v) x layers x kv heads x head dim x dtype bytes.
+
+    `dtype`: any torch dtype (torch.int8 or torch.float8_e4m3fn for a quantized cache's
+    estimate) or "fp32" / "fp16" / "bf16"."""
+    if not isinstance(dtype, torch.dtype):
+        from .precision import as_dtype
+        dtype = as_dtype(dtype)
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
 
 
 def kv_cache_bytes(cfg: ModelConfig, batch_size: int, seq_len: int,
-                   dtype: torch.dtype = torch.float32) -> int:
+                   dtype: torch.dtype | str = torch.float32) -> int:
     """Predicted cache size for `batch_size` sequences of `seq_len` tokens (notebook 02)."""
+    check_count(batch_size, "batch_size")
+    check_count(seq_len, "seq_len")
     return batch_size * seq_len * kv_bytes_per_token(cfg, dtype)
 
 

@@ -12,6 +12,16 @@ def test_kv_bytes_formula_and_gqa():
     assert llmopt.kv_bytes_per_token(cfg, torch.bfloat16) == 32768
     mha = cfg.replace(n_kv_heads=cfg.n_heads)
     assert llmopt.kv_bytes_per_token(mha, torch.bfloat16) == 4 * 32768  # GQA saves 32/8 = 4x
+    # a name, and an 8-bit cache's estimate, half bf16's
+    assert llmopt.kv_bytes_per_token(cfg, "bf16") == 32768
+    assert llmopt.kv_bytes_per_token(cfg, torch.int8) == llmopt.kv_bytes_per_token(cfg, torch.float8_e4m3fn) == 16384
+    assert llmopt.kv_cache_bytes(cfg, 32, 4096, "bf16") == 32 * 4096 * 32768
+    for args, message in [((0, 64), "batch_size must be an integer >= 1"), ((1, -5), "seq_len must be"),
+                          ((1, 2.5), "seq_len must be")]:
+        with pytest.raises(ValueError, match=message):
+            llmopt.kv_cache_bytes(cfg, *args)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        llmopt.kv_bytes_per_token(cfg, "int3")
 
 
 @pytest.mark.parametrize("kind", ["static", "paged"])
