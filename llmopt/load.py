@@ -145,7 +145,8 @@ def from_transformers(hf_model, tokenizer=None, *, device=None,
     `to_transformers`), so llmopt's generation, caches, batching engine, compilation
     and speculative decoding run on your model: same logits (tested). `tokenizer`, a
     `transformers` tokenizer, comes back wrapped as llmopt's `Tokenizer` (None stays
-    None). `device` and `dtype` default to the model's own. Other architectures have
+    None). `device` and `dtype` default to the model's own (a model a device_map spread over
+    several devices needs `device`: llmopt runs on one). Other architectures have
     no llmopt implementation: measure them with `llmopt.hf_generate` and the helpers,
     which take any `transformers` model.
     """
@@ -165,6 +166,15 @@ def from_transformers(hf_model, tokenizer=None, *, device=None,
     if gen is not None and gen.eos_token_id is not None:
         cfg = cfg.replace(eos_token_id=gen.eos_token_id)
     first = next(hf_model.parameters())
+    devices = sorted({str(t.device) for t in hf_model.state_dict().values()})
+    if "meta" in devices:
+        raise ValueError(f"some weights of this {arch} are not in memory (on the meta device: a device_map "
+                         "that offloads to disk or CPU, or a model built empty): load it fully onto real "
+                         "devices first, then convert it")
+    if device is None and len(devices) > 1:
+        raise ValueError(f"this {arch} is spread over {', '.join(devices)} (a device_map); llmopt runs a model "
+                         "on one device: pass device= (e.g. device='cuda:0'), where a copy of all its weights "
+                         "must fit")
     device = check_device(device) if device is not None else first.device
     dtype = as_dtype(dtype) if dtype is not None else first.dtype
     model = _from_state(cfg, hf_model.state_dict(), dtype, device, where=f"this {arch}", copy=True)

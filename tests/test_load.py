@@ -166,6 +166,23 @@ def test_transformers_models_get_clear_errors(hf_checkpoint, gpt2):
         llmopt.from_transformers(hf)
 
 
+def test_from_transformers_refuses_offloaded_weights_and_asks_where_a_spread_model_goes(hf_checkpoint):
+    _, _, hf = hf_checkpoint
+    if torch.cuda.is_available():         # spread over two devices, as a device_map leaves a model
+        ids = torch.randint(0, 512, (1, 12))
+        with torch.no_grad():
+            want = hf(ids).logits
+        hf.model.layers[0].to("cuda")
+        with pytest.raises(ValueError, match=r"spread over cpu, cuda:0 .*pass device="):
+            llmopt.from_transformers(hf)
+        model, _ = llmopt.from_transformers(hf, device="cpu")
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids), want, atol=1e-4, rtol=1e-4)
+    hf.model.layers[1].to("meta")         # as disk or CPU offload leaves the weights it keeps elsewhere
+    with pytest.raises(ValueError, match="not in memory .*load it fully onto real devices"):
+        llmopt.from_transformers(hf, device="cpu")
+
+
 def test_an_activation_llmopt_lacks_is_refused():
     hf = get_config("tiny").to_hf()
     hf["hidden_act"] = "gelu"
