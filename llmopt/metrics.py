@@ -41,6 +41,21 @@ def as_token_ids(ids, what: str) -> torch.Tensor:
     return ids
 
 
+def check_vocab(model, ids: torch.Tensor, what: str) -> None:
+    """A clear error when token ids fall outside the model's embedding table (the ids of another
+    model's tokenizer), instead of an IndexError deep in the forward."""
+    emb = (model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None))
+           else getattr(model, "embed_tokens", None))
+    vocab = getattr(emb, "num_embeddings", None)
+    if vocab is None or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"{what}: token id {high if high >= vocab else low} is outside this model's "
+                         f"vocabulary [0, {vocab}): the ids come from another model's tokenizer; encode "
+                         "the text with this model's own")
+
+
 def heldout_ids(tokenizer, split: str = "test", max_tokens: int | None = None) -> torch.Tensor:
     """Token ids of a held-out split (1-D), optionally truncated to `max_tokens`."""
     ids = tokenizer.encode(load_text(split, eos="\n\n"))
@@ -63,6 +78,7 @@ def perplexity(model, tokenizer=None, *, split: str = "test", ids: torch.Tensor 
             raise ValueError("perplexity needs a tokenizer (to encode the split) or ids")
         ids = heldout_ids(tokenizer, split, max_tokens)
     ids = as_token_ids(ids, "perplexity")
+    check_vocab(model, ids, "perplexity")
     stride = stride or max(1, context // 2)
     if not 0 < stride <= context:
         raise ValueError(f"stride must be in (0, context={context}], got {stride}")
@@ -112,6 +128,8 @@ def repetition_rate(seq, n: int = 4) -> float:
 def compare_next_token(model, reference, ids: torch.Tensor, context: int = 256) -> dict:
     """Top-1 agreement and mean KL(reference || model) of next-token distributions on `ids`."""
     ids = as_token_ids(ids, "compare_next_token")
+    check_vocab(model, ids, "compare_next_token")
+    check_vocab(reference, ids, "compare_next_token (the reference)")
     ids = ids[: (len(ids) // context) * context or len(ids)]
     agree, kl, count = 0, 0.0, 0
     for begin in range(0, len(ids), context):

@@ -295,6 +295,7 @@ def fuse_projections(model: Transformer) -> Transformer:
     treats each fused Linear as one); `unfuse_projections` restores the usual layout, which
     saving, tensor parallelism and structured pruning need.
     """
+    check_llmopt_model(model, "fuse_projections")
     for layer in model.layers:
         for part, fused, names in FUSED_GROUPS:
             owner = getattr(layer, part)
@@ -316,6 +317,7 @@ def fuse_projections(model: Transformer) -> Transformer:
 
 def unfuse_projections(model: Transformer) -> Transformer:
     """Undo `fuse_projections` (in place): separate q, k, v and gate, up Linears again."""
+    check_llmopt_model(model, "unfuse_projections")
     for layer in model.layers:
         for part, fused, names in FUSED_GROUPS:
             owner, linear = getattr(layer, part), getattr(getattr(layer, part), fused)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .model import Transformer, check_unfused, check_unquantized, is_conv1d, is_linear, linear_from
+from .model import Transformer, check_llmopt_model, check_unfused, check_unquantized, is_conv1d, is_linear, linear_from
 
 
 def prunable(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[tuple[str, nn.Module]]:
@@ -104,6 +104,7 @@ def prune_heads(model: Transformer, keep_kv_heads: int) -> Transformer:
     `keep_kv_heads` most important groups (largest weight norms), so shapes stay
     uniform and the KV cache shrinks with them.
     """
+    check_llmopt_model(model, "prune_heads (structured pruning)")
     check_unfused(model, "prune_heads")
     cfg = model.config
     if not 1 <= keep_kv_heads <= cfg.n_kv_heads:
@@ -132,6 +133,7 @@ def prune_heads(model: Transformer, keep_kv_heads: int) -> Transformer:
 @torch.no_grad()
 def prune_mlp(model: Transformer, keep_channels: int) -> Transformer:
     """Keep the `keep_channels` most important SwiGLU channels in every layer (in place)."""
+    check_llmopt_model(model, "prune_mlp (structured pruning)")
     check_unfused(model, "prune_mlp")
     cfg = model.config
     if not 1 <= keep_channels <= cfg.intermediate_size:

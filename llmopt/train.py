@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .config import get_config
 from .data import TEST_WORKS, VALIDATION_WORKS, load_split
+from .metrics import check_vocab, logits_of
 from .model import build_model
 from .precision import as_dtype, check_device, check_dtype
 
@@ -61,7 +62,7 @@ def train_step(model, optimizer, x, y, *, amp_dtype: torch.dtype | None = None, 
     """One optimizer step; with `amp_dtype` the forward runs under autocast (notebook 05)."""
     device_type = x.device.type
     with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = model(x)
+        logits = logits_of(model, x)            # llmopt's model, or a transformers model's .logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:  # fp16: scale the loss so small gradients do not underflow
@@ -101,6 +102,7 @@ def finetune(model, tokenizer, *, steps: int = 20, batch_size: int = 8, seq_len:
     import statistics
     device = next(model.parameters()).device
     data = split_ids(tokenizer, "train")
+    check_vocab(model, data, "finetune")
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None

@@ -80,6 +80,35 @@ def test_recovery_keeps_pruned_weights_at_zero():
     assert abs(prune.sparsity(model) - 0.5) < 0.01
 
 
+def test_recovery_fine_tunes_a_transformers_model_and_refuses_another_models_tokenizer(hf_checkpoint):
+    """`recover` (and `finetune` under it) train a transformers model too (its `.logits`); the ids of a
+    tokenizer whose vocabulary the model lacks are a clear error, not an IndexError in the embedding."""
+    from llmopt.tokenizer import Tokenizer
+    _, folder, hf = hf_checkpoint
+    masks = prune.magnitude_prune(hf, 0.5)
+    before = {name: m.weight.detach().clone() for name, m in prune.prunable(hf)}
+    losses = prune.recover(hf, Tokenizer.from_folder(folder), masks, steps=2, batch_size=2, seq_len=32)
+    assert len(losses) == 2 and all(loss == loss for loss in losses)
+    for name, m in prune.prunable(hf):
+        assert torch.equal(m.weight[masks[name] == 0], torch.zeros_like(m.weight[masks[name] == 0]))
+        assert not torch.equal(m.weight, before[name])                 # the kept weights trained
+    tiny_tok = llmopt.load_model("tiny")[1]                            # 4,096 tokens; this model has 512
+    with pytest.raises(ValueError, match=r"finetune: token id \d+ is outside this model's vocabulary \[0, 512\)"):
+        prune.recover(hf, tiny_tok, steps=1)
+    with pytest.raises(ValueError, match=r"perplexity: token id 4000 is outside this model's vocabulary"):
+        llmopt.metrics.perplexity(hf, ids=[1, 2, 4000])
+    with pytest.raises(ValueError, match=r"compare_next_token: token id -1 is outside"):
+        llmopt.metrics.compare_next_token(hf, hf, [1, 2, -1])
+
+
+def test_structured_pruning_and_fusing_say_they_need_an_llmopt_model(hf_checkpoint):
+    _, _, hf = hf_checkpoint
+    for fn in (lambda m: prune.prune_heads(m, 1), lambda m: prune.prune_mlp(m, 8),
+               llmopt.fuse_projections, llmopt.unfuse_projections):
+        with pytest.raises(TypeError, match="runs llmopt models.*from_transformers"):
+            fn(hf)
+
+
 def test_gpt2_conv1d_layers_prune_too(gpt2):
     """transformers' Conv1D keeps its weight as [in, out]: magnitude pruning counts it, and 2:4 groups
     run along the input dimension as for nn.Linear, the mask in the layer's own layout."""
