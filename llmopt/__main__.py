@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("experiments", nargs="*", help="subset to run (default: all)")
     b.add_argument("--quick", action="store_true", help="CI sizes (also set by LLMOPT_CI=1)")
     b.add_argument("--out", help="report folder (default reports/bench-<time>)")
-    b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    b.add_argument("--device", help="cpu, cuda, cuda:1 (default: auto, cuda when a GPU is visible)")
     b.add_argument("--model", default="tiny",
                    help="tiny (default), or your own Llama / Mistral / Qwen2 checkpoint folder")
     b.add_argument("--text", metavar="FILE",
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", help="stop before this text (may be given several times)")
-    g.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cpu)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, mps, or auto: cuda when a GPU is visible (default: cpu)")
     g.add_argument("--dtype", help="fp32, fp16 or bf16 (default: the checkpoint's)")
     g.add_argument("--compile", nargs="?", const=True, default=False,
                    help="compile the decode step: no value for the default mode, or default, "

@@ -62,6 +62,14 @@ def batch1_prompt(tokenizer, text: str | None):
     return DEFAULT_PROMPT if text is None else tokenizer.encode(text)[:32]
 
 
+def split_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """Your text's ids in two: the first 90% (what an n-gram draft may learn from) and the rest
+    (where speculation's prompts come from, so no draft has seen what the target continues)."""
+    ids = tokenizer.encode(text)
+    cut = min(len(ids) * 9 // 10, len(ids) - 8)
+    return ids[:cut], ids[cut:]
+
+
 def prompt_spans(ids, n: int, length: int = 32, gap: int = 400) -> list[list[int]]:
     """`n` prompts of `length` tokens from `ids`, `gap` tokens apart (closer when the text is short)."""
     ids = list(ids)
@@ -572,9 +580,8 @@ def bench_speculative(quick: bool, device: str, model: str = "tiny",
     if text is None:
         table, prompt = NGramDraft.from_text(tok, load_text("train")), DEFAULT_PROMPT
     else:
-        ids = tok.encode(text)
-        cut = min(len(ids) * 9 // 10, len(ids) - 8)
-        table, prompt = NGramDraft.from_ids(ids[:cut]), ids[cut:cut + 32]
+        learn, rest = split_text(tok, text)
+        table, prompt = NGramDraft.from_ids(learn), rest[:32]
     new = 32 if quick else 128
     drafts = {}
     if path == "tiny":                  # drafts trained for tiny's tokenizer
@@ -664,8 +671,13 @@ def bench_evaluation(quick: bool, device: str, model: str = "tiny",
     name = model_label(model)
     model, tok = load_model(model, device=device)
     n, new, eval_tokens = (2, 16, 1024) if quick else (8, 96, 8192)
-    prompts = [tok.decode(p) for p in prompt_spans(eval_ids(tok, text, max_tokens=n * 400), n)]
-    variants = workbook_variants(model, tok, new_tokens=new)
+    if text is None:
+        prompt_ids, ngram_text = eval_ids(tok, None, max_tokens=n * 400), None
+    else:      # as in the speculative experiment: the n-gram draft learns from text before the prompts
+        learn, prompt_ids = split_text(tok, text)
+        ngram_text = tok.decode(learn)
+    prompts = [tok.decode(p) for p in prompt_spans(prompt_ids, n)]
+    variants = workbook_variants(model, tok, new_tokens=new, ngram_text=ngram_text)
     rows = scoreboard(variants, tok, prompts, baseline=next(iter(variants)), eval_tokens=eval_tokens,
                       bandwidth=probe_bandwidth(device, nbytes=64 * 2**20), text=text)
     for r in rows:
@@ -720,7 +732,7 @@ def run_bench(only: list[str] | None = None, *, quick: bool = False, out: str | 
         from .load import load_tokenizer
         text_path, text = str(text), read_bench_text(text)
         text_tokens = check_bench_text(text, load_tokenizer(model), where=f"text file {text_path}")
-    device = str(check_device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    device = str(check_device(device or "auto"))
     out = Path(out or Path("reports") / time.strftime("bench-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     info = device_info(device)

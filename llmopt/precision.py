@@ -34,7 +34,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def check_device(device) -> torch.device:
     """`device` as a torch.device, or a ValueError that says why this machine cannot run on it
-    (no CUDA build of torch, no GPU visible, a GPU index past the last one)."""
+    (no CUDA build of torch, no GPU visible, a GPU index past the last one).
+
+    "auto" is the first GPU when torch sees one, else the CPU (the notebooks' default)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device if device is not None else "cpu")
     except (RuntimeError, TypeError) as e:
