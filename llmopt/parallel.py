@@ -17,7 +17,8 @@ Launch with torchrun; the same code runs on one machine or several:
     torchrun --nproc_per_node 2 -m llmopt.parallel data --model tiny --prompts "ROMEO:" "KING:"
     torchrun --nnodes 2 --node_rank 0 --master_addr HOST --nproc_per_node 8 -m llmopt.parallel ...
 
-gloo on CPU (the tests run 2 processes here), NCCL on GPUs (one GPU per rank).
+gloo on CPU (the tests run 2 processes here), NCCL on GPUs (one GPU per rank; with fewer GPUs than
+ranks, gloo on the CPU).
 `launch(...)` starts such a run as a subprocess and returns rank 0's JSON result.
 """
 from __future__ import annotations
@@ -250,12 +251,19 @@ def run_pipeline_parallel(args, rank: int, world: int, device) -> dict | None:
 
 
 # ---- the torchrun entry point -----------------------------------------------------------------
+def ranks_use_gpus(local_world: int) -> bool:
+    """One GPU per rank (NCCL) when this node has a GPU for each of its `local_world` ranks; else the
+    ranks run on the CPU with gloo (NCCL cannot put two ranks on one GPU: 2 ranks on a 1-GPU machine)."""
+    return torch.cuda.is_available() and torch.cuda.device_count() >= local_world
+
+
 def _setup() -> tuple[int, int, torch.device]:
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    """Join the process group: NCCL and a GPU per rank, or gloo on the CPU (`ranks_use_gpus`)."""
+    gpus = ranks_use_gpus(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1))))
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if gpus else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
+    if gpus:
         local = int(os.environ.get("LOCAL_RANK", rank))
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)

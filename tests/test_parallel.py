@@ -51,3 +51,15 @@ def test_stage_split_covers_every_layer_once():
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     with pytest.raises(ValueError, match="at most 4"):
         stage_of(llmopt.load_model("tiny")[0], 0, 5)
+
+
+def test_ranks_take_a_gpu_each_only_when_there_is_one_for_every_rank(monkeypatch):
+    import torch
+    from llmopt.parallel import ranks_use_gpus
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert ranks_use_gpus(1) and not ranks_use_gpus(2)       # 2 ranks on one GPU: gloo on the CPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert ranks_use_gpus(2) and ranks_use_gpus(8) and not ranks_use_gpus(9)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not ranks_use_gpus(1)

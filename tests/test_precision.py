@@ -49,6 +49,12 @@ def test_a_device_this_machine_lacks_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="only 2 GPU"):
         precision.check_device("cuda:2")
     assert precision.check_device("cuda:1") == torch.device("cuda", 1)
+    # "auto", the notebooks' DEVICE: the GPU when torch sees one, else the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert precision.check_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert precision.check_device("auto") == torch.device("cpu")
+    assert llmopt.load_model("tiny", device="auto")[0].device == torch.device("cpu")
 
 
 def test_cpu_capability_check_warns_or_passes():
