@@ -80,3 +80,25 @@ def test_gpu_suite_runs_only_the_sections_asked(tmp_path):
                     "--only", "attention_prefill"], check=True, cwd=ROOT, timeout=300)
     res = json.loads((tmp_path / "gpu_results.json").read_text())
     assert "attention_prefill" in res and "decode_batch1" not in res and "batching" not in res
+
+
+def test_notebooks_run_as_scripts_where_there_is_no_jupyter(tmp_path):
+    """tools/run_notebooks.py, for a lent GPU machine (torch, no Jupyter): a real notebook passes at CI
+    size; a failing cell fails its notebook (exit 1, the cell named) and a missing import skips one."""
+    def notebook(name, *cells):
+        cells = [{"cell_type": "code", "id": str(i), "metadata": {}, "outputs": [], "execution_count": None,
+                  "source": src} for i, src in enumerate(cells)]
+        (tmp_path / name).write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4,
+                                                 "nbformat_minor": 5}))
+        return str(tmp_path / name)
+    good = str(ROOT / "notebooks" / "03_attention_kernels.ipynb")
+    bad = notebook("bad.ipynb", "x = 1", "assert x == 2, 'x is not 2'")
+    missing = notebook("missing.ipynb", "import no_such_module_here")
+    out = tmp_path / "notebooks.md"
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "run_notebooks.py"), "--ci", "--out", str(out),
+                          good, bad, missing], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "03_attention_kernels.ipynb: passed" in run.stdout
+    assert "bad.ipynb: failed at cell 1" in run.stdout and "x is not 2" in run.stdout
+    assert "missing.ipynb: skipped (no no_such_module_here) at cell 0" in run.stdout
+    assert "| 03_attention_kernels.ipynb | passed |" in out.read_text()
