@@ -86,19 +86,26 @@ def test_notebooks_run_as_scripts_where_there_is_no_jupyter(tmp_path):
     """tools/run_notebooks.py, for a lent GPU machine (torch, no Jupyter): a real notebook passes at CI
     size; a failing cell fails its notebook (exit 1, the cell named) and a missing import skips one."""
     def notebook(name, *cells):
-        cells = [{"cell_type": "code", "id": str(i), "metadata": {}, "outputs": [], "execution_count": None,
-                  "source": src} for i, src in enumerate(cells)]
+        cells = [{"cell_type": "code", "id": str(i), "outputs": [], "execution_count": None, "source": src,
+                  "metadata": {"tags": ["parameters"]} if src.startswith("# parameters") else {}}
+                 for i, src in enumerate(cells)]
         (tmp_path / name).write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4,
                                                  "nbformat_minor": 5}))
         return str(tmp_path / name)
     good = str(ROOT / "notebooks" / "03_attention_kernels.ipynb")
     bad = notebook("bad.ipynb", "x = 1", "assert x == 2, 'x is not 2'")
     missing = notebook("missing.ipynb", "import no_such_module_here")
+    # --param overrides a parameter after the parameters cell (a path from here made absolute; 03 has no WHERE)
+    (tmp_path / "mine").mkdir()
+    params = notebook("params.ipynb", "# parameters\nWHERE = 'tiny'\nN = 1", "from pathlib import Path",
+                      "assert N == 5 and Path(WHERE).is_absolute() and Path(WHERE).name == 'mine', (N, WHERE)")
     out = tmp_path / "notebooks.md"
     run = subprocess.run([sys.executable, str(ROOT / "tools" / "run_notebooks.py"), "--ci", "--out", str(out),
-                          good, bad, missing], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                          "--param", "N=5", "--param", "WHERE='mine'", good, bad, missing, params],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, run.stdout + run.stderr
     assert "03_attention_kernels.ipynb: passed" in run.stdout
     assert "bad.ipynb: failed at cell 1" in run.stdout and "x is not 2" in run.stdout
     assert "missing.ipynb: skipped (no no_such_module_here) at cell 0" in run.stdout
-    assert "| 03_attention_kernels.ipynb | passed |" in out.read_text()
+    assert "params.ipynb: passed" in run.stdout, run.stdout
+    assert "| 03_attention_kernels.ipynb | passed |" in out.read_text() and "N=5" in out.read_text()

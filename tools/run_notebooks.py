@@ -2,6 +2,7 @@
 
     python tools/run_notebooks.py --ci notebooks/0*.ipynb notebooks/1*.ipynb
     python tools/run_notebooks.py --ci --out results/notebooks.md notebooks/08_compilation_and_cuda_graphs.ipynb
+    python tools/run_notebooks.py --ci --param MODEL='"path/to/your-llama"' notebooks/06_quantization.ipynb
 
 Each notebook runs top to bottom in its own namespace, from the notebooks folder (as JupyterLab runs
 it), with matplotlib drawing off screen; its assertions are the check. nbval in CI does the same with a
@@ -9,11 +10,14 @@ Jupyter kernel on the CPU; this runner is for a machine that has torch and a GPU
 it shows that each notebook's DEVICE = "auto" path works there. Cells that build an interactive panel
 are skipped when ipywidgets is missing (the functions they wrap ran in the cells before them), and a
 notebook whose imports are missing (Dask for notebook 12) is reported as skipped, not failed.
+`--param NAME=VALUE` (a Python literal) overrides a parameter after the `parameters` cell, as papermill
+does: your own checkpoint as MODEL, say.
 Prints one line per notebook (passed / failed at cell N / skipped, seconds); exit status 1 if any failed.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
@@ -23,9 +27,25 @@ import traceback
 from pathlib import Path
 
 
-def code_cells(path: Path) -> list[str]:
+def code_cells(path: Path) -> list[tuple[str, list[str]]]:
+    """(source, tags) of each code cell."""
     nb = json.loads(path.read_text(encoding="utf-8"))
-    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    return [("".join(c["source"]), c.get("metadata", {}).get("tags") or [])
+            for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def parse_param(text: str) -> tuple[str, object]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"--param takes NAME=VALUE, got {text!r}")
+    try:
+        value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"--param {name}: {value!r} is not a Python literal "
+                                         f"(quote a string: {name}='\"...\"')") from None
+    if isinstance(value, str) and Path(value).exists():     # a path from here: the notebooks run elsewhere
+        value = str(Path(value).resolve())
+    return name, value
 
 
 def is_panel(src: str) -> bool:
@@ -33,18 +53,21 @@ def is_panel(src: str) -> bool:
     return "ipywidgets" in src or "W.panel(" in src
 
 
-def run_notebook(path: Path, *, widgets: bool) -> dict:
-    """Execute every code cell of `path` in one namespace; the first failure stops the notebook."""
+def run_notebook(path: Path, *, widgets: bool, params: dict | None = None) -> dict:
+    """Execute every code cell of `path` in one namespace, `params` set after its parameters cell;
+    the first failure stops the notebook."""
     namespace = {"__name__": "__main__", "display": print}
     cwd = os.getcwd()
     t0 = time.perf_counter()
     os.chdir(path.parent)
     try:
-        for i, src in enumerate(code_cells(path)):
+        for i, (src, tags) in enumerate(code_cells(path)):
             if not widgets and is_panel(src):
                 continue
             try:
                 exec(compile(src, f"{path.name}[cell {i}]", "exec"), namespace)
+                if "parameters" in tags:
+                    namespace.update(params or {})
             except ModuleNotFoundError as e:
                 return {"notebook": path.name, "status": f"skipped (no {e.name})", "cell": i,
                         "seconds": time.perf_counter() - t0}
@@ -64,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("notebooks", nargs="+", type=Path)
     p.add_argument("--ci", action="store_true", help="CI sizes (sets LLMOPT_CI=1)")
     p.add_argument("--out", type=Path, help="also write the results as a markdown table here")
+    p.add_argument("--param", type=parse_param, action="append", default=[], metavar="NAME=VALUE",
+                   help="override a parameter (a Python literal), e.g. MODEL='\"path/to/your-llama\"'")
     args = p.parse_args(argv)
     if args.ci:
         os.environ["LLMOPT_CI"] = "1"
@@ -72,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     widgets = importlib.util.find_spec("ipywidgets") is not None
     rows = []
     for path in args.notebooks:
-        row = run_notebook(path.resolve(), widgets=widgets)
+        row = run_notebook(path.resolve(), widgets=widgets, params=dict(args.param))
         rows.append(row)
         where = f" at cell {row['cell']}" if row["status"] != "passed" else ""
         print(f"{row['notebook']}: {row['status']}{where} ({row['seconds']:.1f} s)", flush=True)
@@ -82,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
         lines = [f"Notebooks run as scripts on {device} (torch {torch.__version__}"
-                 f"{', CI sizes' if args.ci else ''}{'' if widgets else ', panels skipped: no ipywidgets'}).\n",
+                 f"{', CI sizes' if args.ci else ''}{'' if widgets else ', panels skipped: no ipywidgets'}"
+                 f"{''.join(f', {k}={v!r}' for k, v in args.param)}).\n",
                  "| notebook | result | seconds |", "|---|---|---|"]
         lines += [f"| {r['notebook']} | {r['status']}{' at cell ' + str(r['cell']) if 'cell' in r else ''} | "
                   f"{r['seconds']:.1f} |" for r in rows]
