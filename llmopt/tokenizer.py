@@ -10,6 +10,9 @@ import json
 from pathlib import Path
 
 EOS = "<|endoftext|>"
+# a checkpoint folder holds its tokenizer in at least one of these
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "tokenizer_config.json")
 
 
 class Tokenizer:
@@ -29,6 +32,10 @@ class Tokenizer:
     def from_folder(cls, folder: str | Path, eos_token_id=None, bos_token_id=None) -> "Tokenizer":
         """Load `tokenizer.json` (+ `tokenizer_config.json`) from a checkpoint folder."""
         folder = Path(folder)
+        if not any((folder / f).exists() for f in TOKENIZER_FILES):
+            raise FileNotFoundError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the "
+                                    "tokenizer files from where the weights came from, or write them with "
+                                    "llmopt.save_model(model, folder, tokenizer)")
         cfg_path = folder / "tokenizer_config.json"
         tcfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         if (folder / "tokenizer.json").exists():
@@ -45,6 +52,9 @@ class Tokenizer:
                 raise FileNotFoundError(f"{folder} has no tokenizer.json, and transformers "
                                         "(needed for other tokenizer formats) is missing") from e
             backend = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            if len(backend) == 0:
+                raise FileNotFoundError(f"the tokenizer in {folder} has no vocabulary: its vocabulary file "
+                                        "(tokenizer.json, tokenizer.model or vocab.json) is missing")
             add_bos = False
 
         def token_id(key):
@@ -106,8 +116,28 @@ def train_tokenizer(texts: list[str], vocab_size: int = 4096):
 
 
 def save_tokenizer(tok, folder: str | Path) -> None:
-    """Write the tokenizer so both llmopt and `transformers.AutoTokenizer` load it."""
+    """Write the tokenizer so both llmopt and `transformers.AutoTokenizer` load it.
+
+    `tok`: llmopt's `Tokenizer` (what `load_model` gives; its end-of-text and BOS tokens and
+    whether it adds BOS are kept), a `transformers` tokenizer, or a `tokenizers.Tokenizer` with
+    the embedded tokenizer's special token ("<|endoftext|>", what `train_tokenizer` makes)."""
     from transformers import PreTrainedTokenizerFast
+    folder = Path(folder)
+    if isinstance(tok, Tokenizer) and hasattr(tok.backend, "save_pretrained"):
+        tok = tok.backend                    # a transformers tokenizer, wrapped
+    if hasattr(tok, "save_pretrained"):
+        tok.save_pretrained(str(folder))
+        return
+    if isinstance(tok, Tokenizer):
+        name = lambda i: tok.backend.id_to_token(i) if i is not None else None  # noqa: E731
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok.backend, eos_token=name(tok.eos_token_id),
+                                       bos_token=name(tok.bos_token_id), unk_token=None,
+                                       pad_token=name(tok.eos_token_id))
+        fast.save_pretrained(str(folder))
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        cfg["add_bos_token"] = tok.add_bos
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        return
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS,
                                    unk_token=None, pad_token=EOS)
     fast.save_pretrained(str(folder))

@@ -197,3 +197,32 @@ def test_load_tokenizer_is_load_models_without_the_weights(name):
     text = "ROMEO:\nBut soft, what light"
     assert alone.encode(text) == tok.encode(text) and alone.eos_token_id == tok.eos_token_id is not None
     assert alone.bos_token_id == tok.bos_token_id
+
+
+def test_save_model_writes_the_tokenizer_load_model_gave(hf_checkpoint, tmp_path):
+    """save_model(model, folder, tok) with llmopt's Tokenizer (it failed with an AttributeError), or with
+    a transformers tokenizer wrapped by from_transformers: the folder loads with the same encoding and
+    end-of-text in llmopt and in transformers."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    _, folder, hf = hf_checkpoint
+    text = "Friends, Romans, countrymen, lend me your ears"
+    model, tok = llmopt.load_model(folder)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token="<|endoftext|>")
+    for name, t in (("ours", tok), ("wrapped", llmopt.from_transformers(hf, hf_tok)[1])):
+        out = tmp_path / name
+        llmopt.save_model(model, out, t)
+        again, tok2 = llmopt.load_model(out)
+        assert tok2.encode(text) == tok.encode(text) and tok2.eos_token_ids == tok.eos_token_ids
+        assert AutoTokenizer.from_pretrained(str(out)).encode(text, add_special_tokens=False) == tok.encode(text)
+    tiny, tiny_tok = llmopt.load_model("tiny")
+    llmopt.save_model(tiny, tmp_path / "tiny", tiny_tok)
+    assert llmopt.load_model(tmp_path / "tiny")[1].encode(text) == tiny_tok.encode(text)
+
+
+def test_a_folder_without_a_tokenizer_is_a_clear_error(tmp_path):
+    """Weights but no tokenizer files: transformers' fallback gave a tokenizer with no vocabulary, so
+    every prompt encoded to nothing ("prompt is empty")."""
+    llmopt.save_model(llmopt.load_model("tiny")[0], tmp_path)
+    for load in (llmopt.load_model, llmopt.load_tokenizer):
+        with pytest.raises(FileNotFoundError, match="has no tokenizer .*save_model\\(model, folder, tokenizer\\)"):
+            load(tmp_path)
