@@ -432,7 +432,9 @@ def _importable(name: str) -> bool:
 
 def quantize_dynamic_cpu(model: nn.Module) -> nn.Module:
     """PyTorch's CPU dynamic int8 quantization of every nn.Linear (weights int8, activations
-    quantized per batch on the fly), when the installed torch still has it.
+    quantized per batch on the fly), when the installed torch still has it. Its kernels take
+    fp32 activations: a bf16 / fp16 model is cast to fp32 first (it gave "expected scalar type
+    Float but found BFloat16" at the first forward).
 
     `torch.ao.quantization.quantize_dynamic` is deprecated in favour of torchao; its
     deprecation warning is caught and a clear error is raised if it is gone.
@@ -446,6 +448,8 @@ def quantize_dynamic_cpu(model: nn.Module) -> nn.Module:
     if next(model.parameters()).device.type != "cpu":
         raise ValueError("PyTorch's dynamic int8 quantization runs on CPU only: move the model "
                          "to the CPU, or use llmopt.quantize(model, 'int8') on the GPU")
+    if next(model.parameters()).dtype != torch.float32:
+        model = model.float()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)

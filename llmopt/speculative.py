@@ -189,7 +189,9 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
     draft_cfg = getattr(draft, "config", None)
     if draft_cfg is not None and draft_cfg.vocab_size != target.config.vocab_size:
         raise ValueError(f"draft and target vocabularies differ ({draft_cfg.vocab_size} vs "
-                         f"{target.config.vocab_size}): the draft must share the target's tokenizer")
+                         f"{target.config.vocab_size}): the draft must share the target's tokenizer; "
+                         "train an MLP draft for this target with `python -m llmopt.draft --target "
+                         "TARGET_FOLDER --out DRAFT_FOLDER`, or use a model-free draft ('lookup', NGramDraft)")
     if not lookup:
         if draft.device != target.device:
             raise ValueError(f"draft is on {draft.device}, target on {target.device}: move both to one device")

@@ -162,6 +162,11 @@ def test_cpu_dynamic_int8():
         a, b = ref(ids), q(ids)
     assert (b - a).norm() / a.norm() < 0.1
     assert 0.4 < model_bytes(q) / model_bytes(ref) < 0.6   # layers int8; the fp32 embedding stays
+    # a bf16 model (most checkpoints) is cast to fp32 first: its kernels take fp32 activations
+    half = quantize_dynamic_cpu(llmopt.load_model("tiny", dtype="bf16")[0])
+    with torch.no_grad():
+        c = half(ids)
+    assert c.dtype == torch.float32 and (c - a).norm() / a.norm() < 0.1
 
 
 def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
