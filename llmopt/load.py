@@ -96,7 +96,7 @@ def load_model(name_or_path: str | Path = "tiny", *, device=None,
 
 
 def load_tokenizer(name_or_path: str | Path = "tiny") -> Tokenizer:
-    """The tokenizer `load_model` gives with the model, without reading any weights."""
+    """The tokenizer `load_model` gives with the model, without reading any weights (notebook 00)."""
     folder = resolve(name_or_path)
     hf = json.loads((folder / "config.json").read_text())
     from .draft import MLPDraftConfig, is_mlp_draft_folder

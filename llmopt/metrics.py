@@ -43,7 +43,7 @@ def as_token_ids(ids, what: str) -> torch.Tensor:
 
 def check_vocab(model, ids: torch.Tensor, what: str) -> None:
     """A clear error when token ids fall outside the model's embedding table (the ids of another
-    model's tokenizer), instead of an IndexError deep in the forward."""
+    model's tokenizer), instead of an IndexError deep in the forward (notebook 11's metrics)."""
     emb = (model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None))
            else getattr(model, "embed_tokens", None))
     vocab = getattr(emb, "num_embeddings", None)

@@ -253,7 +253,8 @@ def run_pipeline_parallel(args, rank: int, world: int, device) -> dict | None:
 # ---- the torchrun entry point -----------------------------------------------------------------
 def ranks_use_gpus(local_world: int) -> bool:
     """One GPU per rank (NCCL) when this node has a GPU for each of its `local_world` ranks; else the
-    ranks run on the CPU with gloo (NCCL cannot put two ranks on one GPU: 2 ranks on a 1-GPU machine)."""
+    ranks run on the CPU with gloo (NCCL cannot put two ranks on one GPU: 2 ranks on a 1-GPU machine).
+    Notebook 10."""
     return torch.cuda.is_available() and torch.cuda.device_count() >= local_world
 
 
