@@ -184,6 +184,8 @@ def test_command_line_generates_and_refuses_bad_input_with_a_usage_error(capsys,
     model, tok = llmopt.load_model("tiny")
     want = llmopt.generate(model, tok, "ROMEO:", max_new_tokens=8).text
     assert capsys.readouterr().out == want + "\n"
+    assert main(["generate", "ROMEO:", "--max-new-tokens", "8", "--device", "auto"]) == 0   # the CPU here
+    assert capsys.readouterr().out == want + "\n"
     # the generate options, and --stats: the text at the end and its timings on stderr
     assert main(["generate", "ROMEO:", "--max-new-tokens", "24", "--graph-steps", "4", "--stats"]) == 0
     out = capsys.readouterr()
