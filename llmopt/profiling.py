@@ -407,7 +407,8 @@ def sdpa_kernels(device=None, dtype: torch.dtype = torch.float32) -> dict:
 OP_CATEGORIES = (
     ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "softmax",
                    "masked_fill")),
-    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "gemm")),
+    # on a GPU the rows are kernels: cuBLAS names its GEMMs "...gemm..." and batch-1 ones "gemv..."
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "gemm", "gemv")),
     ("norm", ("aten::pow", "aten::mean", "aten::rsqrt")),
     ("sampling", ("aten::argmax", "aten::multinomial", "aten::topk", "aten::sort", "aten::cumsum",
                   "_local_scalar_dense", "aten::item")),

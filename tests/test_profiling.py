@@ -73,6 +73,7 @@ def test_op_breakdown_covers_the_wall_time():
     assert {"matmul", "attention", "norm", "host overhead"} <= cats
     assert sum(r["share"] for r in rows) == pytest.approx(1.0)
     assert categorize("aten::addmm") == "matmul" and categorize("aten::multinomial") == "sampling"
+    assert categorize("void gemv2T_kernel_val<int, int, float, float, float, float, 128, 16, 4, 4>") == "matmul"
 
 
 def test_op_breakdown_drops_the_profilers_own_stderr_lines_only(capfd):
