@@ -88,17 +88,21 @@ def load_model(name_or_path: str | Path = "tiny", *, device=None,
     if is_mlp_draft_folder(hf):
         draft = MLPDraft.load(folder, device=device, dtype=dtype)
         draft.name = str(name_or_path)
-        return draft, load_tokenizer(folder)
+        return draft, _tokenizer(folder, hf)
     cfg = ModelConfig.from_hf(hf)
     model = _from_state(cfg, _read_weights(folder), dtype, device, where=str(folder))
     model.name = str(name_or_path)
-    return model, load_tokenizer(folder)
+    return model, _tokenizer(folder, hf)
 
 
 def load_tokenizer(name_or_path: str | Path = "tiny") -> Tokenizer:
     """The tokenizer `load_model` gives with the model, without reading any weights (notebook 00)."""
     folder = resolve(name_or_path)
-    hf = json.loads((folder / "config.json").read_text())
+    return _tokenizer(folder, json.loads((folder / "config.json").read_text()))
+
+
+def _tokenizer(folder: Path, hf: dict) -> Tokenizer:
+    """A checkpoint folder's tokenizer, with end-of-text (and BOS) ids from its config `hf`."""
     from .draft import MLPDraftConfig, is_mlp_draft_folder
     if is_mlp_draft_folder(hf):
         return Tokenizer.from_folder(folder, eos_token_id=MLPDraftConfig.from_json(hf).eos_token_id)
@@ -166,7 +170,8 @@ def from_transformers(hf_model, tokenizer=None, *, device=None,
     if gen is not None and gen.eos_token_id is not None:
         cfg = cfg.replace(eos_token_id=gen.eos_token_id)
     first = next(hf_model.parameters())
-    devices = sorted({str(t.device) for t in hf_model.state_dict().values()})
+    state = hf_model.state_dict()
+    devices = sorted({str(t.device) for t in state.values()})
     if "meta" in devices:
         raise ValueError(f"some weights of this {arch} are not in memory (on the meta device: a device_map "
                          "that offloads to disk or CPU, or a model built empty): load it fully onto real "
@@ -177,7 +182,7 @@ def from_transformers(hf_model, tokenizer=None, *, device=None,
                          "must fit")
     device = check_device(device) if device is not None else first.device
     dtype = as_dtype(dtype) if dtype is not None else first.dtype
-    model = _from_state(cfg, hf_model.state_dict(), dtype, device, where=f"this {arch}", copy=True)
+    model = _from_state(cfg, state, dtype, device, where=f"this {arch}", copy=True)
     model.name = getattr(hf_model, "name_or_path", "") or arch
     if tokenizer is not None:
         tokenizer = Tokenizer.from_transformers(tokenizer, eos_token_id=cfg.eos_token_id)
