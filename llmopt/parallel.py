@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -371,6 +372,15 @@ def main(argv=None) -> int:
     return 0
 
 
+def rank_env(threads: int) -> dict:
+    """The environment of launch's ranks: this process's, with `threads` OpenMP threads and the folder
+    holding this llmopt first on PYTHONPATH, so the ranks import the same llmopt even where it is not
+    installed (a notebook that found it on sys.path; the lent GPU machines run from a checkout)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=path)
+
+
 def launch(mode: str, nproc: int = 2, *, model: str = "tiny", prompts: list[str] | None = None,
            max_new_tokens: int = 32, threads: int = 1, timeout: float = 600, batch: int = 8,
            micro_batches: int = 4) -> dict:
@@ -387,8 +397,7 @@ def launch(mode: str, nproc: int = 2, *, model: str = "tiny", prompts: list[str]
                "--micro-batches", str(micro_batches)]
         if prompts:
             cmd.append("--prompts-json=" + json.dumps(list(prompts)))
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=rank_env(threads))
         if proc.returncode != 0 or not os.path.exists(out):
             raise RuntimeError(f"torchrun failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
                                f"{proc.stderr[-3000:]}")

@@ -119,8 +119,8 @@ def prune_heads(model: Transformer, keep_kv_heads: int) -> Transformer:
         score = (q.float().pow(2).sum((1, 2)) + o.float().pow(2).sum((0, 2))
                  + k.float().pow(2).sum((1, 2)) + v.float().pow(2).sum((1, 2)))
         keep = score.topk(keep_kv_heads).indices.sort().values            # kv groups to keep
-        q_rows = (keep[:, None] * rep * hd + torch.arange(rep * hd)).flatten()
-        kv_rows = (keep[:, None] * hd + torch.arange(hd)).flatten()
+        q_rows = (keep[:, None] * rep * hd + torch.arange(rep * hd, device=keep.device)).flatten()
+        kv_rows = (keep[:, None] * hd + torch.arange(hd, device=keep.device)).flatten()
         a.q_proj = _select(a.q_proj, rows=q_rows)
         a.k_proj = _select(a.k_proj, rows=kv_rows)
         a.v_proj = _select(a.v_proj, rows=kv_rows)

@@ -1,4 +1,7 @@
 """Data and tensor parallel generation over torch.distributed: 2 gloo processes on this CPU."""
+import os
+from pathlib import Path
+
 import pytest
 
 import llmopt
@@ -63,3 +66,18 @@ def test_ranks_take_a_gpu_each_only_when_there_is_one_for_every_rank(monkeypatch
     assert ranks_use_gpus(2) and ranks_use_gpus(8) and not ranks_use_gpus(9)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert not ranks_use_gpus(1)
+
+
+def test_ranks_import_this_llmopt_from_any_folder(tmp_path):
+    # the lent GPU machine runs from a checkout, llmopt not installed: notebook 10's ranks failed with
+    # "No module named 'llmopt'" (2026-11-28); the ranks now get this llmopt's folder on PYTHONPATH
+    import subprocess
+    import sys
+
+    from llmopt.parallel import rank_env
+    env = rank_env(3)
+    root = str(Path(llmopt.__file__).resolve().parent.parent)
+    assert env["OMP_NUM_THREADS"] == "3" and env["PYTHONPATH"].split(os.pathsep)[0] == root
+    out = subprocess.run([sys.executable, "-c", "import llmopt; print(llmopt.__file__)"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(out).resolve() == Path(llmopt.__file__).resolve()

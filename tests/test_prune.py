@@ -123,3 +123,12 @@ def test_gpt2_conv1d_layers_prune_too(gpt2):
         assert (zeros >= 2).all(), name
     with pytest.raises(ValueError, match="no linear layers to prune"):
         prune.magnitude_prune(torch.nn.Sequential(torch.nn.ReLU()), 0.5)
+
+
+def test_structured_pruning_builds_its_indices_on_the_models_device():
+    # a model on the meta device stands in for a GPU here: an index made on the CPU fails the same way
+    # (notebook 07 on an H100, 2026-11-28: "found at least two devices, cuda:0 and cpu")
+    meta = llmopt.build_model(llmopt.get_config("tiny"), device="meta")
+    prune.prune_mlp(prune.prune_heads(meta, 1), 64)
+    assert meta.config.n_kv_heads == 1 and meta.layers[0].mlp.gate_proj.weight.shape[0] == 64
+    assert all(p.device.type == "meta" for p in meta.parameters())
