@@ -3,7 +3,9 @@
     bash benchmarks/gpu.sh                # on a GPU: full sizes, writes $OUT or results/gpu-<card>-<date>
     python benchmarks/gpu.py --smoke      # CPU smoke mode (CI runs this so the script never rots)
 
-Writes `gpu_results.json` (every figure, with device and versions) and `gpu_results.md`.
+Writes `gpu_results.json` (every figure, with device and versions) and `gpu_results.md`, both rewritten after
+every section (a run stopped by its time limit keeps what it measured);
+`python benchmarks/gpu.py --render results/.../gpu_results.json` writes a saved run's markdown again.
 Speed runs use real shapes with random weights (labelled so); timing depends on shapes, not values.
 """
 from __future__ import annotations
@@ -88,6 +90,81 @@ def _graph_note(row: dict) -> str:
             f"replayed; first repeat {row['first_wall_s']:.2f} s")
 
 
+def render(results: dict) -> str:
+    """The markdown report of a results dict (also of a run cut by its time limit: what it measured)."""
+    info = results["device"]
+    preset, new_tokens = results.get("preset", "llama-3.2-1b"), results.get("new_tokens", 256)
+    md = [f"# GPU suite: {info['device_name']}", "",
+          f"{results['date']}, torch {info['torch']}, transformers {results['transformers']}"
+          f"{', Inductor coordinate-descent tuning' if results['coordinate_descent_tuning'] else ''}"
+          f"{' (CPU smoke mode)' if results['smoke'] else ''}.", ""]
+    pr = results.get("probes", {})
+    if pr and "error" not in pr:
+        md.append(f"- copy bandwidth: {pr['copy_bandwidth_GBps']:.1f} GB/s; matmul "
+                  f"({pr['matmul_dtype']}): {pr['matmul_TFLOPs']:.1f} TFLOP/s")
+    md.append(f"- sections: " + ", ".join(f"{k[:-8]} {v:.0f} s" for k, v in results.items()
+                                           if k.endswith("_seconds"))
+              + (f"; {results['elapsed_s']:.0f} s in all" if "elapsed_s" in results else ""))
+
+    def table(title: str, columns: list[str], rows: list[list]) -> None:
+        md.extend(["", title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)])
+        md.extend("| " + " | ".join(map(str, row)) + " |" for row in rows)
+
+    fmt = lambda g, v: f"{v:.0%}" if g["unit"] == "" else f"{v:.2f}{g['unit']}"  # noqa: E731
+    table("Goals (issue: GPU figures, one H100):", ["goal", "target", "measured", "met", "row"],
+          [[g["goal"], fmt(g, g["target"]), "not run" if g["measured"] is None else fmt(g, g["measured"]),
+            {True: "yes", False: "**no**", None: "-"}[g["met"]], g["row"] or ""] for g in goals(results)])
+    mbu = lambda r: f"{r.get('mbu', float('nan')):.0%}"  # noqa: E731
+    failed = lambda r, n: [r["label"], f"failed: {r['error'][:200]}"] + [""] * (n - 2) if "error" in r else None  # noqa: E731
+    dec = results.get("decode_batch1", {})
+    if "rows" in dec:
+        table(f"Decode, batch 1, greedy, {new_tokens} new tokens, {preset} shape with random weights:",
+              ["path", "decode tokens/s", "TPOT ms", "TTFT ms", "MBU"],
+              [failed(r, 5) or [r["label"], f"{r['decode_tokens_per_s']:.1f}", f"{r['tpot_s'] * 1e3:.2f}",
+                                f"{r['ttft_s'] * 1e3:.1f}", mbu(r)] for r in dec["rows"]])
+        md.append(f"\nbest llmopt / transformers: **{dec['ratio_llmopt_over_transformers']:.2f}x**")
+    q = results.get("quantized_decode", {})
+    if "rows" in q:
+        table("Weight-only quantization, same shape and decode:",
+              ["path", "decode tokens/s", "TPOT ms", "bytes vs full", "MBU"],
+              [failed(r, 5) or [r["label"], f"{r['decode_tokens_per_s']:.1f}", f"{r['tpot_s'] * 1e3:.2f}",
+                                f"{r['bytes_ratio']:.2f}", mbu(r)] for r in q["rows"]])
+    bnb = results.get("bitsandbytes", {})
+    if "rows" in bnb:
+        table(f"bitsandbytes through transformers (eager generate), same shape, {bnb['rows'][0]['new_tokens']} new tokens:",
+              ["path", "decode tokens/s", "TPOT ms"],
+              [[r["label"], f"{r['decode_tokens_per_s']:.1f}", f"{r['tpot_s'] * 1e3:.2f}"] for r in bnb["rows"]])
+    elif "skipped" in bnb:
+        md.append(f"\n- bitsandbytes: skipped ({bnb['skipped']})")
+    a = results.get("attention_prefill", {})
+    if "rows" in a:
+        table("Prefill (TTFT), plain vs SDPA attention:", ["backend", "prompt", "TTFT ms", "peak GB"],
+              [[r["backend"], r["prompt_len"], "OOM" if r["ttft_s"] is None else f"{r['ttft_s'] * 1e3:.1f}",
+                f"{r['peak_gb']:.2f}" if isinstance(r["peak_gb"], float) else r["peak_gb"]] for r in a["rows"]])
+    for key, what in (("batching", "outputs uniform"), ("batching_dialogue", "dialogue turns")):
+        b = results.get(key, {})
+        if "rows" in b:
+            table(f"Batching (tiny, {b['rows'][0]['requests']} requests, {what}, {b['slots']} slots; fewer decode "
+                  f"steps with continuous: {b['ideal']['step_ratio']:.2f}x, longest first "
+                  f"{b['ideal']['longest_first_step_ratio']:.2f}x):",
+                  ["strategy", "tokens/s", "vs static (range)", "vs static with CUDA graphs", "forwards",
+                   "outputs identical", "CUDA graphs"],
+                  [[r["label"], f"{r['tokens_per_s']:.0f}", f"{r['throughput_vs_static']:.2f}x "
+                    f"({r['throughput_vs_static_min']:.2f}-{r['throughput_vs_static_max']:.2f})",
+                    f"{r['throughput_vs_static_graphs']:.2f}x" if "throughput_vs_static_graphs" in r else "",
+                    r["forwards"], r["identical"], _graph_note(r)] for r in b["rows"]])
+    sp = results.get("speculative", {})
+    if "rows" in sp:
+        table(f"{sp['title']}:", ["path", "tokens/s", "vs plain", "tokens per target forward", "outputs identical"],
+              [[r["label"], f"{r['e2e_tokens_per_s']:.0f}", f"{r['speedup']:.2f}x",
+                "" if r["tokens_per_target_forward"] is None else f"{r['tokens_per_target_forward']:.2f}",
+                "" if r["identical"] is None else r["identical"]] for r in sp["rows"]])
+    for k, v in results.items():
+        if isinstance(v, dict) and "error" in v:
+            md.append(f"\n- {k} failed: {v['error']}")
+    return "\n".join(md) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, seconds")
@@ -102,7 +179,14 @@ def main(argv=None) -> int:
     p.add_argument("--sync-every", type=int, default=16, help="the rows that read tokens back every k steps")
     p.add_argument("--graph-steps", type=int, default=16, help="decode steps per CUDA graph in the DecodeGraph rows")
     p.add_argument("--int4", action="store_true", help="also time int4 g64 in the quantized section (GPU)")
+    p.add_argument("--render", metavar="JSON", help="only write the markdown of a saved gpu_results.json beside it")
     args = p.parse_args(argv)
+    if args.render:
+        saved = Path(args.render)
+        results = json.loads(saved.read_text())
+        (saved.parent / (saved.stem + ".md")).write_text(render(results))
+        print(render(results))
+        return 0
     started = time.perf_counter()
 
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
@@ -118,11 +202,16 @@ def main(argv=None) -> int:
                      "coordinate_descent_tuning": inductor.coordinate_descent_tuning}
     preset = "tiny" if args.smoke else args.preset
     new_tokens = 8 if args.smoke else args.new_tokens
+    results.update(preset=preset, new_tokens=new_tokens)
     repeats = 1 if args.smoke else 3
     modes = () if args.smoke else tuple(args.modes.split(","))
 
     def save() -> None:
+        """The JSON and the markdown, rewritten after every section: a run cut by its limit keeps both."""
+        results["goals"] = goals(results)
+        results["elapsed_s"] = round(time.perf_counter() - started, 1)
         (out / "gpu_results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        (out / "gpu_results.md").write_text(render(results))
 
     section(results, "probes", lambda: {
         "copy_bandwidth_GBps": probe_bandwidth(device, nbytes=(32 if args.smoke else 1024) * 2**20) / 1e9,
@@ -326,77 +415,7 @@ def main(argv=None) -> int:
             continue
         section(results, name, fn)
         save()
-    md = [f"# GPU suite: {info['device_name']}", "",
-          f"{results['date']}, torch {info['torch']}, transformers {results['transformers']}"
-          f"{', Inductor coordinate-descent tuning' if results['coordinate_descent_tuning'] else ''}"
-          f"{' (CPU smoke mode)' if args.smoke else ''}.", ""]
-    pr = results["probes"]
-    if "error" not in pr:
-        md.append(f"- copy bandwidth: {pr['copy_bandwidth_GBps']:.1f} GB/s; matmul "
-                  f"({pr['matmul_dtype']}): {pr['matmul_TFLOPs']:.1f} TFLOP/s")
-    md.append(f"- sections: " + ", ".join(f"{k[:-8]} {v:.0f} s" for k, v in results.items()
-                                           if k.endswith("_seconds")) + f"; {time.perf_counter() - started:.0f} s in all")
-
-    def table(title: str, columns: list[str], rows: list[list]) -> None:
-        md.extend(["", title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)])
-        md.extend("| " + " | ".join(map(str, row)) + " |" for row in rows)
-
-    results["goals"] = goals(results)
-    save()
-    fmt = lambda g, v: f"{v:.0%}" if g["unit"] == "" else f"{v:.2f}{g['unit']}"  # noqa: E731
-    table("Goals (issue: GPU figures, one H100):", ["goal", "target", "measured", "met", "row"],
-          [[g["goal"], fmt(g, g["target"]), "not run" if g["measured"] is None else fmt(g, g["measured"]),
-            {True: "yes", False: "**no**", None: "-"}[g["met"]], g["row"] or ""] for g in results["goals"]])
-    mbu = lambda r: f"{r.get('mbu', float('nan')):.0%}"  # noqa: E731
-    failed = lambda r, n: [r["label"], f"failed: {r['error'][:200]}"] + [""] * (n - 2) if "error" in r else None  # noqa: E731
-    dec = results.get("decode_batch1", {})
-    if "rows" in dec:
-        table(f"Decode, batch 1, greedy, {new_tokens} new tokens, {preset} shape with random weights:",
-              ["path", "decode tokens/s", "TPOT ms", "TTFT ms", "MBU"],
-              [failed(r, 5) or [r["label"], f"{r['decode_tokens_per_s']:.1f}", f"{r['tpot_s'] * 1e3:.2f}",
-                                f"{r['ttft_s'] * 1e3:.1f}", mbu(r)] for r in dec["rows"]])
-        md.append(f"\nbest llmopt / transformers: **{dec['ratio_llmopt_over_transformers']:.2f}x**")
-    q = results.get("quantized_decode", {})
-    if "rows" in q:
-        table("Weight-only quantization, same shape and decode:",
-              ["path", "decode tokens/s", "TPOT ms", "bytes vs full", "MBU"],
-              [failed(r, 5) or [r["label"], f"{r['decode_tokens_per_s']:.1f}", f"{r['tpot_s'] * 1e3:.2f}",
-                                f"{r['bytes_ratio']:.2f}", mbu(r)] for r in q["rows"]])
-    bnb = results.get("bitsandbytes", {})
-    if "rows" in bnb:
-        table(f"bitsandbytes through transformers (eager generate), same shape, {bnb['rows'][0]['new_tokens']} new tokens:",
-              ["path", "decode tokens/s", "TPOT ms"],
-              [[r["label"], f"{r['decode_tokens_per_s']:.1f}", f"{r['tpot_s'] * 1e3:.2f}"] for r in bnb["rows"]])
-    elif "skipped" in bnb:
-        md.append(f"\n- bitsandbytes: skipped ({bnb['skipped']})")
-    a = results.get("attention_prefill", {})
-    if "rows" in a:
-        table("Prefill (TTFT), plain vs SDPA attention:", ["backend", "prompt", "TTFT ms", "peak GB"],
-              [[r["backend"], r["prompt_len"], "OOM" if r["ttft_s"] is None else f"{r['ttft_s'] * 1e3:.1f}",
-                f"{r['peak_gb']:.2f}" if isinstance(r["peak_gb"], float) else r["peak_gb"]] for r in a["rows"]])
-    for key, what in (("batching", "outputs uniform"), ("batching_dialogue", "dialogue turns")):
-        b = results.get(key, {})
-        if "rows" in b:
-            table(f"Batching (tiny, {b['rows'][0]['requests']} requests, {what}, {b['slots']} slots; fewer decode "
-                  f"steps with continuous: {b['ideal']['step_ratio']:.2f}x, longest first "
-                  f"{b['ideal']['longest_first_step_ratio']:.2f}x):",
-                  ["strategy", "tokens/s", "vs static (range)", "vs static with CUDA graphs", "forwards",
-                   "outputs identical", "CUDA graphs"],
-                  [[r["label"], f"{r['tokens_per_s']:.0f}", f"{r['throughput_vs_static']:.2f}x "
-                    f"({r['throughput_vs_static_min']:.2f}-{r['throughput_vs_static_max']:.2f})",
-                    f"{r['throughput_vs_static_graphs']:.2f}x" if "throughput_vs_static_graphs" in r else "",
-                    r["forwards"], r["identical"], _graph_note(r)] for r in b["rows"]])
-    sp = results.get("speculative", {})
-    if "rows" in sp:
-        table(f"{sp['title']}:", ["path", "tokens/s", "vs plain", "tokens per target forward", "outputs identical"],
-              [[r["label"], f"{r['e2e_tokens_per_s']:.0f}", f"{r['speedup']:.2f}x",
-                "" if r["tokens_per_target_forward"] is None else f"{r['tokens_per_target_forward']:.2f}",
-                "" if r["identical"] is None else r["identical"]] for r in sp["rows"]])
-    for k, v in results.items():
-        if isinstance(v, dict) and "error" in v:
-            md.append(f"\n- {k} failed: {v['error']}")
-    (out / "gpu_results.md").write_text("\n".join(md) + "\n")
-    print((out / "gpu_results.md").read_text())
+    print(render(results))
     return 0
 
 

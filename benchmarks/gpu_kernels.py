@@ -3,6 +3,7 @@
     python benchmarks/gpu_kernels.py --variants bf16,bf16-fused,int8,int4   # on a GPU
     python benchmarks/gpu_kernels.py --smoke                              # CPU, tiny shape
     python benchmarks/gpu_kernels.py --gemv --variants ""                 # only the Triton GEMV's blocks
+    python benchmarks/gpu_kernels.py --variants bf16-fused,int8-fused-triton --graph-steps 16  # the goal's rows
 
 Prints, per variant, the step time and the top kernels by device time (random weights: shapes decide speed).
 With --gemv it first times llmopt's Triton int8 GEMV (`llmopt.kernels`) on each distinct weight shape of the
@@ -104,6 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default="reduce-overhead")
     p.add_argument("--top", type=int, default=8)
     p.add_argument("--gemv", action="store_true", help="time the Triton int8 GEMV's block sizes first")
+    p.add_argument("--graph-steps", type=int, default=1,
+                   help="decode k steps per CUDA graph (the suite's fastest rows; GPU), profiling one graph")
     args = p.parse_args(argv)
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -118,14 +121,18 @@ def main(argv=None) -> int:
         model = llmopt.build_model(cfg, device=device, dtype=dtype)
         VARIANTS[name](model)
         compile_mode = False if args.smoke else args.mode
-        llmopt.generate(model, None, prompt, max_new_tokens=16, ignore_eos=True, compile=compile_mode)
-        g = llmopt.generate(model, None, prompt, max_new_tokens=64, ignore_eos=True, compile=compile_mode)
+        k = 1 if device == "cpu" else args.graph_steps
+        run = lambda n: llmopt.generate(model, None, prompt, max_new_tokens=n, ignore_eos=True,  # noqa: E731
+                                        compile=compile_mode, graph_steps=k)
+        run(16)
+        g = run(64)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        steps = 8 if k == 1 else k + 1       # with graphs: the prefill's token and one graph of k steps
         with profile(activities=acts) as prof:
-            llmopt.generate(model, None, prompt, max_new_tokens=8, ignore_eos=True, compile=compile_mode)
+            run(steps)
         key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-        print(f"\n== {name}: TPOT {g.stats['tpot_s'] * 1e3:.2f} ms ({device}, {preset}, compile={compile_mode}); "
-              f"top kernels over 8 tokens:", flush=True)
+        print(f"\n== {name}: TPOT {g.stats['tpot_s'] * 1e3:.2f} ms ({device}, {preset}, compile={compile_mode}"
+              f"{f', {k} steps per CUDA graph' if k > 1 else ''}); top kernels over {steps} tokens:", flush=True)
         print(prof.key_averages().table(sort_by=key, row_limit=args.top, max_name_column_width=70))
         del model
         if device == "cuda":

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Everything one lent GPU session measures, in one call of about 9 minutes (a session has 15 minutes
+# Everything one lent GPU session measures, in one call of about 8 minutes (a session has 15 minutes
 # of device time, the machine's start included; one call may run 10):
-#   1. the suite (benchmarks/gpu.py), every section, 355 s at most (the sections with goals first);
-#   2. weight-only int8 / int4 again with Inductor's coordinate-descent tuning of each Triton kernel
-#      (compiled int8's reductions ran at about half the copy bandwidth on an H100), 80 s at most;
-#   3. llmopt's Triton int8 GEMV on each weight shape of the 1B model, with the block sizes it picks and
-#      their neighbours, in GB/s (the kernel profiles of bf16 and int8 were taken on 2026-11-27), 45 s at most;
-#   4. the CUDA-only tests: DecodeGraph's recorded and replayed tokens against plain greedy, the
+#   1. the suite (benchmarks/gpu.py), every section, 435 s at most (the sections with goals first; on
+#      2026-11-28 its sections took 355 s before speculation, prefill and bitsandbytes);
+#   2. llmopt's Triton int8 GEMV on each weight shape of the 1B model, with the block sizes it picks and
+#      their neighbours, in GB/s; then the kernels of one 16-step CUDA graph of the goal's two rows (bf16
+#      with fused projections, int8 with fused projections on the Triton GEMV), 60 s at most;
+#   3. the CUDA-only tests: DecodeGraph's recorded and replayed tokens against plain greedy, the
 #      Triton GEMV's against the reference int8 path, and the engine's CUDA graphs (recorded per bucket,
 #      replayed) against the engine without them and plain greedy, 75 s at most.
+# (Inductor's coordinate-descent tuning of compiled int8, run here on 2026-11-28, used its 80 s compiling
+# and timed nothing; the Triton GEMV is the int8 path that counts now.)
 # Each step keeps what it finished when its time runs out, and a failed step never stops the next.
 # (pytest runs without the project's addopts: the lent machines have no nbval.)
+# A second call, if device time is left, runs the notebooks as scripts (tools/run_notebooks.py; README).
 #   bash benchmarks/gpu_session.sh            # writes $OUT (on a lent machine) or results/gpu-session-<date>/
 #   bash benchmarks/gpu_session.sh --smoke    # CPU, seconds (CI runs this)
 set -uo pipefail
@@ -30,11 +33,9 @@ step() {   # step NAME SECONDS COMMAND...: a log per step, its time and exit sta
     local rc=$?
     echo "[$name] exit $rc after $((SECONDS - t0)) s (limit $limit s)" | tee -a "$dest/$name-log.txt"
 }
-step suite 355 "$py" benchmarks/gpu.py "${smoke[@]}" --out "$dest/suite"
-TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 \
-    step int8-coordinate-descent 80 "$py" benchmarks/gpu.py "${smoke[@]}" --only quantized_decode \
-    --out "$dest/int8-coordinate-descent"
-step kernels 45 "$py" benchmarks/gpu_kernels.py "${smoke[@]}" --gemv --variants ""
+step suite 435 "$py" benchmarks/gpu.py "${smoke[@]}" --out "$dest/suite"
+step kernels 60 "$py" benchmarks/gpu_kernels.py "${smoke[@]}" --gemv --variants bf16-fused,int8-fused-triton \
+    --graph-steps 16 --top 16
 step cuda-tests 75 "$py" -m pytest -q -o addopts="" -p no:cacheprovider tests/test_generate.py tests/test_quantize.py \
     tests/test_batching.py -k cuda
 head -n 20 "$dest/suite/gpu_results.md" 2>/dev/null    # the goals table and the seconds per section

