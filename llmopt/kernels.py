@@ -5,7 +5,9 @@ which reads each weight once and does two flops per byte of int8 weight. Its spe
 speed at which the weights stream from memory. On an H100 (2026-11-27) the kernels that
 Inductor generated for compiled int8 (multiply and sum, `quantize.Int8Linear`) ran at
 about half the copy bandwidth (the fused gate / up one: 27.4 us for 33.5 MB, 1.2 TB/s),
-so int8 bought 1.16x over bf16 where halving the bytes promises up to 2x.
+so int8 bought 1.16x over bf16 where halving the bytes promises up to 2x. This kernel, first
+run on an H100 on 2026-11-28 (the 1B shape, 16 decode steps per CUDA graph), decoded int8 at
+963 tokens/s against 697 with Inductor's kernels and 701 for bf16: 1.37x over bf16.
 
 `int8_gemv(x, weight, scale)` computes y = (weight @ x) * scale for one row x [K], int8
 weight [N, K] and one scale per output [N]. Each program owns BLOCK_N outputs and walks

@@ -383,7 +383,11 @@ def utilization(step_time_s: float, cfg, dtype: torch.dtype, context: int, batch
 # -- Attention kernels (notebook 03) --------------------------------------------------------
 
 def sdpa_kernels(device=None, dtype: torch.dtype = torch.float32) -> dict:
-    """Which `scaled_dot_product_attention` kernels this device runs for `dtype`: name -> bool."""
+    """Which `scaled_dot_product_attention` kernels this device runs for `dtype`: name -> bool.
+    A kernel's refusal is the answer here, so the warnings PyTorch gives with it (on a GPU in fp32,
+    a dozen "... kernel not used because" lines) are not shown."""
+    import warnings
+
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -394,7 +398,8 @@ def sdpa_kernels(device=None, dtype: torch.dtype = torch.float32) -> dict:
         if backend is None:
             continue
         try:
-            with sdpa_kernel(backend):
+            with sdpa_kernel(backend), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
                 F.scaled_dot_product_attention(q, q, q, is_causal=True)
             found[name.lower()] = True
         except RuntimeError:

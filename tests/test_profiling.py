@@ -91,6 +91,25 @@ def test_sdpa_kernels_on_cpu():
     assert k["math"] is True and set(k) >= {"flash_attention", "math"}
 
 
+def test_sdpa_kernels_reports_a_refusal_without_its_warnings(monkeypatch):
+    # on a GPU in fp32 each refused kernel printed "... kernel not used because" warnings (H100, 2026-11-28)
+    import warnings
+
+    import torch.nn.functional as F
+    real = F.scaled_dot_product_attention
+
+    def refusing(q, k, v, **kw):
+        warnings.warn("Flash attention kernel not used because: fp32", UserWarning)
+        if q.dtype == torch.float32:
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return real(q, k, v, **kw)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", refusing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # any warning that escapes fails the test
+        k = sdpa_kernels("cpu")
+    assert set(k.values()) == {False}
+
+
 def test_peak_memory_sees_an_allocation():
     r = peak_memory(lambda: torch.ones(64 * 2**20 // 4).add_(1), device="cpu")
     assert r["delta_bytes"] > 32 * 2**20
