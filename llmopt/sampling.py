@@ -32,14 +32,35 @@ def seeded_generator(seed: int | None, temperature: float, device) -> torch.Gene
     return gen
 
 
+GREEDY_CHUNK = 1024   # logits per first-stage block of `greedy`'s two-stage reduction on a GPU
+
+
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """The highest-scoring token ids along the last dimension (the first one on ties): argmax.
 
     Written as `max(dim=-1).indices`, the same result: ATen's CPU argmax is not vectorized
     and took 1.6-4.4x as long here (2-core Xeon, torch 2.13: 63 vs 39 us for 32,000 fp32
     logits, 150 vs 36 us in bf16), a visible slice of a 5 ms decode step.
+    On a GPU a large vocabulary goes through `greedy_two_stage`: one row's argmax ran as a
+    single reduction over all 128,256 logits, 28.7 us of a 1.43 ms decode step on an H100
+    (Inductor does not split an argmax across programs; ATen's eager one took 35 us).
     """
+    if logits.device.type == "cuda" and logits.shape[-1] > 4 * GREEDY_CHUNK:
+        return greedy_two_stage(logits)
     return logits.max(dim=-1).indices
+
+
+def greedy_two_stage(logits: torch.Tensor, chunk: int = GREEDY_CHUNK) -> torch.Tensor:
+    """`greedy` as two small reductions: the max of each block of `chunk` logits (many blocks at
+    once, so a GPU spreads them over its SMs), then the first block holding the overall max.
+    Ties go to the first index as in `torch.argmax`; a row with NaN gives its first NaN, as `max`."""
+    v = logits.shape[-1]
+    n = -(-v // chunk)
+    if n * chunk != v:      # pad the last block with -inf (a masked load once compiled)
+        logits = torch.nn.functional.pad(logits, (0, n * chunk - v), value=float("-inf"))
+    best, where = logits.reshape(*logits.shape[:-1], n, chunk).max(dim=-1)       # [..., n]
+    block = best.max(dim=-1, keepdim=True).indices                                # [..., 1]
+    return (block * chunk + where.gather(-1, block)).squeeze(-1)
 
 
 def probabilities(logits: torch.Tensor, temperature: float, top_k: int | None = None,

@@ -383,6 +383,33 @@ def test_greedy_is_argmax_with_the_first_index_on_ties():
     assert greedy(ties).tolist() == ties.argmax(-1).tolist() == [1, 0, 0]
 
 
+def test_two_stage_greedy_equals_argmax_eager_and_compiled():
+    """The GPU's greedy for large vocabularies (block maxima, then the first block with the overall max):
+    argmax's ids for vocabularies that divide into blocks and that do not, ties inside and across blocks,
+    -inf rows and NaN (as `max`), and the same under torch.compile (how DecodeGraph runs it)."""
+    from llmopt.sampling import greedy_two_stage
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1000,), (2, 1024), (3, 5000), (1, 128256), (2, 1, 50257)]:
+        for dtype in (torch.float32, torch.bfloat16):      # bf16 has many ties among 128,256 logits
+            x = torch.randn(*shape, generator=g).to(dtype)
+            assert torch.equal(greedy_two_stage(x, 256), x.argmax(-1)), (shape, dtype)
+    x = torch.zeros(4, 5000)
+    x[0, 3000] = x[0, 4000] = 1.0          # a tie across blocks: the first
+    x[1, 300] = x[1, 301] = 2.0            # a tie inside a block: the first
+    x[2] = float("-inf")                   # nothing finite: index 0, as argmax
+    x[3, 2000] = x[3, 4500] = float("nan")
+    assert greedy_two_stage(x, 256).tolist() == x.max(-1).indices.tolist() == [3000, 300, 0, 2000]
+    compiled = torch.compile(greedy_two_stage, fullgraph=True)
+    y = torch.randn(2, 128256, generator=g).to(torch.bfloat16)
+    assert torch.equal(compiled(y), y.argmax(-1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_greedy_on_cuda_takes_two_stages_and_matches_the_cpu():
+    from llmopt.sampling import greedy
+    x = torch.randn(3, 128256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    assert torch.equal(greedy(x.cuda()).cpu(), x.argmax(-1))
+
 def test_every_count_is_checked_the_same_way(model_and_tok):
     """Counts (tokens, slots, samples, blocks, sizes) refuse 0, fractions and True alike, and the
     error names the argument."""
