@@ -259,6 +259,8 @@ def train_draft(target, tokenizer, *, config: MLPDraftConfig | None = None, epoc
         held = split_ids(tokenizer, split)[:max_eval_tokens]
         report[f"{split}_agreement"] = round(agreement(draft, held, target_labels(target, held)), 4)
     report["machine"] = f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if target.device.type != "cpu":         # the target labelled and wrote text there; the draft trained here
+        report["machine"] += f", target on {torch.cuda.get_device_name(target.device) if target.device.type == 'cuda' else target.device}"
     return draft, report
 
 
@@ -300,6 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-train-tokens", type=int, help="use only this many corpus tokens (quick runs)")
     p.add_argument("--max-eval-tokens", type=int, help="score agreement on only this many held-out tokens")
+    p.add_argument("--device", default="auto",
+                   help="where the target runs to label and write text: 'auto' (a GPU when there is one), "
+                        "'cpu', 'cuda:N'; the small draft trains on the CPU")
     args = p.parse_args(argv)
     if args.epochs <= 0:
         p.error(f"--epochs must be > 0, got {args.epochs}")
@@ -310,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--sampled-sequences must be >= 0, got {args.sampled_sequences}")
     from .load import load_model, resolve
     try:
-        target, tok = load_model(args.target)
+        target, tok = load_model(args.target, device=args.device)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     cfg = MLPDraftConfig(vocab_size=target.config.vocab_size, context=args.context, embed_dim=args.embed_dim,

@@ -81,6 +81,13 @@ def test_distillation_cli_learns_the_target(tmp_path):
     assert g.token_ids == ref.token_ids and g.stats["accepted"] > 0
 
 
+def test_distillation_cli_puts_the_target_on_the_device_asked(tmp_path, capsys):
+    """--device (default "auto": a GPU when there is one) is where the target labels and writes text; a
+    device this machine lacks is a usage error that names it, before any work."""
+    with pytest.raises(SystemExit):
+        main(["--target", "tiny", "--out", str(tmp_path / "d"), "--device", "cuda:7"])
+    assert "cuda:7" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
 def test_the_draft_cannot_be_used_as_a_generator(draft):
     tok = llmopt.load_model("tiny")[1]
     with pytest.raises(TypeError, match="only proposes tokens.*speculative_generate"):
