@@ -112,7 +112,7 @@ class Attention(nn.Module):
 
     def attention(self, q, k, v, mask):
         """Attention over q [B, H, T, D] and k, v [B, Hkv, S, D] with this layer's backend;
-        `mask` [B or 1, 1, T, S] (True: may attend), None for causal."""
+        `mask` [B or 1, 1, T, S]: boolean (True: may attend) or additive (0 / -inf), None for causal."""
         if self.backend == "sdpa":
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[-2] > 1,
@@ -129,7 +129,10 @@ def plain_attention(q, k, v, mask):
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, T, S]
     if mask is None:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    scores = scores.masked_fill(~mask, float("-inf"))
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:   # additive: 0 keeps a score, -inf removes it (Transformer.layer_inputs)
+        scores = scores + mask
     return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
@@ -227,6 +230,12 @@ class Transformer(nn.Module):
                 empty = ~mask.any(-1, keepdim=True)
                 mask = mask | (empty & (slots.unsqueeze(0) == input_pos.unsqueeze(1)))
                 mask = mask[:, None]  # [B, 1, T, S]
+        if mask is not None:
+            # additive (0 where a query may attend, -inf elsewhere) in the activations' dtype, once for
+            # every layer: SDPA turns a boolean mask into this on each call, one more small kernel per
+            # layer per decode step on a GPU (H100 kernel profile, 2026-11-28); the same values, so the
+            # same outputs (plain attention adds it)
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=device).masked_fill_(~mask, float("-inf"))
         return cos, sin, mask, input_pos
 
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,

@@ -56,6 +56,26 @@ def test_sdpa_and_plain_attention_agree(model_and_tok):
     assert g_plain.token_ids == g_sdpa.token_ids
 
 
+def test_layers_get_one_additive_mask_that_attends_as_the_boolean_one(model_and_tok):
+    """layer_inputs turns the cache's boolean mask into 0 / -inf once for every layer (SDPA did it in each
+    layer's call); both attention backends give the boolean mask's outputs with it, to the bit."""
+    from llmopt.kv_cache import StaticKVCache
+    from llmopt.model import plain_attention
+    model, _ = model_and_tok
+    cache = StaticKVCache(model.config, 2, 16, dtype=model.dtype)
+    key_mask = torch.tensor([[False, False] + [True] * 14, [True] * 16])     # row 0 left-padded
+    _, _, mask, _ = model.layer_inputs(2, 5, torch.device("cpu"), torch.arange(3, 8), cache, key_mask=key_mask)
+    assert mask.dtype == model.dtype and set(mask.unique().tolist()) == {0.0, float("-inf")}
+    allowed = mask == 0
+    assert allowed[0, 0, 0].tolist() == [False, False, True, True] + [False] * 12      # no padding, no future
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 8, generator=g) for n in (5, 16, 16))     # 5 queries, 16 cache slots
+    assert torch.equal(plain_attention(q, k, v, mask), plain_attention(q, k, v, allowed))
+    import torch.nn.functional as F
+    assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                       F.scaled_dot_product_attention(q, k, v, attn_mask=allowed))
+
+
 def test_sampling_is_seeded_and_respects_top_k(model_and_tok):
     model, tok = model_and_tok
     kw = dict(max_new_tokens=12, temperature=1.0, top_k=5, seed=7, ignore_eos=True)
