@@ -259,8 +259,8 @@ def train_draft(target, tokenizer, *, config: MLPDraftConfig | None = None, epoc
         held = split_ids(tokenizer, split)[:max_eval_tokens]
         report[f"{split}_agreement"] = round(agreement(draft, held, target_labels(target, held)), 4)
     report["machine"] = f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
-    if target.device.type != "cpu":         # the target labelled and wrote text there; the draft trained here
-        report["machine"] += f", target on {torch.cuda.get_device_name(target.device) if target.device.type == 'cuda' else target.device}"
+    if target.device.type == "cuda":        # the target labelled and wrote text there; the draft trained on the CPU
+        report["machine"] += f", target on {torch.cuda.get_device_name(target.device)}"
     return draft, report
 
 
