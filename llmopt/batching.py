@@ -25,7 +25,7 @@ import torch
 from .config import check_count
 from .cuda_graphs import BatchStepGraph
 from .generate import (_COMPILED, COMPILE_BUCKET, Generation, _as_stop_list, _checked_request, _eos_ids,
-                       _stop_at, _weights_key, compiled_cache, compiled_decode, decode_one_token,
+                       _model_key, _stop_at, compiled_cache, compiled_decode, decode_one_token,
                        per_prompt, per_prompt_options, timing_stats)
 from .kv_cache import kv_cache_bytes, make_cache, to_device
 from .sampling import greedy, sample, seeded_generator
@@ -54,7 +54,7 @@ def batch_step_graph(model, cache, batch: int) -> BatchStepGraph:
     (beside it, in `_COMPILED`) and made anew, to be recorded again, when the cache, the
     batch size or any weight changes (a graph holds their addresses)."""
     per_model = _COMPILED.setdefault(model, {})
-    g, weights = per_model.get("batch_graph"), _weights_key(model)
+    g, weights = per_model.get("batch_graph"), _model_key(model)
     if g is None or g.cache is not cache or g.batch != batch or g.weights != weights:
         g = per_model["batch_graph"] = BatchStepGraph(model, cache, batch, decode_one_token, weights)
     return g

@@ -93,9 +93,12 @@ def _own_decode_step(model):
                               step.__closure__)
 
 
-def _weights_key(model) -> tuple:
-    """Changes when any weight is replaced or modified in place (tensor identity, version)."""
-    return tuple((id(t), t.data_ptr(), _version(t)) for t in (*model.parameters(), *model.buffers()))
+def _model_key(model) -> tuple:
+    """Changes when any weight is replaced or modified in place (tensor identity, version), or
+    when a layer's attention backend changes (`set_attention`): a recorded graph or a frozen step
+    holds both, and replaying an old one would run the old kernels."""
+    return (tuple((id(t), t.data_ptr(), _version(t)) for t in (*model.parameters(), *model.buffers())),
+            tuple(getattr(getattr(m, "self_attn", None), "backend", None) for m in getattr(model, "layers", ())))
 
 
 def _version(t: torch.Tensor):
@@ -113,14 +116,14 @@ def _frozen_decode(model):
     weight-only int8 and int4) against ATen's kernels for every matmul shape and keep the
     fastest; quantized layers see `quantize.frozen_weights()` and trace the packed ops.
     Guards on the model's modules are skipped (their check cost ~0.3 ms a step on the 2-core
-    Xeon); freezing and skipped guards both need the weights not to change, so the step is rebuilt
-    whenever they do (`_weights_key`), from its own code object (`_own_decode_step`); it
+    Xeon); freezing and skipped guards both need the weights (and the attention backend) not to
+    change, so the step is rebuilt whenever they do (`_model_key`), from its own code object (`_own_decode_step`); it
     lives on the model, not in `_COMPILED`, so it is freed with the model. The graph's
     kernels are called from generated C++ (`cpp_wrapper`) rather than Python: 7-8% off a
     bf16 + int4 llama-100m step there (3.70 vs 4.01 ms, medians of 8 interleaved). Notebook
     06 measures it.
     """
-    key = _weights_key(model)
+    key = _model_key(model)
     entry = model.__dict__.get("_llmopt_frozen_decode")
     if entry is None or entry[0] != key:
         import torch._inductor.config as inductor_config
@@ -197,7 +200,7 @@ class DecodeGraph:
         self.pos = torch.zeros(1, dtype=torch.long, device=device)        # its cache slot
         self.out = torch.zeros(k, dtype=torch.long, device=device)        # the k tokens of a run
         self.graph = None
-        self.weights = weights                      # `_weights_key(model)` when recorded
+        self.weights = weights                      # `_model_key(model)` when recorded
 
     @property
     def model(self):
@@ -233,7 +236,7 @@ def decode_graph(model, cache, k: int, compile: str | bool = False) -> DecodeGra
     recorded again) when any of them, or any weight, changes."""
     step = graph_step(model, compile)
     per_model = _COMPILED.setdefault(model, {})
-    g, weights = per_model.get("graph"), _weights_key(model)
+    g, weights = per_model.get("graph"), _model_key(model)
     if g is None or g.cache is not cache or g.k != k or g.step is not step or g.weights != weights:
         g = per_model["graph"] = DecodeGraph(model, cache, k, step, weights)
     return g

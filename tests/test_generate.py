@@ -338,8 +338,8 @@ def test_graph_steps_give_the_greedy_tokens(model_and_tok):
 def test_graph_steps_compiled_and_kept_until_the_weights_change(model_and_tok):
     """With `compile` the recorded step is `greedy_step` through torch.compile: same tokens.
     The `DecodeGraph` is kept for the next generation on the same cache and k (on a GPU its
-    recording is replayed), and made anew for another k or after a weight changes in place
-    (a graph holds the old weights' addresses)."""
+    recording is replayed), and made anew for another k, after a weight changes in place
+    (a graph holds the old weights' addresses) or after the attention backend changes."""
     import copy
     from llmopt.generate import _COMPILED, compiled_cache, decode_graph
     model, tok = copy.deepcopy(model_and_tok[0]), model_and_tok[1]
@@ -355,6 +355,9 @@ def test_graph_steps_compiled_and_kept_until_the_weights_change(model_and_tok):
     graph = decode_graph(model, cache, 4, False)
     with torch.no_grad():
         model.lm_head.weight.mul_(1.5)
+    assert decode_graph(model, cache, 4, False) is not graph
+    graph = decode_graph(model, cache, 4, False)
+    model.set_attention("plain")                # a recorded graph would replay the old attention kernels
     assert decode_graph(model, cache, 4, False) is not graph
     copy.deepcopy(model)                       # the kept graph is beside the model, not copied with it
     ref = weakref.ref(model)
