@@ -1,4 +1,7 @@
-"""A hand-written Triton kernel: int8 weight-only matrix-vector product for decoding (notebook 06).
+"""Hand-written Triton kernels for the decode step (notebooks 06 and 03): an int8 weight-only
+matrix-vector product, and attention for one query row over a KV cache.
+
+## int8_gemv
 
 At batch 1 a decode step multiplies one activation row by every weight matrix: a GEMV,
 which reads each weight once and does two flops per byte of int8 weight. Its speed is the
@@ -17,15 +20,32 @@ weight x activation; the sum along K and the scale come once at the end. The int
 read exactly once and no full-precision copy of the weight is ever written. The block
 sizes come from the shape (`gemv_config`), so there is no autotuning to run, and the
 kernel launches the same way inside a CUDA graph (`generate(..., graph_steps=k)`).
-
-It is a `torch.library` custom op, so torch.compile treats it as one opaque kernel. It
-runs on CUDA GPUs; with `TRITON_INTERPRET=1` Triton's interpreter runs it on a CPU
-(slowly, with numpy), which is how the tests check it on machines without a GPU.
 `quantize(model, "int8", kernel="triton")` puts it behind every Int8Linear.
+
+## decode_attention
+
+A decode step's attention is one query row per sequence against every key in the cache:
+little work and little data (the 1B model at 288 keys reads 0.6 MB a layer), so its cost is
+latency. On the H100 profile of 2026-11-28 cuDNN's attention took 6.9 us a layer, 8% of a
+decode step, for a kernel built for long query blocks. `decode_attention` is flash decoding:
+the keys are cut into splits so that the programs fill the GPU (one program per sequence,
+kv head and split), each program computes the scores of all the query heads that share its
+kv head (grouped-query attention reads each key once) with a running softmax, and a second
+small kernel weighs the splits together by their log-sum-exp. A block of keys the mask hides
+entirely (the unwritten end of a static cache) is never read. `model.set_attention("triton")`
+sends every one-token attention through it (prompts keep SDPA).
+
+Both are `torch.library` custom ops, so torch.compile treats each as one opaque kernel. They
+run on CUDA GPUs; with `TRITON_INTERPRET=1` Triton's interpreter runs them on a CPU (slowly,
+with numpy), which is how the tests check them on machines without a GPU, and
+`tests/test_kernels.py` compiles them for an H100 (sm_90) with Triton's own compiler, which
+needs no GPU, to catch what the interpreter does not.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import math
 import os
 
 import torch
@@ -41,14 +61,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def check_gemv_device(device: torch.device) -> None:
-    """A clear error where the Triton GEMV cannot run."""
+def check_triton_device(device: torch.device, what: str = "kernel='triton'",
+                        fix: str = "use kernel='auto'") -> None:
+    """A clear error where llmopt's Triton kernels cannot run (`what` names the option, `fix` the way out)."""
     if not triton_available():
-        raise ValueError("kernel='triton' needs Triton: it comes with PyTorch's CUDA builds on Linux "
-                         "(or pip install triton); use kernel='auto' otherwise")
+        raise ValueError(f"{what} needs Triton: it comes with PyTorch's CUDA builds on Linux "
+                         f"(or pip install triton); {fix} otherwise")
     if torch.device(device).type != "cuda" and not interpreting():
-        raise ValueError(f"kernel='triton' runs on CUDA GPUs, not on {torch.device(device).type!r} "
-                         "(TRITON_INTERPRET=1 runs it on a CPU, slowly, for testing); use kernel='auto'")
+        raise ValueError(f"{what} runs on CUDA GPUs, not on {torch.device(device).type!r} "
+                         f"(TRITON_INTERPRET=1 runs it on a CPU, slowly, for testing); {fix}")
 
 
 def gemv_config(n: int, k: int) -> dict:
@@ -94,3 +115,76 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tor
 @int8_gemv.register_fake
 def _(x, weight, scale):
     return x.new_empty(weight.shape[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _processors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the interpreter on a CPU: 8, to exercise splits)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def decode_attention_config(batch: int, n_kv_heads: int, group: int, n_keys: int, head_dim: int,
+                            processors: int = 132) -> dict:
+    """Tiles and splits for one query row per sequence over `n_keys` keys: 64 keys a block; as many
+    splits as fill `processors` once with one program per (sequence, kv head, split), never fewer than
+    a block of keys each. The query heads of a group, and the head dim, are padded to 16 or more
+    (the smallest tile tl.dot takes)."""
+    block_s = 64
+    blocks = -(-n_keys // block_s)
+    want = max(1, -(-processors // (batch * n_kv_heads)))
+    split_len = block_s * -(-blocks // min(blocks, want))
+    return {"BLOCK_S": block_s, "SPLIT_LEN": split_len, "SPLITS": -(-n_keys // split_len),
+            "BLOCK_G": max(16, 1 << (group - 1).bit_length()),
+            "BLOCK_D": max(16, 1 << (head_dim - 1).bit_length()), "num_warps": 4}
+
+
+def decode_attention_with(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                          config: dict) -> torch.Tensor:
+    """`decode_attention` with the given tiles and splits (tests and sweeps)."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if mask is not None and mask.dim() == 2:    # [1, S]: the same keys for every row and head
+        mask = mask[None, None]
+    if (T != 1 or k.shape != (B, Hkv, S, D) or v.shape != k.shape or H % Hkv
+            or (mask is not None and (mask.dim() != 4 or mask.shape[1:3] != (1, 1) or mask.shape[-1] != S
+                                      or mask.shape[0] not in (1, B)))):
+        raise ValueError(f"decode_attention takes q [B, H, 1, D], k and v [B, Hkv, S, D] (H a multiple of Hkv) "
+                         f"and a mask [B or 1, 1, 1, S], [1, S] or None; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}, mask {None if mask is None else tuple(mask.shape)}")
+    if mask is not None:
+        if mask.dtype == torch.bool:    # True: may attend -> additive 0 / -inf
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        mask = mask.expand(B, 1, 1, S)
+        mask = mask if mask.stride(-1) == 1 else mask.contiguous()
+    # the kernel takes the last dim contiguous (wide loads); the cache's buffers and q's view are
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    splits = config["SPLITS"]
+    out = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
+    part = out if splits == 1 else torch.empty(B, H, splits, D, device=q.device, dtype=torch.float32)
+    lse = out if splits == 1 else torch.empty(B, H, splits, device=q.device, dtype=torch.float32)
+    m = mask if mask is not None else q         # any pointer: HAS_MASK=False never reads it
+    from ._attention_kernel import combine_kernel, decode_attention_kernel
+    decode_attention_kernel[(B * Hkv, splits)](
+        q, k, v, m, part, lse, S, Hkv, 1.0 / math.sqrt(D), config["SPLIT_LEN"], splits, q.stride(0), q.stride(1),
+        *k.stride()[:3], *v.stride()[:3], m.stride(0), G=H // Hkv, D=D, BLOCK_G=config["BLOCK_G"],
+        BLOCK_S=config["BLOCK_S"], BLOCK_D=config["BLOCK_D"], ONE_SPLIT=splits == 1, HAS_MASK=mask is not None,
+        IEEE=q.dtype == torch.float32, UPCAST=interpreting(), num_warps=config["num_warps"])
+    if splits > 1:
+        combine_kernel[(B * H,)](part, lse, out, splits, D=D,
+                                 BLOCK_SPLITS=max(2, 1 << (splits - 1).bit_length()), BLOCK_D=config["BLOCK_D"])
+    return out
+
+
+@torch.library.custom_op("llmopt::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v for one query row: q [B, H, 1, D]; k, v [B, Hkv, S, D]
+    (grouped-query: query head h reads kv head h // (H / Hkv)); mask [B or 1, 1, 1, S] or [1, S], additive
+    (0 / -inf) or boolean (True: may attend), None for every key. Returns [B, H, 1, D] in q's dtype."""
+    B, H, _, D = q.shape
+    cfg = decode_attention_config(B, k.shape[1], H // k.shape[1], k.shape[2], D, _processors(q.device))
+    return decode_attention_with(q, k, v, mask, cfg)
+
+
+@decode_attention.register_fake
+def _(q, k, v, mask):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

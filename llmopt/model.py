@@ -20,9 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig
+from .kernels import check_triton_device, decode_attention
 from .precision import as_dtype, check_device
 
-ATTENTION_BACKENDS = ("sdpa", "plain")
+# "triton": llmopt's Triton kernel for the one-token steps of decoding (kernels.decode_attention), SDPA
+# for prompts
+ATTENTION_BACKENDS = ("sdpa", "plain", "triton")
 
 
 class RMSNorm(nn.Module):
@@ -113,7 +116,9 @@ class Attention(nn.Module):
     def attention(self, q, k, v, mask):
         """Attention over q [B, H, T, D] and k, v [B, Hkv, S, D] with this layer's backend;
         `mask` [B or 1, 1, T, S]: boolean (True: may attend) or additive (0 / -inf), None for causal."""
-        if self.backend == "sdpa":
+        if self.backend == "triton" and q.shape[-2] == 1 and (mask is None or mask.dim() == 2 or mask.shape[1] == 1):
+            return decode_attention(q, k, v, mask)
+        if self.backend != "plain":
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[-2] > 1,
                 enable_gqa=self.n_heads != self.n_kv_heads)
@@ -191,9 +196,13 @@ class Transformer(nn.Module):
         return self.norm.weight.dtype
 
     def set_attention(self, backend: str) -> "Transformer":
-        """Choose `"sdpa"` (fused kernels) or `"plain"` (explicit softmax) attention (notebook 03)."""
+        """Choose `"sdpa"` (fused kernels), `"plain"` (explicit softmax) or `"triton"` (SDPA, and
+        llmopt's Triton flash-decoding kernel for one-token steps: `kernels.decode_attention`)
+        attention (notebook 03)."""
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+        if backend == "triton":
+            check_triton_device(self.device, "set_attention('triton')", "use 'sdpa'")
         for layer in self.layers:
             layer.self_attn.backend = backend
         return self

@@ -317,8 +317,8 @@ def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, sy
     if kernel == "triton":
         if method != "int8":
             raise ValueError(f"kernel='triton' is an int8 kernel; method {method!r} has none: use kernel='auto'")
-        from .kernels import check_gemv_device
-        check_gemv_device(next(model.parameters()).device)
+        from .kernels import check_triton_device
+        check_triton_device(next(model.parameters()).device)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else \
         getattr(model, "embed_tokens", None)
     dtype = emb.weight.dtype if emb is not None else torch.float32

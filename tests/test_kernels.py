@@ -1,0 +1,256 @@
+"""llmopt's Triton decode attention (kernels.decode_attention), and every Triton kernel compiled for an H100.
+
+Without a GPU the kernels run in Triton's CPU interpreter (conftest turns it on); on a GPU the same
+numeric tests run on the card (their ids say "cuda"). The interpreter cannot catch what only the GPU
+compiler sees (a construct Triton cannot lower, a tile tl.dot refuses), so every kernel is also
+compiled here for sm_90 with Triton's own compiler and its bundled ptxas, which need no GPU.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmopt
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not HAS_TRITON,
+                                  reason="needs Triton (with PyTorch's CUDA builds, or pip install triton)")
+
+
+def reference_attention(q, k, v, mask):
+    """The same attention in fp64 through SDPA's math: the answer both precisions are held to."""
+    additive = None
+    if mask is not None:
+        additive = mask.double() if mask.dtype != torch.bool else \
+            torch.zeros(mask.shape, dtype=torch.float64, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=additive,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def additive(keep: torch.Tensor, dtype) -> torch.Tensor:
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
+
+
+# (B, H, Hkv, S, D, mask): grouped-query with a group of 2 and of 3 (padded to the tile), one kv head
+# for all, multi-head; keys not a multiple of the 64-key block; head dims of 16, 24 (padded), 32, 64
+CASES = [
+    (2, 4, 2, 37, 16, "rows"),       # a mask per row, with holes and the unwritten end of a static cache
+    (1, 6, 2, 130, 32, "shared"),    # one [1, 1, 1, S] mask for every row
+    (3, 4, 4, 200, 64, "2d"),        # the [1, S] mask Transformer.layer_inputs makes for a plain cache
+    (1, 8, 1, 64, 24, None),         # no mask: every key
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=["rows", "shared", "2d", "nomask"])
+@pytest.mark.parametrize("device", [DEVICE], ids=[DEVICE if DEVICE == "cuda" else "interpreter"])
+def test_decode_attention_matches_sdpa(case, dtype, device):
+    """One split and several (each split's share weighed by its log-sum-exp; a split whose keys are
+    all hidden adds nothing): the exact attention within fp32 rounding, or within bf16 rounding of it."""
+    from llmopt.kernels import decode_attention, decode_attention_config, decode_attention_with
+    B, H, Hkv, S, D, how = case
+    g = torch.Generator().manual_seed(B * S + D)
+    q = torch.randn(B, 1, H, D, generator=g).to(device, dtype).transpose(1, 2)   # as Attention makes it
+    k, v = (torch.randn(B, Hkv, S, D, generator=g).to(device, dtype) for _ in range(2))
+    keep = torch.rand(B if how == "rows" else 1, 1, 1, S, generator=g) < 0.6
+    keep[..., 0], keep[..., S - 20:] = True, False
+    mask = None if how is None else additive(keep, dtype).to(device)
+    if how == "2d":
+        mask = mask[0, 0]
+    exact = reference_attention(q, k, v, mask)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    splits = set()
+    for processors in (1, 64):
+        cfg = decode_attention_config(B, Hkv, H // Hkv, S, D, processors)
+        splits.add(cfg["SPLITS"])
+        out = decode_attention_with(q, k, v, mask, cfg)
+        assert out.dtype == dtype and out.shape == (B, H, 1, D)
+        torch.testing.assert_close(out.double(), exact, **tol)
+    assert 1 in splits and (S <= 64 or len(splits) == 2)
+    torch.testing.assert_close(decode_attention(q, k, v, mask).double(), exact, **tol)
+
+
+@needs_triton
+def test_decode_attention_never_reads_hidden_keys():
+    """Keys the mask hides do not count, whatever they hold (NaN included: a whole hidden block is
+    skipped, so the unwritten end of a static cache is never read), and a boolean mask is the
+    additive one."""
+    from llmopt.kernels import decode_attention, decode_attention_config, decode_attention_with
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*shape, generator=g).to(DEVICE) for shape in ((2, 4, 1, 16), (2, 2, 192, 16),
+                                                                          (2, 2, 192, 16)))
+    keep = torch.zeros(2, 1, 1, 192, dtype=torch.bool, device=DEVICE)
+    keep[0, ..., :100], keep[1, ..., 3:40] = True, True
+    out = decode_attention(q, k, v, keep)
+    torch.testing.assert_close(out, decode_attention(q, k, v, additive(keep, torch.float32)))
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, keep), atol=1e-5, rtol=1e-5)
+    k2, v2 = k.clone(), v.clone()
+    k2[..., 128:, :] = float("nan")       # blocks of keys no row may see
+    v2[1, :, 64:128] = 1e4                # a block row 1 may not see (row 0 may)
+    v2[1, :, :3] = -1e4                   # hidden keys inside a visible block
+    out2 = decode_attention(q, k2, v2, keep)
+    torch.testing.assert_close(out2[1], out[1])
+    assert not out2.isnan().any()
+    for cfg in (decode_attention_config(2, 2, 2, 192, 16, 1), decode_attention_config(2, 2, 2, 192, 16, 64)):
+        torch.testing.assert_close(decode_attention_with(q, k2, v2, keep, cfg)[1], out[1])
+
+
+@needs_triton
+def test_decode_attention_rejects_what_it_does_not_compute():
+    from llmopt.kernels import decode_attention
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 10, 16)
+    with pytest.raises(ValueError, match=r"q \[B, H, 1, D\].*got q \(1, 4, 2, 16\)"):
+        decode_attention(torch.randn(1, 4, 2, 16), k, k, None)        # two query rows: that is SDPA's
+    with pytest.raises(ValueError, match="H a multiple of Hkv"):
+        decode_attention(torch.randn(1, 3, 1, 16), k, k, None)
+    with pytest.raises(ValueError, match=r"mask \(1, 4, 1, 10\)"):
+        decode_attention(q, k, k, torch.zeros(1, 4, 1, 10))           # a mask per head
+
+
+@needs_triton
+def test_decode_attention_is_one_op_under_torch_compile():
+    from llmopt.kernels import decode_attention
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(*shape, generator=g).to(DEVICE) for shape in ((1, 4, 1, 16), (1, 2, 70, 16),
+                                                                          (1, 2, 70, 16)))
+    mask = additive(torch.arange(70, device=DEVICE) < 50, torch.float32)[None]
+    compiled = torch.compile(lambda *a: decode_attention(*a) * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, mask), decode_attention(q, k, v, mask) * 2)
+
+
+@needs_triton
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's model run (on a GPU: the cuda test below)")
+def test_triton_attention_decodes_as_sdpa_does(monkeypatch):
+    """`set_attention("triton")`: every one-token step of the trained tiny model goes through the kernel
+    (prompts keep SDPA), with the greedy tokens of SDPA: static and dynamic caches, and a left-padded
+    batch (a mask per row)."""
+    import llmopt.kernels as kernels
+    model, tok = llmopt.load_model("tiny")
+    prompts = ["ROMEO:", "JULIET:\nO Romeo, Romeo"]
+    ref = [llmopt.generate(model, tok, p, max_new_tokens=6, ignore_eos=True).token_ids for p in prompts]
+    ref_batch = llmopt.generate_batch(model, tok, prompts, max_new_tokens=6, ignore_eos=True)
+    calls = []
+    real = kernels.decode_attention_with
+    monkeypatch.setattr(kernels, "decode_attention_with", lambda *a: calls.append(a[0].shape) or real(*a))
+    model.set_attention("triton")
+    for cache in ("static", "dynamic"):
+        assert [llmopt.generate(model, tok, p, max_new_tokens=6, ignore_eos=True, cache=cache).token_ids
+                for p in prompts] == ref
+    assert len(calls) == 2 * 2 * 5 * model.config.n_layers and {s[2] for s in calls} == {1}
+    assert [g.token_ids for g in llmopt.generate_batch(model, tok, prompts, max_new_tokens=6, ignore_eos=True)] \
+        == [g.token_ids for g in ref_batch]
+
+
+def test_set_attention_triton_needs_a_gpu_or_the_interpreter(monkeypatch):
+    model = llmopt.build_model(llmopt.get_config("tiny"))
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        model.set_attention("flash")
+    if HAS_TRITON:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)    # a CPU without the interpreter
+        with pytest.raises(ValueError, match=r"set_attention\('triton'\) runs on CUDA GPUs, not on 'cpu'.*use 'sdpa'"):
+            model.set_attention("triton")
+    assert model.layers[0].self_attn.backend == "sdpa"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("options", [{}, {"compile": True, "graph_steps": 8}], ids=["eager", "graph"])
+def test_triton_attention_on_cuda_decodes_as_sdpa_does(options):
+    """On a GPU: the trained tiny model in fp32 decodes the same greedy tokens through the kernel as
+    through SDPA, eager and compiled inside llmopt's CUDA graph."""
+    prompts = ["ROMEO:", "JULIET:\nWherefore art thou"]
+    outs = {}
+    for backend in ("sdpa", "triton"):
+        model, tok = llmopt.load_model("tiny", device="cuda", dtype="fp32")
+        model.set_attention(backend)
+        outs[backend] = [llmopt.generate(model, tok, p, max_new_tokens=40, ignore_eos=True, **options).token_ids
+                         for p in prompts]
+    assert outs["triton"] == outs["sdpa"]
+
+
+# ---- compiled for an H100 without one -------------------------------------------------------------
+# In a process of its own: with the interpreter on (conftest), @triton.jit makes functions that only
+# interpret. `python tests/test_kernels.py` prints, for each kernel variant, what its PTX holds.
+
+def compile_for_h100(kernel, constexprs: dict, types: dict, aligned=()) -> str:
+    """PTX of `kernel` for sm_90, as Triton's JIT would build it on an H100: `types` gives each runtime
+    argument's type (the rest i32); `aligned` names the arguments the JIT would find divisible by 16."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+
+
+def ptx_features() -> dict:
+    """Every kernel variant the GPU runs, compiled for sm_90: whether its PTX uses tensor cores
+    (mma.sync), 16-byte loads (ld.global.v4) and stores."""
+    from llmopt._attention_kernel import combine_kernel, decode_attention_kernel
+    from llmopt._gemv_kernel import int8_gemv_kernel
+    from llmopt.kernels import gemv_config
+    features = lambda ptx: {"mma": "mma.sync" in ptx, "v4": "ld.global.v4" in ptx,  # noqa: E731
+                            "store": "st.global" in ptx}
+    out = {}
+    aligned = ("q_ptr", "k_ptr", "v_ptr", "mask_ptr", "out_ptr", "lse_ptr",
+               "sq_b", "sq_h", "sk_b", "sk_h", "sk_s", "sv_b", "sv_h", "sv_s", "sm_b")
+    for dtype, one_split in (("bf16", True), ("bf16", False), ("fp32", False)):
+        part = dtype if one_split else "fp32"
+        types = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "mask_ptr": f"*{dtype}",
+                 "out_ptr": f"*{part}", "lse_ptr": f"*{part}", "scale": "fp32"}
+        out[f"attention-{dtype}-{'one' if one_split else 'splits'}"] = features(compile_for_h100(
+            decode_attention_kernel, dict(G=4, D=64, BLOCK_G=16, BLOCK_S=64, BLOCK_D=64, ONE_SPLIT=one_split,
+                                          HAS_MASK=True, IEEE=dtype == "fp32", UPCAST=False), types, aligned))
+        out[f"combine-{dtype}"] = features(compile_for_h100(
+            combine_kernel, dict(D=64, BLOCK_SPLITS=8, BLOCK_D=64),
+            {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dtype}"}))
+    cfg = gemv_config(16384, 2048)
+    out["gemv-bf16"] = features(compile_for_h100(
+        int8_gemv_kernel, dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], EVEN=True),
+        {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*bf16", "y_ptr": "*bf16"},
+        aligned=("x_ptr", "w_ptr", "s_ptr", "y_ptr", "stride_wn")))
+    return out
+
+
+@needs_triton
+def test_triton_kernels_compile_for_an_h100():
+    """The GPU path of every kernel (no interpreter workaround) compiles for sm_90: bf16 attention on
+    tensor cores, fp32 in full precision (no mma: tf32 would round it), keys, values and int8 weights
+    read 16 bytes a load."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=os.pathsep.join(filter(None, [
+        str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")])))
+    run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
+    if run.returncode == 3:     # another Triton's layout: then the GPU run is the only check
+        pytest.skip(run.stdout.strip())
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.splitlines()[-1])
+    for name, f in got.items():
+        assert f["store"], name
+        if name.startswith("attention"):
+            assert f["mma"] == ("bf16" in name) and f["v4"], (name, f)
+    assert got["gemv-bf16"]["v4"]
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        print(f"this Triton has no ahead-of-time compile API ({e})")
+        sys.exit(3)
+    print(json.dumps(ptx_features()))
