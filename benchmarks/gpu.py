@@ -256,6 +256,10 @@ def main(argv=None) -> int:
         fused = llmopt.fuse_projections(llmopt.build_model(cfg, device=device, dtype=dtype))
         for label, opts in graph_variants(modes, args.graph_steps, ", fused projections"):
             rows.insert(len(rows) - 1, timed_row(fused, label, opts, prompt, eager))
+        if device == "cuda":    # and llmopt's Triton decode attention in every layer (kernels.decode_attention)
+            fused.set_attention("triton")
+            for label, opts in graph_variants(modes, args.graph_steps, ", fused projections, Triton decode attention"):
+                rows.insert(len(rows) - 1, timed_row(fused, label, opts, prompt, eager))
         del fused
         add_mbu(rows, cfg, dtype)
         ok = [r for r in rows[:-1] if "error" not in r]
@@ -282,17 +286,23 @@ def main(argv=None) -> int:
         # keeps the rows that decide the goal): Inductor's kernels, then llmopt's Triton GEMV (a GPU
         # only: Triton's CPU interpreter is far too slow for a smoke run); unfused int8 as measured on
         # 2026-11-27; int4 only in smoke mode or with --int4 (1.79 ms a token on the H100, 2026-11-27)
-        variants = [("int8 weight-only, fused projections", "int8", {}, True)]
+        # (label, method, options, fuse projections, llmopt's Triton decode attention)
+        variants = [("int8 weight-only, fused projections", "int8", {}, True, False)]
         if device == "cuda":
-            variants.append(("int8 weight-only, fused projections, Triton GEMV", "int8", {"kernel": "triton"}, True))
-        variants.append(("int8 weight-only", "int8", {}, False))
+            variants.append(("int8 weight-only, fused projections, Triton GEMV", "int8", {"kernel": "triton"},
+                             True, False))
+            variants.append(("int8 weight-only, fused projections, Triton GEMV, Triton decode attention", "int8",
+                             {"kernel": "triton"}, True, True))
+        variants.append(("int8 weight-only", "int8", {}, False, False))
         if args.smoke or args.int4:
-            variants.append(("int4 g64 weight-only", "int4", {"group_size": 64}, False))
-        for label, method, kw, fuse in variants:
+            variants.append(("int4 g64 weight-only", "int4", {"group_size": 64}, False, False))
+        for label, method, kw, fuse, attention in variants:
             model = llmopt.build_model(cfg, device=device, dtype=dtype)
             full = model_bytes(model)
             try:
                 quantize(llmopt.fuse_projections(model) if fuse else model, method, **kw)
+                if attention:
+                    model.set_attention("triton")
             except Exception as e:      # e.g. no Triton on this machine: the row says so
                 rows.append({"label": label, "error": f"{type(e).__name__}: {e}"})
                 continue

@@ -4,11 +4,15 @@
     python benchmarks/gpu_kernels.py --smoke                              # CPU, tiny shape
     python benchmarks/gpu_kernels.py --gemv --variants ""                 # only the Triton GEMV's blocks
     python benchmarks/gpu_kernels.py --variants bf16-fused,int8-fused-triton --graph-steps 16  # the goal's rows
+    python benchmarks/gpu_kernels.py --attention --variants ""            # only decode attention's timings
 
 Prints, per variant, the step time and the top kernels by device time (random weights: shapes decide speed).
 With --gemv it first times llmopt's Triton int8 GEMV (`llmopt.kernels`) on each distinct weight shape of the
-model, with the block sizes `gemv_config` picks and with the neighbouring ones, as GB/s of int8 weight read
-(each timing: 20 launches recorded as one CUDA graph, so the host's launch cost is not in it).
+model, with the block sizes `gemv_config` picks and with the neighbouring ones, as GB/s of int8 weight read.
+With --attention it times one decode step's attention of one layer, SDPA (what the model runs by default)
+against llmopt's Triton decode attention with the splits it picks and with others, for caches of several
+lengths, full or mostly unwritten. Each timing: 20 launches recorded as one CUDA graph, so the host's launch
+cost is not in it.
 """
 from __future__ import annotations
 
@@ -35,7 +39,14 @@ VARIANTS = {   # what each variant does to the model (in place)
     "int8-fused-triton": lambda m: quantize(llmopt.fuse_projections(m), "int8",
                                             kernel="triton" if m.device.type == "cuda" else "auto"),
     "int4": lambda m: quantize(m, "int4", group_size=64),
+    # the same two with llmopt's Triton decode attention in every layer (CUDA; SDPA on a CPU)
+    "bf16-fused-attn": lambda m: triton_attention(llmopt.fuse_projections(m)),
+    "int8-fused-triton-attn": lambda m: triton_attention(VARIANTS["int8-fused-triton"](m)),
 }
+
+
+def triton_attention(model):
+    return model.set_attention("triton") if model.device.type == "cuda" else model
 
 
 def gemv_neighbours(cfg: dict, k: int) -> list[dict]:
@@ -48,19 +59,24 @@ def gemv_neighbours(cfg: dict, k: int) -> list[dict]:
     return out
 
 
-def time_gemv(x, q, scale, config: dict, device: str, launches: int = 20) -> float:
-    """Seconds per call of the GEMV with `config`: on CUDA the median of 5 replays of a graph of
-    `launches` calls, timed with events; elsewhere (Triton's interpreter) one call."""
+def time_gemv(x, q, scale, config: dict, device: str) -> float:
+    """Seconds per call of the GEMV with `config` (`time_launches`)."""
     from llmopt.kernels import gemv_with
-    gemv_with(x, q, scale, config)                      # compiles
+    return time_launches(lambda: gemv_with(x, q, scale, config), device)
+
+
+def time_launches(call, device: str, launches: int = 20) -> float:
+    """Seconds per `call()`: on CUDA the median of 5 replays of a graph of `launches` calls, timed
+    with events; elsewhere (Triton's interpreter) one call."""
+    call()                                              # compiles
     if device != "cuda":
         t0 = time.perf_counter()
-        gemv_with(x, q, scale, config)
+        call()
         return time.perf_counter() - t0
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(launches):
-            gemv_with(x, q, scale, config)
+            call()
     graph.replay()
     times = []
     for _ in range(5):
@@ -97,6 +113,32 @@ def gemv_sweep(cfg, device: str, dtype, smoke: bool) -> None:
         print(f"{name} [{n} x {k}], {n * k / 2**20:.1f} MiB: " + "; ".join(cells), flush=True)
 
 
+def attention_sweep(cfg, device: str, dtype, smoke: bool) -> None:
+    """One layer's decode attention (batch 1), SDPA against llmopt's Triton kernel, on static caches of
+    several lengths: every slot written, and 288 of them written (the suite's decode: 32 + 256 tokens)."""
+    import torch.nn.functional as F
+    from llmopt.kernels import decode_attention_config, decode_attention_with
+    H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    processors = torch.cuda.get_device_properties(device).multi_processor_count if device == "cuda" else 8
+    print(f"\n== decode attention ({device}, {H} query heads, {Hkv} kv heads, head dim {D}): us per call; "
+          f"Triton with the splits its config picks (*) and others", flush=True)
+    for S in ((96,) if smoke else (288, 1024, 4096)):
+        for written in sorted({S, min(S, 288)}, reverse=True):
+            q = torch.randn(1, H, 1, D, device=device, dtype=dtype)
+            k, v = (torch.randn(1, Hkv, S, D, device=device, dtype=dtype) for _ in range(2))
+            # the additive [1, S] mask a plain static cache's decode step makes (Transformer.layer_inputs)
+            mask = torch.zeros(1, S, device=device, dtype=dtype)
+            mask[:, written:] = float("-inf")
+            sdpa = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # noqa: E731
+            cells = [f"SDPA {time_launches(sdpa, device) * 1e6:.1f}"]
+            pick = decode_attention_config(1, Hkv, H // Hkv, S, D, processors)
+            for p in ((processors,) if smoke else (1, processors // 2, processors, 2 * processors)):
+                c = decode_attention_config(1, Hkv, H // Hkv, S, D, p)
+                t = time_launches(lambda: decode_attention_with(q, k, v, mask, c), device)
+                cells.append(f"{'*' if c == pick else ''}{c['SPLITS']} splits {t * 1e6:.1f}")
+            print(f"{S} keys, {written} written: " + "; ".join(cells), flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--smoke", action="store_true")
@@ -105,6 +147,7 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default="reduce-overhead")
     p.add_argument("--top", type=int, default=8)
     p.add_argument("--gemv", action="store_true", help="time the Triton int8 GEMV's block sizes first")
+    p.add_argument("--attention", action="store_true", help="time decode attention, SDPA and Triton, first")
     p.add_argument("--graph-steps", type=int, default=1,
                    help="decode k steps per CUDA graph (the suite's fastest rows; GPU), profiling one graph")
     args = p.parse_args(argv)
@@ -113,10 +156,12 @@ def main(argv=None) -> int:
     preset = "tiny" if args.smoke else args.preset
     cfg = llmopt.get_config(preset)
     prompt = list(range(1, 33))
+    if (args.gemv or args.attention) and device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")   # Triton's interpreter: on before Triton is imported
     if args.gemv:
-        if device == "cpu":           # Triton's interpreter; it must be on before Triton is imported
-            os.environ.setdefault("TRITON_INTERPRET", "1")
         gemv_sweep(cfg, device, dtype, args.smoke)
+    if args.attention:
+        attention_sweep(cfg, device, dtype, args.smoke)
     for name in filter(None, args.variants.split(",")):
         model = llmopt.build_model(cfg, device=device, dtype=dtype)
         VARIANTS[name](model)

@@ -19,17 +19,28 @@ def _suite():
     return module
 
 
+def test_gpu_kernels_gemv_sweep_smoke(capsys):
+    """`gpu_kernels.py --gemv` (not in the session since the 2026-11-28 sweep): the GEMV's picks and
+    neighbours, timed (here in Triton's interpreter)."""
+    spec = importlib.util.spec_from_file_location("gpu_kernels", ROOT / "benchmarks" / "gpu_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--smoke", "--gemv", "--variants", ""]) == 0
+    out = capsys.readouterr().out
+    assert "== Triton int8 GEMV (cpu)" in out and "*1x" in out and "o [" in out, out
+
+
 def test_gpu_session_smoke(tmp_path):
     """benchmarks/gpu_session.sh, the one call a lent GPU session makes, end to end in CPU smoke mode:
-    the whole suite, the GEMV sweep and kernel profiles, and the CUDA-only tests (skipped here)."""
+    the whole suite, the decode attention timings and kernel profiles, and the CUDA-only tests (skipped here)."""
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
     log = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "--smoke"], env=env, cwd=ROOT,
                          check=True, timeout=600, capture_output=True, text=True).stdout
     for step in ("suite", "kernels", "cuda-tests"):
         assert f"[{step}] exit 0 after" in log, log
     kernels = (tmp_path / "kernels-log.txt").read_text()
-    assert "== Triton int8 GEMV (cpu)" in kernels and "*1x" in kernels and "o [" in kernels
-    assert "== bf16-fused: TPOT" in kernels and "== int8-fused-triton: TPOT" in kernels, kernels
+    assert "== decode attention (cpu" in kernels and "96 keys, 96 written: SDPA" in kernels, kernels
+    assert "== bf16-fused-attn: TPOT" in kernels and "== int8-fused-triton-attn: TPOT" in kernels, kernels
     assert "skipped" in (tmp_path / "cuda-tests-log.txt").read_text()
     assert "| goal | target | measured | met | row |" in log      # the session prints the goals table
 
