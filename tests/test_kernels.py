@@ -148,6 +148,29 @@ def test_triton_attention_decodes_as_sdpa_does(monkeypatch):
         == [g.token_ids for g in ref_batch]
 
 
+@needs_triton
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's model run")
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["paged", "graph-buckets"])
+def test_triton_attention_in_the_engine(cuda_graphs, monkeypatch):
+    """The engine's decode rows through the kernel: a paged cache gathered into order (mixed steps: the
+    decode rows' group with a boolean mask), and the graph path's padded buckets (a mask per query row):
+    every request gets its unbatched greedy tokens."""
+    import llmopt.kernels as kernels
+    calls, real = [], kernels.decode_attention_with
+    monkeypatch.setattr(kernels, "decode_attention_with", lambda *a: calls.append(a[3].dtype) or real(*a))
+    model, tok = llmopt.load_model("tiny")
+    prompts, lengths = ["ROMEO:", "JULIET:\nO Romeo", "First Citizen:", "KING"], [6, 3, 5, 4]
+    ref = [llmopt.generate(model, tok, p, max_new_tokens=n, ignore_eos=True).token_ids
+           for p, n in zip(prompts, lengths)]
+    model.set_attention("triton")
+    engine = llmopt.Engine(model, tok, max_batch_size=2, block_size=4, cuda_graphs=cuda_graphs)
+    out = engine.generate_many(prompts, max_new_tokens=lengths, ignore_eos=True)
+    assert [g.token_ids for g in out] == ref
+    assert any(s["rows"] and s["prefills"] for s in engine.step_log)     # mixed steps ran
+    assert len(calls) >= model.config.n_layers * (max(lengths) - 1)
+    assert (torch.bool in calls) == (not cuda_graphs)     # a mixed step's decode group: a boolean mask
+
+
 def test_set_attention_triton_needs_a_gpu_or_the_interpreter(monkeypatch):
     model = llmopt.build_model(llmopt.get_config("tiny"))
     with pytest.raises(ValueError, match="attention backend must be one of"):
