@@ -149,6 +149,18 @@ def test_triton_attention_decodes_as_sdpa_does(monkeypatch):
 
 
 @needs_triton
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's model run (on a GPU: the cuda test below)")
+def test_triton_attention_compiled_on_the_graph_path():
+    """The suite's path: the decode step through torch.compile (the kernel one opaque op in its graph),
+    4 steps a `DecodeGraph` (on a CPU run one by one): SDPA's greedy tokens."""
+    model, tok = llmopt.load_model("tiny")
+    ref = llmopt.generate(model, tok, "ROMEO: But soft", max_new_tokens=10, ignore_eos=True).token_ids
+    model.set_attention("triton")
+    assert llmopt.generate(model, tok, "ROMEO: But soft", max_new_tokens=10, ignore_eos=True, compile=True,
+                           graph_steps=4).token_ids == ref
+
+
+@needs_triton
 @pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's model run")
 @pytest.mark.parametrize("cuda_graphs", [False, True], ids=["paged", "graph-buckets"])
 def test_triton_attention_in_the_engine(cuda_graphs, monkeypatch):
