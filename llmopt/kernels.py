@@ -141,6 +141,7 @@ def decode_attention_config(batch: int, n_kv_heads: int, group: int, n_keys: int
 def decode_attention_with(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                           config: dict) -> torch.Tensor:
     """`decode_attention` with the given tiles and splits (tests and sweeps)."""
+    check_triton_device(q.device, "llmopt's Triton decode attention", "use model.set_attention('sdpa')")
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if mask is not None and mask.dim() == 2:    # [1, S]: the same keys for every row and head

@@ -115,8 +115,10 @@ class Attention(nn.Module):
 
     def attention(self, q, k, v, mask):
         """Attention over q [B, H, T, D] and k, v [B, Hkv, S, D] with this layer's backend;
-        `mask` [B or 1, 1, T, S]: boolean (True: may attend) or additive (0 / -inf), None for causal."""
-        if self.backend == "triton" and q.shape[-2] == 1 and (mask is None or mask.dim() == 2 or mask.shape[1] == 1):
+        `mask` [T, S] or [B or 1, 1, T, S]: boolean (True: may attend) or additive (0 / -inf), None
+        for causal. With "triton", one-token steps (T = 1) go through `kernels.decode_attention`."""
+        if self.backend == "triton" and q.shape[-2] == 1 and (mask is None or mask.dim() == 2
+                                                               or mask.shape[1] == 1):
             return decode_attention(q, k, v, mask)
         if self.backend != "plain":
             return F.scaled_dot_product_attention(

@@ -192,6 +192,10 @@ def test_set_attention_triton_needs_a_gpu_or_the_interpreter(monkeypatch):
         with pytest.raises(ValueError, match=r"set_attention\('triton'\) runs on CUDA GPUs, not on 'cpu'.*use 'sdpa'"):
             model.set_attention("triton")
     assert model.layers[0].self_attn.backend == "sdpa"
+    if HAS_TRITON:      # a model moved to the CPU after choosing the kernel
+        from llmopt.kernels import decode_attention
+        with pytest.raises(ValueError, match="Triton decode attention runs on CUDA GPUs.*set_attention\\('sdpa'\\)"):
+            decode_attention(torch.randn(1, 4, 1, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), None)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
