@@ -26,6 +26,12 @@ from llmopt.bench import compare_with_transformers, decode_bytes_per_token, grap
 from llmopt.profiling import device_info, probe_bandwidth, probe_matmul  # noqa: E402
 
 
+# Inductor's horizontal fusion ("combo kernels", torch >= 2.9): kernels with no data between them, of
+# different sizes, generated as one launch where timing each candidate says it pays. A decode step at batch 1
+# runs about ten 1-1.5 us kernels a layer on an H100 (2026-11-28), several of them siblings.
+COMBO_KERNELS = {"combo_kernels": True, "benchmark_combo_kernel": True}
+
+
 def section(results: dict, name: str, fn) -> None:
     """Run one part of the suite; a failure is recorded, never fatal for the rest."""
     t0 = time.perf_counter()
@@ -261,6 +267,17 @@ def main(argv=None) -> int:
             for label, opts in graph_variants(modes, args.graph_steps, ", fused projections, Triton decode attention"):
                 rows.insert(len(rows) - 1, timed_row(fused, label, opts, prompt, eager))
         del fused
+        if device == "cuda":
+            # the same compiled with Inductor's combo kernels: independent small kernels (q's rotary, k's rotary
+            # and cache write, v's cache write) launched as one, each launch timed against the separate ones
+            # (COMBO_KERNELS); a fresh model, since compiled steps are kept per model
+            combo = llmopt.fuse_projections(llmopt.build_model(cfg, device=device, dtype=dtype))
+            combo.set_attention("triton")
+            with inductor.patch(COMBO_KERNELS):
+                for label, opts in graph_variants(modes, args.graph_steps,
+                                                  ", fused projections, Triton decode attention, combo kernels"):
+                    rows.insert(len(rows) - 1, timed_row(combo, label, opts, prompt, eager))
+            del combo
         add_mbu(rows, cfg, dtype)
         ok = [r for r in rows[:-1] if "error" not in r]
         return {"rows": rows, "ratio_llmopt_over_transformers":
@@ -284,19 +301,23 @@ def main(argv=None) -> int:
         results["quantized_decode"] = {"rows": rows}      # saved row by row: a cut run keeps them
         # int8 with fused projections first (the fastest bf16 path's layout; a run cut by its limit
         # keeps the rows that decide the goal): Inductor's kernels, then llmopt's Triton GEMV (a GPU
-        # only: Triton's CPU interpreter is far too slow for a smoke run); unfused int8 as measured on
-        # 2026-11-27; int4 only in smoke mode or with --int4 (1.79 ms a token on the H100, 2026-11-27)
-        # (label, method, options, fuse projections, llmopt's Triton decode attention)
-        variants = [("int8 weight-only, fused projections", "int8", {}, True, False)]
+        # only: Triton's CPU interpreter is far too slow for a smoke run), then with the bf16 rows'
+        # Triton decode attention, without and with combo kernels; unfused int8 as measured on
+        # 2026-11-27 in smoke mode only now (on the H100 of 2026-11-28: 669.8 tokens/s, below the fused
+        # rows); int4 only in smoke mode or with --int4 (1.79 ms a token on the H100, 2026-11-27)
+        # (label, method, options, fuse projections, Triton decode attention, Inductor options)
+        variants = [("int8 weight-only, fused projections", "int8", {}, True, False, {})]
         if device == "cuda":
-            variants.append(("int8 weight-only, fused projections, Triton GEMV", "int8", {"kernel": "triton"},
-                             True, False))
-            variants.append(("int8 weight-only, fused projections, Triton GEMV, Triton decode attention", "int8",
-                             {"kernel": "triton"}, True, True))
-        variants.append(("int8 weight-only", "int8", {}, False, False))
+            gemv = "int8 weight-only, fused projections, Triton GEMV"
+            variants += [(gemv, "int8", {"kernel": "triton"}, True, False, {}),
+                         (f"{gemv}, Triton decode attention", "int8", {"kernel": "triton"}, True, True, {}),
+                         (f"{gemv}, Triton decode attention, combo kernels", "int8", {"kernel": "triton"}, True,
+                          True, COMBO_KERNELS)]
+        else:
+            variants.append(("int8 weight-only", "int8", {}, False, False, {}))
         if args.smoke or args.int4:
-            variants.append(("int4 g64 weight-only", "int4", {"group_size": 64}, False, False))
-        for label, method, kw, fuse, attention in variants:
+            variants.append(("int4 g64 weight-only", "int4", {"group_size": 64}, False, False, {}))
+        for label, method, kw, fuse, attention, options in variants:
             model = llmopt.build_model(cfg, device=device, dtype=dtype)
             full = model_bytes(model)
             try:
@@ -307,8 +328,7 @@ def main(argv=None) -> int:
                 rows.append({"label": label, "error": f"{type(e).__name__}: {e}"})
                 continue
             # fused int8 on the bf16 rows' fastest path, k steps per CUDA graph (DecodeGraph); unfused int8
-            # as on 2026-11-27, each compiled mode reading tokens every k steps, to compare runs (one compile
-            # less than a graph row too: the section must leave the batching goals time). Eager only in
+            # (smoke mode) as on 2026-11-27, each compiled mode reading tokens every k steps. Eager only in
             # smoke mode (on a GPU measured on 2026-11-26/27, 13-18 ms a token)
             if fuse or method == "int4":
                 paths = [(name.replace("llmopt", label, 1), o) for name, o in graph_variants(modes, args.graph_steps)]
@@ -316,7 +336,8 @@ def main(argv=None) -> int:
                 paths = [(f"{label} compiled ({m}), sync every {args.sync_every} tokens",
                           {"compile": m, "sync_every": args.sync_every}) for m in modes] or [(label, {})]
             for name, opts in paths:
-                row = timed_row(model, name, opts, prompt)
+                with inductor.patch(options):           # compiled inside the row's first call
+                    row = timed_row(model, name, opts, prompt)
                 if "error" not in row:
                     row["bytes_ratio"] = model_bytes(model) / full
                     add_mbu([row], cfg, dtype, row["bytes_ratio"])

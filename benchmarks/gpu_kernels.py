@@ -43,7 +43,11 @@ VARIANTS = {   # what each variant does to the model (in place)
     # the same two with llmopt's Triton decode attention in every layer (CUDA; SDPA on a CPU)
     "bf16-fused-attn": lambda m: triton_attention(llmopt.fuse_projections(m)),
     "int8-fused-triton-attn": lambda m: triton_attention(VARIANTS["int8-fused-triton"](m)),
+    # bf16-fused-attn compiled with Inductor's combo kernels (INDUCTOR_OPTIONS)
+    "bf16-fused-attn-combo": lambda m: VARIANTS["bf16-fused-attn"](m),
 }
+# Inductor options a variant compiles with (gpu.py's COMBO_KERNELS: sibling kernels as one launch)
+INDUCTOR_OPTIONS = {"bf16-fused-attn-combo": {"combo_kernels": True, "benchmark_combo_kernel": True}}
 
 
 def triton_attention(model):
@@ -188,7 +192,9 @@ def profile_variant(name: str, cfg, device: str, dtype, args, prompt) -> None:
     k = 1 if device == "cpu" else args.graph_steps
     run = lambda n: llmopt.generate(model, None, prompt, max_new_tokens=n, ignore_eos=True,  # noqa: E731
                                     compile=compile_mode, graph_steps=k)
-    run(16)
+    import torch._inductor.config as inductor
+    with inductor.patch(INDUCTOR_OPTIONS.get(name, {})):     # compiling happens inside the first call
+        run(16)
     g = run(64)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     steps = 8 if k == 1 else k + 1       # with graphs: the prefill's token and one graph of k steps

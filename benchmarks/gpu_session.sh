@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Everything one lent GPU session measures, in one call of about 8 minutes (a session has 15 minutes
 # of device time, the machine's start included; one call may run 10):
-#   1. the suite (benchmarks/gpu.py), every section, 400 s at most (the sections with goals first; on
-#      2026-11-28 the four of them took 331 s, and this run adds two rows with llmopt's Triton decode
-#      attention; speculation, prefill and bitsandbytes, measured then, come last and may be cut);
+#   1. the suite (benchmarks/gpu.py), every section, 420 s at most (the sections with goals first; on
+#      2026-11-28 the four of them took 331 s; this run adds three rows, bf16 and int8 with llmopt's Triton
+#      decode attention and bf16 with it and Inductor's combo kernels; speculation, prefill and bitsandbytes,
+#      measured then, come last and may be cut);
 #   2. one layer's decode attention, SDPA against llmopt's Triton kernel with several splits, on caches of
-#      288 to 4,096 keys; then the kernels of one 16-step CUDA graph of the goal's two rows (bf16 with fused
-#      projections, int8 with fused projections on the Triton GEMV), both with the Triton decode attention,
-#      90 s at most (the GEMV's block sizes, swept on 2026-11-28, are left out: `--gemv`);
+#      288 to 4,096 keys; then the kernels of one 16-step CUDA graph of bf16 with fused projections and the
+#      Triton decode attention, compiled without and with combo kernels, 75 s at most (the GEMV's block
+#      sizes, swept on 2026-11-28, are left out: `--gemv`);
 #   3. the CUDA-only tests: DecodeGraph's recorded and replayed tokens against plain greedy, the
 #      Triton GEMV's against the reference int8 path, the Triton decode attention against SDPA (random
 #      tensors, and tiny's greedy tokens eager and in a CUDA graph), and the engine's CUDA graphs (recorded
-#      per bucket, replayed) against the engine without them and plain greedy, 90 s at most (46 s on
+#      per bucket, replayed) against the engine without them and plain greedy, 85 s at most (46 s on
 #      2026-11-28, before the attention tests).
 # (Inductor's coordinate-descent tuning of compiled int8, run here on 2026-11-28, used its 80 s compiling
 # and timed nothing; the Triton GEMV is the int8 path that counts now.)
@@ -37,9 +38,9 @@ step() {   # step NAME SECONDS COMMAND...: a log per step, its time and exit sta
     local rc=$?
     echo "[$name] exit $rc after $((SECONDS - t0)) s (limit $limit s)" | tee -a "$dest/$name-log.txt"
 }
-step suite 400 "$py" benchmarks/gpu.py "${smoke[@]}" --out "$dest/suite"
-step kernels 90 "$py" benchmarks/gpu_kernels.py "${smoke[@]}" --attention \
-    --variants bf16-fused-attn,int8-fused-triton-attn --graph-steps 16 --top 16
-step cuda-tests 90 "$py" -m pytest -q -o addopts="" -p no:cacheprovider tests/test_generate.py tests/test_quantize.py \
+step suite 420 "$py" benchmarks/gpu.py "${smoke[@]}" --out "$dest/suite"
+step kernels 75 "$py" benchmarks/gpu_kernels.py "${smoke[@]}" --attention \
+    --variants bf16-fused-attn,bf16-fused-attn-combo --graph-steps 16 --top 20
+step cuda-tests 85 "$py" -m pytest -q -o addopts="" -p no:cacheprovider tests/test_generate.py tests/test_quantize.py \
     tests/test_kernels.py tests/test_batching.py -k cuda
 head -n 20 "$dest/suite/gpu_results.md" 2>/dev/null    # the goals table and the seconds per section
