@@ -5,11 +5,11 @@ import triton.language as tl
 
 
 @triton.jit
-def decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr, S, n_kv_heads, scale,
-                            split_len, n_splits, sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b,
+def decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, last_ptr, out_ptr, lse_ptr, S, n_kv_heads, scale,
+                            split_len, n_splits, sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sl_b,
                             G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
                             BLOCK_D: tl.constexpr, ONE_SPLIT: tl.constexpr, HAS_MASK: tl.constexpr,
-                            IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                            HAS_LAST: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """One query row's attention for the G query heads that share one kv head, over one split of
     the keys (program (b * n_kv_heads + kv head, split)); the lengths are runtime arguments, so a
     growing cache does not compile it again. With one split it writes the output;
@@ -29,6 +29,8 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr, S, 
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)    # running sum of exp(score - max) * v
     start = split * split_len
     end = tl.minimum(start + split_len, S)
+    if HAS_LAST:        # keys after this row's last visible slot are hidden: the loop stops there
+        end = tl.minimum(end, tl.load(last_ptr + b * sl_b).to(tl.int32) + 1)
     for s0 in range(start, end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         in_split = s < end

@@ -31,9 +31,11 @@ decode step, for a kernel built for long query blocks. `decode_attention` is fla
 the keys are cut into splits so that the programs fill the GPU (one program per sequence,
 kv head and split), each program computes the scores of all the query heads that share its
 kv head (grouped-query attention reads each key once) with a running softmax, and a second
-small kernel weighs the splits together by their log-sum-exp. A block of keys the mask hides
-entirely (the unwritten end of a static cache) is never read. `model.set_attention("triton")`
-sends every one-token attention through it (prompts keep SDPA).
+small kernel weighs the splits together by their log-sum-exp. A plain decode step passes the
+token's own cache slot (`last`) rather than a mask: the programs stop there, so the unwritten
+end of a static cache is never read, and no [1, S] mask is made (compiled, it was made again
+for every layer); with a mask (a padded batch), a block of keys it hides entirely is skipped.
+`model.set_attention("triton")` sends every one-token attention through it (prompts keep SDPA).
 
 Both are `torch.library` custom ops, so torch.compile treats each as one opaque kernel. They
 run on CUDA GPUs; with `TRITON_INTERPRET=1` Triton's interpreter runs them on a CPU (slowly,
@@ -139,7 +141,7 @@ def decode_attention_config(batch: int, n_kv_heads: int, group: int, n_keys: int
 
 
 def decode_attention_with(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                          config: dict) -> torch.Tensor:
+                          config: dict, last: torch.Tensor | None = None) -> torch.Tensor:
     """`decode_attention` with the given tiles and splits (tests and sweeps)."""
     check_triton_device(q.device, "llmopt's Triton decode attention", "use model.set_attention('sdpa')")
     B, H, T, D = q.shape
@@ -152,6 +154,9 @@ def decode_attention_with(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
         raise ValueError(f"decode_attention takes q [B, H, 1, D], k and v [B, Hkv, S, D] (H a multiple of Hkv) "
                          f"and a mask [B or 1, 1, 1, S], [1, S] or None; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}, mask {None if mask is None else tuple(mask.shape)}")
+    if last is not None and (last.dim() != 1 or last.shape[0] not in (1, B) or last.is_floating_point()):
+        raise ValueError(f"decode_attention's last slot is an integer tensor [B] or [1]; got {last.dtype} "
+                         f"{tuple(last.shape)}")
     if mask is not None:
         if mask.dtype == torch.bool:    # True: may attend -> additive 0 / -inf
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
@@ -164,12 +169,13 @@ def decode_attention_with(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     part = out if splits == 1 else torch.empty(B, H, splits, D, device=q.device, dtype=torch.float32)
     lse = out if splits == 1 else torch.empty(B, H, splits, device=q.device, dtype=torch.float32)
     m = mask if mask is not None else q         # any pointer: HAS_MASK=False never reads it
+    lst = last if last is not None else q
     from ._attention_kernel import combine_kernel, decode_attention_kernel
     decode_attention_kernel[(B * Hkv, splits)](
-        q, k, v, m, part, lse, S, Hkv, 1.0 / math.sqrt(D), config["SPLIT_LEN"], splits, q.stride(0), q.stride(1),
-        *k.stride()[:3], *v.stride()[:3], m.stride(0), G=H // Hkv, D=D, BLOCK_G=config["BLOCK_G"],
-        BLOCK_S=config["BLOCK_S"], BLOCK_D=config["BLOCK_D"], ONE_SPLIT=splits == 1, HAS_MASK=mask is not None,
-        IEEE=q.dtype == torch.float32, UPCAST=interpreting(), num_warps=config["num_warps"])
+        q, k, v, m, lst, part, lse, S, Hkv, 1.0 / math.sqrt(D), config["SPLIT_LEN"], splits, q.stride(0),
+        q.stride(1), *k.stride()[:3], *v.stride()[:3], m.stride(0), lst.stride(0) if lst.shape[0] > 1 else 0,
+        G=H // Hkv, D=D, BLOCK_G=config["BLOCK_G"], BLOCK_S=config["BLOCK_S"], BLOCK_D=config["BLOCK_D"],
+        ONE_SPLIT=splits == 1, HAS_MASK=mask is not None, HAS_LAST=last is not None, IEEE=q.dtype == torch.float32, UPCAST=interpreting(), num_warps=config["num_warps"])
     if splits > 1:
         combine_kernel[(B * H,)](part, lse, out, splits, D=D,
                                  BLOCK_SPLITS=max(2, 1 << (splits - 1).bit_length()), BLOCK_D=config["BLOCK_D"])
@@ -177,15 +183,18 @@ def decode_attention_with(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
 
 
 @torch.library.custom_op("llmopt::decode_attention", mutates_args=())
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     last: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) + mask) v for one query row: q [B, H, 1, D]; k, v [B, Hkv, S, D]
     (grouped-query: query head h reads kv head h // (H / Hkv)); mask [B or 1, 1, 1, S] or [1, S], additive
-    (0 / -inf) or boolean (True: may attend), None for every key. Returns [B, H, 1, D] in q's dtype."""
+    (0 / -inf) or boolean (True: may attend), None for every key; `last` [B or 1] (integers): each row sees
+    no key after this slot (a decode step over a cache: the token's own slot), None for no such limit.
+    Returns [B, H, 1, D] in q's dtype."""
     B, H, _, D = q.shape
     cfg = decode_attention_config(B, k.shape[1], H // k.shape[1], k.shape[2], D, _processors(q.device))
-    return decode_attention_with(q, k, v, mask, cfg)
+    return decode_attention_with(q, k, v, mask, cfg, last)
 
 
 @decode_attention.register_fake
-def _(q, k, v, mask):
+def _(q, k, v, mask, last=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -109,7 +109,13 @@ class Attention(nn.Module):
             if cache is not None:
                 # k, v: [B, Hkv, S, D] -- every key/value the cache holds for this layer
                 k, v = cache.update(self.layer_idx, input_pos, k, v)
-            out = self.attention(q, k, v, mask)
+            if self.backend == "triton" and T == 1 and mask is not None and mask.dim() == 2:
+                # a plain decode step over a cache (layer_inputs' [1, S] mask: slots <= input_pos): the
+                # kernel takes the token's slot instead of the mask, which torch.compile would otherwise
+                # compute again for every layer, the mask being cheap to recompute (seen in its CPU code)
+                out = decode_attention(q, k, v, None, input_pos)
+            else:
+                out = self.attention(q, k, v, mask)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(out)
 

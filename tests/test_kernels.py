@@ -105,6 +105,33 @@ def test_decode_attention_never_reads_hidden_keys():
 
 
 @needs_triton
+def test_decode_attention_stops_at_each_rows_last_slot():
+    """`last`: each row sees the keys up to its slot (a decode step over a cache), alone or with a mask,
+    one split or several (splits past the slot read nothing): the same as the equivalent mask."""
+    from llmopt.kernels import decode_attention, decode_attention_config, decode_attention_with
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(*shape, generator=g).to(DEVICE) for shape in ((3, 4, 1, 32), (3, 2, 260, 32),
+                                                                          (3, 2, 260, 32)))
+    last = torch.tensor([0, 70, 259], device=DEVICE)
+    slots = torch.arange(260, device=DEVICE)
+    upto = (slots[None, :] <= last[:, None])[:, None, None]                     # [3, 1, 1, 260]
+    keep = torch.rand(3, 1, 1, 260, generator=g).to(DEVICE) < 0.7
+    keep[..., 0] = True
+    for mask, seen in ((None, upto), (additive(keep, torch.float32), upto & keep)):
+        exact = reference_attention(q, k, v, seen)
+        torch.testing.assert_close(decode_attention(q, k, v, mask, last).double(), exact, atol=1e-5, rtol=1e-5)
+        for processors in (1, 64):
+            cfg = decode_attention_config(3, 2, 2, 260, 32, processors)
+            torch.testing.assert_close(decode_attention_with(q, k, v, mask, cfg, last).double(), exact,
+                                       atol=1e-5, rtol=1e-5)
+    one = torch.tensor([70], device=DEVICE)        # one slot for every row, as generate passes input_pos
+    torch.testing.assert_close(decode_attention(q, k, v, None, one).double(),
+                               reference_attention(q, k, v, (slots <= 70)[None, None, None]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="last slot is an integer tensor"):
+        decode_attention(q, k, v, None, torch.tensor([1.5], device=DEVICE))
+
+
+@needs_triton
 def test_decode_attention_rejects_what_it_does_not_compute():
     from llmopt.kernels import decode_attention
     q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 10, 16)
@@ -140,14 +167,18 @@ def test_triton_attention_decodes_as_sdpa_does(monkeypatch):
     ref_batch = llmopt.generate_batch(model, tok, prompts, max_new_tokens=6, ignore_eos=True)
     calls = []
     real = kernels.decode_attention_with
-    monkeypatch.setattr(kernels, "decode_attention_with", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(kernels, "decode_attention_with",
+                        lambda *a: calls.append((a[0].shape[2], a[3] is None, a[5] is not None)) or real(*a))
     model.set_attention("triton")
     for cache in ("static", "dynamic"):
         assert [llmopt.generate(model, tok, p, max_new_tokens=6, ignore_eos=True, cache=cache).token_ids
                 for p in prompts] == ref
-    assert len(calls) == 2 * 2 * 5 * model.config.n_layers and {s[2] for s in calls} == {1}
+    # one query row, and the token's slot instead of a mask (no [1, S] mask to compute again per layer)
+    assert len(calls) == 2 * 2 * 5 * model.config.n_layers and set(calls) == {(1, True, True)}
+    calls.clear()
     assert [g.token_ids for g in llmopt.generate_batch(model, tok, prompts, max_new_tokens=6, ignore_eos=True)] \
         == [g.token_ids for g in ref_batch]
+    assert calls and set(calls) == {(1, False, False)}        # a padded batch: a mask per row
 
 
 @needs_triton
@@ -243,13 +274,16 @@ def ptx_features() -> dict:
     out = {}
     aligned = ("q_ptr", "k_ptr", "v_ptr", "mask_ptr", "out_ptr", "lse_ptr",
                "sq_b", "sq_h", "sk_b", "sk_h", "sk_s", "sv_b", "sv_h", "sv_s", "sm_b")
-    for dtype, one_split in (("bf16", True), ("bf16", False), ("fp32", False)):
+    # a batch's mask, one split; generate's decode (the token's slot, no mask), splits; fp32 with both
+    for dtype, one_split, has_mask, has_last in (("bf16", True, True, False), ("bf16", False, False, True),
+                                                 ("fp32", False, True, True)):
         part = dtype if one_split else "fp32"
         types = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "mask_ptr": f"*{dtype}",
-                 "out_ptr": f"*{part}", "lse_ptr": f"*{part}", "scale": "fp32"}
+                 "last_ptr": "*i64", "out_ptr": f"*{part}", "lse_ptr": f"*{part}", "scale": "fp32"}
         out[f"attention-{dtype}-{'one' if one_split else 'splits'}"] = features(compile_for_h100(
             decode_attention_kernel, dict(G=4, D=64, BLOCK_G=16, BLOCK_S=64, BLOCK_D=64, ONE_SPLIT=one_split,
-                                          HAS_MASK=True, IEEE=dtype == "fp32", UPCAST=False), types, aligned))
+                                          HAS_MASK=has_mask, HAS_LAST=has_last, IEEE=dtype == "fp32",
+                                          UPCAST=False), types, aligned))
         out[f"combine-{dtype}"] = features(compile_for_h100(
             combine_kernel, dict(D=64, BLOCK_SPLITS=8, BLOCK_D=64),
             {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dtype}"}))
