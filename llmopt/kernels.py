@@ -169,13 +169,15 @@ def decode_attention_with(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     part = out if splits == 1 else torch.empty(B, H, splits, D, device=q.device, dtype=torch.float32)
     lse = out if splits == 1 else torch.empty(B, H, splits, device=q.device, dtype=torch.float32)
     m = mask if mask is not None else q         # any pointer: HAS_MASK=False never reads it
-    lst = last if last is not None else q
+    lst = last if last is not None else q       # the same for HAS_LAST=False
+    last_stride = 0 if last is None or last.shape[0] == 1 else last.stride(0)
     from ._attention_kernel import combine_kernel, decode_attention_kernel
     decode_attention_kernel[(B * Hkv, splits)](
         q, k, v, m, lst, part, lse, S, Hkv, 1.0 / math.sqrt(D), config["SPLIT_LEN"], splits, q.stride(0),
-        q.stride(1), *k.stride()[:3], *v.stride()[:3], m.stride(0), lst.stride(0) if lst.shape[0] > 1 else 0,
+        q.stride(1), *k.stride()[:3], *v.stride()[:3], m.stride(0), last_stride,
         G=H // Hkv, D=D, BLOCK_G=config["BLOCK_G"], BLOCK_S=config["BLOCK_S"], BLOCK_D=config["BLOCK_D"],
-        ONE_SPLIT=splits == 1, HAS_MASK=mask is not None, HAS_LAST=last is not None, IEEE=q.dtype == torch.float32, UPCAST=interpreting(), num_warps=config["num_warps"])
+        ONE_SPLIT=splits == 1, HAS_MASK=mask is not None, HAS_LAST=last is not None,
+        IEEE=q.dtype == torch.float32, UPCAST=interpreting(), num_warps=config["num_warps"])
     if splits > 1:
         combine_kernel[(B * H,)](part, lse, out, splits, D=D,
                                  BLOCK_SPLITS=max(2, 1 << (splits - 1).bit_length()), BLOCK_D=config["BLOCK_D"])
