@@ -251,7 +251,9 @@ class Transformer(nn.Module):
             # additive (0 where a query may attend, -inf elsewhere) in the activations' dtype, once for
             # every layer: SDPA turns a boolean mask into this on each call, one more small kernel per
             # layer per decode step on a GPU (H100 kernel profile, 2026-11-28); the same values, so the
-            # same outputs (plain attention adds it)
+            # same outputs (plain attention adds it). Compiled, Inductor may still compute the mask again
+            # inside each layer's kernels (cheap pointwise work it prefers to redo; seen in its CPU code),
+            # which is why the Triton decode path takes the token's slot instead (Attention.forward)
             mask = torch.zeros(mask.shape, dtype=self.dtype, device=device).masked_fill_(~mask, float("-inf"))
         return cos, sin, mask, input_pos
 
