@@ -38,7 +38,7 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, last_ptr, out_ptr, ls
             add = tl.load(mask_ptr + b * sm_b + s, mask=in_split, other=float("-inf")).to(tl.float32)
         else:
             add = tl.where(in_split, 0.0, float("-inf"))
-        # a block of keys this row may not see (the unwritten end of a static cache) is never read
+        # a block of keys this row may not see (all padding, or hidden by its mask) is never read
         if tl.max(add, axis=0) > float("-inf"):
             sd_mask = in_split[:, None] & (d[None, :] < D)
             k = tl.load(k_ptr + b * sk_b + kvh * sk_h + s[:, None] * sk_s + d[None, :],

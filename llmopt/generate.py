@@ -97,8 +97,8 @@ def _model_key(model) -> tuple:
     """Changes when any weight is replaced or modified in place (tensor identity, version), or
     when a layer's attention backend changes (`set_attention`): a recorded graph or a frozen step
     holds both, and replaying an old one would run the old kernels."""
-    return (tuple((id(t), t.data_ptr(), _version(t)) for t in (*model.parameters(), *model.buffers())),
-            tuple(getattr(getattr(m, "self_attn", None), "backend", None) for m in getattr(model, "layers", ())))
+    weights = tuple((id(t), t.data_ptr(), _version(t)) for t in (*model.parameters(), *model.buffers()))
+    return weights, tuple(getattr(getattr(m, "self_attn", None), "backend", None) for m in getattr(model, "layers", ()))
 
 
 def _version(t: torch.Tensor):
@@ -117,8 +117,8 @@ def _frozen_decode(model):
     fastest; quantized layers see `quantize.frozen_weights()` and trace the packed ops.
     Guards on the model's modules are skipped (their check cost ~0.3 ms a step on the 2-core
     Xeon); freezing and skipped guards both need the weights (and the attention backend) not to
-    change, so the step is rebuilt whenever they do (`_model_key`), from its own code object (`_own_decode_step`); it
-    lives on the model, not in `_COMPILED`, so it is freed with the model. The graph's
+    change, so the step is rebuilt whenever they do (`_model_key`), from its own code object
+    (`_own_decode_step`); it lives on the model, not in `_COMPILED`, so it is freed with the model. The graph's
     kernels are called from generated C++ (`cpp_wrapper`) rather than Python: 7-8% off a
     bf16 + int4 llama-100m step there (3.70 vs 4.01 ms, medians of 8 interleaved). Notebook
     06 measures it.
