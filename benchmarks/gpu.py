@@ -22,14 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import llmopt  # noqa: E402
-from llmopt.bench import compare_with_transformers, decode_bytes_per_token, graph_variants, to_transformers  # noqa: E402
+from llmopt.bench import (COMBO_KERNELS, compare_with_transformers, decode_bytes_per_token,  # noqa: E402
+                          graph_variants, to_transformers)
 from llmopt.profiling import device_info, probe_bandwidth, probe_matmul  # noqa: E402
-
-
-# Inductor's horizontal fusion ("combo kernels", torch >= 2.9): kernels with no data between them, of
-# different sizes, generated as one launch where timing each candidate says it pays. A decode step at batch 1
-# runs about ten 1-1.5 us kernels a layer on an H100 (2026-11-28), several of them siblings.
-COMBO_KERNELS = {"combo_kernels": True, "benchmark_combo_kernel": True}
 
 
 def section(results: dict, name: str, fn) -> None:
@@ -270,7 +265,7 @@ def main(argv=None) -> int:
         if device == "cuda":
             # the same compiled with Inductor's combo kernels: independent small kernels (q's rotary, k's rotary
             # and cache write, v's cache write) launched as one, each launch timed against the separate ones
-            # (COMBO_KERNELS); a fresh model, since compiled steps are kept per model
+            # (llmopt.bench.COMBO_KERNELS); a fresh model, since compiled steps are kept per model
             combo = llmopt.fuse_projections(llmopt.build_model(cfg, device=device, dtype=dtype))
             combo.set_attention("triton")
             with inductor.patch(COMBO_KERNELS):

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import llmopt  # noqa: E402
+from llmopt.bench import COMBO_KERNELS  # noqa: E402
 from llmopt.quantize import quantize  # noqa: E402
 
 VARIANTS = {   # what each variant does to the model (in place)
@@ -46,8 +47,8 @@ VARIANTS = {   # what each variant does to the model (in place)
     # bf16-fused-attn compiled with Inductor's combo kernels (INDUCTOR_OPTIONS)
     "bf16-fused-attn-combo": lambda m: VARIANTS["bf16-fused-attn"](m),
 }
-# Inductor options a variant compiles with (gpu.py's COMBO_KERNELS: sibling kernels as one launch)
-INDUCTOR_OPTIONS = {"bf16-fused-attn-combo": {"combo_kernels": True, "benchmark_combo_kernel": True}}
+# Inductor options a variant compiles with (sibling kernels as one launch: llmopt.bench.COMBO_KERNELS)
+INDUCTOR_OPTIONS = {"bf16-fused-attn-combo": COMBO_KERNELS}
 
 
 def triton_attention(model):
