@@ -4,6 +4,7 @@
     python benchmarks/gpu_kernels.py --smoke                              # CPU, tiny shape
     python benchmarks/gpu_kernels.py --gemv --variants ""                 # only the Triton GEMV's blocks
     python benchmarks/gpu_kernels.py --variants bf16-fused,int8-fused-triton --graph-steps 16  # the goal's rows
+    python benchmarks/gpu_kernels.py --variants int8-fused-triton-attn,int8-folded-attn --graph-steps 16
     python benchmarks/gpu_kernels.py --attention --variants ""            # only decode attention's timings
 
 Prints, per variant, the step time and the top kernels by device time (random weights: shapes decide speed).
@@ -44,6 +45,9 @@ VARIANTS = {   # what each variant does to the model (in place)
     # the same two with llmopt's Triton decode attention in every layer (CUDA; SDPA on a CPU)
     "bf16-fused-attn": lambda m: triton_attention(llmopt.fuse_projections(m)),
     "int8-fused-triton-attn": lambda m: triton_attention(VARIANTS["int8-fused-triton"](m)),
+    # and each layer's norms, SwiGLU and residual adds folded into its GEMVs (kernel="triton-folded")
+    "int8-folded-attn": lambda m: triton_attention(quantize(
+        llmopt.fuse_projections(m), "int8", kernel="triton-folded" if m.device.type == "cuda" else "auto")),
     # bf16-fused-attn compiled with Inductor's combo kernels (INDUCTOR_OPTIONS)
     "bf16-fused-attn-combo": lambda m: VARIANTS["bf16-fused-attn"](m),
 }

@@ -6,22 +6,44 @@ import triton.language as tl
 
 
 @triton.jit
-def int8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_wn,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
-    """y[n] = sum_k w[n, k] * x[k] * s[n] for this program's BLOCK_N outputs n."""
+def _load(ptr, offs, n, EVEN: tl.constexpr):
+    """ptr[offs] in fp32; past n reads 0 (no mask when the blocks fit exactly)."""
+    if EVEN:
+        v = tl.load(ptr + offs)
+    else:
+        v = tl.load(ptr + offs, mask=offs < n, other=0.0)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def int8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, up_ptr, norm_ptr, res_ptr, N, K, stride_wn, eps,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
+                     SWIGLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+    """y[n] = s[n] * sum_k w[n, k] * a[k] for this program's BLOCK_N outputs n, where the input a is
+    x; silu(x) * up (SWIGLU: x is the gate); or RMSNorm(x) * norm (NORM). RESIDUAL adds res[n]."""
+    dtype = y_ptr.dtype.element_ty
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_K,), dtype=tl.float32)   # NORM: x^2, summed along K as x streams by
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         if EVEN:     # N and K are multiples of the blocks: no masks on the hot loop
-            x = tl.load(x_ptr + kk)
             w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :])
         else:
-            x = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
             w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :],
                         mask=(rn[:, None] < N) & (kk[None, :] < K), other=0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    scale = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-    y = tl.sum(acc, axis=1) * scale
-    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+        a = _load(x_ptr, kk, K, EVEN)
+        if SWIGLU:   # rounded where the unfused layer rounds: silu(gate), then its product with up
+            a = (a * tl.sigmoid(a)).to(dtype).to(tl.float32)
+            a = (a * _load(up_ptr, kk, K, EVEN)).to(dtype).to(tl.float32)
+        if NORM:     # x * norm now; the 1 / rms that scales every a[k] alike comes once, at the end
+            squares += a * a
+            a = a * _load(norm_ptr, kk, K, EVEN)
+        acc += w.to(tl.float32) * a[None, :]
+    y = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    if NORM:
+        y = y * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+    if RESIDUAL:     # the product rounded to the activations' dtype, as the unfused add sees it
+        y = y.to(dtype).to(tl.float32) + tl.load(res_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, y.to(dtype), mask=rn < N)

@@ -22,6 +22,13 @@ sizes come from the shape (`gemv_config`), so there is no autotuning to run, and
 kernel launches the same way inside a CUDA graph (`generate(..., graph_steps=k)`).
 `quantize(model, "int8", kernel="triton")` puts it behind every Int8Linear.
 
+It can also do the small jobs around it as it streams its input: take silu(x) * up (a SwiGLU
+MLP's down projection, `up`), or x's RMSNorm times the norm's weight (`norm`: x^2 summed in
+the same loop, the 1 / rms applied to each output at the end), and add a residual to its
+output (`residual`). `quantize(model, "int8", kernel="triton-folded")` uses them so that a
+layer's one-token step is four GEMVs and attention, without the add + RMSNorm and SwiGLU
+kernels between them (`quantize.Int8DecodeBlock`).
+
 ## decode_attention
 
 A decode step's attention is one query row per sequence against every key in the cache:
@@ -92,30 +99,47 @@ def gemv_config(n: int, k: int) -> dict:
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4 if block_n * block_k >= 4096 else 2}
 
 
-def gemv_with(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: dict) -> torch.Tensor:
+def gemv_with(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: dict, *,
+              up: torch.Tensor | None = None, norm: torch.Tensor | None = None, eps: float = 0.0,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
     """`int8_gemv` with the given block sizes and warps (tests and block-size sweeps)."""
     n, k = weight.shape
     if x.shape != (k,) or scale.shape != (n,) or weight.dtype != torch.int8:
         raise ValueError(f"int8_gemv takes x [K], an int8 weight [N, K] and scale [N]; got x {tuple(x.shape)}, "
                          f"weight {tuple(weight.shape)} {weight.dtype}, scale {tuple(scale.shape)}")
+    for name, t, size in (("up", up, k), ("norm", norm, k), ("residual", residual, n)):
+        if t is not None and t.shape != (size,):
+            raise ValueError(f"int8_gemv's {name} is [{'N' if name == 'residual' else 'K'}] = [{size}] "
+                             f"for a weight {tuple(weight.shape)}; got {tuple(t.shape)}")
+    if up is not None and norm is not None:
+        raise ValueError("int8_gemv's input is silu(x) * up or RMSNorm(x) * norm, not both: pass up or norm")
     x, weight = x.contiguous(), weight.contiguous()
+    up, norm, residual = (t if t is None else t.contiguous() for t in (up, norm, residual))
     y = torch.empty(n, device=x.device, dtype=x.dtype)
     even = n % config["BLOCK_N"] == 0 and k % config["BLOCK_K"] == 0
     grid = (-(-n // config["BLOCK_N"]),)
     from ._gemv_kernel import int8_gemv_kernel    # Triton, on first use (the source is in that file)
-    int8_gemv_kernel[grid](x, weight, scale, y, n, k, weight.stride(0), BLOCK_N=config["BLOCK_N"],
-                           BLOCK_K=config["BLOCK_K"], EVEN=even, num_warps=config["num_warps"])
+    int8_gemv_kernel[grid](x, weight, scale, y, x if up is None else up, x if norm is None else norm,
+                           y if residual is None else residual, n, k, weight.stride(0), eps,
+                           BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], EVEN=even,
+                           SWIGLU=up is not None, NORM=norm is not None, RESIDUAL=residual is not None,
+                           num_warps=config["num_warps"])
     return y
 
 
 @torch.library.custom_op("llmopt::int8_gemv", mutates_args=())
-def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """y [N] = (weight [N, K] int8 @ x [K]) * scale [N], in x's dtype (fp32 accumulation)."""
-    return gemv_with(x, weight, scale, gemv_config(*weight.shape))
+def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, up: torch.Tensor | None = None,
+              norm: torch.Tensor | None = None, eps: float = 0.0,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
+    """y [N] = (weight [N, K] int8 @ a [K]) * scale [N] (+ residual [N]), in x's dtype (fp32
+    accumulation). The input a is x [K]; with `up` [K], silu(x) * up (a SwiGLU MLP's down
+    projection, x its gate); with `norm` [K], x's RMSNorm (eps `eps`) times `norm`. Those, and the
+    residual add, are what `quantize(..., kernel="triton-folded")` folds into a layer's GEMVs."""
+    return gemv_with(x, weight, scale, gemv_config(*weight.shape), up=up, norm=norm, eps=eps, residual=residual)
 
 
 @int8_gemv.register_fake
-def _(x, weight, scale):
+def _(x, weight, scale, up=None, norm=None, eps=0.0, residual=None):
     return x.new_empty(weight.shape[0])
 
 

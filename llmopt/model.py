@@ -90,11 +90,16 @@ class Attention(nn.Module):
         return [self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2
 
     def forward(self, x, cos, sin, mask, cache, input_pos):
-        B, T, _ = x.shape
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.o_proj(self.attend(q, k, v, cos, sin, mask, cache, input_pos))
+
+    def attend(self, q, k, v, cos, sin, mask, cache, input_pos):
+        """What lies between the projections: q [B, T, H*D], k, v [B, T, Hkv*D] rotated, k and v
+        stored in the cache, attention over it; returns [B, T, H*D], o_proj's input."""
+        B, T, _ = q.shape
         # q: [B, H, T, D]; k, v: [B, Hkv, T, D]
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -116,8 +121,7 @@ class Attention(nn.Module):
                 out = decode_attention(q, k, v, None, input_pos)
             else:
                 out = self.attention(q, k, v, mask)
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.o_proj(out)
+        return out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
 
     def attention(self, q, k, v, mask):
         """Attention over q [B, H, T, D] and k, v [B, Hkv, S, D] with this layer's backend;
@@ -253,7 +257,7 @@ class Transformer(nn.Module):
             # layer per decode step on a GPU (H100 kernel profile, 2026-11-28); the same values, so the
             # same outputs (plain attention adds it). Compiled, Inductor may still compute the mask again
             # inside each layer's kernels (cheap pointwise work it prefers to redo; seen in its CPU code),
-            # which is why the Triton decode path takes the token's slot instead (Attention.forward)
+            # which is why the Triton decode path takes the token's slot instead (Attention.attend)
             mask = torch.zeros(mask.shape, dtype=self.dtype, device=device).masked_fill_(~mask, float("-inf"))
         return cos, sin, mask, input_pos
 

@@ -22,9 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import int8_gemv
-from .model import as_linear, check_unquantized, is_conv1d, is_linear
+from .model import Block, Transformer, as_linear, check_unquantized, is_conv1d, is_linear
 
 METHODS = ("int8", "int4")
+# how int8 layers decode one row: PyTorch's ops ("auto"), llmopt's Triton GEMV, or that GEMV with
+# each layer's norms, SwiGLU and residual adds folded in
+KERNELS = ("auto", "triton", "triton-folded")
 
 _FROZEN = False   # True while a decode step is traced with its weights frozen into constants
 
@@ -144,6 +147,54 @@ class Int8Linear(nn.Module):
         else:  # reference: int8 -> activation dtype, matmul, scale each output channel
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale
         return y + self.bias if self.bias is not None else y
+
+    def gemv(self, x: torch.Tensor, *, up: torch.Tensor | None = None, norm: nn.Module | None = None,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+        """This layer on one row x [..., K] through the Triton GEMV, with the work around it folded in:
+        its input silu(x) * up (`up`), or `norm(x)` (an RMSNorm); `residual` [..., N] added to its output."""
+        extra = {"up": None if up is None else up.reshape(-1),
+                 "norm": None if norm is None else norm.weight, "eps": 0.0 if norm is None else norm.eps}
+        add = residual if self.bias is not None else None    # the bias comes first, then the residual
+        y = int8_gemv(x.reshape(-1), self.weight, self.scale, **extra,
+                      residual=None if residual is None or add is not None else residual.reshape(-1))
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias
+        return y + add if add is not None else y
+
+
+class Int8DecodeBlock(Block):
+    """A decoder layer whose one-token steps fold its two RMSNorms, the SwiGLU and both residual adds
+    into its int8 GEMVs (`quantize(..., kernel="triton-folded")`, notebook 06): with fused projections
+    a step runs four GEMVs and the attention's kernels, where compiled it also ran an add + RMSNorm
+    kernel twice and a SwiGLU kernel (on the H100 of 2026-11-28, 1-1.5 us each, 16 layers, a
+    1.04 ms int8 step). Prompts, batches and the engine's mixed steps run `Block.forward`."""
+
+    def forward(self, x, cos, sin, mask, cache, input_pos):
+        if x.shape[0] * x.shape[1] != 1 or getattr(cache, "mixed", False):
+            return super().forward(x, cos, sin, mask, cache, input_pos)
+        attn, mlp = self.self_attn, self.mlp
+        # x: [1, 1, D], the residual stream, read raw: each GEMV normalizes its own input
+        norm = self.input_layernorm
+        if attn.qkv_proj is not None:
+            q, k, v = attn.qkv_proj.gemv(x, norm=norm).split(attn.qkv_sizes, dim=-1)
+        else:
+            q, k, v = (p.gemv(x, norm=norm) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        h = attn.o_proj.gemv(attn.attend(q, k, v, cos, sin, mask, cache, input_pos), residual=x)  # x + o(...)
+        norm = self.post_attention_layernorm
+        if mlp.gate_up_proj is not None:
+            gate, up = mlp.gate_up_proj.gemv(h, norm=norm).chunk(2, dim=-1)
+        else:
+            gate, up = mlp.gate_proj.gemv(h, norm=norm), mlp.up_proj.gemv(h, norm=norm)
+        return mlp.down_proj.gemv(gate, up=up, residual=h)      # h + down(silu(gate) * up)
+
+
+def _fold_into_gemvs(layer: Block) -> None:
+    """Make `layer` an Int8DecodeBlock (its class swapped in place, as torch's parametrize does; it
+    holds nothing more) if every projection in it is an Int8Linear on the Triton GEMV."""
+    linears = [m for m in layer.modules() if is_linear(m) or isinstance(m, (Int8Linear, Int4Linear))]
+    if all(isinstance(m, Int8Linear) and m.kernel == "triton" for m in linears):
+        layer.__class__ = Int8DecodeBlock
 
 
 class Int4Linear(nn.Module):
@@ -304,7 +355,10 @@ def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, sy
 
     `kernel="triton"` (int8, CUDA) decodes one row at a time through llmopt's own Triton
     GEMV (`llmopt.kernels.int8_gemv`): the int8 tile read once, fp32 accumulation, the
-    scale at the end; longer inputs (prefill) keep the paths above.
+    scale at the end; longer inputs (prefill) keep the paths above. `kernel="triton-folded"`
+    (llmopt's own models) also folds each layer's RMSNorms, SwiGLU and residual adds into
+    those GEMVs on one-token steps (`Int8DecodeBlock`; layers with a projection left out by
+    `skip` keep the plain ones).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r} (bitsandbytes is "
@@ -312,13 +366,16 @@ def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, sy
     check_unquantized(model, "quantize", "quantize a freshly loaded copy of the full-precision model")
     if method == "int4" and group_size not in (32, 64, 128, 256):
         raise ValueError(f"group_size must be 32, 64, 128 or 256, got {group_size}")
-    if kernel not in ("auto", "triton"):
-        raise ValueError(f"kernel must be 'auto' or 'triton', got {kernel!r}")
-    if kernel == "triton":
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel != "auto":
         if method != "int8":
-            raise ValueError(f"kernel='triton' is an int8 kernel; method {method!r} has none: use kernel='auto'")
+            raise ValueError(f"kernel={kernel!r} is an int8 kernel; method {method!r} has none: use kernel='auto'")
+        if kernel == "triton-folded" and not isinstance(model, Transformer):
+            raise ValueError(f"kernel='triton-folded' folds the norms and adds of llmopt's own layers into the "
+                             f"GEMVs; this is a {type(model).__name__}: use kernel='triton'")
         from .kernels import check_triton_device
-        check_triton_device(next(model.parameters()).device)
+        check_triton_device(next(model.parameters()).device, f"kernel={kernel!r}")
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else \
         getattr(model, "embed_tokens", None)
     dtype = emb.weight.dtype if emb is not None else torch.float32
@@ -333,7 +390,7 @@ def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, sy
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         tied = embeddings and emb is not None and lin.weight is emb.weight
         if method == "int8":
-            new = Int8Linear(lin, fused=fused, kernel=kernel)
+            new = Int8Linear(lin, fused=fused, kernel="triton" if kernel == "triton-folded" else kernel)
         else:
             new = Int4Linear(lin, group_size=group_size, symmetric=symmetric,
                              fused=False if tied else fused)
@@ -347,6 +404,9 @@ def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, sy
             table.weight = emb.weight
             tied_head = Int8Linear(table, fused=False)
         _replace_embedding(model, emb, QuantEmbedding(tied_head, dtype))
+    if kernel == "triton-folded":
+        for layer in model.layers:
+            _fold_into_gemvs(layer)
     model.quantization = {"method": method, "group_size": group_size if method == "int4" else None,
                           "symmetric": symmetric if method == "int4" else True, "skip": skip, "kernel": kernel}
     return model

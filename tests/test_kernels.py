@@ -287,11 +287,17 @@ def ptx_features() -> dict:
         out[f"combine-{dtype}"] = features(compile_for_h100(
             combine_kernel, dict(D=64, BLOCK_SPLITS=8, BLOCK_D=64),
             {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dtype}"}))
+    # the GEMV plain; with the norm before it (q, k, v and gate, up of kernel="triton-folded"); with the
+    # SwiGLU before it and the residual after (its down projection)
     cfg = gemv_config(16384, 2048)
-    out["gemv-bf16"] = features(compile_for_h100(
-        int8_gemv_kernel, dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], EVEN=True),
-        {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*bf16", "y_ptr": "*bf16"},
-        aligned=("x_ptr", "w_ptr", "s_ptr", "y_ptr", "stride_wn")))
+    gemv_types = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*bf16", "y_ptr": "*bf16", "up_ptr": "*bf16",
+                  "norm_ptr": "*bf16", "res_ptr": "*bf16", "eps": "fp32"}
+    for name, swiglu, norm in (("gemv-bf16", False, False), ("gemv-bf16-norm", False, True),
+                               ("gemv-bf16-swiglu-residual", True, False)):
+        out[name] = features(compile_for_h100(
+            int8_gemv_kernel, dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], EVEN=True, SWIGLU=swiglu,
+                                   NORM=norm, RESIDUAL=swiglu), gemv_types,
+            aligned=("x_ptr", "w_ptr", "s_ptr", "y_ptr", "up_ptr", "norm_ptr", "res_ptr", "stride_wn")))
     return out
 
 
@@ -299,7 +305,7 @@ def ptx_features() -> dict:
 def test_triton_kernels_compile_for_an_h100():
     """The GPU path of every kernel (no interpreter workaround) compiles for sm_90: bf16 attention on
     tensor cores, fp32 in full precision (no mma: tf32 would round it), keys, values and int8 weights
-    read 16 bytes a load."""
+    read 16 bytes a load (the GEMV also with the norm, SwiGLU and residual folded in)."""
     import json
     import os
     import subprocess
@@ -316,7 +322,7 @@ def test_triton_kernels_compile_for_an_h100():
         assert f["store"], name
         if name.startswith("attention"):
             assert f["mma"] == ("bf16" in name) and f["v4"], (name, f)
-    assert got["gemv-bf16"]["v4"]
+    assert all(f["v4"] for name, f in got.items() if name.startswith("gemv")), got
 
 
 if __name__ == "__main__":
