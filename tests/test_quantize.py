@@ -358,7 +358,7 @@ def small_gemv_blocks(monkeypatch):
 
 @triton_only
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused-projections", "separate-projections"])
-def test_triton_fused_layers_decode_as_the_reference_int8_path(fuse, monkeypatch):
+def test_triton_folded_layers_decode_as_the_reference_int8_path(fuse, monkeypatch):
     """kernel="triton-folded": every layer of the trained tiny model becomes an Int8DecodeBlock whose one-token
     steps run only GEMVs with the norms, SwiGLU and residual adds folded in (and attention), with the
     reference int8 path's greedy tokens and logits (fp32): static and dynamic caches, a padded batch and
@@ -401,10 +401,13 @@ def test_triton_fused_layers_decode_as_the_reference_int8_path(fuse, monkeypatch
     batch = llmopt.generate_batch(ref, tok, prompts, max_new_tokens=5, ignore_eos=True)
     assert [g.token_ids for g in llmopt.generate_batch(fast, tok, prompts, max_new_tokens=5, ignore_eos=True)] \
         == [g.token_ids for g in batch]
-    engine = llmopt.Engine(fast, tok, max_batch_size=2, block_size=4)
     lengths = [5, 3]
-    assert [g.token_ids for g in engine.generate_many(prompts, max_new_tokens=lengths, ignore_eos=True)] == \
-        [e[:n] for e, n in zip(expect, lengths)]
+    for cuda_graphs in (False, True):   # paged mixed steps; the graph path's padded buckets (on a CPU, eager)
+        calls.clear()
+        engine = llmopt.Engine(fast, tok, max_batch_size=2, block_size=4, cuda_graphs=cuda_graphs)
+        assert [g.token_ids for g in engine.generate_many(prompts, max_new_tokens=lengths, ignore_eos=True)] == \
+            [e[:n] for e, n in zip(expect, lengths)]
+        assert ("norm",) in calls       # the steps with one row left ran folded
     if fuse:    # the suite's path: torch.compile (each GEMV one opaque op), 4 steps a DecodeGraph
         assert llmopt.generate(fast, tok, prompts[1], max_new_tokens=6, ignore_eos=True, compile=True,
                                graph_steps=4).token_ids == \
@@ -412,7 +415,7 @@ def test_triton_fused_layers_decode_as_the_reference_int8_path(fuse, monkeypatch
 
 
 @triton_only
-def test_triton_fused_keeps_plain_layers_where_a_projection_is_skipped(monkeypatch):
+def test_triton_folded_keeps_plain_layers_where_a_projection_is_skipped(monkeypatch):
     from llmopt.quantize import Int8DecodeBlock
     small_gemv_blocks(monkeypatch)
     model, tok = llmopt.load_model("tiny")
