@@ -261,6 +261,12 @@ def main(argv=None) -> int:
             fused.set_attention("triton")
             for label, opts in graph_variants(modes, args.graph_steps, ", fused projections, Triton decode attention"):
                 rows.insert(len(rows) - 1, timed_row(fused, label, opts, prompt, eager))
+            # and each layer's norms, SwiGLU and residual adds folded into llmopt's Triton GEMV, which then
+            # runs the bf16 weights instead of cuBLAS (llmopt.fold_layers; the step is recorded again)
+            llmopt.fold_layers(fused)
+            for label, opts in graph_variants(modes, args.graph_steps,
+                                              ", fused projections, folded layers, Triton decode attention"):
+                rows.insert(len(rows) - 1, timed_row(fused, label, opts, prompt, eager))
         del fused
         if device == "cuda":
             # the same compiled with Inductor's combo kernels: independent small kernels (q's rotary, k's rotary
@@ -308,8 +314,8 @@ def main(argv=None) -> int:
                          (f"{gemv}, Triton decode attention", "int8", {"kernel": "triton"}, True, True, {}),
                          (f"{gemv}, Triton decode attention, combo kernels", "int8", {"kernel": "triton"}, True,
                           True, COMBO_KERNELS),
-                         # each layer's norms, SwiGLU and residual adds inside its GEMVs (Int8DecodeBlock)
-                         (f"{gemv}, norms and adds folded in, Triton decode attention", "int8",
+                         # each layer's norms, SwiGLU and residual adds inside its GEMVs (llmopt.fold)
+                         (f"{gemv}, folded layers, Triton decode attention", "int8",
                           {"kernel": "triton-folded"}, True, True, {})]
         else:
             variants.append(("int8 weight-only", "int8", {}, False, False, {}))

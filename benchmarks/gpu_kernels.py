@@ -4,12 +4,12 @@
     python benchmarks/gpu_kernels.py --smoke                              # CPU, tiny shape
     python benchmarks/gpu_kernels.py --gemv --variants ""                 # only the Triton GEMV's blocks
     python benchmarks/gpu_kernels.py --variants bf16-fused,int8-fused-triton --graph-steps 16  # the goal's rows
-    python benchmarks/gpu_kernels.py --variants int8-fused-triton-attn,int8-folded-attn --graph-steps 16
+    python benchmarks/gpu_kernels.py --variants int8-folded-attn,bf16-folded-attn --graph-steps 16
     python benchmarks/gpu_kernels.py --attention --variants ""            # only decode attention's timings
 
 Prints, per variant, the step time and the top kernels by device time (random weights: shapes decide speed).
-With --gemv it first times llmopt's Triton int8 GEMV (`llmopt.kernels`) on each distinct weight shape of the
-model, with the block sizes `gemv_config` picks and with the neighbouring ones, as GB/s of int8 weight read.
+With --gemv it first times llmopt's Triton GEMV (`llmopt.kernels.gemv`) on each distinct weight shape of the
+model, int8 and bf16, with the block sizes `gemv_config` picks and with the neighbouring ones, as GB/s of weight read.
 With --attention it times one decode step's attention of one layer, SDPA (what the model runs by default)
 against llmopt's Triton decode attention with the splits it picks and with others, for caches of several
 lengths, full or mostly unwritten. Each timing: 20 launches recorded as one CUDA graph, so the host's launch
@@ -45,9 +45,11 @@ VARIANTS = {   # what each variant does to the model (in place)
     # the same two with llmopt's Triton decode attention in every layer (CUDA; SDPA on a CPU)
     "bf16-fused-attn": lambda m: triton_attention(llmopt.fuse_projections(m)),
     "int8-fused-triton-attn": lambda m: triton_attention(VARIANTS["int8-fused-triton"](m)),
-    # and each layer's norms, SwiGLU and residual adds folded into its GEMVs (kernel="triton-folded")
+    # and each layer's norms, SwiGLU and residual adds folded into its GEMVs (llmopt.fold; CUDA), int8 and bf16
     "int8-folded-attn": lambda m: triton_attention(quantize(
         llmopt.fuse_projections(m), "int8", kernel="triton-folded" if m.device.type == "cuda" else "auto")),
+    "bf16-folded-attn": lambda m: triton_attention(llmopt.fold_layers(llmopt.fuse_projections(m))
+                                                   if m.device.type == "cuda" else llmopt.fuse_projections(m)),
     # bf16-fused-attn compiled with Inductor's combo kernels (INDUCTOR_OPTIONS)
     "bf16-fused-attn-combo": lambda m: VARIANTS["bf16-fused-attn"](m),
 }
@@ -100,7 +102,8 @@ def time_launches(call, device: str, launches: int = 20) -> float:
 
 
 def gemv_sweep(cfg, device: str, dtype, smoke: bool) -> None:
-    """The Triton GEMV on the model's weight shapes (fused q/k/v and gate/up, as the suite runs them)."""
+    """The Triton GEMV on the model's weight shapes (fused q/k/v and gate/up, as the suite runs them), on
+    int8 weights and on weights in the activations' dtype (what a folded bf16 layer runs)."""
     from llmopt.kernels import gemv_config
     from llmopt.quantize import quantize_int8
     hd = cfg.head_dim
@@ -109,18 +112,22 @@ def gemv_sweep(cfg, device: str, dtype, smoke: bool) -> None:
               "lm_head": (cfg.vocab_size, cfg.dim)}
     if smoke:     # Triton's interpreter: one small shape, two configs
         shapes = {"o": shapes["o"]}
-    print(f"\n== Triton int8 GEMV ({device}): GB/s of int8 weight read per call; * = gemv_config's pick", flush=True)
-    for name, (n, k) in shapes.items():
-        q, scale = quantize_int8(torch.randn(n, k, device=device))
-        scale, x = scale.to(dtype), torch.randn(k, device=device, dtype=dtype)
-        pick = gemv_config(n, k)
-        configs = gemv_neighbours(pick, k)[:2] if smoke else gemv_neighbours(pick, k)
-        cells = []
-        for c in configs:
-            t = time_gemv(x, q, scale, c, device)
-            cells.append(f"{'*' if c == pick else ''}{c['BLOCK_N']}x{c['BLOCK_K']}/w{c['num_warps']} "
-                         f"{n * k / t / 1e9:.0f}")
-        print(f"{name} [{n} x {k}], {n * k / 2**20:.1f} MiB: " + "; ".join(cells), flush=True)
+    for weights in ("int8", str(dtype).removeprefix("torch.")):
+        print(f"\n== Triton GEMV ({device}, {weights} weights): GB/s of weight read per call; * = gemv_config's pick",
+              flush=True)
+        for name, (n, k) in shapes.items():
+            w = torch.randn(n, k, device=device, dtype=dtype)
+            q, scale = quantize_int8(w) if weights == "int8" else (w, None)
+            scale, x = None if scale is None else scale.to(dtype), torch.randn(k, device=device, dtype=dtype)
+            pick = gemv_config(n, k, q.element_size())
+            configs = gemv_neighbours(pick, k)[:2] if smoke else gemv_neighbours(pick, k)
+            cells = []
+            for c in configs:
+                t = time_gemv(x, q, scale, c, device)
+                cells.append(f"{'*' if c == pick else ''}{c['BLOCK_N']}x{c['BLOCK_K']}/w{c['num_warps']} "
+                             f"{n * k * q.element_size() / t / 1e9:.0f}")
+            print(f"{name} [{n} x {k}], {n * k * q.element_size() / 2**20:.1f} MiB: " + "; ".join(cells), flush=True)
+            del w, q
 
 
 def attention_sweep(cfg, device: str, dtype, smoke: bool) -> None:

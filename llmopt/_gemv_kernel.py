@@ -1,6 +1,6 @@
-"""The Triton source of `llmopt.kernels.int8_gemv`, imported only when it first runs (Triton is
-optional). Triton decides when this module is imported whether it compiles the kernel for a GPU or
-runs it in its CPU interpreter (TRITON_INTERPRET=1)."""
+"""The Triton source of `llmopt.kernels.gemv` (int8 or full-precision weights), imported only when
+it first runs (Triton is optional). Triton decides when this module is imported whether it compiles
+the kernel for a GPU or runs it in its CPU interpreter (TRITON_INTERPRET=1)."""
 import triton
 import triton.language as tl
 
@@ -16,11 +16,12 @@ def _load(ptr, offs, n, EVEN: tl.constexpr):
 
 
 @triton.jit
-def int8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, up_ptr, norm_ptr, res_ptr, N, K, stride_wn, eps,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
-                     SWIGLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr):
-    """y[n] = s[n] * sum_k w[n, k] * a[k] for this program's BLOCK_N outputs n, where the input a is
-    x; silu(x) * up (SWIGLU: x is the gate); or RMSNorm(x) * norm (NORM). RESIDUAL adds res[n]."""
+def gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, up_ptr, norm_ptr, res_ptr, N, K, stride_wn, eps,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, SCALE: tl.constexpr,
+                SWIGLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+    """y[n] = sum_k w[n, k] * a[k] (times s[n]: SCALE, an int8 weight's) for this program's BLOCK_N
+    outputs n, where the input a is x; silu(x) * up (SWIGLU: x is the gate); or RMSNorm(x) * norm
+    (NORM). RESIDUAL adds res[n]."""
     dtype = y_ptr.dtype.element_ty
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -41,7 +42,9 @@ def int8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, up_ptr, norm_ptr, res_ptr, N, K
             squares += a * a
             a = a * _load(norm_ptr, kk, K, EVEN)
         acc += w.to(tl.float32) * a[None, :]
-    y = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    y = tl.sum(acc, axis=1)
+    if SCALE:
+        y = y * tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     if NORM:
         y = y * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
     if RESIDUAL:     # the product rounded to the activations' dtype, as the unfused add sees it

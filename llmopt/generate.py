@@ -95,10 +95,11 @@ def _own_decode_step(model):
 
 def _model_key(model) -> tuple:
     """Changes when any weight is replaced or modified in place (tensor identity, version), or
-    when a layer's attention backend changes (`set_attention`): a recorded graph or a frozen step
-    holds both, and replaying an old one would run the old kernels."""
+    when a layer's attention backend or class changes (`set_attention`, `fold_layers`): a recorded
+    graph or a frozen step holds both, and replaying an old one would run the old kernels."""
     weights = tuple((id(t), t.data_ptr(), _version(t)) for t in (*model.parameters(), *model.buffers()))
-    return weights, tuple(getattr(getattr(m, "self_attn", None), "backend", None) for m in getattr(model, "layers", ()))
+    return weights, tuple((type(m), getattr(getattr(m, "self_attn", None), "backend", None))
+                          for m in getattr(model, "layers", ()))
 
 
 def _version(t: torch.Tensor):

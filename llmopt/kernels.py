@@ -1,7 +1,8 @@
-"""Hand-written Triton kernels for the decode step (notebooks 06 and 03): an int8 weight-only
-matrix-vector product, and attention for one query row over a KV cache.
+"""Hand-written Triton kernels for the decode step (notebooks 06, 08 and 03): a matrix-vector
+product for int8 (or full-precision) weights that can fold in the small jobs around it, and
+attention for one query row over a KV cache.
 
-## int8_gemv
+## gemv
 
 At batch 1 a decode step multiplies one activation row by every weight matrix: a GEMV,
 which reads each weight once and does two flops per byte of int8 weight. Its speed is the
@@ -12,22 +13,22 @@ so int8 bought 1.16x over bf16 where halving the bytes promises up to 2x. This k
 run on an H100 on 2026-11-28 (the 1B shape, 16 decode steps per CUDA graph), decoded int8 at
 963 tokens/s against 697 with Inductor's kernels and 701 for bf16: 1.37x over bf16.
 
-`int8_gemv(x, weight, scale)` computes y = (weight @ x) * scale for one row x [K], int8
-weight [N, K] and one scale per output [N]. Each program owns BLOCK_N outputs and walks
-along K in BLOCK_K steps, loading a [BLOCK_N, BLOCK_K] int8 tile (contiguous along K, so
-every load is wide and coalesced), converting it to fp32 in registers and accumulating
-weight x activation; the sum along K and the scale come once at the end. The int8 tile is
-read exactly once and no full-precision copy of the weight is ever written. The block
-sizes come from the shape (`gemv_config`), so there is no autotuning to run, and the
-kernel launches the same way inside a CUDA graph (`generate(..., graph_steps=k)`).
-`quantize(model, "int8", kernel="triton")` puts it behind every Int8Linear.
+`gemv(x, weight, scale)` computes y = (weight @ x) * scale for one row x [K], an int8
+weight [N, K] and one scale per output [N] (`int8_gemv` is the same op); with `scale=None`
+the weight is in x's dtype. Each program owns BLOCK_N outputs and walks along K in BLOCK_K
+steps, loading a [BLOCK_N, BLOCK_K] tile (contiguous along K, so every load is wide and
+coalesced), converting it to fp32 in registers and accumulating weight x activation; the sum
+along K and the scale come once at the end. The tile is read exactly once and no
+full-precision copy of an int8 weight is ever written. The block sizes come from the shape
+(`gemv_config`), so there is no autotuning to run, and the kernel launches the same way
+inside a CUDA graph (`generate(..., graph_steps=k)`). `quantize(model, "int8",
+kernel="triton")` puts it behind every Int8Linear.
 
-It can also do the small jobs around it as it streams its input: take silu(x) * up (a SwiGLU
+It also does the small jobs around it as it streams its input: take silu(x) * up (a SwiGLU
 MLP's down projection, `up`), or x's RMSNorm times the norm's weight (`norm`: x^2 summed in
 the same loop, the 1 / rms applied to each output at the end), and add a residual to its
-output (`residual`). `quantize(model, "int8", kernel="triton-folded")` uses them so that a
-layer's one-token step is four GEMVs and attention, without the add + RMSNorm and SwiGLU
-kernels between them (`quantize.Int8DecodeBlock`).
+output (`residual`). `llmopt.fold.fold_layers(model)` uses them so that a layer's one-token
+step is four GEMVs and attention, without the add + RMSNorm and SwiGLU kernels between them.
 
 ## decode_attention
 
@@ -81,66 +82,75 @@ def check_triton_device(device: torch.device, what: str = "kernel='triton'",
                          f"(TRITON_INTERPRET=1 runs it on a CPU, slowly, for testing); {fix}")
 
 
-def gemv_config(n: int, k: int) -> dict:
-    """Block sizes and warps for an [n, k] int8 weight. Up to 8 outputs a program, fewer where
-    that leaves under 264 programs (two per SM of an H100's 132); 512 bytes of K per row of the
-    tile (wide 16-byte loads), more for long rows when the tile has few of them, so each program
-    keeps about 4 KB of loads in flight. Timed on an H100 (2026-11-28, `benchmarks/gpu_kernels.py
-    --gemv`, Llama-3.2-1B's shapes): 8 outputs a program read the large weights at 2.7-2.8 TB/s
-    where 16 reached 2.5-2.6 (the fused gate / up and the 128,256-row lm_head); the smaller
-    weights' picks were the best of their neighbours or within 5% of it."""
+def gemv_config(n: int, k: int, element_size: int = 1) -> dict:
+    """Block sizes and warps for an [n, k] weight of `element_size` bytes a weight. Up to 8 outputs a
+    program, fewer where that leaves under 264 programs (two per SM of an H100's 132); 512 bytes of K
+    per row of the tile (wide 16-byte loads), more for long rows when the tile has few of them, so each
+    program keeps about 4 KB of loads in flight. Timed for int8 on an H100 (2026-11-28,
+    `benchmarks/gpu_kernels.py --gemv`, Llama-3.2-1B's shapes): 8 outputs a program read the large
+    weights at 2.7-2.8 TB/s where 16 reached 2.5-2.6 (the fused gate / up and the 128,256-row lm_head);
+    the smaller weights' picks were the best of their neighbours or within 5% of it. The same bytes
+    for a bf16 weight (half the K per tile) are not timed yet."""
     block_n = 8
     while block_n > 1 and -(-n // block_n) < 264:
         block_n //= 2
-    block_k = 512
-    while block_n * block_k < 4096 and block_k < 2048 and block_k * 2 <= k:
+    block_k = 512 // element_size
+    while block_n * block_k * element_size < 4096 and block_k * element_size < 2048 and block_k * 2 <= k:
         block_k *= 2
     block_k = min(block_k, max(16, 1 << (k - 1).bit_length()))
-    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4 if block_n * block_k >= 4096 else 2}
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k,
+            "num_warps": 4 if block_n * block_k * element_size >= 4096 else 2}
 
 
-def gemv_with(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: dict, *,
+def gemv_with(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, config: dict, *,
               up: torch.Tensor | None = None, norm: torch.Tensor | None = None, eps: float = 0.0,
               residual: torch.Tensor | None = None) -> torch.Tensor:
-    """`int8_gemv` with the given block sizes and warps (tests and block-size sweeps)."""
+    """`gemv` with the given block sizes and warps (tests and block-size sweeps)."""
     n, k = weight.shape
-    if x.shape != (k,) or scale.shape != (n,) or weight.dtype != torch.int8:
-        raise ValueError(f"int8_gemv takes x [K], an int8 weight [N, K] and scale [N]; got x {tuple(x.shape)}, "
-                         f"weight {tuple(weight.shape)} {weight.dtype}, scale {tuple(scale.shape)}")
+    int8 = weight.dtype == torch.int8
+    if x.shape != (k,) or (int8 and (scale is None or scale.shape != (n,))) or \
+            (not int8 and (scale is not None or weight.dtype != x.dtype)):
+        raise ValueError(f"gemv takes x [K] and an int8 weight [N, K] with scale [N], or a weight in x's dtype "
+                         f"with scale None; got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} "
+                         f"{weight.dtype}, scale {None if scale is None else tuple(scale.shape)}")
     for name, t, size in (("up", up, k), ("norm", norm, k), ("residual", residual, n)):
         if t is not None and t.shape != (size,):
-            raise ValueError(f"int8_gemv's {name} is [{'N' if name == 'residual' else 'K'}] = [{size}] "
+            raise ValueError(f"gemv's {name} is [{'N' if name == 'residual' else 'K'}] = [{size}] "
                              f"for a weight {tuple(weight.shape)}; got {tuple(t.shape)}")
     if up is not None and norm is not None:
-        raise ValueError("int8_gemv's input is silu(x) * up or RMSNorm(x) * norm, not both: pass up or norm")
+        raise ValueError("gemv's input is silu(x) * up or RMSNorm(x) * norm, not both: pass up or norm")
     x, weight = x.contiguous(), weight.contiguous()
     up, norm, residual = (t if t is None else t.contiguous() for t in (up, norm, residual))
     y = torch.empty(n, device=x.device, dtype=x.dtype)
     even = n % config["BLOCK_N"] == 0 and k % config["BLOCK_K"] == 0
     grid = (-(-n // config["BLOCK_N"]),)
-    from ._gemv_kernel import int8_gemv_kernel    # Triton, on first use (the source is in that file)
-    int8_gemv_kernel[grid](x, weight, scale, y, x if up is None else up, x if norm is None else norm,
-                           y if residual is None else residual, n, k, weight.stride(0), eps,
-                           BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], EVEN=even,
-                           SWIGLU=up is not None, NORM=norm is not None, RESIDUAL=residual is not None,
-                           num_warps=config["num_warps"])
+    from ._gemv_kernel import gemv_kernel    # Triton, on first use (the source is in that file)
+    gemv_kernel[grid](x, weight, x if scale is None else scale, y, x if up is None else up,
+                      x if norm is None else norm, y if residual is None else residual, n, k, weight.stride(0),
+                      eps, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], EVEN=even, SCALE=int8,
+                      SWIGLU=up is not None, NORM=norm is not None, RESIDUAL=residual is not None,
+                      num_warps=config["num_warps"])
     return y
 
 
-@torch.library.custom_op("llmopt::int8_gemv", mutates_args=())
-def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, up: torch.Tensor | None = None,
-              norm: torch.Tensor | None = None, eps: float = 0.0,
-              residual: torch.Tensor | None = None) -> torch.Tensor:
-    """y [N] = (weight [N, K] int8 @ a [K]) * scale [N] (+ residual [N]), in x's dtype (fp32
-    accumulation). The input a is x [K]; with `up` [K], silu(x) * up (a SwiGLU MLP's down
-    projection, x its gate); with `norm` [K], x's RMSNorm (eps `eps`) times `norm`. Those, and the
-    residual add, are what `quantize(..., kernel="triton-folded")` folds into a layer's GEMVs."""
-    return gemv_with(x, weight, scale, gemv_config(*weight.shape), up=up, norm=norm, eps=eps, residual=residual)
+@torch.library.custom_op("llmopt::gemv", mutates_args=())
+def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, up: torch.Tensor | None = None,
+         norm: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """y [N] = (weight [N, K] @ a [K]) * scale [N] (+ residual [N]), in x's dtype (fp32 accumulation);
+    the weight int8 with its scale, or in x's dtype with scale None. The input a is x [K]; with `up`
+    [K], silu(x) * up (a SwiGLU MLP's down projection, x its gate); with `norm` [K], x's RMSNorm (eps
+    `eps`) times `norm`. Those, and the residual add, are what `fold.fold_layers` folds into a layer's
+    GEMVs."""
+    return gemv_with(x, weight, scale, gemv_config(*weight.shape, weight.element_size()), up=up, norm=norm,
+                     eps=eps, residual=residual)
 
 
-@int8_gemv.register_fake
+@gemv.register_fake
 def _(x, weight, scale, up=None, norm=None, eps=0.0, residual=None):
     return x.new_empty(weight.shape[0])
+
+
+int8_gemv = gemv    # its first name, from when it took int8 weights only
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import int8_gemv
-from .model import Block, Transformer, as_linear, check_unquantized, is_conv1d, is_linear
+from .kernels import gemv
+from .model import Transformer, as_linear, check_unquantized, is_conv1d, is_linear
 
 METHODS = ("int8", "int4")
 # how int8 layers decode one row: PyTorch's ops ("auto"), llmopt's Triton GEMV, or that GEMV with
@@ -119,12 +119,12 @@ class Int8Linear(nn.Module):
         # on the 2-core Xeon CPU 7-16x slower than a dense matmul. True still forces it.
         self.fused = bool(fused) and _int8_kernel_ok(linear.weight.device, linear.weight.dtype)
         # "triton": one activation row (a decode step at batch 1) goes through llmopt's own
-        # Triton GEMV (llmopt.kernels.int8_gemv); more rows take the paths below
+        # Triton GEMV (llmopt.kernels.gemv); more rows take the paths below
         self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "triton" and x.numel() == x.shape[-1]:
-            y = int8_gemv(x.reshape(-1), self.weight, self.scale)
+            y = gemv(x.reshape(-1), self.weight, self.scale)
             y = y.reshape(*x.shape[:-1], self.out_features)
             return y + self.bias if self.bias is not None else y
         # Compiled bf16 on a CPU also takes the packed op, which Inductor with frozen weights
@@ -147,54 +147,6 @@ class Int8Linear(nn.Module):
         else:  # reference: int8 -> activation dtype, matmul, scale each output channel
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale
         return y + self.bias if self.bias is not None else y
-
-    def gemv(self, x: torch.Tensor, *, up: torch.Tensor | None = None, norm: nn.Module | None = None,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
-        """This layer on one row x [..., K] through the Triton GEMV, with the work around it folded in:
-        its input silu(x) * up (`up`), or `norm(x)` (an RMSNorm); `residual` [..., N] added to its output."""
-        extra = {"up": None if up is None else up.reshape(-1),
-                 "norm": None if norm is None else norm.weight, "eps": 0.0 if norm is None else norm.eps}
-        add = residual if self.bias is not None else None    # the bias comes first, then the residual
-        y = int8_gemv(x.reshape(-1), self.weight, self.scale, **extra,
-                      residual=None if residual is None or add is not None else residual.reshape(-1))
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        if self.bias is not None:
-            y = y + self.bias
-        return y + add if add is not None else y
-
-
-class Int8DecodeBlock(Block):
-    """A decoder layer whose one-token steps fold its two RMSNorms, the SwiGLU and both residual adds
-    into its int8 GEMVs (`quantize(..., kernel="triton-folded")`, notebook 06): with fused projections
-    a step runs four GEMVs and the attention's kernels, where compiled it also ran an add + RMSNorm
-    kernel twice and a SwiGLU kernel (on the H100 of 2026-11-28, 1-1.5 us each, 16 layers, a
-    1.04 ms int8 step). Prompts, batches and the engine's mixed steps run `Block.forward`."""
-
-    def forward(self, x, cos, sin, mask, cache, input_pos):
-        if x.shape[0] * x.shape[1] != 1 or getattr(cache, "mixed", False):
-            return super().forward(x, cos, sin, mask, cache, input_pos)
-        attn, mlp = self.self_attn, self.mlp
-        # x: [1, 1, D], the residual stream, read raw: each GEMV normalizes its own input
-        norm = self.input_layernorm
-        if attn.qkv_proj is not None:
-            q, k, v = attn.qkv_proj.gemv(x, norm=norm).split(attn.qkv_sizes, dim=-1)
-        else:
-            q, k, v = (p.gemv(x, norm=norm) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        h = attn.o_proj.gemv(attn.attend(q, k, v, cos, sin, mask, cache, input_pos), residual=x)  # x + o(...)
-        norm = self.post_attention_layernorm
-        if mlp.gate_up_proj is not None:
-            gate, up = mlp.gate_up_proj.gemv(h, norm=norm).chunk(2, dim=-1)
-        else:
-            gate, up = mlp.gate_proj.gemv(h, norm=norm), mlp.up_proj.gemv(h, norm=norm)
-        return mlp.down_proj.gemv(gate, up=up, residual=h)      # h + down(silu(gate) * up)
-
-
-def _fold_into_gemvs(layer: Block) -> None:
-    """Make `layer` an Int8DecodeBlock (its class swapped in place, as torch's parametrize does; it
-    holds nothing more) if every projection in it is an Int8Linear on the Triton GEMV."""
-    linears = [m for m in layer.modules() if is_linear(m) or isinstance(m, (Int8Linear, Int4Linear))]
-    if all(isinstance(m, Int8Linear) and m.kernel == "triton" for m in linears):
-        layer.__class__ = Int8DecodeBlock
 
 
 class Int4Linear(nn.Module):
@@ -354,11 +306,10 @@ def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, sy
     (bf16) and int4 layers (bf16 or fp32) call PyTorch's packed kernels whatever `fused` says.
 
     `kernel="triton"` (int8, CUDA) decodes one row at a time through llmopt's own Triton
-    GEMV (`llmopt.kernels.int8_gemv`): the int8 tile read once, fp32 accumulation, the
+    GEMV (`llmopt.kernels.gemv`): the int8 tile read once, fp32 accumulation, the
     scale at the end; longer inputs (prefill) keep the paths above. `kernel="triton-folded"`
     (llmopt's own models) also folds each layer's RMSNorms, SwiGLU and residual adds into
-    those GEMVs on one-token steps (`Int8DecodeBlock`; layers with a projection left out by
-    `skip` keep the plain ones).
+    those GEMVs on one-token steps (`llmopt.fold.fold_layers`).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r} (bitsandbytes is "
@@ -405,8 +356,8 @@ def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, sy
             tied_head = Int8Linear(table, fused=False)
         _replace_embedding(model, emb, QuantEmbedding(tied_head, dtype))
     if kernel == "triton-folded":
-        for layer in model.layers:
-            _fold_into_gemvs(layer)
+        from .fold import fold_layers
+        fold_layers(model)
     model.quantization = {"method": method, "group_size": group_size if method == "int4" else None,
                           "symmetric": symmetric if method == "int4" else True, "skip": skip, "kernel": kernel}
     return model

@@ -21,13 +21,14 @@ def _suite():
 
 def test_gpu_kernels_gemv_sweep_smoke(capsys):
     """`gpu_kernels.py --gemv` (not in the session since the 2026-11-28 sweep): the GEMV's picks and
-    neighbours, timed (here in Triton's interpreter)."""
+    neighbours on int8 weights and on weights in the activations' dtype, timed (here in Triton's interpreter)."""
     spec = importlib.util.spec_from_file_location("gpu_kernels", ROOT / "benchmarks" / "gpu_kernels.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(["--smoke", "--gemv", "--variants", ""]) == 0
     out = capsys.readouterr().out
-    assert "== Triton int8 GEMV (cpu)" in out and "*1x" in out and "o [" in out, out
+    assert "== Triton GEMV (cpu, int8 weights)" in out and "== Triton GEMV (cpu, float32 weights)" in out, out
+    assert out.count("*1x") == 2 and out.count("o [") == 2, out
 
 
 def test_gpu_session_smoke(tmp_path):

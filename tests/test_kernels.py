@@ -267,7 +267,7 @@ def ptx_features() -> dict:
     """Every kernel variant the GPU runs, compiled for sm_90: whether its PTX uses tensor cores
     (mma.sync), 16-byte loads (ld.global.v4) and stores."""
     from llmopt._attention_kernel import combine_kernel, decode_attention_kernel
-    from llmopt._gemv_kernel import int8_gemv_kernel
+    from llmopt._gemv_kernel import gemv_kernel
     from llmopt.kernels import gemv_config
     features = lambda ptx: {"mma": "mma.sync" in ptx, "v4": "ld.global.v4" in ptx,  # noqa: E731
                             "store": "st.global" in ptx}
@@ -287,16 +287,18 @@ def ptx_features() -> dict:
         out[f"combine-{dtype}"] = features(compile_for_h100(
             combine_kernel, dict(D=64, BLOCK_SPLITS=8, BLOCK_D=64),
             {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dtype}"}))
-    # the GEMV plain; with the norm before it (q, k, v and gate, up of kernel="triton-folded"); with the
-    # SwiGLU before it and the residual after (its down projection)
-    cfg = gemv_config(16384, 2048)
-    gemv_types = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*bf16", "y_ptr": "*bf16", "up_ptr": "*bf16",
-                  "norm_ptr": "*bf16", "res_ptr": "*bf16", "eps": "fp32"}
-    for name, swiglu, norm in (("gemv-bf16", False, False), ("gemv-bf16-norm", False, True),
-                               ("gemv-bf16-swiglu-residual", True, False)):
+    # the GEMV on int8 weights: plain; with the norm before it (q, k, v and gate, up of a folded layer);
+    # with the SwiGLU before it and the residual after (its down projection); and on bf16 weights, folded
+    for name, weight, swiglu, norm in (("gemv-int8", "i8", False, False), ("gemv-int8-norm", "i8", False, True),
+                                       ("gemv-int8-swiglu-residual", "i8", True, False),
+                                       ("gemv-bf16-norm", "bf16", False, True),
+                                       ("gemv-bf16-swiglu-residual", "bf16", True, False)):
+        cfg = gemv_config(16384, 2048, 1 if weight == "i8" else 2)
+        types = {"x_ptr": "*bf16", "w_ptr": f"*{weight}", "s_ptr": "*bf16", "y_ptr": "*bf16", "up_ptr": "*bf16",
+                 "norm_ptr": "*bf16", "res_ptr": "*bf16", "eps": "fp32"}
         out[name] = features(compile_for_h100(
-            int8_gemv_kernel, dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], EVEN=True, SWIGLU=swiglu,
-                                   NORM=norm, RESIDUAL=swiglu), gemv_types,
+            gemv_kernel, dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], EVEN=True, SCALE=weight == "i8",
+                              SWIGLU=swiglu, NORM=norm, RESIDUAL=swiglu), types,
             aligned=("x_ptr", "w_ptr", "s_ptr", "y_ptr", "up_ptr", "norm_ptr", "res_ptr", "stride_wn")))
     return out
 
@@ -305,7 +307,7 @@ def ptx_features() -> dict:
 def test_triton_kernels_compile_for_an_h100():
     """The GPU path of every kernel (no interpreter workaround) compiles for sm_90: bf16 attention on
     tensor cores, fp32 in full precision (no mma: tf32 would round it), keys, values and int8 weights
-    read 16 bytes a load (the GEMV also with the norm, SwiGLU and residual folded in)."""
+    read 16 bytes a load (the GEMV also on bf16 weights, and with the norm, SwiGLU and residual folded in)."""
     import json
     import os
     import subprocess

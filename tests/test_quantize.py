@@ -3,7 +3,6 @@ import importlib.util
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import llmopt
@@ -291,138 +290,11 @@ def test_int8_layers_decode_one_row_through_the_triton_kernel(monkeypatch):
     assert torch.allclose(fast(one), ref(one), atol=1e-5) and fast(one).shape == (1, 1, 40)
     assert torch.equal(fast(rows), ref(rows))
     calls = []
-    monkeypatch.setattr("llmopt.kernels.gemv_config", lambda n, k: calls.append((n, k)) or gemv_config(n, k))
+    monkeypatch.setattr("llmopt.kernels.gemv_config", lambda n, k, es=1: calls.append((n, k)) or gemv_config(n, k, es))
     fast(one)
     assert calls == [(40, 96)]
     compiled = torch.compile(lambda x: fast(x), fullgraph=True)
     assert torch.allclose(compiled(one), ref(one), atol=1e-5)
-
-
-@triton_only
-@pytest.mark.parametrize("config", [{"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4},   # whole blocks
-                                    {"BLOCK_N": 8, "BLOCK_K": 64, "num_warps": 2}],     # ragged N and K
-                         ids=["even", "ragged"])
-def test_triton_int8_gemv_folds_in_norm_swiglu_and_residual(config):
-    """The GEMV's input as RMSNorm(x) * norm, or silu(gate) * up, and a residual added to its output
-    (what kernel="triton-folded" folds into a layer): the exact fp64 result within fp32 rounding, and
-    within a few bf16 steps in bf16."""
-    from llmopt.kernels import gemv_with
-    n, k = (64, 256) if config["BLOCK_N"] == 16 else (37, 300)
-    g = torch.Generator().manual_seed(k)
-    q, scale = quantize_int8(torch.randn(n, k, generator=g))
-    x, up, norm = 3 * torch.randn(k, generator=g), torch.randn(k, generator=g), 1 + torch.rand(k, generator=g)
-    res = torch.randn(n, generator=g)
-    xd = x.double()
-    inputs = {"norm": xd / (xd.pow(2).mean() + 1e-5).sqrt() * norm.double(),
-              "up": torch.nn.functional.silu(xd) * up.double(), "plain": xd}
-    for prologue in ("norm", "up", "plain"):
-        for residual in (None, res):
-            exact = (q.double() @ inputs[prologue]) * scale.double() + (0 if residual is None else res.double())
-            for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -6)):
-                extra = {"norm": {"norm": norm.to(dtype), "eps": 1e-5}, "up": {"up": up.to(dtype)}, "plain": {}}
-                y = gemv_with(x.to(dtype), q, scale.to(dtype), config, **extra[prologue],
-                              residual=None if residual is None else residual.to(dtype))
-                assert y.dtype == dtype
-                torch.testing.assert_close(y.double(), exact, rtol=tol, atol=tol * exact.abs().max().item(),
-                                           msg=lambda m: f"{prologue}, residual {residual is not None}, {dtype}: {m}")
-    with pytest.raises(ValueError, match="not both"):
-        gemv_with(x, q, scale, config, up=up, norm=norm)
-    with pytest.raises(ValueError, match=r"residual is \[N\] = \[%d\]" % n):
-        gemv_with(x, q, scale, config, residual=up)
-
-
-@triton_only
-def test_int8_linear_gemv_folds_what_its_layer_does_around_it():
-    """Int8Linear.gemv, what Int8DecodeBlock calls: the layer after an RMSNorm, after a SwiGLU, with a
-    residual added, with and without a bias (Qwen2's q, k, v), equals the unfused modules' result."""
-    from llmopt.model import RMSNorm
-    torch.manual_seed(0)
-    norm = RMSNorm(96, 1e-6)
-    nn.init.uniform_(norm.weight, 0.5, 1.5)
-    x, up = torch.randn(1, 1, 96), torch.randn(1, 1, 96)
-    for bias in (False, True):
-        lin = nn.Linear(96, 40, bias=bias)
-        ref, fast = Int8Linear(lin), Int8Linear(lin, kernel="triton")
-        res = torch.randn(1, 1, 40)
-        torch.testing.assert_close(fast.gemv(x, norm=norm), ref(norm(x)), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(fast.gemv(x, up=up, residual=res), res + ref(F.silu(x) * up), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(fast.gemv(x, residual=res), res + ref(x), rtol=1e-5, atol=1e-5)
-        assert fast.gemv(x).shape == (1, 1, 40)
-
-
-def small_gemv_blocks(monkeypatch):
-    """Large blocks for the tiny model's GEMVs: a handful of programs each, which Triton's interpreter
-    runs in seconds (gemv_config picks many small ones, to fill a GPU)."""
-    monkeypatch.setattr("llmopt.kernels.gemv_config", lambda n, k: {"BLOCK_N": 128, "BLOCK_K": 256, "num_warps": 4})
-
-
-@triton_only
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused-projections", "separate-projections"])
-def test_triton_folded_layers_decode_as_the_reference_int8_path(fuse, monkeypatch):
-    """kernel="triton-folded": every layer of the trained tiny model becomes an Int8DecodeBlock whose one-token
-    steps run only GEMVs with the norms, SwiGLU and residual adds folded in (and attention), with the
-    reference int8 path's greedy tokens and logits (fp32): static and dynamic caches, a padded batch and
-    the engine (their batches and mixed steps take Block.forward), and compiled, 4 steps a DecodeGraph."""
-    import llmopt.kernels as kernels
-    from llmopt.quantize import Int8DecodeBlock
-    from llmopt.generate import decode_one_token, prefill
-    from llmopt.kv_cache import make_cache
-    small_gemv_blocks(monkeypatch)
-    models = {}
-    for kernel in ("auto", "triton-folded"):
-        model, tok = llmopt.load_model("tiny")
-        models[kernel] = quantize(llmopt.fuse_projections(model) if fuse else model, "int8", kernel=kernel)
-    ref, fast = models["auto"], models["triton-folded"]
-    assert all(type(layer) is Int8DecodeBlock for layer in fast.layers)
-    assert fast.quantization["kernel"] == "triton-folded"
-    ids = torch.tensor([tok.encode("ROMEO: But soft, what light")])
-    logits = {}
-    for kernel, model in models.items():
-        cache = make_cache("static", model.config, 1, ids.shape[1] + 1)
-        prefill(model, ids[:, :-1], cache)
-        logits[kernel] = decode_one_token(model, ids[:, -1:], torch.tensor([ids.shape[1] - 1]), cache)
-    torch.testing.assert_close(logits["triton-folded"], logits["auto"], rtol=1e-5, atol=1e-4)
-
-    calls, real = [], kernels.gemv_with
-    monkeypatch.setattr(kernels, "gemv_with", lambda *a, **kw: calls.append(
-        tuple(name for name in ("norm", "up", "residual") if kw.get(name) is not None)) or real(*a, **kw))
-    prompts = ["ROMEO:", "JULIET:\nO Romeo, Romeo"]
-    expect = [llmopt.generate(ref, tok, p, max_new_tokens=5, ignore_eos=True).token_ids for p in prompts]
-    for cache in ("static", "dynamic"):
-        assert [llmopt.generate(fast, tok, p, max_new_tokens=5, ignore_eos=True, cache=cache).token_ids
-                for p in prompts] == expect
-    # the prompt's last row through the (tied) head, plain; then a step: q, k, v (one GEMV or three) from
-    # the normed stream; x + o(...); gate, up from the normed h; h + down(silu(gate) * up); the head
-    layer = [("norm",)] * (1 if fuse else 3) + [("residual",)] + [("norm",)] * (1 if fuse else 2) + \
-        [("up", "residual")]
-    step = layer * 4 + [()]
-    assert calls[:1 + len(step)] == [()] + step
-    assert len(calls) == 2 * 2 * (1 + 4 * len(step))
-    batch = llmopt.generate_batch(ref, tok, prompts, max_new_tokens=5, ignore_eos=True)
-    assert [g.token_ids for g in llmopt.generate_batch(fast, tok, prompts, max_new_tokens=5, ignore_eos=True)] \
-        == [g.token_ids for g in batch]
-    lengths = [5, 3]
-    for cuda_graphs in (False, True):   # paged mixed steps; the graph path's padded buckets (on a CPU, eager)
-        calls.clear()
-        engine = llmopt.Engine(fast, tok, max_batch_size=2, block_size=4, cuda_graphs=cuda_graphs)
-        assert [g.token_ids for g in engine.generate_many(prompts, max_new_tokens=lengths, ignore_eos=True)] == \
-            [e[:n] for e, n in zip(expect, lengths)]
-        assert ("norm",) in calls       # the steps with one row left ran folded
-    if fuse:    # the suite's path: torch.compile (each GEMV one opaque op), 4 steps a DecodeGraph
-        assert llmopt.generate(fast, tok, prompts[1], max_new_tokens=6, ignore_eos=True, compile=True,
-                               graph_steps=4).token_ids == \
-            llmopt.generate(ref, tok, prompts[1], max_new_tokens=6, ignore_eos=True).token_ids
-
-
-@triton_only
-def test_triton_folded_keeps_plain_layers_where_a_projection_is_skipped(monkeypatch):
-    from llmopt.quantize import Int8DecodeBlock
-    small_gemv_blocks(monkeypatch)
-    model, tok = llmopt.load_model("tiny")
-    ref = llmopt.generate(model, tok, "ROMEO:", max_new_tokens=4, ignore_eos=True).token_ids
-    quantize(model, "int8", kernel="triton-folded", skip=("layers.1.mlp.down_proj",))
-    assert [type(layer) is Int8DecodeBlock for layer in model.layers] == [True, False, True, True]
-    assert llmopt.generate(model, tok, "ROMEO:", max_new_tokens=4, ignore_eos=True).token_ids == ref
 
 
 def test_triton_kernel_option_is_checked():
@@ -449,7 +321,7 @@ def test_triton_int8_decode_on_cuda_matches_the_reference_path(options):
     trained tiny model, fp32 activations), eager and compiled inside llmopt's CUDA graph, and so do
     the layers with norms, SwiGLU and adds folded into it ("triton-folded", projections fused and
     not); the kernel's [N] output matches the exact product on the 1B model's shapes."""
-    from llmopt.kernels import int8_gemv
+    from llmopt.kernels import gemv
     prompts = ["ROMEO:", "JULIET:\nWherefore art thou"]
     outs = {}
     for kernel, fuse in (("auto", False), ("triton", False), ("triton-folded", False), ("triton-folded", True)):
@@ -464,8 +336,8 @@ def test_triton_int8_decode_on_cuda_matches_the_reference_path(options):
         x, norm = torch.randn(k, device="cuda", generator=g), torch.rand(k, device="cuda", generator=g)
         res = torch.randn(n, device="cuda", generator=g)
         exact = (q.double() @ x.double()) * scale.double()
-        assert torch.allclose(int8_gemv(x, q, scale).double(), exact, rtol=1e-4, atol=1e-3)
+        assert torch.allclose(gemv(x, q, scale).double(), exact, rtol=1e-4, atol=1e-3)
         normed = x.double() / (x.double().pow(2).mean() + 1e-5).sqrt() * norm.double()
         exact = (q.double() @ normed) * scale.double() + res.double()
-        assert torch.allclose(int8_gemv(x, q, scale, norm=norm, eps=1e-5, residual=res).double(), exact,
+        assert torch.allclose(gemv(x, q, scale, norm=norm, eps=1e-5, residual=res).double(), exact,
                               rtol=1e-4, atol=1e-3)
