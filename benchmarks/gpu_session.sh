@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything one lent GPU session measures, in one call of about 8 minutes (a session has 15 minutes
 # of device time, the machine's start included; one call may run 10):
-#   1. the suite (benchmarks/gpu.py), every section, 420 s at most (the sections with goals first, the two
+#   1. the suite (benchmarks/gpu.py), every section, 415 s at most (the sections with goals first, the two
 #      goals still missed first of all; on 2026-11-28 the four of them took 331 s; this run adds rows: bf16 and
 #      int8 with llmopt's Triton decode attention, both with it and Inductor's combo kernels, and both with
 #      each layer's norms, SwiGLU and residual adds folded into the Triton GEMV (llmopt.fold); speculation,
@@ -11,14 +11,15 @@
 #      Triton decode attention, compiled without and with combo kernels, 75 s at most (the GEMV's block
 #      sizes, swept on 2026-11-28, are left out: `--gemv`);
 #   3. the CUDA-only tests: DecodeGraph's recorded and replayed tokens against plain greedy, the
-#      Triton GEMV's against the reference int8 path, the Triton decode attention against SDPA (random
-#      tensors, and tiny's greedy tokens eager and in a CUDA graph), and the engine's CUDA graphs (recorded
-#      per bucket, replayed) against the engine without them and plain greedy, 85 s at most (46 s on
-#      2026-11-28, before the attention tests).
+#      Triton GEMV's against the reference int8 path (folded layers too), the Triton decode attention against
+#      SDPA (random tensors, and tiny's greedy tokens eager and in a CUDA graph), the engine's CUDA graphs
+#      (recorded per bucket, replayed) against the engine without them and plain greedy, and bf16 / fp32
+#      folded layers against unfolded, 90 s at most (46 s on 2026-11-28, before the attention and fold tests).
 # (Inductor's coordinate-descent tuning of compiled int8, run here on 2026-11-28, used its 80 s compiling
 # and timed nothing; the Triton GEMV is the int8 path that counts now.)
 # Each step keeps what it finished when its time runs out, and a failed step never stops the next.
-# (pytest runs without the project's addopts: the lent machines have no nbval.)
+# (pytest runs without the project's addopts: the lent machines have no nbval; -v names each test as it
+# ends, so a step cut by its limit still says which passed.)
 # A second call, if device time is left, runs the notebooks as scripts (tools/run_notebooks.py; README).
 #   bash benchmarks/gpu_session.sh            # writes $OUT (on a lent machine) or results/gpu-session-<date>/
 #   bash benchmarks/gpu_session.sh --smoke    # CPU, seconds (CI runs this)
@@ -39,9 +40,9 @@ step() {   # step NAME SECONDS COMMAND...: a log per step, its time and exit sta
     local rc=$?
     echo "[$name] exit $rc after $((SECONDS - t0)) s (limit $limit s)" | tee -a "$dest/$name-log.txt"
 }
-step suite 420 "$py" benchmarks/gpu.py "${smoke[@]}" --out "$dest/suite"
+step suite 415 "$py" benchmarks/gpu.py "${smoke[@]}" --out "$dest/suite"
 step kernels 75 "$py" benchmarks/gpu_kernels.py "${smoke[@]}" --attention \
     --variants bf16-fused-attn,bf16-fused-attn-combo --graph-steps 16 --top 20
-step cuda-tests 85 "$py" -m pytest -q -o addopts="" -p no:cacheprovider tests/test_generate.py tests/test_quantize.py \
-    tests/test_kernels.py tests/test_batching.py -k cuda
+step cuda-tests 90 "$py" -m pytest -v -o addopts="" -p no:cacheprovider tests/test_generate.py tests/test_quantize.py \
+    tests/test_kernels.py tests/test_batching.py tests/test_fold.py -k cuda
 head -n 20 "$dest/suite/gpu_results.md" 2>/dev/null    # the goals table and the seconds per section
