@@ -56,16 +56,16 @@ def linear_gemv(linear: nn.Module, x: torch.Tensor, *, up: torch.Tensor | None =
                 norm: RMSNorm | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """`linear` (an nn.Linear or an Int8Linear) on one row x [1, 1, K] through `kernels.gemv`: on
     silu(x) * up (`up`) or on `norm(x)` (an RMSNorm), `residual` [1, 1, N] added to its output."""
-    scale = getattr(linear, "scale", None) if linear.weight.dtype == torch.int8 else None
-    bias = linear.bias
+    scale = linear.scale if linear.weight.dtype == torch.int8 else None
+    # the kernel adds the residual, unless a bias must come first (Qwen2's q, k, v have one; o and down not)
+    fold_residual = residual is not None and linear.bias is None
     y = gemv(x.reshape(-1), linear.weight, scale, None if up is None else up.reshape(-1),
              None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
-             None if residual is None or bias is not None else residual.reshape(-1))
+             residual.reshape(-1) if fold_residual else None)
     y = y.reshape(*x.shape[:-1], -1)
-    if bias is not None:        # the bias comes first, then the residual (Qwen2's q, k, v have one)
-        y = y + bias
-        return y if residual is None else y + residual
-    return y
+    if linear.bias is not None:
+        y = y + linear.bias
+    return y + residual if residual is not None and not fold_residual else y
 
 
 def foldable(layer: nn.Module) -> bool:
@@ -73,7 +73,7 @@ def foldable(layer: nn.Module) -> bool:
     Int8Linear (not int4, not a tensor-parallel shard's all-reducing one)."""
     from .quantize import Int8Linear
     parts = [layer.self_attn, layer.mlp]
-    linears = [m for part in parts for m in part.children() if m is not None]
+    linears = [m for part in parts for m in part.children()]
     return all(type(m) is nn.Linear or isinstance(m, Int8Linear) for m in linears)
 
 

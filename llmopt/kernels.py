@@ -125,6 +125,7 @@ def gemv_with(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
     even = n % config["BLOCK_N"] == 0 and k % config["BLOCK_K"] == 0
     grid = (-(-n // config["BLOCK_N"]),)
     from ._gemv_kernel import gemv_kernel    # Triton, on first use (the source is in that file)
+    # a pointer whose flag is off (SCALE, SWIGLU, NORM, RESIDUAL) is never read: any tensor stands in
     gemv_kernel[grid](x, weight, x if scale is None else scale, y, x if up is None else up,
                       x if norm is None else norm, y if residual is None else residual, n, k, weight.stride(0),
                       eps, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], EVEN=even, SCALE=int8,

@@ -97,8 +97,8 @@ class Attention(nn.Module):
         return self.o_proj(self.attend(q, k, v, cos, sin, mask, cache, input_pos))
 
     def attend(self, q, k, v, cos, sin, mask, cache, input_pos):
-        """What lies between the projections: q [B, T, H*D], k, v [B, T, Hkv*D] rotated, k and v
-        stored in the cache, attention over it; returns [B, T, H*D], o_proj's input."""
+        """What lies between the projections: q [B, T, H*D] and k, v [B, T, Hkv*D] as projected are
+        rotated, k and v stored in the cache, and q attends over it; returns [B, T, H*D], o_proj's input."""
         B, T, _ = q.shape
         # q: [B, H, T, D]; k, v: [B, Hkv, T, D]
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
