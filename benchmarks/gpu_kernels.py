@@ -119,14 +119,14 @@ def gemv_sweep(cfg, device: str, dtype, smoke: bool) -> None:
             w = torch.randn(n, k, device=device, dtype=dtype)
             q, scale = quantize_int8(w) if weights == "int8" else (w, None)
             scale, x = None if scale is None else scale.to(dtype), torch.randn(k, device=device, dtype=dtype)
-            pick = gemv_config(n, k, q.element_size())
+            pick, nbytes = gemv_config(n, k, q.element_size()), q.numel() * q.element_size()
             configs = gemv_neighbours(pick, k)[:2] if smoke else gemv_neighbours(pick, k)
             cells = []
             for c in configs:
                 t = time_gemv(x, q, scale, c, device)
                 cells.append(f"{'*' if c == pick else ''}{c['BLOCK_N']}x{c['BLOCK_K']}/w{c['num_warps']} "
-                             f"{n * k * q.element_size() / t / 1e9:.0f}")
-            print(f"{name} [{n} x {k}], {n * k * q.element_size() / 2**20:.1f} MiB: " + "; ".join(cells), flush=True)
+                             f"{nbytes / t / 1e9:.0f}")
+            print(f"{name} [{n} x {k}], {nbytes / 2**20:.1f} MiB: " + "; ".join(cells), flush=True)
             del w, q
 
 
