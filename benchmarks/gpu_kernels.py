@@ -12,8 +12,9 @@ With --gemv it first times llmopt's Triton GEMV (`llmopt.kernels.gemv`) on each 
 model, int8 and bf16, with the block sizes `gemv_config` picks and with the neighbouring ones, as GB/s of weight read.
 With --attention it times one decode step's attention of one layer, SDPA (what the model runs by default)
 against llmopt's Triton decode attention with the splits it picks and with others, for caches of several
-lengths, full or mostly unwritten. Each timing: 20 launches recorded as one CUDA graph, so the host's launch
-cost is not in it.
+lengths, full or mostly unwritten, and the step from the projections on (rotary, the cache write, attention),
+compiled around the kernel against all three in it (`decode_attention_append`). Each timing: 20 launches
+recorded as one CUDA graph, so the host's launch cost is not in it.
 """
 from __future__ import annotations
 
@@ -132,9 +133,11 @@ def gemv_sweep(cfg, device: str, dtype, smoke: bool) -> None:
 
 def attention_sweep(cfg, device: str, dtype, smoke: bool) -> None:
     """One layer's decode attention (batch 1), SDPA against llmopt's Triton kernel, on static caches of
-    several lengths: every slot written, and 288 of them written (the suite's decode: 32 + 256 tokens)."""
+    several lengths: every slot written, and 288 of them written (the suite's decode: 32 + 256 tokens);
+    then the step from the projections on (rotary, cache write, attention), compiled around the kernel
+    against `decode_attention_append`."""
     import torch.nn.functional as F
-    from llmopt.kernels import decode_attention_config, decode_attention_with
+    from llmopt.kernels import decode_attention_append, decode_attention_config, decode_attention_with
     H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     processors = torch.cuda.get_device_properties(device).multi_processor_count if device == "cuda" else 8
     print(f"\n== decode attention ({device}, {H} query heads, {Hkv} kv heads, head dim {D}): us per call; "
@@ -153,7 +156,33 @@ def attention_sweep(cfg, device: str, dtype, smoke: bool) -> None:
                 c = decode_attention_config(1, Hkv, H // Hkv, S, D, p)
                 t = time_launches(lambda: decode_attention_with(q, k, v, mask, c), device)
                 cells.append(f"{'*' if c == pick else ''}{c['SPLITS']} splits {t * 1e6:.1f}")
+            if written != min(S, 288):
+                print(f"{S} keys, {written} written: " + "; ".join(cells), flush=True)
+                continue
+            # a static cache's decode step from the projections on: rotary, cache write and attention as
+            # the compiled step ran them before (Inductor's kernels around the op), and in one kernel
+            qp, kp, vp = (torch.randn(1, 1, n * D, device=device, dtype=dtype) for n in (H, Hkv, Hkv))
+            angle = torch.rand(1, 1, 1, D, device=device) * 100
+            cos, sin, pos = angle.cos().to(dtype), angle.sin().to(dtype), torch.tensor([written - 1], device=device)
+            separate = torch.compile(rotary_cache_write_attention, fullgraph=True)
+            t_sep = time_launches(lambda: separate(qp, kp, vp, cos, sin, k, v, pos), device)
+            t_one = time_launches(lambda: decode_attention_append(qp, kp, vp, cos, sin, k, v, pos), device)
+            cells.append(f"with rotary and the cache write: compiled around the kernel {t_sep * 1e6:.1f}, "
+                         f"in it (append) {t_one * 1e6:.1f}")
             print(f"{S} keys, {written} written: " + "; ".join(cells), flush=True)
+
+
+def rotary_cache_write_attention(q, k, v, cos, sin, k_cache, v_cache, pos):
+    """What `Attention.attend` ran for a static cache's decode step before `decode_attention_append`:
+    rotary, the cache's index_copy_ and the Triton decode attention (q [1, 1, H*D], k, v [1, 1, Hkv*D])."""
+    from llmopt.kernels import decode_attention
+    from llmopt.model import rotate_half
+    D = k_cache.shape[-1]
+    q, k, v = (t.view(1, 1, -1, D).transpose(1, 2) for t in (q, k, v))
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    k_cache.index_copy_(2, pos, k)
+    v_cache.index_copy_(2, pos, v)
+    return decode_attention(q, k_cache, v_cache, None, pos)
 
 
 def main(argv=None) -> int:

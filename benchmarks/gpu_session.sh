@@ -7,9 +7,10 @@
 #      each layer's norms, SwiGLU and residual adds folded into the Triton GEMV (llmopt.fold); speculation,
 #      prefill and bitsandbytes, measured then, come last and may be cut);
 #   2. one layer's decode attention, SDPA against llmopt's Triton kernel with several splits, on caches of
-#      288 to 4,096 keys; then the kernels of one 16-step CUDA graph of bf16 with fused projections and the
-#      Triton decode attention, compiled without and with combo kernels, 75 s at most (the GEMV's block
-#      sizes, swept on 2026-11-28, are left out: `--gemv`);
+#      288 to 4,096 keys, and rotary + cache write + attention compiled around the kernel against all in it
+#      (`decode_attention_append`); then the kernels of one 16-step CUDA graph of bf16 with fused projections
+#      and the Triton decode attention, unfolded and folded, 75 s at most (the GEMV's block sizes, swept on
+#      2026-11-28, are left out: `--gemv`);
 #   3. the CUDA-only tests: DecodeGraph's recorded and replayed tokens against plain greedy, the
 #      Triton GEMV's against the reference int8 path (folded layers too), the Triton decode attention against
 #      SDPA (random tensors, and tiny's greedy tokens eager and in a CUDA graph), the engine's CUDA graphs
@@ -42,7 +43,7 @@ step() {   # step NAME SECONDS COMMAND...: a log per step, its time and exit sta
 }
 step suite 415 "$py" benchmarks/gpu.py "${smoke[@]}" --out "$dest/suite"
 step kernels 75 "$py" benchmarks/gpu_kernels.py "${smoke[@]}" --attention \
-    --variants bf16-fused-attn,bf16-fused-attn-combo --graph-steps 16 --top 20
+    --variants bf16-fused-attn,bf16-folded-attn --graph-steps 16 --top 20
 step cuda-tests 90 "$py" -m pytest -v -o addopts="" -p no:cacheprovider tests/test_generate.py tests/test_quantize.py \
     tests/test_kernels.py tests/test_batching.py tests/test_fold.py -k cuda
 head -n 20 "$dest/suite/gpu_results.md" 2>/dev/null    # the goals table and the seconds per section

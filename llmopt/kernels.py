@@ -45,6 +45,13 @@ end of a static cache is never read, and no [1, S] mask is made (compiled, it wa
 for every layer); with a mask (a padded batch), a block of keys it hides entirely is skipped.
 `model.set_attention("triton")` sends every one-token attention through it (prompts keep SDPA).
 
+`decode_attention_append` is the same kernel with the work before it: over a static cache, a
+step's q, k and v arrive as projected; each program rotates its query heads and its kv head's
+new key (rotary, in fp32), reads the cache's keys before the token's slot, and the program whose
+split holds that slot adds the new key and value from registers and writes them into the cache.
+No program reads that slot from memory in the same launch, so there is no race. Compiled, the
+rotary and cache writes were three or four small kernels a layer on the H100 of 2026-11-28.
+
 Both are `torch.library` custom ops, so torch.compile treats each as one opaque kernel. They
 run on CUDA GPUs; with `TRITON_INTERPRET=1` Triton's interpreter runs them on a CPU (slowly,
 with numpy), which is how the tests check them on machines without a GPU, and
@@ -181,38 +188,85 @@ def decode_attention_with(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     check_triton_device(q.device, "llmopt's Triton decode attention", "use model.set_attention('sdpa')")
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    if mask is not None and mask.dim() == 2:    # [1, S]: the same keys for every row and head
-        mask = mask[None, None]
-    if (T != 1 or k.shape != (B, Hkv, S, D) or v.shape != k.shape or H % Hkv
-            or (mask is not None and (mask.dim() != 4 or mask.shape[1:3] != (1, 1) or mask.shape[-1] != S
-                                      or mask.shape[0] not in (1, B)))):
+    if (T != 1 or k.shape != (B, Hkv, S, D) or v.shape != k.shape or H % Hkv):
         raise ValueError(f"decode_attention takes q [B, H, 1, D], k and v [B, Hkv, S, D] (H a multiple of Hkv) "
                          f"and a mask [B or 1, 1, 1, S], [1, S] or None; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}, mask {None if mask is None else tuple(mask.shape)}")
     if last is not None and (last.dim() != 1 or last.shape[0] not in (1, B) or last.is_floating_point()):
         raise ValueError(f"decode_attention's last slot is an integer tensor [B] or [1]; got {last.dtype} "
                          f"{tuple(last.shape)}")
-    if mask is not None:
-        if mask.dtype == torch.bool:    # True: may attend -> additive 0 / -inf
-            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-        mask = mask.expand(B, 1, 1, S)
-        mask = mask if mask.stride(-1) == 1 else mask.contiguous()
     # the kernel takes the last dim contiguous (wide loads); the cache's buffers and q's view are
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _launch_attention(q, k, v, _additive_mask(mask, q, B, S, "decode_attention"), config, last)
+
+
+def decode_attention_append_with(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                                 sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 pos: torch.Tensor, mask: torch.Tensor | None, config: dict) -> torch.Tensor:
+    """`decode_attention_append` with the given tiles and splits (tests and sweeps)."""
+    check_triton_device(q.device, "llmopt's Triton decode attention", "use model.set_attention('sdpa')")
+    B, Hkv, S, D = k_cache.shape
+    H = q.shape[-1] // D if q.dim() == 3 else 0
+    if (q.shape != (B, 1, H * D) or H % Hkv or k.shape != (B, 1, Hkv * D) or v.shape != k.shape
+            or v_cache.shape != k_cache.shape or D % 2 or cos.shape[-1] != D or cos.numel() not in (D, B * D)
+            or sin.shape != cos.shape):
+        raise ValueError(f"decode_attention_append takes q [B, 1, H*D], k and v [B, 1, Hkv*D] as projected, cos "
+                         f"and sin [B or 1, ..., D] and caches [B, Hkv, S, D] (H a multiple of Hkv, D even); got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, cos {tuple(cos.shape)}, "
+                         f"caches {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError(f"decode_attention_append writes into caches in q's dtype ({q.dtype}), contiguous along "
+                         f"the head dim; got {k_cache.dtype} and {v_cache.dtype} with strides {k_cache.stride()}")
+    if pos.shape != (1,) or pos.is_floating_point():
+        raise ValueError(f"decode_attention_append's pos is the token's slot, an integer tensor [1]; got {pos.dtype} "
+                         f"{tuple(pos.shape)}")
+    q, k, v, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, cos, sin))
+    cos, sin = cos.reshape(-1, D), sin.reshape(-1, D)
+    q4 = q.view(B, 1, H, D).transpose(1, 2)     # [B, H, 1, D] with q's own strides
+    return _launch_attention(q4, k_cache, v_cache, _additive_mask(mask, q, B, S, "decode_attention_append"),
+                             config, pos, new=(k.view(B, -1), v.view(B, -1), cos, sin)).view(B, 1, H * D)
+
+
+def _additive_mask(mask: torch.Tensor | None, q: torch.Tensor, B: int, S: int, what: str) -> torch.Tensor | None:
+    """A [B, 1, 1, S] additive (0 / -inf) mask contiguous along S, from a boolean or additive one of
+    [B or 1, 1, 1, S] or [1, S]."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:    # [1, S]: the same keys for every row and head
+        mask = mask[None, None]
+    if mask.dim() != 4 or mask.shape[1:3] != (1, 1) or mask.shape[-1] != S or mask.shape[0] not in (1, B):
+        raise ValueError(f"{what} takes a mask [B or 1, 1, 1, S], [1, S] or None with S = {S} keys; "
+                         f"got mask {tuple(mask.shape)}")
+    if mask.dtype == torch.bool:    # True: may attend -> additive 0 / -inf
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    mask = mask.expand(B, 1, 1, S)
+    return mask if mask.stride(-1) == 1 else mask.contiguous()
+
+
+def _launch_attention(q, k, v, mask, config, last, new=None):
+    """The kernels of `decode_attention_with` (q [B, H, 1, D]) and, with `new` = (k_new, v_new, cos, sin),
+    of `decode_attention_append_with` (`last` is then the token's slot)."""
+    B, H, _, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
     splits = config["SPLITS"]
     out = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
     part = out if splits == 1 else torch.empty(B, H, splits, D, device=q.device, dtype=torch.float32)
     lse = out if splits == 1 else torch.empty(B, H, splits, device=q.device, dtype=torch.float32)
-    m = mask if mask is not None else q         # any pointer: HAS_MASK=False never reads it
-    lst = last if last is not None else q       # the same for HAS_LAST=False
+    # a pointer whose flag is off (HAS_MASK, HAS_LAST, APPEND) is never read: any tensor stands in
+    m = mask if mask is not None else q
+    lst = last if last is not None else q
     last_stride = 0 if last is None or last.shape[0] == 1 else last.stride(0)
+    kn, vn, cos, sin = new if new is not None else (q, q, q, q)
+    cos_stride = 0 if new is None or cos.shape[0] == 1 else cos.stride(0)
     from ._attention_kernel import combine_kernel, decode_attention_kernel
     decode_attention_kernel[(B * Hkv, splits)](
-        q, k, v, m, lst, part, lse, S, Hkv, 1.0 / math.sqrt(D), config["SPLIT_LEN"], splits, q.stride(0),
-        q.stride(1), *k.stride()[:3], *v.stride()[:3], m.stride(0), last_stride,
+        q, k, v, m, lst, part, lse, kn, vn, cos, sin, S, Hkv, 1.0 / math.sqrt(D), config["SPLIT_LEN"], splits,
+        q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3], m.stride(0), last_stride,
+        kn.stride(0) if new is not None else 0, vn.stride(0) if new is not None else 0, cos_stride,
         G=H // Hkv, D=D, BLOCK_G=config["BLOCK_G"], BLOCK_S=config["BLOCK_S"], BLOCK_D=config["BLOCK_D"],
-        ONE_SPLIT=splits == 1, HAS_MASK=mask is not None, HAS_LAST=last is not None,
-        IEEE=q.dtype == torch.float32, UPCAST=interpreting(), num_warps=config["num_warps"])
+        ONE_SPLIT=splits == 1, HAS_MASK=mask is not None, HAS_LAST=last is not None and new is None,
+        APPEND=new is not None, IEEE=q.dtype == torch.float32, UPCAST=interpreting(),
+        num_warps=config["num_warps"])
     if splits > 1:
         combine_kernel[(B * H,)](part, lse, out, splits, D=D,
                                  BLOCK_SPLITS=max(2, 1 << (splits - 1).bit_length()), BLOCK_D=config["BLOCK_D"])
@@ -235,3 +289,24 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 @decode_attention.register_fake
 def _(q, k, v, mask, last=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("llmopt::decode_attention_append", mutates_args=("k_cache", "v_cache"))
+def decode_attention_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                            sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A decode step's attention over a static cache with the work before it in the same kernel:
+    q [B, 1, H*D], k and v [B, 1, Hkv*D] as their projections made them; cos, sin [B or 1, 1, 1, D] the
+    token's rotary row. q and k are rotated, k and v written into the caches [B, Hkv, S, D] at slot
+    `pos` [1] (in place, as `StaticKVCache.update` does), and q attends over the cache's keys up to and
+    including that slot (`mask` as in `decode_attention`, for a padded batch). Returns [B, 1, H*D], o_proj's
+    input, in q's dtype. One launch where the step had rotary, two cache writes and attention."""
+    B, Hkv, S, D = k_cache.shape
+    H = q.shape[-1] // D
+    cfg = decode_attention_config(B, Hkv, H // Hkv, S, D, _processors(q.device))
+    return decode_attention_append_with(q, k, v, cos, sin, k_cache, v_cache, pos, mask, cfg)
+
+
+@decode_attention_append.register_fake
+def _(q, k, v, cos, sin, k_cache, v_cache, pos, mask=None):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)

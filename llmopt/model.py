@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig
-from .kernels import check_triton_device, decode_attention
+from .kernels import check_triton_device, decode_attention, decode_attention_append
+from .kv_cache import StaticKVCache
 from .precision import as_dtype, check_device
 
 # "triton": llmopt's Triton kernel for the one-token steps of decoding (kernels.decode_attention), SDPA
@@ -100,6 +101,13 @@ class Attention(nn.Module):
         """What lies between the projections: q [B, T, H*D] and k, v [B, T, Hkv*D] as projected are
         rotated, k and v stored in the cache, and q attends over it; returns [B, T, H*D], o_proj's input."""
         B, T, _ = q.shape
+        if (self.backend == "triton" and T == 1 and isinstance(cache, StaticKVCache) and mask is not None
+                and cache.k[self.layer_idx].dtype == q.dtype):
+            # a decode step over a static cache: rotary, the cache write and attention in one kernel, where
+            # compiled they were three or four (H100 profile, 2026-11-28). The [1, S] mask of a plain step
+            # (slots <= input_pos) is the kernel's own rule; a padded batch's [B, 1, 1, S] one is passed
+            return decode_attention_append(q, k, v, cos, sin, cache.k[self.layer_idx], cache.v[self.layer_idx],
+                                           input_pos, None if mask.dim() == 2 else mask)
         # q: [B, H, T, D]; k, v: [B, Hkv, T, D]
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -115,7 +123,7 @@ class Attention(nn.Module):
                 # k, v: [B, Hkv, S, D] -- every key/value the cache holds for this layer
                 k, v = cache.update(self.layer_idx, input_pos, k, v)
             if self.backend == "triton" and T == 1 and mask is not None and mask.dim() == 2:
-                # a plain decode step over a cache (layer_inputs' [1, S] mask: slots <= input_pos): the
+                # a plain decode step over another cache (layer_inputs' [1, S] mask: slots <= input_pos): the
                 # kernel takes the token's slot instead of the mask, which torch.compile would otherwise
                 # compute again for every layer, the mask being cheap to recompute (seen in its CPU code)
                 out = decode_attention(q, k, v, None, input_pos)

@@ -154,31 +154,149 @@ def test_decode_attention_is_one_op_under_torch_compile():
     torch.testing.assert_close(compiled(q, k, v, mask), decode_attention(q, k, v, mask) * 2)
 
 
+def rotary_inputs(B, H, Hkv, S, D, dtype, seed):
+    """A static cache's decode step as Attention.attend receives it: q, k, v as projected, the token's
+    rotary row (a position per row, as a left-padded batch has), caches full of earlier keys."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, 1, n * D, generator=g).to(DEVICE, dtype) for n in (H, Hkv, Hkv))
+    angle = torch.rand(B, 1, 1, D // 2, generator=g) * 100
+    angle = torch.cat([angle, angle], dim=-1)
+    cos, sin = angle.cos().to(DEVICE, dtype), angle.sin().to(DEVICE, dtype)
+    k_cache, v_cache = (torch.randn(B, Hkv, S, D, generator=g).to(DEVICE, dtype) for _ in range(2))
+    return q, k, v, cos, sin, k_cache, v_cache
+
+
+def appended_reference(q, k, v, cos, sin, k_cache, v_cache, pos, keep):
+    """In fp64: rotate q and k (model.rotate_half), write k, v at slot `pos`, attend over `keep`'s keys."""
+    from llmopt.model import rotate_half
+    B, Hkv, S, D = k_cache.shape
+    q, k, v = (t.double().view(B, 1, -1, D).transpose(1, 2) for t in (q, k, v))
+    cos, sin = cos.double(), sin.double()
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    k_all, v_all = k_cache.double().clone(), v_cache.double().clone()
+    k_all[:, :, pos], v_all[:, :, pos] = k[:, :, 0], v[:, :, 0]
+    out = reference_attention(q, k_all, v_all, keep)
+    return out.transpose(1, 2).reshape(B, 1, -1), k_all, v_all
+
+
+# (B, H, Hkv, S, D, the token's slot, a mask per row): the slot first, mid-split, on a split's first
+# key, last; a group of 3 and of 7 (padded), head dims 16, 24 (padded), 32, 128
+APPEND_CASES = [(1, 8, 4, 200, 32, 130, False), (2, 6, 2, 70, 16, 0, True), (1, 4, 4, 300, 64, 256, False),
+                (2, 6, 2, 130, 24, 129, True), (1, 14, 2, 100, 128, 77, False)]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", APPEND_CASES, ids=["slot130", "slot0-rows", "slot256", "d24-rows", "group7"])
+def test_decode_attention_append_is_rotary_cache_write_and_attention(case, dtype):
+    """`decode_attention_append`: q and k rotated, k and v written at the token's slot (nothing else in
+    the caches changes), and attention over the keys up to it, the new one included: the exact answer
+    within fp32 rounding (bf16: within its rounding, each cache entry within one rounding step), one
+    split and several. What the caches held at the slot and after it is never read."""
+    from llmopt.kernels import decode_attention_append, decode_attention_append_with, decode_attention_config
+    B, H, Hkv, S, D, pos, rows = case
+    q, k, v, cos, sin, k_cache, v_cache = rotary_inputs(B, H, Hkv, S, D, dtype, seed=S + D)
+    keep = (torch.arange(S, device=DEVICE) <= pos).expand(B, 1, 1, S).clone()
+    if rows:    # a padded batch: holes before the slot, the slot itself always seen
+        keep &= torch.rand(B, 1, 1, S, generator=torch.Generator().manual_seed(pos)).to(DEVICE) < 0.6
+        keep[..., pos] = True
+    mask = additive(keep, dtype) if rows else None
+    exact, k_exact, v_exact = appended_reference(q, k, v, cos, sin, k_cache, v_cache, pos, keep)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for t in (k_cache, v_cache, k_exact, v_exact):
+        t[:, :, pos + 1:] = float("nan")    # the unwritten end, and the token's slot below: never read
+    k_cache[:, :, pos], v_cache[:, :, pos] = float("nan"), float("nan")
+    splits = set()
+    for processors in (1, 64):
+        cfg = decode_attention_config(B, Hkv, H // Hkv, S, D, processors)
+        splits.add(cfg["SPLITS"])
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out = decode_attention_append_with(q, k, v, cos, sin, kc, vc, torch.tensor([pos], device=DEVICE), mask, cfg)
+        assert out.shape == (B, 1, H * D) and out.dtype == dtype
+        torch.testing.assert_close(out.double(), exact, **tol)
+        written = torch.zeros(S, dtype=torch.bool, device=DEVICE)
+        written[pos] = True
+        for cache, want in ((kc, k_exact), (vc, v_exact)):
+            torch.testing.assert_close(cache[:, :, ~written].double(), want[:, :, ~written], equal_nan=True,
+                                       atol=0, rtol=0)
+            step = 1e-6 if dtype == torch.float32 else 2 ** -7 * want[:, :, pos].abs().clamp(min=1)
+            assert ((cache[:, :, pos].double() - want[:, :, pos]).abs() <= step).all()
+    assert 1 in splits and len(splits) == 2
+    kc, vc = k_cache.clone(), v_cache.clone()
+    torch.testing.assert_close(decode_attention_append(q, k, v, cos, sin, kc, vc, torch.tensor([pos], device=DEVICE),
+                                                       mask).double(), exact, **tol)
+
+
+@needs_triton
+def test_decode_attention_append_is_in_place_under_torch_compile():
+    """Compiled, the op writes into the caches it is given (a functional copy of each layer's cache
+    every step would cost more than the kernel saves): Inductor's code calls it on them, clones nothing."""
+    from torch._inductor.utils import run_and_get_code
+
+    from llmopt.kernels import decode_attention_append
+    q, k, v, cos, sin, k_cache, v_cache = rotary_inputs(1, 4, 2, 96, 16, torch.float32, seed=3)
+    pos = torch.tensor([40], device=DEVICE)
+
+    def layers(q, k, v, cos, sin, caches, pos):     # two layers, as a decode step runs them
+        for kc, vc in caches:
+            q = decode_attention_append(q.sin(), k, v, cos, sin, kc, vc, pos)
+        return q
+    eager = [(k_cache.clone(), v_cache.clone()) for _ in range(2)]
+    compiled = [(k_cache.clone(), v_cache.clone()) for _ in range(2)]
+    want = layers(q, k, v, cos, sin, eager, pos)
+    got, code = run_and_get_code(torch.compile(layers, fullgraph=True), q, k, v, cos, sin, compiled, pos)
+    torch.testing.assert_close(got, want)
+    for (kc, vc), (ke, ve) in zip(compiled, eager):
+        torch.testing.assert_close(kc, ke, atol=0, rtol=0)
+        torch.testing.assert_close(vc, ve, atol=0, rtol=0)
+    code = "\n".join(code)
+    assert code.count("llmopt.decode_attention_append") >= 2 and "clone" not in code, code
+
+
+@needs_triton
+def test_decode_attention_append_rejects_what_it_does_not_compute():
+    from llmopt.kernels import decode_attention_append
+    q, k, v, cos, sin, k_cache, v_cache = rotary_inputs(1, 4, 2, 32, 16, torch.float32, seed=4)
+    pos = torch.tensor([5])
+    with pytest.raises(ValueError, match=r"q \[B, 1, H\*D\].*got q \(1, 2, 64\)"):
+        decode_attention_append(q.expand(1, 2, 64), k, v, cos, sin, k_cache, v_cache, pos)  # two tokens
+    with pytest.raises(ValueError, match="caches in q's dtype"):
+        decode_attention_append(q, k, v, cos, sin, k_cache.half(), v_cache.half(), pos)
+    with pytest.raises(ValueError, match=r"an integer tensor \[1\]"):
+        decode_attention_append(q, k, v, cos, sin, k_cache, v_cache, torch.tensor([5, 6]))
+    with pytest.raises(ValueError, match=r"got mask \(1, 4, 1, 32\)"):
+        decode_attention_append(q, k, v, cos, sin, k_cache, v_cache, pos, torch.zeros(1, 4, 1, 32))
+
+
 @needs_triton
 @pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's model run (on a GPU: the cuda test below)")
 def test_triton_attention_decodes_as_sdpa_does(monkeypatch):
     """`set_attention("triton")`: every one-token step of the trained tiny model goes through the kernel
-    (prompts keep SDPA), with the greedy tokens of SDPA: static and dynamic caches, and a left-padded
-    batch (a mask per row)."""
+    (prompts keep SDPA), with the greedy tokens of SDPA: static caches (rotary and the cache write in the
+    kernel too), dynamic ones, and a left-padded batch (a mask per row)."""
     import llmopt.kernels as kernels
     model, tok = llmopt.load_model("tiny")
     prompts = ["ROMEO:", "JULIET:\nO Romeo, Romeo"]
     ref = [llmopt.generate(model, tok, p, max_new_tokens=6, ignore_eos=True).token_ids for p in prompts]
     ref_batch = llmopt.generate_batch(model, tok, prompts, max_new_tokens=6, ignore_eos=True)
     calls = []
-    real = kernels.decode_attention_with
+    attend, append = kernels.decode_attention_with, kernels.decode_attention_append_with
     monkeypatch.setattr(kernels, "decode_attention_with",
-                        lambda *a: calls.append((a[0].shape[2], a[3] is None, a[5] is not None)) or real(*a))
+                        lambda *a: calls.append(("attend", a[0].shape[2], a[3] is None, a[5] is not None))
+                        or attend(*a))
+    monkeypatch.setattr(kernels, "decode_attention_append_with",
+                        lambda *a: calls.append(("append", a[0].shape[1], a[8] is None)) or append(*a))
     model.set_attention("triton")
-    for cache in ("static", "dynamic"):
+    steps = 2 * 5 * model.config.n_layers      # two prompts, five one-token steps each, every layer
+    for cache, call in (("static", ("append", 1, True)), ("dynamic", ("attend", 1, True, True))):
         assert [llmopt.generate(model, tok, p, max_new_tokens=6, ignore_eos=True, cache=cache).token_ids
                 for p in prompts] == ref
-    # one query row, and the token's slot instead of a mask (no [1, S] mask to compute again per layer)
-    assert len(calls) == 2 * 2 * 5 * model.config.n_layers and set(calls) == {(1, True, True)}
-    calls.clear()
+        # one query row, and the token's slot instead of a mask (no [1, S] mask to compute again per layer)
+        assert len(calls) == steps and set(calls) == {call}, cache
+        calls.clear()
     assert [g.token_ids for g in llmopt.generate_batch(model, tok, prompts, max_new_tokens=6, ignore_eos=True)] \
         == [g.token_ids for g in ref_batch]
-    assert calls and set(calls) == {(1, False, False)}        # a padded batch: a mask per row
+    assert calls and set(calls) == {("append", 1, False)}        # a padded batch: a mask per row
 
 
 @needs_triton
@@ -272,18 +390,24 @@ def ptx_features() -> dict:
     features = lambda ptx: {"mma": "mma.sync" in ptx, "v4": "ld.global.v4" in ptx,  # noqa: E731
                             "store": "st.global" in ptx}
     out = {}
-    aligned = ("q_ptr", "k_ptr", "v_ptr", "mask_ptr", "out_ptr", "lse_ptr",
-               "sq_b", "sq_h", "sk_b", "sk_h", "sk_s", "sv_b", "sv_h", "sv_s", "sm_b")
-    # a batch's mask, one split; generate's decode (the token's slot, no mask), splits; fp32 with both
-    for dtype, one_split, has_mask, has_last in (("bf16", True, True, False), ("bf16", False, False, True),
-                                                 ("fp32", False, True, True)):
+    aligned = ("q_ptr", "k_ptr", "v_ptr", "mask_ptr", "out_ptr", "lse_ptr", "kn_ptr", "vn_ptr", "cos_ptr",
+               "sin_ptr", "sq_b", "sq_h", "sk_b", "sk_h", "sk_s", "sv_b", "sv_h", "sv_s", "sm_b", "skn_b", "svn_b",
+               "sc_b")
+    # a batch's mask, one split; generate's decode (the token's slot, no mask), splits; fp32 with both;
+    # a static cache's decode step with rotary and the cache write inside (append), splits, and a padded
+    # batch's (append with a mask), one split
+    for dtype, one_split, has_mask, has_last, append in (
+            ("bf16", True, True, False, False), ("bf16", False, False, True, False), ("fp32", False, True, True, False),
+            ("bf16", False, False, False, True), ("bf16", True, True, False, True)):
         part = dtype if one_split else "fp32"
         types = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "mask_ptr": f"*{dtype}",
-                 "last_ptr": "*i64", "out_ptr": f"*{part}", "lse_ptr": f"*{part}", "scale": "fp32"}
-        out[f"attention-{dtype}-{'one' if one_split else 'splits'}"] = features(compile_for_h100(
+                 "last_ptr": "*i64", "out_ptr": f"*{part}", "lse_ptr": f"*{part}", "kn_ptr": f"*{dtype}",
+                 "vn_ptr": f"*{dtype}", "cos_ptr": f"*{dtype}", "sin_ptr": f"*{dtype}", "scale": "fp32"}
+        name = f"attention-{dtype}-{'one' if one_split else 'splits'}{'-append' if append else ''}"
+        out[name] = features(compile_for_h100(
             decode_attention_kernel, dict(G=4, D=64, BLOCK_G=16, BLOCK_S=64, BLOCK_D=64, ONE_SPLIT=one_split,
-                                          HAS_MASK=has_mask, HAS_LAST=has_last, IEEE=dtype == "fp32",
-                                          UPCAST=False), types, aligned))
+                                          HAS_MASK=has_mask, HAS_LAST=has_last, APPEND=append,
+                                          IEEE=dtype == "fp32", UPCAST=False), types, aligned))
         out[f"combine-{dtype}"] = features(compile_for_h100(
             combine_kernel, dict(D=64, BLOCK_SPLITS=8, BLOCK_D=64),
             {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dtype}"}))
