@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import llmopt  # noqa: E402
-from llmopt.bench import (COMBO_KERNELS, compare_with_transformers, decode_bytes_per_token,  # noqa: E402
+from llmopt.bench import (compare_with_transformers, decode_bytes_per_token,  # noqa: E402
                           graph_variants, to_transformers)
 from llmopt.profiling import device_info, probe_bandwidth, probe_matmul  # noqa: E402
 
@@ -268,17 +268,6 @@ def main(argv=None) -> int:
                                               ", fused projections, folded layers, Triton decode attention"):
                 rows.insert(len(rows) - 1, timed_row(fused, label, opts, prompt, eager))
         del fused
-        if device == "cuda":
-            # the same compiled with Inductor's combo kernels: independent small kernels (q's rotary, k's rotary
-            # and cache write, v's cache write) launched as one, each launch timed against the separate ones
-            # (llmopt.bench.COMBO_KERNELS); a fresh model, since compiled steps are kept per model
-            combo = llmopt.fuse_projections(llmopt.build_model(cfg, device=device, dtype=dtype))
-            combo.set_attention("triton")
-            with inductor.patch(COMBO_KERNELS):
-                for label, opts in graph_variants(modes, args.graph_steps,
-                                                  ", fused projections, Triton decode attention, combo kernels"):
-                    rows.insert(len(rows) - 1, timed_row(combo, label, opts, prompt, eager))
-            del combo
         add_mbu(rows, cfg, dtype)
         ok = [r for r in rows[:-1] if "error" not in r]
         return {"rows": rows, "ratio_llmopt_over_transformers":
@@ -303,25 +292,23 @@ def main(argv=None) -> int:
         # int8 with fused projections first (the fastest bf16 path's layout; a run cut by its limit
         # keeps the rows that decide the goal): Inductor's kernels, then llmopt's Triton GEMV (a GPU
         # only: Triton's CPU interpreter is far too slow for a smoke run), then with the bf16 rows'
-        # Triton decode attention, without and with combo kernels; unfused int8 as measured on
-        # 2026-11-27 in smoke mode only now (on the H100 of 2026-11-28: 669.8 tokens/s, below the fused
-        # rows); int4 only in smoke mode or with --int4 (1.79 ms a token on the H100, 2026-11-27)
-        # (label, method, options, fuse projections, Triton decode attention, Inductor options)
-        variants = [("int8 weight-only, fused projections", "int8", {}, True, False, {})]
+        # Triton decode attention, then folded; unfused int8 as measured on 2026-11-27 in smoke mode only
+        # now (on the H100 of 2026-11-28: 669.8 tokens/s, below the fused rows); int4 only in smoke mode
+        # or with --int4 (1.79 ms a token on the H100, 2026-11-27)
+        # (label, method, options, fuse projections, Triton decode attention)
+        variants = [("int8 weight-only, fused projections", "int8", {}, True, False)]
         if device == "cuda":
             gemv = "int8 weight-only, fused projections, Triton GEMV"
-            variants += [(gemv, "int8", {"kernel": "triton"}, True, False, {}),
-                         (f"{gemv}, Triton decode attention", "int8", {"kernel": "triton"}, True, True, {}),
-                         (f"{gemv}, Triton decode attention, combo kernels", "int8", {"kernel": "triton"}, True,
-                          True, COMBO_KERNELS),
+            variants += [(gemv, "int8", {"kernel": "triton"}, True, False),
+                         (f"{gemv}, Triton decode attention", "int8", {"kernel": "triton"}, True, True),
                          # each layer's norms, SwiGLU and residual adds inside its GEMVs (llmopt.fold)
                          (f"{gemv}, folded layers, Triton decode attention", "int8",
-                          {"kernel": "triton-folded"}, True, True, {})]
+                          {"kernel": "triton-folded"}, True, True)]
         else:
-            variants.append(("int8 weight-only", "int8", {}, False, False, {}))
+            variants.append(("int8 weight-only", "int8", {}, False, False))
         if args.smoke or args.int4:
-            variants.append(("int4 g64 weight-only", "int4", {"group_size": 64}, False, False, {}))
-        for label, method, kw, fuse, attention, options in variants:
+            variants.append(("int4 g64 weight-only", "int4", {"group_size": 64}, False, False))
+        for label, method, kw, fuse, attention in variants:
             model = llmopt.build_model(cfg, device=device, dtype=dtype)
             full = model_bytes(model)
             try:
@@ -340,8 +327,7 @@ def main(argv=None) -> int:
                 paths = [(f"{label} compiled ({m}), sync every {args.sync_every} tokens",
                           {"compile": m, "sync_every": args.sync_every}) for m in modes] or [(label, {})]
             for name, opts in paths:
-                with inductor.patch(options):           # compiled inside the row's first call
-                    row = timed_row(model, name, opts, prompt)
+                row = timed_row(model, name, opts, prompt)
                 if "error" not in row:
                     row["bytes_ratio"] = model_bytes(model) / full
                     add_mbu([row], cfg, dtype, row["bytes_ratio"])

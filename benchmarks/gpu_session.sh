@@ -3,8 +3,8 @@
 # of device time, the machine's start included; one call may run 10):
 #   1. the suite (benchmarks/gpu.py), every section, 415 s at most (the sections with goals first, the two
 #      goals still missed first of all; on 2026-11-28 the four of them took 331 s; this run adds rows: bf16 and
-#      int8 with llmopt's Triton decode attention, both with it and Inductor's combo kernels, and both with
-#      each layer's norms, SwiGLU and residual adds folded into the Triton GEMV (llmopt.fold); speculation,
+#      int8 with llmopt's Triton decode attention (rotary and the cache write inside it), and both with each
+#      layer's norms, SwiGLU and residual adds folded into the Triton GEMV (llmopt.fold); speculation,
 #      prefill and bitsandbytes, measured then, come last and may be cut);
 #   2. one layer's decode attention, SDPA against llmopt's Triton kernel with several splits, on caches of
 #      288 to 4,096 keys, and rotary + cache write + attention compiled around the kernel against all in it

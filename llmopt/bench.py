@@ -154,13 +154,6 @@ def compare_with_transformers(model, tokenizer, hf_model, *, prompt=DEFAULT_PROM
     return rows
 
 
-# Inductor's horizontal fusion ("combo kernels", torch >= 2.9): kernels with no data between them, of
-# different sizes, generated as one launch where timing each candidate says it pays. A decode step at batch 1
-# runs about ten 1-1.5 us kernels a layer on an H100 (2026-11-28), several of them siblings. The GPU suite's
-# and gpu_kernels.py's combo rows compile with these options (torch._inductor.config.patch).
-COMBO_KERNELS = {"combo_kernels": True, "benchmark_combo_kernel": True}
-
-
 def graph_variants(modes, k: int, suffix: str = "") -> list[tuple[str, dict]]:
     """(label, generate options) for decoding with k steps per `DecodeGraph`: eager when no
     `modes`, else one per distinct compile of the recorded step (reduce-overhead's is default's)."""
