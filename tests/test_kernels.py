@@ -188,7 +188,8 @@ APPEND_CASES = [(1, 8, 4, 200, 32, 130, False), (2, 6, 2, 70, 16, 0, True), (1, 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", APPEND_CASES, ids=["slot130", "slot0-rows", "slot256", "d24-rows", "group7"])
-def test_decode_attention_append_is_rotary_cache_write_and_attention(case, dtype):
+@pytest.mark.parametrize("device", [DEVICE], ids=[DEVICE if DEVICE == "cuda" else "interpreter"])
+def test_decode_attention_append_is_rotary_cache_write_and_attention(case, dtype, device):
     """`decode_attention_append`: q and k rotated, k and v written at the token's slot (nothing else in
     the caches changes), and attention over the keys up to it, the new one included: the exact answer
     within fp32 rounding (bf16: within its rounding, each cache entry within one rounding step), one
