@@ -178,6 +178,34 @@ def test_folding_a_compiled_model_rebuilds_its_step(monkeypatch):
 
 
 @interpreter
+def test_a_compiled_folded_step_has_no_kernel_of_its_own_per_layer(monkeypatch):
+    """What folding and the Triton attention leave of a compiled decode step (Inductor's code, on this
+    CPU): per layer only llmopt's ops, four GEMVs and one attention that rotates, writes the cache in
+    place and attends; the kernels Inductor generates (embedding, the rotary table, the final norm)
+    are as many for two layers as for one, and no cache is copied."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+    small_gemv_blocks(monkeypatch)
+    found = []
+    for layers in (1, 2):
+        model = llmopt.build_model(llmopt.get_config("tiny").replace(n_layers=layers))
+        fold_layers(llmopt.fuse_projections(model)).set_attention("triton")
+        cache = make_cache("static", model.config, 1, 16, dtype=model.dtype)
+        with torch.no_grad():
+            prefill(model, torch.tensor([[1, 2, 3]]), cache)
+            step = torch.compile(lambda t, p: decode_one_token(model, t, p, cache), fullgraph=True)
+            _, code = run_and_get_code(step, torch.tensor([[4]]), torch.tensor([3]))
+        code = "\n".join(code)
+        assert "clone" not in code and ".copy_(" not in code, code
+        found.append((len(re.findall(r"^\s+cpp_fused_\w+\(", code, re.M)),
+                      len(re.findall(r"= torch\.ops\.llmopt\.gemv\.default\(", code)),
+                      len(re.findall(r"torch\.ops\.llmopt\.decode_attention_append\.default\(", code))))
+    (kernels_1, gemv_1, attention_1), (kernels_2, gemv_2, attention_2) = found
+    assert kernels_2 == kernels_1 and (gemv_2 - gemv_1, attention_2 - attention_1) == (4, 1), found
+
+
+@interpreter
 def test_fold_keeps_the_layers_it_cannot_run(monkeypatch):
     """A projection left in full precision by quantize's skip folds too (its weight in the activations'
     dtype); int4 layers stay Blocks, and a model with nothing to fold is an error."""
