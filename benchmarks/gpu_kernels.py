@@ -146,6 +146,7 @@ def attention_sweep(cfg, device: str, dtype, smoke: bool) -> None:
     processors = torch.cuda.get_device_properties(device).multi_processor_count if device == "cuda" else 8
     print(f"\n== decode attention ({device}, {H} query heads, {Hkv} kv heads, head dim {D}): us per call; "
           f"Triton with the splits its config picks (*) and others", flush=True)
+    separate = torch.compile(rotary_cache_write_attention, fullgraph=True)
     for S in ((96,) if smoke else (288, 1024, 4096)):
         for written in sorted({S, min(S, 288)}, reverse=True):
             q = torch.randn(1, H, 1, D, device=device, dtype=dtype)
@@ -160,19 +161,17 @@ def attention_sweep(cfg, device: str, dtype, smoke: bool) -> None:
                 c = decode_attention_config(1, Hkv, H // Hkv, S, D, p)
                 t = time_launches(lambda: decode_attention_with(q, k, v, mask, c), device)
                 cells.append(f"{'*' if c == pick else ''}{c['SPLITS']} splits {t * 1e6:.1f}")
-            if written != min(S, 288):
-                print(f"{S} keys, {written} written: " + "; ".join(cells), flush=True)
-                continue
-            # a static cache's decode step from the projections on: rotary, cache write and attention as
-            # the compiled step ran them before (Inductor's kernels around the op), and in one kernel
-            qp, kp, vp = (torch.randn(1, 1, n * D, device=device, dtype=dtype) for n in (H, Hkv, Hkv))
-            angle = torch.rand(1, 1, 1, D, device=device) * 100
-            cos, sin, pos = angle.cos().to(dtype), angle.sin().to(dtype), torch.tensor([written - 1], device=device)
-            separate = torch.compile(rotary_cache_write_attention, fullgraph=True)
-            t_sep = time_launches(lambda: separate(qp, kp, vp, cos, sin, k, v, pos), device)
-            t_one = time_launches(lambda: decode_attention_append(qp, kp, vp, cos, sin, k, v, pos), device)
-            cells.append(f"with rotary and the cache write: compiled around the kernel {t_sep * 1e6:.1f}, "
-                         f"in it (append) {t_one * 1e6:.1f}")
+            if written == min(S, 288):
+                # a static cache's decode step from the projections on: rotary, cache write and attention as
+                # the compiled step ran them before (Inductor's kernels around the op), and in one kernel
+                qp, kp, vp = (torch.randn(1, 1, n * D, device=device, dtype=dtype) for n in (H, Hkv, Hkv))
+                angle = torch.rand(1, 1, 1, D, device=device) * 100
+                cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+                pos = torch.tensor([written - 1], device=device)
+                t_sep = time_launches(lambda: separate(qp, kp, vp, cos, sin, k, v, pos), device)
+                t_one = time_launches(lambda: decode_attention_append(qp, kp, vp, cos, sin, k, v, pos), device)
+                cells.append(f"with rotary and the cache write: compiled around the kernel {t_sep * 1e6:.1f}, "
+                             f"in it (append) {t_one * 1e6:.1f}")
             print(f"{S} keys, {written} written: " + "; ".join(cells), flush=True)
 
 

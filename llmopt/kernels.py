@@ -257,12 +257,11 @@ def _launch_attention(q, k, v, mask, config, last, new=None):
     lst = last if last is not None else q
     last_stride = 0 if last is None or last.shape[0] == 1 else last.stride(0)
     kn, vn, cos, sin = new if new is not None else (q, q, q, q)
-    cos_stride = 0 if new is None or cos.shape[0] == 1 else cos.stride(0)
     from ._attention_kernel import combine_kernel, decode_attention_kernel
     decode_attention_kernel[(B * Hkv, splits)](
         q, k, v, m, lst, part, lse, kn, vn, cos, sin, S, Hkv, 1.0 / math.sqrt(D), config["SPLIT_LEN"], splits,
         q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3], m.stride(0), last_stride,
-        kn.stride(0) if new is not None else 0, vn.stride(0) if new is not None else 0, cos_stride,
+        kn.stride(0), vn.stride(0), 0 if cos.shape[0] == 1 else cos.stride(0),
         G=H // Hkv, D=D, BLOCK_G=config["BLOCK_G"], BLOCK_S=config["BLOCK_S"], BLOCK_D=config["BLOCK_D"],
         ONE_SPLIT=splits == 1, HAS_MASK=mask is not None, HAS_LAST=last is not None and new is None,
         APPEND=new is not None, IEEE=q.dtype == torch.float32, UPCAST=interpreting(),
