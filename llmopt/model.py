@@ -24,8 +24,8 @@ from .kernels import check_triton_device, decode_attention, decode_attention_app
 from .kv_cache import StaticKVCache
 from .precision import as_dtype, check_device
 
-# "triton": llmopt's Triton kernel for the one-token steps of decoding (kernels.decode_attention), SDPA
-# for prompts
+# "triton": llmopt's Triton kernel for the one-token steps of decoding (kernels.decode_attention; over a
+# static cache kernels.decode_attention_append, which also rotates q, k and writes the cache), SDPA for prompts
 ATTENTION_BACKENDS = ("sdpa", "plain", "triton")
 
 
