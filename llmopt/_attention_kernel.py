@@ -11,7 +11,7 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, last_ptr, out_ptr, ls
                             G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
                             BLOCK_D: tl.constexpr, ONE_SPLIT: tl.constexpr, HAS_MASK: tl.constexpr,
                             HAS_LAST: tl.constexpr, APPEND: tl.constexpr, IEEE: tl.constexpr,
-                            UPCAST: tl.constexpr):
+                            UPCAST: tl.constexpr, PDL: tl.constexpr):
     """One query row's attention for the G query heads that share one kv head, over one split of
     the keys (program (b * n_kv_heads + kv head, split)); the lengths are runtime arguments, so a
     growing cache does not compile it again. With one split it writes the output;
@@ -21,7 +21,14 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, last_ptr, out_ptr, ls
     APPEND (a decode step over a static cache, `decode_attention_append`): q and the token's key and
     value (kn, vn) arrive as projected; q and the key are rotated here (cos, sin: the token's rotary
     row), the cache's keys before the token's slot (last_ptr) are read, the new key and value join
-    from registers in the split that holds the slot, and that split writes them into the cache."""
+    from registers in the split that holds the slot, and that split writes them into the cache.
+
+    PDL (a programmatic dependent launch, sm_90 and later): the program is resident before the kernel
+    ahead of it ends; it waits for that kernel (every input may come from it) before its first load, then
+    lets the next kernel start (the GEMV after it reads its first weights meanwhile)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0) // n_kv_heads
     kvh = tl.program_id(0) % n_kv_heads
     split = tl.program_id(1)
@@ -122,8 +129,12 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, last_ptr, out_ptr, ls
 
 @triton.jit
 def combine_kernel(part_ptr, lse_ptr, out_ptr, n_splits, D: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
-    """out[row] = the splits' outputs weighted by exp(lse_split - lse_all) (program: one (b, head) row)."""
+                   BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    """out[row] = the splits' outputs weighted by exp(lse_split - lse_all) (program: one (b, head) row);
+    PDL as in `decode_attention_kernel`."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     sp = tl.arange(0, BLOCK_SPLITS)
     d = tl.arange(0, BLOCK_D)

@@ -22,6 +22,7 @@ import torch
 
 from .config import check_count
 from .cuda_graphs import GraphRecordingError, record_cuda_graph
+from .kernels import dependent_launch
 from .kv_cache import CACHE_KINDS, make_cache, to_device
 from .model import check_llmopt_model
 from .sampling import check_sampling, check_seed, greedy, sample, seeded_generator
@@ -201,7 +202,7 @@ class DecodeGraph:
         self.pos = torch.zeros(1, dtype=torch.long, device=device)        # its cache slot
         self.out = torch.zeros(k, dtype=torch.long, device=device)        # the k tokens of a run
         self.graph = None
-        self.weights = weights                      # `_model_key(model)` when recorded
+        self.weights = weights                      # `_model_key(model)` and the launch mode when recorded
 
     @property
     def model(self):
@@ -234,10 +235,11 @@ class DecodeGraph:
 
 def decode_graph(model, cache, k: int, compile: str | bool = False) -> DecodeGraph:
     """The `DecodeGraph` of `model` for this cache, k and step; kept per model and rebuilt (and
-    recorded again) when any of them, or any weight, changes."""
+    recorded again) when any of them, any weight, or how llmopt's kernels launch
+    (`kernels.set_dependent_launch`) changes."""
     step = graph_step(model, compile)
     per_model = _COMPILED.setdefault(model, {})
-    g, weights = per_model.get("graph"), _model_key(model)
+    g, weights = per_model.get("graph"), (_model_key(model), dependent_launch(model.device))
     if g is None or g.cache is not cache or g.k != k or g.step is not step or g.weights != weights:
         g = per_model["graph"] = DecodeGraph(model, cache, k, step, weights)
     return g

@@ -52,7 +52,27 @@ split holds that slot adds the new key and value from registers and writes them 
 No program reads that slot from memory in the same launch, so there is no race. Compiled, the
 rotary and cache writes were three or four small kernels a layer on the H100 of 2026-11-28.
 
-Both are `torch.library` custom ops, so torch.compile treats each as one opaque kernel. They
+## Dependent launch
+
+Once folded, a layer's one-token step is six of these kernels in a row (four GEMVs, the attention
+and its combine), each a few microseconds, each reading little. Between two kernels of a stream the
+GPU idles: the next kernel's programs are scheduled only when the last program of the one before
+has ended, and each then waits for its first loads from memory. On Hopper (compute capability 9.0)
+a kernel can be launched as a *programmatic dependent launch* (PDL): its programs start while the
+kernel before it still runs, do what needs nothing from it, and wait (`gdc_wait`, Triton's grid
+dependency control) until that kernel has finished and its writes are visible. Here each kernel,
+once past its wait, lets the next one start (`gdc_launch_dependents`), and the GEMV reads its first
+weight tile before waiting: a model's weights are written when it loads, never by the kernel just
+before (a caller that writes a weight and calls `gemv` on it next must turn dependent launch off).
+The attention and its combine load nothing before their wait: every input of theirs may come
+from the kernel before. As each lets the next start only once past its own wait, at most two run at
+once and the earlier has nothing left to wait for. Recorded in a CUDA graph, the launches keep this. `dependent_launch(device)`
+says whether it applies (CUDA, Hopper or later, a Triton with grid dependency control);
+`set_dependent_launch(False)` (or LLMOPT_DEPENDENT_LAUNCH=0) launches plainly, so the GPU suite
+times both. Not yet measured on a GPU.
+
+`gemv`, `decode_attention` and `decode_attention_append` are `torch.library` custom ops, so
+torch.compile treats each as one opaque kernel. They
 run on CUDA GPUs; with `TRITON_INTERPRET=1` Triton's interpreter runs them on a CPU (slowly,
 with numpy), which is how the tests check them on machines without a GPU, and
 `tests/test_kernels.py` compiles them for an H100 (sm_90) with Triton's own compiler, which
@@ -87,6 +107,42 @@ def check_triton_device(device: torch.device, what: str = "kernel='triton'",
     if torch.device(device).type != "cuda" and not interpreting():
         raise ValueError(f"{what} runs on CUDA GPUs, not on {torch.device(device).type!r} "
                          f"(TRITON_INTERPRET=1 runs it on a CPU, slowly, for testing); {fix}")
+
+
+# programmatic dependent launch (sm_90 and later) for the kernels below; LLMOPT_DEPENDENT_LAUNCH=0 turns it off
+_dependent_launch = os.environ.get("LLMOPT_DEPENDENT_LAUNCH", "1") not in ("", "0")
+
+
+def set_dependent_launch(on: bool) -> bool:
+    """Launch llmopt's kernels as programmatic dependent launches where the GPU has them (`on`), or
+    plainly; returns the previous setting. A CUDA graph keeps the launches it recorded: set this
+    before recording (`generate`'s `DecodeGraph` records again when it changes)."""
+    global _dependent_launch
+    previous, _dependent_launch = _dependent_launch, bool(on)
+    return previous
+
+
+def dependent_launch(device: torch.device) -> bool:
+    """Whether llmopt's kernels launch on `device` as programmatic dependent launches: the setting is
+    on (`set_dependent_launch`), the device is a CUDA GPU of compute capability 9.0 or later (Hopper),
+    and this Triton has grid dependency control (3.4 and later); never in Triton's interpreter."""
+    device = torch.device(device)
+    return (_dependent_launch and device.type == "cuda" and not interpreting()
+            and _gpu_has_dependent_launch(device.index if device.index is not None else torch.cuda.current_device()))
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_has_dependent_launch(index: int) -> bool:
+    if torch.cuda.get_device_capability(index)[0] < 9 or not triton_available():
+        return False
+    import triton.language.extra.cuda as cuda_extra
+    from triton.backends.nvidia.compiler import CUDAOptions
+    return hasattr(cuda_extra, "gdc_wait") and "launch_pdl" in CUDAOptions.__dataclass_fields__
+
+
+def _launch_options(pdl: bool) -> dict:
+    """The keyword arguments that launch a Triton kernel with PDL = `pdl` (constexpr and launch flag)."""
+    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
 
 
 def gemv_config(n: int, k: int, element_size: int = 1) -> dict:
@@ -137,7 +193,7 @@ def gemv_with(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
                       x if norm is None else norm, y if residual is None else residual, n, k, weight.stride(0),
                       eps, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], EVEN=even, SCALE=int8,
                       SWIGLU=up is not None, NORM=norm is not None, RESIDUAL=residual is not None,
-                      num_warps=config["num_warps"])
+                      num_warps=config["num_warps"], **_launch_options(dependent_launch(x.device)))
     return y
 
 
@@ -257,6 +313,7 @@ def _launch_attention(q, k, v, mask, config, last, new=None):
     lst = last if last is not None else q
     last_stride = 0 if last is None or last.shape[0] == 1 else last.stride(0)
     kn, vn, cos, sin = new if new is not None else (q, q, q, q)
+    pdl = _launch_options(dependent_launch(q.device))
     from ._attention_kernel import combine_kernel, decode_attention_kernel
     decode_attention_kernel[(B * Hkv, splits)](
         q, k, v, m, lst, part, lse, kn, vn, cos, sin, S, Hkv, 1.0 / math.sqrt(D), config["SPLIT_LEN"], splits,
@@ -265,10 +322,10 @@ def _launch_attention(q, k, v, mask, config, last, new=None):
         G=H // Hkv, D=D, BLOCK_G=config["BLOCK_G"], BLOCK_S=config["BLOCK_S"], BLOCK_D=config["BLOCK_D"],
         ONE_SPLIT=splits == 1, HAS_MASK=mask is not None, HAS_LAST=last is not None and new is None,
         APPEND=new is not None, IEEE=q.dtype == torch.float32, UPCAST=interpreting(),
-        num_warps=config["num_warps"])
+        num_warps=config["num_warps"], **pdl)
     if splits > 1:
-        combine_kernel[(B * H,)](part, lse, out, splits, D=D,
-                                 BLOCK_SPLITS=max(2, 1 << (splits - 1).bit_length()), BLOCK_D=config["BLOCK_D"])
+        combine_kernel[(B * H,)](part, lse, out, splits, D=D, BLOCK_SPLITS=max(2, 1 << (splits - 1).bit_length()),
+                                 BLOCK_D=config["BLOCK_D"], **pdl)
     return out
 
 

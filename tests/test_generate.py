@@ -1,5 +1,6 @@
 """Generation: caches agree with recomputation, sampling is checked, bad input is refused clearly."""
 import gc
+import importlib
 import re
 import weakref
 
@@ -339,7 +340,8 @@ def test_graph_steps_compiled_and_kept_until_the_weights_change(model_and_tok):
     """With `compile` the recorded step is `greedy_step` through torch.compile: same tokens.
     The `DecodeGraph` is kept for the next generation on the same cache and k (on a GPU its
     recording is replayed), and made anew for another k, after a weight changes in place
-    (a graph holds the old weights' addresses) or after the attention backend changes."""
+    (a graph holds the old weights' addresses), after the attention backend changes or when llmopt's
+    kernels launch another way (`kernels.set_dependent_launch`)."""
     import copy
     from llmopt.generate import _COMPILED, compiled_cache, decode_graph
     model, tok = copy.deepcopy(model_and_tok[0]), model_and_tok[1]
@@ -359,6 +361,10 @@ def test_graph_steps_compiled_and_kept_until_the_weights_change(model_and_tok):
     graph = decode_graph(model, cache, 4, False)
     model.set_attention("plain")                # a recorded graph would replay the old attention kernels
     assert decode_graph(model, cache, 4, False) is not graph
+    graph = decode_graph(model, cache, 4, False)
+    with pytest.MonkeyPatch.context() as mp:    # llmopt's kernels launched otherwise (dependent launch on a GPU)
+        mp.setattr(importlib.import_module("llmopt.generate"), "dependent_launch", lambda device: True)
+        assert decode_graph(model, cache, 4, False) is not graph
     copy.deepcopy(model)                       # the kept graph is beside the model, not copied with it
     ref = weakref.ref(model)
     del model, kept, graph, cache

@@ -350,6 +350,62 @@ def test_set_attention_triton_needs_a_gpu_or_the_interpreter(monkeypatch):
             decode_attention(torch.randn(1, 4, 1, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), None)
 
 
+class RecordedLaunches:
+    """Stands in for a Triton kernel: `kernel[grid](*args, **kwargs)` records the keyword arguments."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append(kwargs)
+
+
+@needs_triton
+def test_dependent_launch_only_where_the_gpu_and_triton_have_it(monkeypatch):
+    """Programmatic dependent launch needs compute capability 9.0 (Hopper) and a Triton with grid
+    dependency control; never on a CPU or in the interpreter, and `set_dependent_launch` turns it off."""
+    import llmopt.kernels as kernels
+    assert not kernels.dependent_launch("cpu")
+    if kernels.interpreting():
+        assert not kernels.dependent_launch("cuda")     # the interpreter has no grid dependency control
+    has_it = kernels._gpu_has_dependent_launch.__wrapped__
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
+    assert not has_it(0)                                # an A100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    assert has_it(0)                                    # an H100, with this Triton (3.4 or later)
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    monkeypatch.setattr(kernels, "_gpu_has_dependent_launch", lambda index: True)
+    previous = kernels.set_dependent_launch(True)
+    try:
+        assert kernels.dependent_launch("cuda:0")
+        assert kernels.set_dependent_launch(False) is True and not kernels.dependent_launch("cuda:0")
+    finally:
+        kernels.set_dependent_launch(previous)
+
+
+@needs_triton
+def test_kernels_launch_as_dependent_launches_when_asked(monkeypatch):
+    """The GEMV, the decode attention and its combine all pass PDL (their grid dependency control) and
+    Triton's launch_pdl together, or neither."""
+    import llmopt._attention_kernel as attention_kernels
+    import llmopt._gemv_kernel as gemv_kernels
+    import llmopt.kernels as kernels
+    launches = {name: RecordedLaunches() for name in ("gemv", "attention", "combine")}
+    monkeypatch.setattr(gemv_kernels, "gemv_kernel", launches["gemv"])
+    monkeypatch.setattr(attention_kernels, "decode_attention_kernel", launches["attention"])
+    monkeypatch.setattr(attention_kernels, "combine_kernel", launches["combine"])
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 300, 16)
+    config = kernels.decode_attention_config(1, 2, 2, 300, 16)
+    assert config["SPLITS"] > 1
+    for on in (True, False):
+        monkeypatch.setattr(kernels, "dependent_launch", lambda device, on=on: on)
+        kernels.gemv_with(torch.randn(32), torch.randn(8, 32), None, {"BLOCK_N": 8, "BLOCK_K": 32, "num_warps": 2})
+        kernels.decode_attention_with(q, k, k, None, config)
+        for name, launch in launches.items():
+            kwargs = launch.calls.pop()
+            assert kwargs["PDL"] is on and kwargs.get("launch_pdl", False) is on, (name, kwargs)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("options", [{}, {"compile": True, "graph_steps": 8}], ids=["eager", "graph"])
 def test_triton_attention_on_cuda_decodes_as_sdpa_does(options):
@@ -379,17 +435,26 @@ def compile_for_h100(kernel, constexprs: dict, types: dict, aligned=()) -> str:
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    options = {"num_warps": 4, **({"launch_pdl": True} if constexprs.get("PDL") else {})}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+def features(ptx: str) -> dict:
+    """What a kernel's PTX holds: tensor cores (mma.sync), 16-byte loads (ld.global.v4), stores; the
+    grid dependency control of a dependent launch (griddepcontrol.wait, .launch_dependents) and how
+    many global loads come before the wait."""
+    wait = ptx.find("griddepcontrol.wait")
+    return {"mma": "mma.sync" in ptx, "v4": "ld.global.v4" in ptx, "store": "st.global" in ptx,
+            "wait": wait >= 0, "launch": "griddepcontrol.launch_dependents" in ptx,
+            "loads_before_wait": ptx[:wait].count("ld.global") if wait >= 0 else None}
 
 
 def ptx_features() -> dict:
-    """Every kernel variant the GPU runs, compiled for sm_90: whether its PTX uses tensor cores
-    (mma.sync), 16-byte loads (ld.global.v4) and stores."""
+    """Every kernel variant an H100 runs, compiled for sm_90 as a dependent launch (PDL), and the GEMV
+    launched plainly (a GPU before Hopper, or `set_dependent_launch(False)`): `features` of each."""
     from llmopt._attention_kernel import combine_kernel, decode_attention_kernel
     from llmopt._gemv_kernel import gemv_kernel
     from llmopt.kernels import gemv_config
-    features = lambda ptx: {"mma": "mma.sync" in ptx, "v4": "ld.global.v4" in ptx,  # noqa: E731
-                            "store": "st.global" in ptx}
     out = {}
     aligned = ("q_ptr", "k_ptr", "v_ptr", "mask_ptr", "out_ptr", "lse_ptr", "kn_ptr", "vn_ptr", "cos_ptr",
                "sin_ptr", "sq_b", "sq_h", "sk_b", "sk_h", "sk_s", "sv_b", "sv_h", "sv_s", "sm_b", "skn_b", "svn_b",
@@ -408,22 +473,23 @@ def ptx_features() -> dict:
         out[name] = features(compile_for_h100(
             decode_attention_kernel, dict(G=4, D=64, BLOCK_G=16, BLOCK_S=64, BLOCK_D=64, ONE_SPLIT=one_split,
                                           HAS_MASK=has_mask, HAS_LAST=has_last, APPEND=append,
-                                          IEEE=dtype == "fp32", UPCAST=False), types, aligned))
+                                          IEEE=dtype == "fp32", UPCAST=False, PDL=True), types, aligned))
         out[f"combine-{dtype}"] = features(compile_for_h100(
-            combine_kernel, dict(D=64, BLOCK_SPLITS=8, BLOCK_D=64),
+            combine_kernel, dict(D=64, BLOCK_SPLITS=8, BLOCK_D=64, PDL=True),
             {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dtype}"}))
     # the GEMV on int8 weights: plain; with the norm before it (q, k, v and gate, up of a folded layer);
     # with the SwiGLU before it and the residual after (its down projection); and on bf16 weights, folded
-    for name, weight, swiglu, norm in (("gemv-int8", "i8", False, False), ("gemv-int8-norm", "i8", False, True),
-                                       ("gemv-int8-swiglu-residual", "i8", True, False),
-                                       ("gemv-bf16-norm", "bf16", False, True),
-                                       ("gemv-bf16-swiglu-residual", "bf16", True, False)):
+    for name, weight, swiglu, norm, pdl in (
+            ("gemv-int8", "i8", False, False, True), ("gemv-int8-norm", "i8", False, True, True),
+            ("gemv-int8-swiglu-residual", "i8", True, False, True), ("gemv-bf16-norm", "bf16", False, True, True),
+            ("gemv-bf16-swiglu-residual", "bf16", True, False, True), ("gemv-int8-plain-launch", "i8", False, False,
+                                                                        False)):
         cfg = gemv_config(16384, 2048, 1 if weight == "i8" else 2)
         types = {"x_ptr": "*bf16", "w_ptr": f"*{weight}", "s_ptr": "*bf16", "y_ptr": "*bf16", "up_ptr": "*bf16",
                  "norm_ptr": "*bf16", "res_ptr": "*bf16", "eps": "fp32"}
         out[name] = features(compile_for_h100(
             gemv_kernel, dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], EVEN=True, SCALE=weight == "i8",
-                              SWIGLU=swiglu, NORM=norm, RESIDUAL=swiglu), types,
+                              SWIGLU=swiglu, NORM=norm, RESIDUAL=swiglu, PDL=pdl), types,
             aligned=("x_ptr", "w_ptr", "s_ptr", "y_ptr", "up_ptr", "norm_ptr", "res_ptr", "stride_wn")))
     return out
 
@@ -432,7 +498,10 @@ def ptx_features() -> dict:
 def test_triton_kernels_compile_for_an_h100():
     """The GPU path of every kernel (no interpreter workaround) compiles for sm_90: bf16 attention on
     tensor cores, fp32 in full precision (no mma: tf32 would round it), keys, values and int8 weights
-    read 16 bytes a load (the GEMV also on bf16 weights, and with the norm, SwiGLU and residual folded in)."""
+    read 16 bytes a load (the GEMV also on bf16 weights, and with the norm, SwiGLU and residual folded in).
+    As dependent launches every kernel waits for the kernel before it and then lets the next one start;
+    the attention and its combine load nothing before the wait (all their inputs may come from the
+    kernel before), the GEMV only its first weight tile; launched plainly, no grid dependency control."""
     import json
     import os
     import subprocess
@@ -450,6 +519,13 @@ def test_triton_kernels_compile_for_an_h100():
         if name.startswith("attention"):
             assert f["mma"] == ("bf16" in name) and f["v4"], (name, f)
     assert all(f["v4"] for name, f in got.items() if name.startswith("gemv")), got
+    for name, f in got.items():
+        if name.endswith("plain-launch"):
+            assert not f["wait"] and not f["launch"], (name, f)
+            continue
+        assert f["wait"] and f["launch"], (name, f)
+        # the GEMV's first weight tile (4 KB over 128 threads: two 16-byte loads each); the rest after the wait
+        assert (f["loads_before_wait"] > 0) == name.startswith("gemv"), (name, f)
 
 
 if __name__ == "__main__":
