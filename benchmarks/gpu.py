@@ -11,6 +11,7 @@ Speed runs use real shapes with random weights (labelled so); timing depends on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -264,14 +265,35 @@ def main(argv=None) -> int:
             # and each layer's norms, SwiGLU and residual adds folded into llmopt's Triton GEMV, which then
             # runs the bf16 weights instead of cuBLAS (llmopt.fold_layers; the step is recorded again)
             llmopt.fold_layers(fused)
-            for label, opts in graph_variants(modes, args.graph_steps,
-                                              ", fused projections, folded layers, Triton decode attention"):
-                rows.insert(len(rows) - 1, timed_row(fused, label, opts, prompt, eager))
+            for suffix, dependent in launches(", fused projections, folded layers, Triton decode attention"):
+                with launched(dependent):
+                    for label, opts in graph_variants(modes, args.graph_steps, suffix):
+                        rows.insert(len(rows) - 1, timed_row(fused, label, opts, prompt, eager))
         del fused
         add_mbu(rows, cfg, dtype)
         ok = [r for r in rows[:-1] if "error" not in r]
         return {"rows": rows, "ratio_llmopt_over_transformers":
                 max(r["decode_tokens_per_s"] for r in ok) / rows[-1]["decode_tokens_per_s"]}
+
+    def launches(suffix: str) -> list[tuple[str, bool | None]]:
+        """(label suffix, dependent launch) for a row whose every layer runs llmopt's kernels: where they
+        launch as programmatic dependent launches (Hopper), that row, then the same launched plainly
+        (what they buy, on a graph recorded again; `kernels.set_dependent_launch`)."""
+        if not llmopt.kernels.dependent_launch(device):
+            return [(suffix, None)]
+        return [(f"{suffix}, dependent launches", True), (f"{suffix}, plain launches", False)]
+
+    @contextlib.contextmanager
+    def launched(dependent: bool | None):
+        """llmopt's kernels launched as dependent launches or not for a while (None: as they are)."""
+        if dependent is None:
+            yield
+            return
+        previous = llmopt.kernels.set_dependent_launch(dependent)
+        try:
+            yield
+        finally:
+            llmopt.kernels.set_dependent_launch(previous)
 
     def add_mbu(rows, cfg, dtype, bytes_scale=1.0):
         bw = results.get("probes", {}).get("copy_bandwidth_GBps")
@@ -321,13 +343,18 @@ def main(argv=None) -> int:
             # fused int8 on the bf16 rows' fastest path, k steps per CUDA graph (DecodeGraph); unfused int8
             # (smoke mode) as on 2026-11-27, each compiled mode reading tokens every k steps. Eager only in
             # smoke mode (on a GPU measured on 2026-11-26/27, 13-18 ms a token)
+            # (folded: with dependent launches and without, as the bf16 rows)
             if fuse or method == "int4":
-                paths = [(name.replace("llmopt", label, 1), o) for name, o in graph_variants(modes, args.graph_steps)]
+                folded = kw.get("kernel") == "triton-folded"
+                paths = [(name.replace("llmopt", label + suffix, 1), o, dependent)
+                         for suffix, dependent in (launches("") if folded else [("", None)])
+                         for name, o in graph_variants(modes, args.graph_steps)]
             else:
                 paths = [(f"{label} compiled ({m}), sync every {args.sync_every} tokens",
-                          {"compile": m, "sync_every": args.sync_every}) for m in modes] or [(label, {})]
-            for name, opts in paths:
-                row = timed_row(model, name, opts, prompt)
+                          {"compile": m, "sync_every": args.sync_every}, None) for m in modes] or [(label, {}, None)]
+            for name, opts, dependent in paths:
+                with launched(dependent):
+                    row = timed_row(model, name, opts, prompt)
                 if "error" not in row:
                     row["bytes_ratio"] = model_bytes(model) / full
                     add_mbu([row], cfg, dtype, row["bytes_ratio"])
