@@ -5,6 +5,7 @@
     python benchmarks/gpu_kernels.py --gemv --variants ""                 # only the Triton GEMV's blocks
     python benchmarks/gpu_kernels.py --variants bf16-fused,int8-fused-triton --graph-steps 16  # the goal's rows
     python benchmarks/gpu_kernels.py --variants int8-folded-attn,bf16-folded-attn --graph-steps 16
+    python benchmarks/gpu_kernels.py --variants bf16-folded-attn,bf16-folded-attn-plain --graph-steps 16  # PDL
     python benchmarks/gpu_kernels.py --attention --variants ""            # only decode attention's timings
 
 Prints, per variant, the step time and the top kernels by device time (random weights: shapes decide speed).
@@ -52,7 +53,10 @@ VARIANTS = {   # what each variant does to the model (in place)
                                                    if m.device.type == "cuda" else llmopt.fuse_projections(m)),
     # bf16-fused-attn compiled with Inductor's combo kernels (INDUCTOR_OPTIONS)
     "bf16-fused-attn-combo": lambda m: VARIANTS["bf16-fused-attn"](m),
+    # bf16-folded-attn with llmopt's kernels launched plainly, not as dependent launches (Hopper; PLAIN_LAUNCHES)
+    "bf16-folded-attn-plain": lambda m: VARIANTS["bf16-folded-attn"](m),
 }
+PLAIN_LAUNCHES = {"bf16-folded-attn-plain"}
 # Inductor's horizontal fusion ("combo kernels", torch >= 2.9): kernels with no data between them, of
 # different sizes, generated as one launch where timing each candidate says it pays. It was aimed at the
 # rotary and cache-write siblings of each layer, which `kernels.decode_attention_append` now takes into the
@@ -237,13 +241,18 @@ def profile_variant(name: str, cfg, device: str, dtype, args, prompt) -> None:
     run = lambda n: llmopt.generate(model, None, prompt, max_new_tokens=n, ignore_eos=True,  # noqa: E731
                                     compile=compile_mode, graph_steps=k)
     import torch._inductor.config as inductor
-    with inductor.patch(INDUCTOR_OPTIONS.get(name, {})):     # compiling happens inside the first call
-        run(16)
-    g = run(64)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    steps = 8 if k == 1 else k + 1       # with graphs: the prefill's token and one graph of k steps
-    with profile(activities=acts) as prof:
-        run(steps)
+    previous = llmopt.kernels.set_dependent_launch(False) if name in PLAIN_LAUNCHES else None
+    try:
+        with inductor.patch(INDUCTOR_OPTIONS.get(name, {})):     # compiling happens inside the first call
+            run(16)
+        g = run(64)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        steps = 8 if k == 1 else k + 1       # with graphs: the prefill's token and one graph of k steps
+        with profile(activities=acts) as prof:
+            run(steps)
+    finally:
+        if previous is not None:
+            llmopt.kernels.set_dependent_launch(previous)
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     print(f"\n== {name}: TPOT {g.stats['tpot_s'] * 1e3:.2f} ms ({device}, {preset}, compile={compile_mode}"
           f"{f', {k} steps per CUDA graph' if k > 1 else ''}); top kernels over {steps} tokens:", flush=True)
