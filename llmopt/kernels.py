@@ -126,8 +126,10 @@ def dependent_launch(device: torch.device) -> bool:
     """Whether llmopt's kernels launch on `device` as programmatic dependent launches: the setting is
     on (`set_dependent_launch`), the device is a CUDA GPU of compute capability 9.0 or later (Hopper),
     and this Triton has grid dependency control (3.4 and later); never in Triton's interpreter."""
-    device = torch.device(device)
-    return (_dependent_launch and device.type == "cuda" and not interpreting()
+    if not _dependent_launch:       # checked per launch: the cheap tests first
+        return False
+    device = device if isinstance(device, torch.device) else torch.device(device)
+    return (device.type == "cuda" and not interpreting()
             and _gpu_has_dependent_launch(device.index if device.index is not None else torch.cuda.current_device()))
 
 
