@@ -65,11 +65,11 @@ once past its wait, lets the next one start (`gdc_launch_dependents`), and the G
 weight tile before waiting: a model's weights are written when it loads, never by the kernel just
 before (a caller that writes a weight and calls `gemv` on it next must turn dependent launch off).
 The attention and its combine load nothing before their wait: every input of theirs may come
-from the kernel before. As each lets the next start only once past its own wait, at most two run at
-once and the earlier has nothing left to wait for. Recorded in a CUDA graph, the launches keep this. `dependent_launch(device)`
-says whether it applies (CUDA, Hopper or later, a Triton with grid dependency control);
-`set_dependent_launch(False)` (or LLMOPT_DEPENDENT_LAUNCH=0) launches plainly, so the GPU suite
-times both. Not yet measured on a GPU.
+from the kernel before. As each lets the next start only once past its own wait, at most two run
+at once and the earlier has nothing left to wait for. Recorded in a CUDA graph, the launches keep
+this. `dependent_launch(device)` says whether it applies (CUDA, Hopper or later, a Triton with grid
+dependency control); `set_dependent_launch(False)` (or LLMOPT_DEPENDENT_LAUNCH=0) launches plainly,
+so the GPU suite times both. Not yet measured on a GPU.
 
 `gemv`, `decode_attention` and `decode_attention_append` are `torch.library` custom ops, so
 torch.compile treats each as one opaque kernel. They
@@ -206,7 +206,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, up: 
     the weight int8 with its scale, or in x's dtype with scale None. The input a is x [K]; with `up`
     [K], silu(x) * up (a SwiGLU MLP's down projection, x its gate); with `norm` [K], x's RMSNorm (eps
     `eps`) times `norm`. Those, and the residual add, are what `fold.fold_layers` folds into a layer's
-    GEMVs."""
+    GEMVs. As a dependent launch (Hopper) it reads the weight's first tile before the kernel before it has
+    finished: that kernel must not be the one that wrote the weight (see the module's "Dependent launch")."""
     return gemv_with(x, weight, scale, gemv_config(*weight.shape, weight.element_size()), up=up, norm=norm,
                      eps=eps, residual=residual)
 
