@@ -9,10 +9,11 @@
 #      prefill and bitsandbytes, measured then, come last and may be cut);
 #   2. one layer's decode attention, SDPA against llmopt's Triton kernel with several splits, on caches of
 #      288 to 4,096 keys, and rotary + cache write + attention compiled around the kernel against all in it
-#      (`decode_attention_append`); then the kernels of one 16-step CUDA graph of bf16 with fused projections
-#      and the Triton decode attention, unfolded and folded, 75 s at most (the GEMV's block sizes, swept on
-#      2026-11-28, are left out: `--gemv`; with dependent launches a kernel's time in the profile includes
-#      its wait for the kernel before it);
+#      (`decode_attention_append`); the 16 folded layers' own kernels in a row (one CUDA graph), as
+#      dependent launches and plainly (`--chain`); then the kernels of one 16-step CUDA graph of bf16 with
+#      fused projections, folded layers and the Triton decode attention, 75 s at most (the GEMV's block
+#      sizes, swept on 2026-11-28, are left out: `--gemv`; so is the unfolded step's profile; with
+#      dependent launches a kernel's time in the profile includes its wait for the kernel before it);
 #   3. the CUDA-only tests: DecodeGraph's recorded and replayed tokens against plain greedy, the
 #      Triton GEMV's against the reference int8 path (folded layers too), the Triton decode attention against
 #      SDPA (random tensors, and tiny's greedy tokens eager and in a CUDA graph), the engine's CUDA graphs
@@ -45,8 +46,8 @@ step() {   # step NAME SECONDS COMMAND...: a log per step, its time and exit sta
     echo "[$name] exit $rc after $((SECONDS - t0)) s (limit $limit s)" | tee -a "$dest/$name-log.txt"
 }
 step suite 400 "$py" benchmarks/gpu.py "${smoke[@]}" --out "$dest/suite"
-step kernels 75 "$py" benchmarks/gpu_kernels.py "${smoke[@]}" --attention \
-    --variants bf16-fused-attn,bf16-folded-attn --graph-steps 16 --top 20
+step kernels 75 "$py" benchmarks/gpu_kernels.py "${smoke[@]}" --attention --chain \
+    --variants bf16-folded-attn --graph-steps 16 --top 20
 # (the newest first: a step cut by its limit loses the tests that passed on a card before)
 step cuda-tests 105 "$py" -m pytest -v -o addopts="" -p no:cacheprovider tests/test_fold.py tests/test_kernels.py \
     tests/test_quantize.py tests/test_generate.py tests/test_batching.py -k cuda
