@@ -283,17 +283,9 @@ def main(argv=None) -> int:
             return [(suffix, None)]
         return [(f"{suffix}, dependent launches", True), (f"{suffix}, plain launches", False)]
 
-    @contextlib.contextmanager
     def launched(dependent: bool | None):
         """llmopt's kernels launched as dependent launches or not for a while (None: as they are)."""
-        if dependent is None:
-            yield
-            return
-        previous = llmopt.kernels.set_dependent_launch(dependent)
-        try:
-            yield
-        finally:
-            llmopt.kernels.set_dependent_launch(previous)
+        return contextlib.nullcontext() if dependent is None else llmopt.kernels.dependent_launches(dependent)
 
     def add_mbu(rows, cfg, dtype, bytes_scale=1.0):
         bw = results.get("probes", {}).get("copy_bandwidth_GBps")

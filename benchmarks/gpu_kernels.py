@@ -22,6 +22,7 @@ recorded as one CUDA graph, so the host's launch cost is not in it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -187,8 +188,8 @@ def layer_chain(cfg, device: str, dtype, smoke: bool) -> None:
     write; o with the residual; gate, up with the norm; down with SwiGLU and the residual), recorded as one
     CUDA graph: launched as programmatic dependent launches and plainly. No embedding, output head or
     Inductor kernel: what the layers' own kernels cost, and what dependent launch takes off it."""
-    from llmopt.kernels import (decode_attention_append_with, decode_attention_config, dependent_launch, gemv_config,
-                                gemv_with, set_dependent_launch)
+    from llmopt.kernels import (decode_attention_append_with, decode_attention_config, dependent_launch,
+                                dependent_launches, gemv_config, gemv_with)
     H, Hkv, D, dim, inter = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim, cfg.intermediate_size
     n_layers, S, pos = (1, 96, 47) if smoke else (cfg.n_layers, 512, 287)    # the suite's decode: 288 keys
     processors = torch.cuda.get_device_properties(device).multi_processor_count if device == "cuda" else 8
@@ -223,17 +224,13 @@ def layer_chain(cfg, device: str, dtype, smoke: bool) -> None:
           f"of weights, {pos + 1} keys): us per step, the weights' GB/s", flush=True)
     cells, outputs = [], []
     for dependent in (True, False):
-        previous = set_dependent_launch(dependent)
-        try:
-            if dependent and not dependent_launch(torch.device(device)):
+        with dependent_launches(dependent):
+            if dependent and not dependent_launch(device):
                 cells.append("dependent launches: not on this device")
                 continue
             t = time_launches(step, device, launches=4)
             outputs.append(step())
-            cells.append(f"{'dependent' if dependent else 'plain'} launches {t * 1e6:.1f} us, "
-                         f"{nbytes / t / 1e9:.0f} GB/s")
-        finally:
-            set_dependent_launch(previous)
+        cells.append(f"{'dependent' if dependent else 'plain'} launches {t * 1e6:.1f} us, {nbytes / t / 1e9:.0f} GB/s")
     if len(outputs) == 2:     # the same kernels, the same order of sums: the same bits
         cells.append(f"same output: {torch.equal(*outputs)}")
     print("; ".join(cells), flush=True)
@@ -304,8 +301,7 @@ def profile_variant(name: str, cfg, device: str, dtype, args, prompt) -> None:
     run = lambda n: llmopt.generate(model, None, prompt, max_new_tokens=n, ignore_eos=True,  # noqa: E731
                                     compile=compile_mode, graph_steps=k)
     import torch._inductor.config as inductor
-    previous = llmopt.kernels.set_dependent_launch(False) if name in PLAIN_LAUNCHES else None
-    try:
+    with llmopt.kernels.dependent_launches(False) if name in PLAIN_LAUNCHES else contextlib.nullcontext():
         with inductor.patch(INDUCTOR_OPTIONS.get(name, {})):     # compiling happens inside the first call
             run(16)
         g = run(64)
@@ -313,9 +309,6 @@ def profile_variant(name: str, cfg, device: str, dtype, args, prompt) -> None:
         steps = 8 if k == 1 else k + 1       # with graphs: the prefill's token and one graph of k steps
         with profile(activities=acts) as prof:
             run(steps)
-    finally:
-        if previous is not None:
-            llmopt.kernels.set_dependent_launch(previous)
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     print(f"\n== {name}: TPOT {g.stats['tpot_s'] * 1e3:.2f} ms ({device}, {preset}, compile={compile_mode}"
           f"{f', {k} steps per CUDA graph' if k > 1 else ''}); top kernels over {steps} tokens:", flush=True)

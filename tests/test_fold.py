@@ -259,7 +259,7 @@ def test_folded_triton_step_on_cuda_same_tokens_with_and_without_dependent_launc
     folded layers, the Triton attention writing the static cache), compiled in llmopt's CUDA graph of 8
     steps, gives plain greedy's tokens with its kernels launched as programmatic dependent launches and
     without (the graph is recorded again in between); on a Hopper GPU the launches are dependent ones."""
-    from llmopt.kernels import dependent_launch, set_dependent_launch
+    from llmopt.kernels import dependent_launch, dependent_launches
     assert dependent_launch("cuda") == (torch.cuda.get_device_capability()[0] >= 9)
     prompts = ["ROMEO:", "JULIET:\nWherefore art thou"]
     model, tok = llmopt.load_model("tiny", device="cuda", dtype="fp32")
@@ -267,10 +267,7 @@ def test_folded_triton_step_on_cuda_same_tokens_with_and_without_dependent_launc
     fold_layers(llmopt.fuse_projections(model))
     model.set_attention("triton")
     for on in (True, False, True):
-        previous = set_dependent_launch(on)
-        try:
+        with dependent_launches(on):
             got = [llmopt.generate(model, tok, p, max_new_tokens=150, ignore_eos=True, compile=True,
                                    graph_steps=8).token_ids for p in prompts]
-        finally:
-            set_dependent_launch(previous)
         assert got == want, on

@@ -363,7 +363,8 @@ class RecordedLaunches:
 @needs_triton
 def test_dependent_launch_only_where_the_gpu_and_triton_have_it(monkeypatch):
     """Programmatic dependent launch needs compute capability 9.0 (Hopper) and a Triton with grid
-    dependency control; never on a CPU or in the interpreter, and `set_dependent_launch` turns it off."""
+    dependency control; never on a CPU or in the interpreter, and `set_dependent_launch` turns it off
+    (`dependent_launches` for a `with` block)."""
     import llmopt.kernels as kernels
     assert not kernels.dependent_launch("cpu")
     if kernels.interpreting():
@@ -377,6 +378,10 @@ def test_dependent_launch_only_where_the_gpu_and_triton_have_it(monkeypatch):
     monkeypatch.setattr(kernels, "_gpu_has_dependent_launch", lambda index: True)
     previous = kernels.set_dependent_launch(True)
     try:
+        assert kernels.dependent_launch("cuda:0")
+        with pytest.raises(RuntimeError), kernels.dependent_launches(False):    # for a while, errors too
+            assert not kernels.dependent_launch("cuda:0")
+            raise RuntimeError
         assert kernels.dependent_launch("cuda:0")
         assert kernels.set_dependent_launch(False) is True and not kernels.dependent_launch("cuda:0")
     finally:
