@@ -12,12 +12,12 @@
 Prints, per variant, the step time and the top kernels by device time (random weights: shapes decide speed).
 With --gemv it first times llmopt's Triton GEMV (`llmopt.kernels.gemv`) on each distinct weight shape of the
 model, int8 and bf16, with the block sizes `gemv_config` picks and with the neighbouring ones, as GB/s of weight read.
-With --chain it times the folded layers' own kernels in a row (one CUDA graph), as dependent launches and
-plainly. With --attention it times one decode step's attention of one layer, SDPA (what the model runs by default)
+With --attention it times one decode step's attention of one layer, SDPA (what the model runs by default)
 against llmopt's Triton decode attention with the splits it picks and with others, for caches of several
 lengths, full or mostly unwritten, and the step from the projections on (rotary, the cache write, attention),
 compiled around the kernel against all three in it (`decode_attention_append`). Each timing: 20 launches
-recorded as one CUDA graph, so the host's launch cost is not in it.
+recorded as one CUDA graph, so the host's launch cost is not in it. With --chain it times the folded layers'
+own kernels in a row (one CUDA graph of 4 steps), bf16 and int8 weights, as dependent launches and plainly.
 """
 from __future__ import annotations
 
@@ -186,10 +186,12 @@ def layer_chain(cfg, device: str, dtype, smoke: bool) -> None:
     """Folded layers' one-token steps as llmopt's kernels run them, every layer of the model in a row with
     its own weights and cache (the GEMV on q, k, v with the norm; the attention with rotary and the cache
     write; o with the residual; gate, up with the norm; down with SwiGLU and the residual), recorded as one
-    CUDA graph: launched as programmatic dependent launches and plainly. No embedding, output head or
-    Inductor kernel: what the layers' own kernels cost, and what dependent launch takes off it."""
+    CUDA graph: weights in the activations' dtype and int8, each launched as programmatic dependent launches
+    and plainly. No embedding, output head or Inductor kernel: what the layers' own kernels cost, what
+    dependent launch takes off it, and what int8 buys there."""
     from llmopt.kernels import (decode_attention_append_with, decode_attention_config, dependent_launch,
                                 dependent_launches, gemv_config, gemv_with)
+    from llmopt.quantize import quantize_int8
     H, Hkv, D, dim, inter = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim, cfg.intermediate_size
     n_layers, S, pos = (1, 96, 47) if smoke else (cfg.n_layers, 512, 287)    # the suite's decode: 288 keys
     processors = torch.cuda.get_device_properties(device).multi_processor_count if device == "cuda" else 8
@@ -198,42 +200,47 @@ def layer_chain(cfg, device: str, dtype, smoke: bool) -> None:
     blocks = (lambda w: {"BLOCK_N": 128, "BLOCK_K": 256, "num_warps": 4}) if smoke else \
         (lambda w: gemv_config(*w.shape, w.element_size()))
     rand = lambda *shape: torch.randn(*shape, device=device, dtype=dtype) / shape[-1] ** 0.5  # noqa: E731
-    layers = [dict(qkv=rand((H + 2 * Hkv) * D, dim), o=rand(dim, H * D), gate_up=rand(2 * inter, dim),
-                   down=rand(dim, inter), norm1=torch.ones(dim, device=device, dtype=dtype),
-                   norm2=torch.ones(dim, device=device, dtype=dtype), k_cache=rand(1, Hkv, S, D),
-                   v_cache=rand(1, Hkv, S, D)) for _ in range(n_layers)]
+    shapes = {"qkv": ((H + 2 * Hkv) * D, dim), "o": (dim, H * D), "gate_up": (2 * inter, dim), "down": (dim, inter)}
+    full = [{name: rand(*shape) for name, shape in shapes.items()} for _ in range(n_layers)]
+    norm = torch.ones(dim, device=device, dtype=dtype)
+    caches = [(rand(1, Hkv, S, D), rand(1, Hkv, S, D)) for _ in range(n_layers)]
     angle = torch.rand(1, 1, 1, D, device=device) * 100
     cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
     slot, x0 = torch.tensor([pos], device=device), rand(dim)
 
-    def step():
+    def step(layers):      # layers: per layer, name -> (weight, its int8 scale or None)
         x = x0
-        for w in layers:
-            q, k, v = gemv_with(x, w["qkv"], None, blocks(w["qkv"]), norm=w["norm1"], eps=1e-5).split(
-                [H * D, Hkv * D, Hkv * D])
+        for w, (k_cache, v_cache) in zip(layers, caches):
+            gemv = lambda a, name, **kw: gemv_with(a, *w[name], blocks(w[name][0]), **kw)  # noqa: E731
+            q, k, v = gemv(x, "qkv", norm=norm, eps=1e-5).split([H * D, Hkv * D, Hkv * D])
             a = decode_attention_append_with(q.view(1, 1, -1), k.view(1, 1, -1), v.view(1, 1, -1), cos, sin,
-                                             w["k_cache"], w["v_cache"], slot, None, attention)
-            h = gemv_with(a.view(-1), w["o"], None, blocks(w["o"]), residual=x)
-            gate, up = gemv_with(h, w["gate_up"], None, blocks(w["gate_up"]), norm=w["norm2"], eps=1e-5).chunk(2)
-            x = gemv_with(gate, w["down"], None, blocks(w["down"]), up=up, residual=h)
+                                             k_cache, v_cache, slot, None, attention)
+            h = gemv(a.view(-1), "o", residual=x)
+            gate, up = gemv(h, "gate_up", norm=norm, eps=1e-5).chunk(2)
+            x = gemv(gate, "down", up=up, residual=h)
         return x
 
     kernels = n_layers * (5 + (attention["SPLITS"] > 1))
-    nbytes = sum(t.numel() * t.element_size() for w in layers for name, t in w.items() if "cache" not in name)
-    print(f"\n== {n_layers} folded layers' kernels in a row ({device}, {kernels} kernels, {nbytes / 2**20:.0f} MiB "
-          f"of weights, {pos + 1} keys): us per step, the weights' GB/s", flush=True)
-    cells, outputs = [], []
-    for dependent in (True, False):
-        with dependent_launches(dependent):
-            if dependent and not dependent_launch(device):
-                cells.append("dependent launches: not on this device")
-                continue
-            t = time_launches(step, device, launches=4)
-            outputs.append(step())
-        cells.append(f"{'dependent' if dependent else 'plain'} launches {t * 1e6:.1f} us, {nbytes / t / 1e9:.0f} GB/s")
-    if len(outputs) == 2:     # the same kernels, the same order of sums: the same bits
-        cells.append(f"same output: {torch.equal(*outputs)}")
-    print("; ".join(cells), flush=True)
+    print(f"\n== {n_layers} folded layers' kernels in a row ({device}, {kernels} kernels, {pos + 1} keys): us per "
+          f"step, the weights' GB/s", flush=True)
+    for kind in (str(dtype).removeprefix("torch."), "int8"):
+        layers = [{name: (t, None) for name, t in w.items()} for w in full] if kind != "int8" else \
+            [{name: (q, s.to(dtype)) for name, (q, s) in ((n, quantize_int8(t)) for n, t in w.items())} for w in full]
+        nbytes = sum(t.numel() * t.element_size() for w in layers for t, _ in w.values())
+        cells, outputs = [f"{kind} weights ({nbytes / 2**20:.0f} MiB)"], []
+        for dependent in (True, False):
+            with dependent_launches(dependent):
+                if dependent and not dependent_launch(device):
+                    cells.append("dependent launches: not on this device")
+                    continue
+                t = time_launches(lambda: step(layers), device, launches=4)
+                outputs.append(step(layers))
+            cells.append(f"{'dependent' if dependent else 'plain'} launches {t * 1e6:.1f} us, "
+                         f"{nbytes / t / 1e9:.0f} GB/s")
+        if len(outputs) == 2:     # the same kernels, the same order of sums: the same bits
+            cells.append(f"same output: {torch.equal(*outputs)}")
+        print("; ".join(cells), flush=True)
+        del layers
 
 
 def rotary_cache_write_attention(q, k, v, cos, sin, k_cache, v_cache, pos):
@@ -259,7 +266,7 @@ def main(argv=None) -> int:
     p.add_argument("--gemv", action="store_true", help="time the Triton int8 GEMV's block sizes first")
     p.add_argument("--attention", action="store_true", help="time decode attention, SDPA and Triton, first")
     p.add_argument("--chain", action="store_true",
-                   help="time the folded layers' kernels in a row, dependent launches and plain (then the variants)")
+                   help="time the folded layers' kernels in a row, bf16 and int8, dependent launches and plain")
     p.add_argument("--graph-steps", type=int, default=1,
                    help="decode k steps per CUDA graph (the suite's fastest rows; GPU), profiling one graph")
     args = p.parse_args(argv)

@@ -9,8 +9,8 @@
 #      prefill and bitsandbytes, measured then, come last and may be cut);
 #   2. one layer's decode attention, SDPA against llmopt's Triton kernel with several splits, on caches of
 #      288 to 4,096 keys, and rotary + cache write + attention compiled around the kernel against all in it
-#      (`decode_attention_append`); the 16 folded layers' own kernels in a row (one CUDA graph), as
-#      dependent launches and plainly (`--chain`); then the kernels of one 16-step CUDA graph of bf16 with
+#      (`decode_attention_append`); the 16 folded layers' own kernels in a row (one CUDA graph), bf16 and
+#      int8, as dependent launches and plainly (`--chain`); then the kernels of one 16-step CUDA graph of bf16 with
 #      fused projections, folded layers and the Triton decode attention, 75 s at most (the GEMV's block
 #      sizes, swept on 2026-11-28, are left out: `--gemv`; so is the unfolded step's profile; with
 #      dependent launches a kernel's time in the profile includes its wait for the kernel before it);

@@ -43,7 +43,8 @@ def test_gpu_session_smoke(tmp_path):
     assert "== decode attention (cpu" in kernels and "96 keys, 96 written: SDPA" in kernels, kernels
     assert "with rotary and the cache write: compiled around the kernel" in kernels and "(append)" in kernels
     assert "== 1 folded layers' kernels in a row (cpu, 6 kernels" in kernels, kernels
-    assert "dependent launches: not on this device; plain launches" in kernels, kernels
+    assert kernels.count("dependent launches: not on this device; plain launches") == 2, kernels
+    assert "float32 weights (" in kernels and "int8 weights (" in kernels, kernels
     assert "== bf16-folded-attn: TPOT" in kernels, kernels
     assert "skipped" in (tmp_path / "cuda-tests-log.txt").read_text()
     assert "| goal | target | measured | met | row |" in log      # the session prints the goals table
