@@ -505,7 +505,7 @@ def tokens_per_call(model, tokenizer, prompt: str, total_tokens: int, per_call: 
     Without `continuation` each call is a fresh `generate` on the text so far (re-encode,
     allocate a cache, re-prefill everything). With it, one `Session` resumes from its
     cache and prefills only the newest token. The total splits into: a fixed cost per
-    call (measured as a 1-token call on a 1-token prompt), prefill beyond that, and decode.
+    call (measured as a 1-token call on a 1-token prompt: `fixed_per_call_s`), prefill beyond that, and decode.
     """
     from .generate import Session, generate
     check_count(per_call, "per_call")
@@ -533,5 +533,5 @@ def tokens_per_call(model, tokenizer, prompt: str, total_tokens: int, per_call: 
     fixed_total = calls * fixed
     return {"per_call": per_call, "calls": calls, "continuation": continuation, "tokens": len(ids),
             "token_ids": ids, "seconds": total, "tokens_per_s": len(ids) / total,
-            "fixed_s": fixed_total, "prefill_s": max(0.0, ttft - fixed_total), "decode_s": decode,
-            "other_s": max(0.0, total - ttft - decode), "prefilled_tokens": prefilled}
+            "fixed_s": fixed_total, "fixed_per_call_s": fixed, "prefill_s": max(0.0, ttft - fixed_total),
+            "decode_s": decode, "other_s": max(0.0, total - ttft - decode), "prefilled_tokens": prefilled}
