@@ -68,8 +68,9 @@ The attention and its combine load nothing before their wait: every input of the
 from the kernel before. As each lets the next start only once past its own wait, at most two run
 at once and the earlier has nothing left to wait for. Recorded in a CUDA graph, the launches keep
 this. `dependent_launch(device)` says whether it applies (CUDA, Hopper or later, a Triton with grid
-dependency control); `set_dependent_launch(False)` (or LLMOPT_DEPENDENT_LAUNCH=0; `with dependent_launches(False):` for a
-while) launches plainly, so the GPU suite times both. Not yet measured on a GPU.
+dependency control); `set_dependent_launch(False)` (or LLMOPT_DEPENDENT_LAUNCH=0, or
+`with dependent_launches(False):` for a while) launches plainly, so the GPU suite times both. Not yet
+measured on a GPU.
 
 `gemv`, `decode_attention` and `decode_attention_append` are `torch.library` custom ops, so
 torch.compile treats each as one opaque kernel. They
