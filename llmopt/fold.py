@@ -16,6 +16,10 @@ took about half of it at their measured bandwidths.
 - down loads gate and up and computes silu(gate) * up as it reads them;
 - o and down add the residual to their outputs, so the stream is written by the GEMVs.
 A layer runs four GEMVs (with fused projections, `fuse_projections`) and its attention.
+The model's final RMSNorm folds into the output head the same way where the head runs the Triton
+GEMV anyway: an int8 head (`quantize(..., kernel="triton-folded")`); a full-precision head
+stays on cuBLAS, whose one large matmul read at about 2.8 TB/s on that H100, and keeps the norm
+as a kernel of its own.
 int8 layers (`quantize(model, "int8", kernel="triton-folded")` folds as it quantizes) and
 full-precision ones both fold; prompts, batches and the engine's mixed steps run the usual
 `Block.forward`. Triton on a CUDA GPU (or its CPU interpreter, for the tests).
@@ -52,6 +56,17 @@ class FoldedBlock(Block):
         return linear_gemv(mlp.down_proj, gate, up=up, residual=h)      # h + down(silu(gate) * up)
 
 
+class FoldedTransformer(Transformer):
+    """A model whose final RMSNorm, on one-token steps, is folded into its output head's GEMV
+    (`fold_layers`), when the head runs llmopt's Triton GEMV anyway (an int8 head quantized with
+    `kernel="triton"` or `"triton-folded"`): one kernel a step fewer. Only the step differs."""
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] * x.shape[1] != 1 or getattr(self.lm_head, "kernel", None) != "triton":
+            return super().head(x)
+        return linear_gemv(self.lm_head, x, norm=self.norm)
+
+
 def linear_gemv(linear: nn.Module, x: torch.Tensor, *, up: torch.Tensor | None = None,
                 norm: RMSNorm | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """`linear` (an nn.Linear or an Int8Linear) on one row x [1, 1, K] through `kernels.gemv`: on
@@ -79,8 +94,8 @@ def foldable(layer: nn.Module) -> bool:
 
 def fold_layers(model: Transformer) -> Transformer:
     """Make each layer a `FoldedBlock` (in place; its class swapped, as torch's parametrize does):
-    one-token steps with the norms, SwiGLU and residual adds inside the GEMVs (notebook 08).
-    Layers with a projection `linear_gemv` cannot run (int4) stay as they are; `unfold_layers` undoes it."""
+    one-token steps with the norms, SwiGLU and residual adds inside the GEMVs (notebook 08), and
+    the model a `FoldedTransformer` (the final norm inside an int8 head's GEMV). Layers with a projection `linear_gemv` cannot run (int4) stay as they are; `unfold_layers` undoes it."""
     if not isinstance(model, Transformer):
         raise ValueError(f"fold_layers folds llmopt's own layers (a Transformer); this is a {type(model).__name__}")
     check_triton_device(next(model.parameters()).device, "fold_layers", "leave the layers unfolded")
@@ -92,11 +107,15 @@ def fold_layers(model: Transformer) -> Transformer:
     if not folded:
         raise ValueError("fold_layers found no layer to fold: it runs nn.Linear and int8 projections "
                          "(quantize(model, 'int8')), not int4 or tensor-parallel ones; leave this model unfolded")
+    if type(model) is Transformer:
+        model.__class__ = FoldedTransformer
     return model
 
 
 def unfold_layers(model: Transformer) -> Transformer:
-    """Undo `fold_layers` (in place): every layer a plain Block again."""
+    """Undo `fold_layers` (in place): every layer a plain Block again, the final norm its own kernel."""
+    if type(model) is FoldedTransformer:
+        model.__class__ = Transformer
     for layer in model.layers:
         if type(layer) is FoldedBlock:
             layer.__class__ = Block

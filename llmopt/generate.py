@@ -96,11 +96,12 @@ def _own_decode_step(model):
 
 def _model_key(model) -> tuple:
     """Changes when any weight is replaced or modified in place (tensor identity, version), or
-    when a layer's attention backend or class changes (`set_attention`, `fold_layers`): a recorded
-    graph or a frozen step holds both, and replaying an old one would run the old kernels."""
+    when the model's or a layer's class or a layer's attention backend changes (`fold_layers`,
+    `set_attention`): a recorded graph or a frozen step holds both, and replaying an old one would
+    run the old kernels."""
     weights = tuple((id(t), t.data_ptr(), _version(t)) for t in (*model.parameters(), *model.buffers()))
-    return weights, tuple((type(m), getattr(getattr(m, "self_attn", None), "backend", None))
-                          for m in getattr(model, "layers", ()))
+    return weights, type(model), tuple((type(m), getattr(getattr(m, "self_attn", None), "backend", None))
+                                       for m in getattr(model, "layers", ()))
 
 
 def _version(t: torch.Tensor):

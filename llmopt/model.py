@@ -293,6 +293,11 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         elif logits_to_keep is not None:
             x = x[:, logits_to_keep]
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, vocab] of the last layer's output x [B, T, D]: the final RMSNorm, then the
+        output head (`fold.FoldedTransformer` folds the norm into the head's GEMV)."""
         return self.lm_head(self.norm(x))
 
 

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import llmopt
-from llmopt.fold import FoldedBlock, fold_layers, linear_gemv, unfold_layers
+from llmopt.fold import FoldedBlock, FoldedTransformer, fold_layers, linear_gemv, unfold_layers
 from llmopt.generate import decode_one_token, prefill
 from llmopt.kv_cache import make_cache
-from llmopt.model import Block, RMSNorm
+from llmopt.model import Block, RMSNorm, Transformer
 from llmopt.quantize import Int8Linear, quantize, quantize_int8
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -127,7 +127,7 @@ def test_folded_layers_decode_as_the_unfolded_ones(case, monkeypatch):
             fold_layers(model)
         models.append(model)
     ref, fast = models
-    assert all(type(layer) is FoldedBlock for layer in fast.layers)
+    assert all(type(layer) is FoldedBlock for layer in fast.layers) and type(fast) is FoldedTransformer
     torch.testing.assert_close(step_logits(fast, tok), step_logits(ref, tok), rtol=1e-5, atol=1e-4)
 
     calls = record_gemv_calls(monkeypatch)
@@ -138,10 +138,11 @@ def test_folded_layers_decode_as_the_unfolded_ones(case, monkeypatch):
         assert [llmopt.generate(fast, tok, p, max_new_tokens=5, ignore_eos=True, cache=cache).token_ids
                 for p in prompts] == expect
     # a step: q, k, v (one GEMV or three) from the normed stream; x + o(...); gate, up from the normed h;
-    # h + down(silu(gate) * up); the int8 head (tied) one row through the plain GEMV, prompt's and steps'
+    # h + down(silu(gate) * up); the int8 head (tied) one row through the GEMV with the final norm folded
+    # in, prompt's and steps' (a full-precision head stays on F.linear, after the norm's own kernel)
     layer = [("norm",)] * (1 if layout == "fused" else 3) + [("residual",)] + \
         [("norm",)] * (1 if layout == "fused" else 2) + [("up", "residual")]
-    head = [()] if weights == "int8" else []
+    head = [("norm",)] if weights == "int8" else []
     step = layer * 4 + head
     assert calls[:len(head) + len(step)] == head + step
     assert len(calls) == 2 * 2 * (len(head) + 4 * len(step))
@@ -159,22 +160,34 @@ def test_folded_layers_decode_as_the_unfolded_ones(case, monkeypatch):
 
 
 @interpreter
-def test_folding_a_compiled_model_rebuilds_its_step(monkeypatch):
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_folding_a_compiled_model_rebuilds_its_step(weights, monkeypatch):
     """The suite's path: torch.compile (each GEMV one opaque op), 4 steps a DecodeGraph; folding after a
-    compiled run records the step again (a layer's class is part of the model's key), and unfolding too."""
+    compiled run records the step again (the model's and a layer's class are part of the model's key),
+    and unfolding too. An int8 head on the Triton GEMV takes the final norm in once folded."""
     small_gemv_blocks(monkeypatch)
     model, tok = llmopt.load_model("tiny")
     llmopt.fuse_projections(model)
+    if weights == "int8":
+        quantize(model, "int8", kernel="triton")
     run = lambda: llmopt.generate(model, tok, "ROMEO: But soft", max_new_tokens=6, ignore_eos=True,  # noqa: E731
                                   compile=True, graph_steps=4).token_ids
     want = run()
     calls = record_gemv_calls(monkeypatch)
     fold_layers(model)
     assert run() == want and ("up", "residual") in calls
+    # a step's last GEMV: the int8 head with the final norm in it, or a full-precision model's last down
+    assert calls[-1] == (("norm",) if weights == "int8" else ("up", "residual"))
+    # each layer's step: two GEMVs with the norm (q,k,v and gate,up, fused), one down; the rest are heads
+    heads = calls.count(("norm",)) - 2 * calls.count(("up", "residual"))
     calls.clear()
     unfold_layers(model)
-    assert all(type(layer) is Block for layer in model.layers)
-    assert run() == want and calls == []
+    assert all(type(layer) is Block for layer in model.layers) and type(model) is Transformer
+    assert run() == want
+    if weights == "fp32":
+        assert calls == [] and heads == 0
+    else:   # every GEMV plain: the prompt's head, then each step's four a layer and its head
+        assert set(calls) == {()} and len(calls) == heads + (heads - 1) * 4 * len(model.layers)
 
 
 @interpreter
