@@ -25,6 +25,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_all(page, tries: int = 3) -> None:
+    """Run > Run All Cells, until a cell has started: a click made while JupyterLab is still
+    connecting the kernel or focusing the notebook can be lost (seen here, now and then: the
+    notebook then sat idle, every cell unrun, until the panel's wait timed out)."""
+    for _ in range(tries):
+        page.click(".jp-Notebook")
+        page.get_by_role("menuitem", name="Run").click()
+        page.get_by_text("Run All Cells", exact=True).click()
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            prompts = page.locator(".jp-InputArea-prompt").all_inner_texts()
+            if any(p.strip() not in ("", "[ ]:") for p in prompts):     # [*]: or [1]: ...
+                return
+            page.wait_for_timeout(500)
+        print("Run All Cells started no cell; trying again")
+    raise RuntimeError(f"Run All Cells started no cell in {tries} tries")
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("notebook")
@@ -63,11 +81,10 @@ def main() -> int:
             page.goto(f"http://127.0.0.1:{port}/lab/tree/{nb.name}?token={token}")
             page.wait_for_selector(".jp-Notebook", timeout=60_000)
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
-            page.click(".jp-Notebook")
-            page.get_by_role("menuitem", name="Run").click()
-            page.get_by_text("Run All Cells", exact=True).click()
-            # the panel: a VBox of controls rendered by the widget manager
-            page.wait_for_selector(".widget-vbox", timeout=args.timeout * 1000)
+            run_all(page)
+            # the panel: a VBox of controls rendered by the widget manager (attached, not yet visible:
+            # JupyterLab skips painting cells out of view, and the page may not have scrolled to it)
+            page.wait_for_selector(".widget-vbox", state="attached", timeout=args.timeout * 1000)
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']",
                                    timeout=args.timeout * 1000)
             panel = page.locator(".widget-vbox").last
