@@ -95,7 +95,8 @@ def foldable(layer: nn.Module) -> bool:
 def fold_layers(model: Transformer) -> Transformer:
     """Make each layer a `FoldedBlock` (in place; its class swapped, as torch's parametrize does):
     one-token steps with the norms, SwiGLU and residual adds inside the GEMVs (notebook 08), and
-    the model a `FoldedTransformer` (the final norm inside an int8 head's GEMV). Layers with a projection `linear_gemv` cannot run (int4) stay as they are; `unfold_layers` undoes it."""
+    the model a `FoldedTransformer` (the final norm inside an int8 head's GEMV). Layers with a
+    projection `linear_gemv` cannot run (int4) stay as they are; `unfold_layers` undoes it."""
     if not isinstance(model, Transformer):
         raise ValueError(f"fold_layers folds llmopt's own layers (a Transformer); this is a {type(model).__name__}")
     check_triton_device(next(model.parameters()).device, "fold_layers", "leave the layers unfolded")
