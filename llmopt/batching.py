@@ -24,9 +24,9 @@ import torch
 
 from .config import check_count
 from .cuda_graphs import BatchStepGraph
-from .generate import (_COMPILED, COMPILE_BUCKET, Generation, _as_stop_list, _checked_request, _eos_ids,
-                       _model_key, _stop_at, compiled_cache, compiled_decode, decode_one_token,
-                       per_prompt, per_prompt_options, timing_stats)
+from .generate import (COMPILE_BUCKET, Generation, _as_stop_list, _checked_request, _eos_ids, _model_key,
+                       _stop_at, compiled_cache, compiled_decode, decode_one_token, kept_graph, per_prompt,
+                       per_prompt_options, timing_stats)
 from .kv_cache import kv_cache_bytes, make_cache, to_device
 from .sampling import greedy, sample, seeded_generator
 
@@ -50,14 +50,12 @@ def batch_memory_bytes(cfg, batch_size: int, prompt_len: int, total_len: int,
 
 
 def batch_step_graph(model, cache, batch: int) -> BatchStepGraph:
-    """The `BatchStepGraph` of `model` for this static cache and batch size: kept per model
-    (beside it, in `_COMPILED`) and made anew, to be recorded again, when the cache, the
-    batch size or any weight changes (a graph holds their addresses)."""
-    per_model = _COMPILED.setdefault(model, {})
-    g, weights = per_model.get("batch_graph"), _model_key(model)
-    if g is None or g.cache is not cache or g.batch != batch or g.weights != weights:
-        g = per_model["batch_graph"] = BatchStepGraph(model, cache, batch, decode_one_token, weights)
-    return g
+    """The `BatchStepGraph` of `model` for this static cache and batch size: kept with the cache
+    (`generate.kept_graph`, so each kept cache shape keeps its graph) and made anew, to be recorded
+    again, when the batch size or any weight changes (a graph holds their addresses)."""
+    weights = _model_key(model)
+    return kept_graph(model, cache, "batch", lambda g: g.batch == batch and g.weights == weights,
+                      lambda: BatchStepGraph(model, cache, batch, decode_one_token, weights))
 
 
 def generate_batch(model, tokenizer, prompts, *, max_new_tokens=64, temperature: float = 0.0,
@@ -73,9 +71,9 @@ def generate_batch(model, tokenizer, prompts, *, max_new_tokens=64, temperature:
     exceed it with `MemoryBudgetExceeded`, before anything is allocated.
     With `cuda_graphs` (static cache, no `compile`), the batch's decode step is recorded
     as one CUDA graph at its first step and replayed at every later one, with no
-    compiler involved (`BatchStepGraph`); the cache is kept per model, sized up to a
-    multiple of 256 slots, so later batches of the same size reuse cache and graph. On
-    a CPU the same step runs eagerly.
+    compiler involved (`BatchStepGraph`); the cache, sized up to a multiple of 256 slots,
+    is kept per model with its graph (the last `generate.KEPT_CACHES` shapes), so later
+    batches of a size and length met before reuse both. On a CPU the same step runs eagerly.
     """
     if not isinstance(cuda_graphs, bool):
         raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")

@@ -15,6 +15,7 @@ import time
 import types
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -235,38 +236,71 @@ class DecodeGraph:
 
 
 def decode_graph(model, cache, k: int, compile: str | bool = False) -> DecodeGraph:
-    """The `DecodeGraph` of `model` for this cache, k and step; kept per model and rebuilt (and
-    recorded again) when any of them, any weight, or how llmopt's kernels launch
+    """The `DecodeGraph` of `model` for this cache, k and step; kept with the cache (`kept_graph`)
+    and rebuilt (and recorded again) when k, the step, any weight, or how llmopt's kernels launch
     (`kernels.set_dependent_launch`) changes."""
     step = graph_step(model, compile)
-    per_model = _COMPILED.setdefault(model, {})
-    g, weights = per_model.get("graph"), (_model_key(model), dependent_launch(model.device))
-    if g is None or g.cache is not cache or g.k != k or g.step is not step or g.weights != weights:
-        g = per_model["graph"] = DecodeGraph(model, cache, k, step, weights)
-    return g
+    weights = (_model_key(model), dependent_launch(model.device))
+    return kept_graph(model, cache, "decode", lambda g: g.k == k and g.step is step and g.weights == weights,
+                      lambda: DecodeGraph(model, cache, k, step, weights))
+
+
+# static cache shapes kept per model for compiled and graph decoding, each with its graphs: at most
+# KEPT_CACHES, and older ones only while all of them take at most KEPT_CACHE_BYTES
+KEPT_CACHES, KEPT_CACHE_BYTES = 4, 2**30
+
+
+class KeptCache:
+    """A static cache kept per model (`compiled_cache`), the lock its one user holds, and the graphs
+    recorded over it (name -> graph): a graph holds the cache's addresses, so it lives and goes with it."""
+
+    def __init__(self, cache) -> None:
+        self.cache, self.lock, self.graphs = cache, threading.Lock(), {}
 
 
 def compiled_cache(model, batch_size: int, max_len: int):
     """(cache, release) for a compiled decode: a static cache kept per model and reused.
 
     CUDA graphs replay on fixed addresses, so the compiled step should write into the
-    same buffers every generation (buffers at new addresses make the graph re-record). Only the latest shape is kept per model. Stale
-    entries from an earlier generation never leak: attention masks every slot after
-    the current position. A second generation that runs while the kept cache is in use
-    (another thread) gets a fresh cache instead.
+    same buffers every generation (buffers at new addresses make the graph re-record).
+    The last `KEPT_CACHES` shapes (batch size, length, dtype, device) are kept per model while
+    together they take at most `KEPT_CACHE_BYTES` (the newest is always kept), the least
+    recently used dropped first (with its graphs), so generations that alternate between a few
+    shapes (static batches of 256 and 512 slots, say) replay theirs rather than record again. Stale entries from an earlier generation never leak: attention masks every
+    slot after the current position. A second generation that runs while the kept cache is
+    in use (another thread) gets a fresh cache instead.
     """
-    per_model = _COMPILED.setdefault(model, {})
+    kept = _COMPILED.setdefault(model, {}).setdefault("caches", OrderedDict())
     key = (batch_size, max_len, model.dtype, str(model.device))
-    entry = per_model.get("cache")
-    if entry is None or entry[0] != key:
-        cache = make_cache("static", model.config, batch_size, max_len, device=model.device,
-                           dtype=model.dtype)
-        entry = per_model["cache"] = (key, threading.Lock(), cache)
-    _, lock, cache = entry
-    if lock.acquire(blocking=False):
-        return cache, lock.release
+    entry = kept.get(key)
+    if entry is None:
+        entry = kept[key] = KeptCache(make_cache("static", model.config, batch_size, max_len,
+                                                 device=model.device, dtype=model.dtype))
+    kept.move_to_end(key)
+    while len(kept) > KEPT_CACHES or (len(kept) > 1 and sum(e.cache.nbytes for e in kept.values()) > KEPT_CACHE_BYTES):
+        kept.popitem(last=False)
+    if entry.lock.acquire(blocking=False):
+        return entry.cache, entry.lock.release
     return make_cache("static", model.config, batch_size, max_len, device=model.device,
                       dtype=model.dtype), lambda: None
+
+
+def kept_graph(model, cache, name: str, fits, make):
+    """The graph `name` recorded over `cache` when `cache` is one the model keeps (`compiled_cache`)
+    and `fits(graph)`; else `make()`, kept with the cache for the next call (a cache the model does
+    not keep gets a graph that is not kept either)."""
+    entry = next((e for e in _COMPILED.get(model, {}).get("caches", {}).values() if e.cache is cache), None)
+    graph = entry.graphs.get(name) if entry is not None else None
+    if graph is None or not fits(graph):
+        graph = make()
+        if entry is not None:
+            entry.graphs[name] = graph
+    return graph
+
+
+def kept_graphs(model, name: str) -> list:
+    """The graphs `name` kept with the model's caches, the most recently used cache's last."""
+    return [e.graphs[name] for e in _COMPILED.get(model, {}).get("caches", {}).values() if name in e.graphs]
 
 
 def _token_id(i) -> int:

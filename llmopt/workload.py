@@ -275,10 +275,9 @@ def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int =
         rows.append(dict(label=label, requests=len(workload), slots=slots, tokens=tokens, wall_s=wall,
                          tokens_per_s=tokens / wall, forwards=forwards[label],
                          identical=[g.token_ids for g in outputs[label]] == reference))
-        if label == "static batching, CUDA graphs":      # the last batch's graph (kept per model)
-            from .generate import _COMPILED
-            last = _COMPILED.get(model, {}).get("batch_graph")
-            rows[-1].update(graph_error=last.error if last is not None else None)
+        if label == "static batching, CUDA graphs":      # the graphs kept per model (one per batch shape)
+            from .generate import kept_graphs
+            rows[-1].update(graph_error=next((g.error for g in kept_graphs(model, "batch") if g.error), None))
         if label in kept:
             g = kept[label].graphs
             rows[-1].update(first_wall_s=times[label][0], graphs_recorded=g.recorded, graph_replays=g.replays,

@@ -82,29 +82,39 @@ def test_batched_sampling_matches_unbatched_per_seed(tiny):
 def test_static_batching_with_cuda_graphs_equals_unbatched(tiny, reference):
     """generate_batch(cuda_graphs=True): one step recorded per batch and replayed (on a CPU, the
     same step eagerly); greedy and seeded outputs unchanged; the graph and its cache are kept
-    per model for the next batch of that size and made anew when the size or a weight changes."""
+    per model for the next batch of that shape (the last KEPT_CACHES shapes) and made anew when
+    the size or a weight changes."""
     from llmopt.batching import batch_step_graph
-    from llmopt.generate import _COMPILED
+    from llmopt.generate import KEPT_CACHES, kept_graphs
     model, tok = tiny
     lengths = [48, 10, 30, 1, 48, 20]
     out = generate_batch(model, tok, PROMPTS, max_new_tokens=lengths, ignore_eos=True, cuda_graphs=True)
     assert [g.token_ids for g in out] == [reference[p][:n] for p, n in zip(PROMPTS, lengths)]
     assert out[0].stats["cuda_graphs"] is True
-    kept = _COMPILED[model]["batch_graph"]
+    [kept] = kept_graphs(model, "batch")
     assert kept.cache.max_len == 256 and kept.batch == len(PROMPTS)      # slots rounded up to 256
     again = generate_batch(model, tok, PROMPTS[::-1], max_new_tokens=24, ignore_eos=True, cuda_graphs=True)
     assert [g.token_ids for g in again] == [reference[p][:24] for p in PROMPTS[::-1]]   # stale slots masked
-    assert _COMPILED[model]["batch_graph"] is kept and kept.replays == 0 and kept.error is None  # a CPU: eager
+    assert kept_graphs(model, "batch") == [kept] and kept.replays == 0 and kept.error is None  # a CPU: eager
     kw = dict(max_new_tokens=20, temperature=0.9, top_k=40, top_p=0.95)
     sampled = generate_batch(model, tok, PROMPTS[:3], seed=[1, 2, 3], cuda_graphs=True, **kw)
     assert [g.token_ids for g in sampled] == \
         [g.token_ids for g in generate_batch(model, tok, PROMPTS[:3], seed=[1, 2, 3], **kw)]
-    assert _COMPILED[model]["batch_graph"] is not kept                  # another batch size
-    three = _COMPILED[model]["batch_graph"]
+    assert kept_graphs(model, "batch")[0] is kept                      # another batch size: kept beside it
+    three = kept_graphs(model, "batch")[-1]
+    assert three is not kept and three.batch == 3
+    longer = generate_batch(model, tok, PROMPTS, max_new_tokens=256, ignore_eos=True, cuda_graphs=True)
+    assert [g.token_ids[:48] for g in longer] == [reference[p] for p in PROMPTS]
+    assert kept_graphs(model, "batch")[-1].cache.max_len == 512         # a longer batch, its own cache
+    generate_batch(model, tok, PROMPTS, max_new_tokens=8, ignore_eos=True, cuda_graphs=True)
+    assert kept_graphs(model, "batch")[-1] is kept                      # back to 256 slots: the same graph
     assert batch_step_graph(model, three.cache, 3) is three
     with torch.no_grad():
         model.norm.weight.mul_(1.0)                                     # a weight changed in place
     assert batch_step_graph(model, three.cache, 3) is not three
+    for n in range(2, 2 + KEPT_CACHES):                                 # more shapes than are kept
+        generate_batch(model, tok, PROMPTS[:n], max_new_tokens=4, cuda_graphs=True)
+    assert len(kept_graphs(model, "batch")) == KEPT_CACHES and kept not in kept_graphs(model, "batch")
     for kwargs, message in [(dict(cache="dynamic"), "cache='static'"), (dict(compile=True), "without compile"),
                             (dict(cuda_graphs="yes"), "cuda_graphs must be True or False")]:
         with pytest.raises(ValueError, match=message):
@@ -122,12 +132,12 @@ def test_static_batching_cuda_graphs_record_and_replay():
     lengths = [48, 10, 30, 1, 48, 20]
     eager = generate_batch(model, tok, PROMPTS, max_new_tokens=lengths, ignore_eos=True)
     graphed = generate_batch(model, tok, PROMPTS, max_new_tokens=lengths, ignore_eos=True, cuda_graphs=True)
-    from llmopt.generate import _COMPILED
-    g = _COMPILED[model]["batch_graph"]
+    from llmopt.generate import kept_graphs
+    [g] = kept_graphs(model, "batch")
     assert g.error is None and g.graph is not None and g.replays == max(lengths) - 2   # step 1 records
     assert [x.token_ids for x in graphed] == [x.token_ids for x in eager]
     again = generate_batch(model, tok, PROMPTS[::-1], max_new_tokens=24, ignore_eos=True, cuda_graphs=True)
-    assert _COMPILED[model]["batch_graph"] is g            # the same graph, replayed for the next batch
+    assert kept_graphs(model, "batch") == [g]               # the same graph, replayed for the next batch
     assert [x.token_ids for x in again] == \
         [x.token_ids for x in generate_batch(model, tok, PROMPTS[::-1], max_new_tokens=24, ignore_eos=True)]
 

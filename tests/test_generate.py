@@ -345,16 +345,23 @@ def test_graph_steps_compiled_and_kept_until_the_weights_change(model_and_tok):
     (a graph holds the old weights' addresses), after the attention backend changes or when llmopt's
     kernels launch another way (`kernels.set_dependent_launch`)."""
     import copy
-    from llmopt.generate import _COMPILED, compiled_cache, decode_graph
+    from llmopt.generate import compiled_cache, decode_graph, kept_graphs
     model, tok = copy.deepcopy(model_and_tok[0]), model_and_tok[1]
     prompt = list(range(5, 25))
     eager = llmopt.generate(model, tok, prompt, max_new_tokens=12, ignore_eos=True)
     compiled = llmopt.generate(model, tok, prompt, max_new_tokens=12, ignore_eos=True, compile=True, graph_steps=4)
     assert compiled.token_ids == eager.token_ids
-    kept = _COMPILED[model]["graph"]
+    [kept] = kept_graphs(model, "decode")
     cache, release = compiled_cache(model, 1, 256)
     release()
     assert kept.cache is cache and decode_graph(model, cache, 4, True) is kept
+    other, release = compiled_cache(model, 2, 256)              # another shape: its cache and graph kept beside
+    release()
+    two = decode_graph(model, other, 4, True)
+    assert kept_graphs(model, "decode") == [kept, two]
+    again = llmopt.generate(model, tok, prompt, max_new_tokens=12, ignore_eos=True, compile=True, graph_steps=4)
+    assert again.token_ids == eager.token_ids and kept_graphs(model, "decode") == [two, kept]  # back: the same
+    del other, two
     assert decode_graph(model, cache, 8, True) is not kept
     graph = decode_graph(model, cache, 4, False)
     with torch.no_grad():
@@ -374,6 +381,35 @@ def test_graph_steps_compiled_and_kept_until_the_weights_change(model_and_tok):
     assert ref() is None                        # nor does it keep the model alive
 
 
+def test_kept_caches_stay_within_their_count_and_bytes(model_and_tok, monkeypatch):
+    """compiled_cache keeps the last KEPT_CACHES shapes, least recently used dropped first, older ones
+    only while all fit KEPT_CACHE_BYTES; a shape in use elsewhere gives a fresh cache, not kept."""
+    import copy
+    G = importlib.import_module("llmopt.generate")
+    model = copy.deepcopy(model_and_tok[0])
+
+    def take(batch, length):
+        cache, release = G.compiled_cache(model, batch, length)
+        release()
+        return cache
+
+    kept = lambda: [(e.cache.k[0].shape[0], e.cache.max_len) for e in G._COMPILED[model]["caches"].values()]  # noqa: E731
+    first = take(1, 64)
+    for shape in [(2, 64), (1, 128), (3, 64)]:
+        take(*shape)
+    assert take(1, 64) is first and kept() == [(2, 64), (1, 128), (3, 64), (1, 64)]   # used again: newest
+    take(2, 128)
+    assert kept() == [(1, 128), (3, 64), (1, 64), (2, 128)] and G.KEPT_CACHES == 4
+    monkeypatch.setattr(G, "KEPT_CACHE_BYTES", take(1, 128).nbytes + take(1, 64).nbytes)
+    take(1, 64)
+    assert kept() == [(1, 128), (1, 64)]                                 # the two newest fit the bytes
+    cache, release = G.compiled_cache(model, 1, 64)
+    other, release_other = G.compiled_cache(model, 1, 64)               # while the kept one is in use
+    assert other is not cache and kept() == [(1, 128), (1, 64)]
+    release(), release_other()
+    assert G.compiled_cache(model, 1, 64)[0] is cache
+
+
 def test_graph_steps_refuse_what_they_cannot_do(model_and_tok):
     model, tok = model_and_tok
     for bad in (0, 1.5, True, "4"):
@@ -390,7 +426,7 @@ def test_graph_steps_refuse_what_they_cannot_do(model_and_tok):
 def test_graph_steps_record_and_replay_a_cuda_graph(compile):
     """On a GPU: the first generation records the graph, the next ones replay it; every token
     is plain greedy's (the trained tiny model in fp32, so kernel choices cannot flip a token)."""
-    from llmopt.generate import _COMPILED
+    from llmopt.generate import kept_graphs
     model, tok = llmopt.load_model("tiny", device="cuda", dtype="fp32")
     prompts = ["ROMEO:", "JULIET:\nWherefore art thou", "ROMEO:"]
     recorded = None
@@ -398,7 +434,8 @@ def test_graph_steps_record_and_replay_a_cuda_graph(compile):
         ref = llmopt.generate(model, tok, p, max_new_tokens=40, ignore_eos=True).token_ids
         g = llmopt.generate(model, tok, p, max_new_tokens=40, ignore_eos=True, compile=compile, graph_steps=8)
         assert g.token_ids == ref
-        graph = _COMPILED[model]["graph"].graph
+        [kept] = kept_graphs(model, "decode")
+        graph = kept.graph
         assert graph is not None and graph is (recorded or graph)    # recorded once, then replayed
         recorded = graph
 
