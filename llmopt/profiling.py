@@ -221,7 +221,8 @@ def peak_memory(fn: Callable[[], object], device=None, interval_s: float = 0.002
     processes, the resident set is sampled every `interval_s`. RSS includes
     everything the process touched (allocator caches too): a rough upper bound.
     `include_children` adds the RSS of child processes (Dask workers, notebook 12)
-    and reports the largest single process too (`max_process_bytes`).
+    and reports the largest single process too (`max_process_bytes`), and the largest
+    child (`max_child_bytes`: a worker's peak, without the caller's own memory).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -235,15 +236,20 @@ def peak_memory(fn: Callable[[], object], device=None, interval_s: float = 0.002
     import psutil
     proc = psutil.Process()
 
-    def rss() -> tuple[int, int]:
+    own_command = proc.cmdline()
+
+    def rss() -> tuple[int, int, int]:
         sizes = [proc.memory_info().rss]
         if include_children:
             for child in proc.children(recursive=True):
                 try:
-                    sizes.append(child.memory_info().rss)
+                    # a child forked but not yet started on its own program shares all this
+                    # process's pages, and its RSS counts them: not a measurement of the child
+                    if child.cmdline() != own_command:
+                        sizes.append(child.memory_info().rss)
                 except psutil.Error:      # a child that just exited
                     pass
-        return sum(sizes), max(sizes)
+        return sum(sizes), max(sizes), max(sizes[1:], default=0)
 
     own_base = proc.memory_info().rss
     base = rss()[0]
@@ -251,13 +257,12 @@ def peak_memory(fn: Callable[[], object], device=None, interval_s: float = 0.002
     own = [own_base]                   # the kernel's peaks from before any reset inside fn
     if kernel_peak:
         _OPEN_PEAKS.append(own)
-    peak = [base, 0]
+    peak = [base, 0, 0]                # total, largest process, largest child
     done = threading.Event()
 
     def watch():
         while not done.is_set():
-            total, largest = rss()
-            peak[0], peak[1] = max(peak[0], total), max(peak[1], largest)
+            peak[:] = map(max, peak, rss())
             done.wait(interval_s)
 
     # sample only what the kernel does not keep (children's RSS, or no high-water mark)
@@ -272,14 +277,13 @@ def peak_memory(fn: Callable[[], object], device=None, interval_s: float = 0.002
             t.join()
         if kernel_peak:
             _OPEN_PEAKS.remove(own)
-    total, largest = rss()
-    peak[0], peak[1] = max(peak[0], total), max(peak[1], largest)
+    peak[:] = map(max, peak, rss())
     if kernel_peak:   # the sampled total, or the kernel's exact own peak over the same base
         own_peak = max(own[0], _peak_rss())
         peak[0], peak[1] = max(peak[0], base + own_peak - own_base), max(peak[1], own_peak)
     out = {"peak_bytes": peak[0], "delta_bytes": peak[0] - base, "kind": "process RSS"}
     if include_children:
-        out.update(kind="RSS of the process and its children", max_process_bytes=peak[1])
+        out.update(kind="RSS of the process and its children", max_process_bytes=peak[1], max_child_bytes=peak[2])
     return out
 
 

@@ -134,6 +134,21 @@ def test_peak_memory_sees_a_spike_between_samples():
     assert r["delta_bytes"] > 32 * 2**20 and inner["delta_bytes"] < 16 * 2**20
 
 
+def test_peak_memory_counts_a_child_process_apart_from_its_parent():
+    """include_children: a child's 200 MiB shows in the total, the largest process and the largest
+    child; the parent's own large tensor shows in the largest process, never as a child's."""
+    import subprocess
+    import sys
+    code = "import time; b = b'x' * (200 * 2**20); time.sleep(0.5)"
+    held = torch.ones(300 * 2**20 // 4).add_(1)       # the parent's own memory, larger than the child's
+    r = peak_memory(lambda: subprocess.run([sys.executable, "-c", code], check=True), device="cpu",
+                    include_children=True)
+    assert 200 * 2**20 <= r["max_child_bytes"] < 300 * 2**20 <= r["max_process_bytes"]
+    assert r["delta_bytes"] >= 190 * 2**20
+    alone = peak_memory(lambda: None, device="cpu", include_children=True)   # (other tests may leave a child)
+    assert alone["max_child_bytes"] < held.nbytes <= alone["max_process_bytes"]
+
+
 def test_perplexity_sliding_window_scores_every_token_once():
     V = 8
     uniform = lambda ids: torch.zeros(*ids.shape, V)  # noqa: E731 - a model with flat logits
