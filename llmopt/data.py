@@ -5,6 +5,12 @@ perplexity measures generalization, not memorization.
 """
 from __future__ import annotations
 
+import atexit
+import getpass
+import itertools
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -84,7 +90,9 @@ def tokenize_lines(lines: list[str], tokenizer_json: str, chunk: int = 20_000):
     parts = []
     for i in range(0, len(lines), chunk):
         enc = tok.encode_batch([clean_line(x) for x in lines[i:i + chunk]])
-        parts += [np.asarray(e.ids, dtype=SHARD_DTYPE) for e in enc]
+        # one array a chunk: an array a line would cost ~100 bytes of overhead each (~60 MB a 16 MiB partition)
+        parts.append(np.fromiter(itertools.chain.from_iterable(e.ids for e in enc), dtype=SHARD_DTYPE))
+        del enc
     return np.concatenate(parts) if parts else np.zeros(0, dtype=SHARD_DTYPE)
 
 
@@ -114,6 +122,33 @@ def make_large_corpus(out_dir, total_bytes: int, file_bytes: int = 64 * 2**20,
         files.append(path)
         i += 1
     return files
+
+
+def scratch_dir(name: str) -> Path:
+    """A new empty folder for this process's large temporary files (notebook 12's corpus and shards):
+    `<temp folder>/llmopt-<name>-<user>/<process id>`, removed when the process exits (a Jupyter
+    kernel shut down or restarted; not one that is killed). Folders that earlier processes left, killed
+    before they could remove theirs, are removed now, so runs never pile up."""
+    root = Path(tempfile.gettempdir()) / f"llmopt-{name}-{getpass.getuser()}"
+    root.mkdir(exist_ok=True)
+    for old in root.iterdir():
+        if old.name.isdigit() and not _running(int(old.name)):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = root / str(os.getpid())
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)                 # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:             # it exists, as another user
+        return True
+    return True
 
 
 def _write_shard(ids, path: Path) -> int:
@@ -232,10 +267,17 @@ class TokenShards:
     def __len__(self) -> int:
         return sum(self.lengths)
 
-    def tokens(self):
-        """Every token, in order (loads them all: for checks on small corpora)."""
+    def tokens(self, limit: int | None = None):
+        """Every token in order, or the first `limit`: loaded into memory (for checks), reading only
+        the shards they need."""
         import numpy as np
-        return np.concatenate([np.asarray(s) for s in self.shards])
+        parts, left = [], len(self) if limit is None else limit
+        for s in self.shards:
+            if left <= 0:
+                break
+            parts.append(np.asarray(s[:left]))
+            left -= len(parts[-1])
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=self.shards[0].dtype)
 
     def get_batch(self, batch_size: int, seq_len: int, gen):
         """Random windows [B, T] and their next-token targets, from shards chosen by size."""

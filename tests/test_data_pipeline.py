@@ -1,11 +1,17 @@
 """The Dask tokenization pipeline: same tokens as the serial path, shards that training reads."""
+import getpass
 import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from llmopt.data import (TokenShards, clean_line, make_large_corpus, tokenize_dask, tokenize_serial)
+from llmopt.data import TokenShards, clean_line, make_large_corpus, scratch_dir, tokenize_dask, tokenize_serial
 from llmopt.load import EMBEDDED
 
 TOKENIZER = EMBEDDED["tiny"] / "tokenizer.json"
@@ -31,6 +37,10 @@ def test_dask_and_serial_give_identical_tokens(corpus, tmp_path):
     assert parallel["tokens"] == serial["tokens"] > 500_000
     a, b = TokenShards(tmp_path / "serial").tokens(), TokenShards(tmp_path / "dask").tokens()
     assert np.array_equal(a, b)
+    shards = TokenShards(tmp_path / "dask")
+    first = shards.lengths[0]
+    for n in (0, 5, first, first + 7, len(b)):                     # within a shard, across shards, all
+        assert np.array_equal(shards.tokens(limit=n), b[:n])
     manifest = json.loads((tmp_path / "dask" / "manifest.json").read_text())
     assert sum(manifest["counts"]) == manifest["tokens"] and manifest["dtype"] == "uint16"
     # the shards decode back to the cleaned text
@@ -72,3 +82,25 @@ def test_missing_inputs_are_named_before_any_worker_starts(corpus, tmp_path):
         with pytest.raises(ValueError, match="non-empty list"):
             fn(str(corpus[0]), TOKENIZER, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+
+def test_scratch_dirs_go_with_their_process_or_at_the_next_start(tmp_path, monkeypatch):
+    """A process's scratch folder is removed when it exits; one that a killed process left is removed
+    by the next process that asks for one; a running process's folder stays."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)          # read TMPDIR again
+    code = ("import os, sys; from llmopt.data import scratch_dir; d = scratch_dir('test'); "
+            "(d / 'big').write_bytes(bytes(1000)); print(d, flush=True); "
+            "os._exit(0) if sys.argv[1] == 'killed' else None")   # os._exit: no clean-up, as a kill
+    left = {how: Path(subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True,
+                                     check=True).stdout.strip()) for how in ("exits", "killed")}
+    root = tmp_path / f"llmopt-test-{getpass.getuser()}"
+    assert left["exits"].parent == left["killed"].parent == root
+    assert not left["exits"].exists() and (left["killed"] / "big").exists()
+    mine = scratch_dir("test")
+    assert mine == root / str(os.getpid()) and mine.is_dir() and not any(mine.iterdir())
+    assert not left["killed"].exists()                     # the killed process's folder went
+    (mine / "kept").touch()
+    other = subprocess.run([sys.executable, "-c", code, "exits"], capture_output=True, text=True, check=True)
+    assert (mine / "kept").exists() and not Path(other.stdout.strip()).exists()   # a running one's stays
