@@ -266,9 +266,10 @@ def compiled_cache(model, batch_size: int, max_len: int):
     The last `KEPT_CACHES` shapes (batch size, length, dtype, device) are kept per model while
     together they take at most `KEPT_CACHE_BYTES` (the newest is always kept), the least
     recently used dropped first (with its graphs), so generations that alternate between a few
-    shapes (static batches of 256 and 512 slots, say) replay theirs rather than record again. Stale entries from an earlier generation never leak: attention masks every
-    slot after the current position. A second generation that runs while the kept cache is
-    in use (another thread) gets a fresh cache instead.
+    shapes (static batches of 256 and 512 slots, say) replay theirs rather than record again.
+    Stale entries from an earlier generation never leak: attention masks every slot after the
+    current position. A second generation that runs while the kept cache is in use (another
+    thread) gets a fresh cache instead.
     """
     kept = _COMPILED.setdefault(model, {}).setdefault("caches", OrderedDict())
     key = (batch_size, max_len, model.dtype, str(model.device))
@@ -277,8 +278,9 @@ def compiled_cache(model, batch_size: int, max_len: int):
         entry = kept[key] = KeptCache(make_cache("static", model.config, batch_size, max_len,
                                                  device=model.device, dtype=model.dtype))
     kept.move_to_end(key)
-    while len(kept) > KEPT_CACHES or (len(kept) > 1 and sum(e.cache.nbytes for e in kept.values()) > KEPT_CACHE_BYTES):
-        kept.popitem(last=False)
+    while len(kept) > KEPT_CACHES or (len(kept) > 1 and
+                                      sum(e.cache.nbytes for e in kept.values()) > KEPT_CACHE_BYTES):
+        kept.popitem(last=False)          # the least recently used shape, and its graphs
     if entry.lock.acquire(blocking=False):
         return entry.cache, entry.lock.release
     return make_cache("static", model.config, batch_size, max_len, device=model.device,
