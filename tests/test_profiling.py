@@ -1,5 +1,6 @@
 """The measurement protocol, roofline arithmetic, op breakdown and quality metrics."""
 import math
+import mmap
 import os
 
 import pytest
@@ -110,8 +111,17 @@ def test_sdpa_kernels_reports_a_refusal_without_its_warnings(monkeypatch):
     assert set(k.values()) == {False}
 
 
+def touch_64mib() -> None:
+    """64 MiB of fresh pages written and freed: an anonymous mapping straight from the kernel. A tensor
+    from malloc can land on memory the process already holds (after enough earlier tests, in one
+    CI run its RSS did not rise at all), and then there is no rise to see."""
+    with mmap.mmap(-1, 64 * 2**20) as m:
+        for i in range(0, len(m), mmap.PAGESIZE):
+            m[i] = 1
+
+
 def test_peak_memory_sees_an_allocation():
-    r = peak_memory(lambda: torch.ones(64 * 2**20 // 4).add_(1), device="cpu")
+    r = peak_memory(touch_64mib, device="cpu")
     assert r["delta_bytes"] > 32 * 2**20
 
 
@@ -119,7 +129,7 @@ def test_peak_memory_sees_an_allocation():
 def test_peak_memory_sees_a_spike_between_samples():
     # The sampler never wakes while fn runs (one sample a minute) and the tensor is freed
     # before the last sample: only the kernel's high-water mark can see it.
-    r = peak_memory(lambda: torch.ones(64 * 2**20 // 4).add_(1), device="cpu", interval_s=60)
+    r = peak_memory(touch_64mib, device="cpu", interval_s=60)
     assert r["delta_bytes"] > 32 * 2**20
 
     # a measurement inside another resets the process's mark: the outer one still sees the
@@ -127,7 +137,7 @@ def test_peak_memory_sees_a_spike_between_samples():
     inner = {}
 
     def outer():
-        torch.ones(64 * 2**20 // 4).add_(1)                 # made and freed before the inner reset
+        touch_64mib()                                       # made and freed before the inner reset
         inner.update(peak_memory(lambda: None, device="cpu", interval_s=60))
 
     r = peak_memory(outer, device="cpu", interval_s=60)
