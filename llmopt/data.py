@@ -129,26 +129,17 @@ def scratch_dir(name: str) -> Path:
     `<temp folder>/llmopt-<name>-<user>/<process id>`, removed when the process exits (a Jupyter
     kernel shut down or restarted; not one that is killed). Folders that earlier processes left, killed
     before they could remove theirs, are removed now, so runs never pile up."""
+    import psutil
     root = Path(tempfile.gettempdir()) / f"llmopt-{name}-{getpass.getuser()}"
     root.mkdir(exist_ok=True)
     for old in root.iterdir():
-        if old.name.isdigit() and not _running(int(old.name)):
+        if old.name.isdigit() and not psutil.pid_exists(int(old.name)):
             shutil.rmtree(old, ignore_errors=True)
     folder = root / str(os.getpid())
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)                 # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:             # it exists, as another user
-        return True
-    return True
 
 
 def _write_shard(ids, path: Path) -> int:

@@ -84,7 +84,6 @@ def test_missing_inputs_are_named_before_any_worker_starts(corpus, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-
 def test_scratch_dirs_go_with_their_process_or_at_the_next_start(tmp_path, monkeypatch):
     """A process's scratch folder is removed when it exits; one that a killed process left is removed
     by the next process that asks for one; a running process's folder stays."""
