@@ -46,13 +46,88 @@ def resolve(name_or_path: str | Path) -> Path:
     if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
         raise FileNotFoundError(f"no checkpoint at {name_or_path!r}: give 'tiny', 'tiny-draft', 'tiny-draft-llama', "
                                 "a local Hugging Face folder, or a hub name like 'org/model'")
+    cached = cached_checkpoint(str(name_or_path))
+    if cached is not None:  # already downloaded: no network call at all
+        return cached
     try:
         from huggingface_hub import snapshot_download
-        return Path(snapshot_download(str(name_or_path), allow_patterns=[
-            "*.json", "*.safetensors", "tokenizer.model"]))
+        return Path(snapshot_download(str(name_or_path), allow_patterns=HUB_FILES))
     except Exception as e:
         raise FileNotFoundError(f"could not fetch {name_or_path!r} from the hub ({e}); offline, "
                                 "download it elsewhere and pass the local folder") from e
+
+
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model"]
+
+
+def cached_checkpoint(repo_id: str) -> Path | None:
+    """The folder of hub checkpoint `repo_id` in the local Hugging Face cache, or None.
+
+    Only a snapshot that has its config and safetensors weights counts; nothing is downloaded.
+    The cache is where huggingface_hub keeps it ($HF_HUB_CACHE, by default ~/.cache/huggingface/hub).
+    """
+    try:
+        from huggingface_hub import snapshot_download
+        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:  # not cached, or no huggingface_hub: the caller decides what that means
+        return None
+    has_weights = (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists()
+    return folder if (folder / "config.json").exists() and has_weights else None
+
+
+# Real checkpoints `pick_model("auto")` looks for on a GPU, best first: small Llama-family
+# models llmopt runs (Llama 3.2 with its rope scaling, Qwen2.5 with attention bias, SmolLM2).
+REAL_CHECKPOINTS = ("meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-0.5B",
+                    "HuggingFaceTB/SmolLM2-360M", "HuggingFaceTB/SmolLM2-135M")
+# A notebook fine-tunes its model in fp32 with AdamW (notebooks 05 and 07): 16 bytes a
+# parameter, 8x a bf16 checkpoint's file, plus activations. A checkpoint is picked only when
+# FIT_FACTOR times its files fit in the GPU's memory.
+FIT_FACTOR = 10
+
+
+def _weight_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def pick_model(model: str = "auto", device="auto", *, candidates=REAL_CHECKPOINTS,
+               verbose: bool = True) -> str:
+    """The checkpoint a notebook runs on, printed with the reason (every notebook's set-up).
+
+    Anything but "auto" is kept as given. "auto" is `$LLMOPT_MODEL` when that is set;
+    else, on a GPU at full size, the first of `candidates` (hub names) already in the
+    local Hugging Face cache whose fine-tuning fits the GPU's memory (`FIT_FACTOR` times its
+    weight files); else the embedded "tiny". Nothing is downloaded: to run on, say,
+    Qwen2.5-0.5B, download it once (`hf download Qwen/Qwen2.5-0.5B`) or set LLMOPT_MODEL
+    to a local folder.
+    """
+    import os
+
+    from .bench import ci_mode
+    if model != "auto":
+        name, why = model, "as set in the parameters cell"
+    elif os.environ.get("LLMOPT_MODEL"):
+        name, why = os.environ["LLMOPT_MODEL"], "from $LLMOPT_MODEL"
+    else:
+        name, why = _pick_cached(check_device(device), candidates, ci_mode())
+    if verbose:
+        print(f"model: {name} ({why})")
+    return name
+
+
+def _pick_cached(device: torch.device, candidates, ci: bool) -> tuple[str, str]:
+    """pick_model's "auto" without $LLMOPT_MODEL: (name, why)."""
+    if ci:
+        return "tiny", "CI sizes (LLMOPT_CI) run the embedded model"
+    if device.type != "cuda":
+        return "tiny", f"the embedded model on {device.type}; on a GPU a cached real checkpoint is picked"
+    total = torch.cuda.get_device_properties(device).total_memory
+    for repo in candidates:
+        folder = cached_checkpoint(repo)
+        if folder is not None and FIT_FACTOR * _weight_bytes(folder) <= total:
+            return repo, (f"found in the Hugging Face cache: {_weight_bytes(folder) / 1e9:.1f} GB of weights, "
+                          f"{total / 2**30:.0f} GiB on the {torch.cuda.get_device_name(device)}")
+    return "tiny", (f"none of {', '.join(candidates)} is in the Hugging Face cache with room to fine-tune "
+                    "it on this GPU: download one (`hf download NAME`) or set LLMOPT_MODEL to a folder")
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -212,4 +287,5 @@ def save_model(model: Transformer, folder: str | Path, tokenizer=None) -> Path:
     return folder
 
 
-__all__ = ["load_model", "save_model", "resolve", "SUPPORTED_ARCHITECTURES"]
+__all__ = ["load_model", "save_model", "resolve", "pick_model", "cached_checkpoint", "REAL_CHECKPOINTS",
+           "SUPPORTED_ARCHITECTURES"]

@@ -147,3 +147,68 @@ def token_agreement(a, b) -> float:
     """Share of positions where two generated id sequences agree (over the shorter length)."""
     n = min(len(a), len(b))
     return sum(int(x) == int(y) for x, y in zip(a[:n], b[:n])) / n if n else 1.0
+
+
+# How close two tokens' log-probabilities must be for a greedy choice between them to count
+# as a tie that a different kernel, batch shape or summation order may flip, per compute
+# dtype: a few units in the last place of a logit (bf16 keeps 8 significant bits, so a
+# logit near 20 is stored to 0.125; fp32 keeps 24).
+TIE_GAP = {torch.float32: 1e-3, torch.float64: 1e-6, torch.float16: 0.1, torch.bfloat16: 0.5}
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype a model computes in: that of its first floating-point parameter."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+@torch.no_grad()
+def greedy_divergence(model, prompt, reference, candidate) -> dict:
+    """Where two greedy continuations of `prompt` part, and whether they part at a tie.
+
+    `reference` and `candidate` are token id lists that should be the same greedy output
+    (cached and uncached, batched and alone, compiled and eager). Where they first differ,
+    `model` is run once from scratch over the prompt and their shared prefix: the parting
+    is a tie when both tokens are within `TIE_GAP[dtype]` of the best log-probability there
+    (numerics, not a bug), otherwise a fault. Returns identical, position (None when
+    identical), tokens (reference's, candidate's), gap (the larger log-probability distance
+    to the best), tie_gap, tie, and agreement (the share of positions that agree).
+    """
+    reference, candidate = [int(t) for t in reference], [int(t) for t in candidate]
+    out = {"identical": reference == candidate, "position": None, "tokens": None, "gap": 0.0,
+           "tie_gap": TIE_GAP.get(compute_dtype(model), 1e-3), "tie": False,
+           "agreement": token_agreement(reference, candidate)}
+    if out["identical"]:
+        return out
+    n = min(len(reference), len(candidate))
+    pos = next((i for i in range(n) if reference[i] != candidate[i]), n)
+    out["position"] = pos
+    if pos == n:  # one is a prefix of the other: one stopped early, which no tie explains
+        out["tokens"] = (reference[pos] if pos < len(reference) else None,
+                         candidate[pos] if pos < len(candidate) else None)
+        out["gap"] = float("inf")
+        return out
+    prompt = [int(t) for t in as_token_ids(prompt, "greedy_divergence")]
+    ids = torch.tensor([prompt + reference[:pos]], device=device_of(model))
+    logp = torch.log_softmax(logits_of(model, ids)[0, -1].float(), -1)
+    a, b = reference[pos], candidate[pos]
+    out["tokens"] = (a, b)
+    out["gap"] = (logp.max() - torch.minimum(logp[a], logp[b])).item()
+    out["tie"] = out["gap"] <= out["tie_gap"]
+    return out
+
+
+def check_same_greedy(model, prompt, reference, candidate, what: str = "the candidate") -> dict:
+    """Assert `candidate` is the greedy output `reference` is, up to a tie (`greedy_divergence`).
+
+    With llmopt's fp32 `tiny` the outputs are identical; with a real checkpoint in bf16 on a
+    GPU a different batch shape or kernel may flip a near-tie, after which the two texts
+    differ and neither is wrong. Raises AssertionError naming `what` and the parting
+    otherwise. Returns `greedy_divergence`'s dict.
+    """
+    d = greedy_divergence(model, prompt, reference, candidate)
+    if not d["identical"] and not d["tie"]:
+        raise AssertionError(
+            f"{what} changed the greedy output at token {d['position']}: {d['tokens'][0]} became "
+            f"{d['tokens'][1]}, {d['gap']:.3g} nats from the best log-probability there (a tie is within "
+            f"{d['tie_gap']:g} in {compute_dtype(model)}), so not a rounding near-tie")
+    return d

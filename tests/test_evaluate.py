@@ -64,3 +64,53 @@ def test_workbook_variants_name_the_baseline_by_the_models_dtype():
     variants = workbook_variants(model, tok, new_tokens=4, ngram_text="ROMEO: to be or not to be")
     assert next(iter(variants)) == "bf16 baseline" and "bf16 weights" not in variants
     assert "int4 weight-only (g32)" in variants                # 96 MLP channels: groups of 64 do not fit
+
+
+def _tied_tiny():
+    """tiny with two tokens' output rows made equal at one greedy step: an exact tie to part at."""
+    model, tok = llmopt.load_model("tiny")
+    prompt = tok.encode("ROMEO:\n")
+    ref = llmopt.generate(model, tok, prompt, max_new_tokens=12).token_ids
+    pos = 5                                             # the step whose choice we tie
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + ref[:pos]]))[0, -1]
+        runner_up = logits.topk(2).indices[1].item()
+    untied = torch.nn.Parameter(model.lm_head.weight.detach().clone())   # the head is tied to the embeddings
+    with torch.no_grad():
+        untied[runner_up] = untied[ref[pos]]
+    model.lm_head.weight = untied
+    return model, prompt, ref, pos, runner_up
+
+
+def test_greedy_outputs_that_part_at_a_tie_pass_and_elsewhere_fail():
+    model, prompt, ref, pos, runner_up = _tied_tiny()
+    same = llmopt.metrics.check_same_greedy(model, prompt, ref, list(ref))
+    assert same["identical"] and same["position"] is None and same["agreement"] == 1.0
+    # the other side of the tie, then anything at all: a rounding flip the check accepts
+    flipped = ref[:pos] + [runner_up] + [7] * (len(ref) - pos - 1)
+    d = llmopt.metrics.check_same_greedy(model, prompt, ref, flipped, what="the tie")
+    assert d["tie"] and d["position"] == pos and d["tokens"] == (ref[pos], runner_up) and d["gap"] <= 1e-5
+    # a token far from the best at the same step, or a parting one step earlier: a fault
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + ref[:pos]]))[0, -1]
+    worst = logits.argmin().item()
+    with pytest.raises(AssertionError, match=rf"batching changed the greedy output at token {pos}: .*not a rounding"):
+        llmopt.metrics.check_same_greedy(model, prompt, ref, ref[:pos] + [worst] + ref[pos + 1:], what="batching")
+    early = ref[:pos - 1] + [runner_up] + ref[pos:]
+    d = llmopt.metrics.greedy_divergence(model, prompt, ref, early)
+    assert not d["tie"] and d["position"] == pos - 1 and d["gap"] > 1.0
+    # one output stopping early is no tie either
+    d = llmopt.metrics.greedy_divergence(model, prompt, ref, ref[:-2])
+    assert not d["tie"] and d["position"] == len(ref) - 2 and d["tokens"] == (ref[-2], None)
+
+
+def test_the_tie_gap_follows_the_models_compute_dtype():
+    model, tok = llmopt.load_model("tiny", dtype="bf16")
+    assert llmopt.metrics.compute_dtype(model) == torch.bfloat16
+    prompt = tok.encode("ROMEO:\n")
+    ref = llmopt.generate(model, tok, prompt, max_new_tokens=4).token_ids
+    d = llmopt.metrics.greedy_divergence(model, prompt, ref, ref[:3] + [ref[3] + 1])
+    assert d["tie_gap"] == llmopt.metrics.TIE_GAP[torch.bfloat16] > llmopt.metrics.TIE_GAP[torch.float32]
+    from llmopt.quantize import quantize
+    int8 = quantize(llmopt.load_model("tiny")[0], "int8")
+    assert llmopt.metrics.compute_dtype(int8) == torch.float32   # int8 weights, fp32 arithmetic

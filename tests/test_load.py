@@ -226,3 +226,77 @@ def test_a_folder_without_a_tokenizer_is_a_clear_error(tmp_path):
     for load in (llmopt.load_model, llmopt.load_tokenizer):
         with pytest.raises(FileNotFoundError, match="has no tokenizer .*save_model\\(model, folder, tokenizer\\)"):
             load(tmp_path)
+
+
+def _cache_holding(root, repo, tokenizer_dir, weights=True):
+    """A Hugging Face hub cache at `root` holding one snapshot of `repo` (a random Qwen2)."""
+    from conftest import make_hf_checkpoint
+    entry = root / ("models--" + repo.replace("/", "--"))
+    snapshot = entry / "snapshots" / "0123abcd"
+    model = make_hf_checkpoint("qwen2", snapshot, tokenizer_dir)
+    if not weights:
+        (snapshot / "model.safetensors").rename(snapshot / "pytorch_model.bin")
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("0123abcd")
+    return model
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """pick_model's "auto" device is a GPU of `fake_gpu.total` bytes (default 80 GiB)."""
+    import types
+    gpu = types.SimpleNamespace(total=80 * 2**30)
+    monkeypatch.delenv("LLMOPT_CI", raising=False)
+    monkeypatch.delenv("LLMOPT_MODEL", raising=False)
+    real = llmopt.load.check_device
+    monkeypatch.setattr(llmopt.load, "check_device",
+                        lambda device: torch.device("cuda") if device == "auto" else real(device))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=gpu.total))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "Fake GPU")
+    return gpu
+
+
+def test_pick_model_keeps_a_choice_and_stays_on_tiny_off_a_gpu_or_in_ci(monkeypatch, capsys):
+    assert llmopt.pick_model("tiny-draft-llama", "cpu") == "tiny-draft-llama"
+    assert "as set in the parameters cell" in capsys.readouterr().out
+    monkeypatch.setenv("LLMOPT_MODEL", "/models/mine")
+    assert llmopt.pick_model("auto", "cpu") == "/models/mine"
+    assert "model: /models/mine (from $LLMOPT_MODEL)" in capsys.readouterr().out
+    assert llmopt.pick_model("tiny", "cpu", verbose=False) == "tiny"     # an explicit name beats the variable
+    monkeypatch.delenv("LLMOPT_MODEL")
+    assert llmopt.pick_model("auto", "cpu") == "tiny" and "CI sizes" in capsys.readouterr().out
+    monkeypatch.delenv("LLMOPT_CI")
+    assert llmopt.pick_model("auto", "cpu") == "tiny" and "on cpu" in capsys.readouterr().out
+
+
+def test_pick_model_takes_a_cached_checkpoint_on_a_gpu_and_loads_it_offline(tmp_path, monkeypatch, capsys,
+                                                                          fake_gpu, small_tokenizer_dir):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = "HuggingFaceTB/SmolLM2-135M"
+    assert llmopt.pick_model("auto") == "tiny" and "none of" in capsys.readouterr().out   # an empty cache
+    hf = _cache_holding(tmp_path, repo, small_tokenizer_dir)
+    assert llmopt.pick_model("auto") == repo
+    assert "found in the Hugging Face cache" in capsys.readouterr().out
+    # the candidates' order decides; only cached ones count
+    assert llmopt.pick_model("auto", candidates=("Qwen/Qwen2.5-0.5B", repo), verbose=False) == repo
+    fake_gpu.total = 9 * llmopt.load._weight_bytes(llmopt.load.cached_checkpoint(repo))
+    assert llmopt.pick_model("auto", verbose=False) == "tiny"          # too big to fine-tune on this GPU
+
+    def online(*args, **kw):
+        if not kw.get("local_files_only"):
+            raise AssertionError("the network was asked for a cached checkpoint")
+        return real(*args, **kw)
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", online)
+    model, tok = llmopt.load_model(repo)                              # the hub name, read from the cache
+    ids = torch.tensor([tok.encode("ROMEO:\nBut soft")])
+    torch.testing.assert_close(model(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_cached_snapshot_without_safetensors_is_not_picked(tmp_path, monkeypatch, fake_gpu, small_tokenizer_dir):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    _cache_holding(tmp_path, "Qwen/Qwen2.5-0.5B", small_tokenizer_dir, weights=False)
+    assert llmopt.load.cached_checkpoint("Qwen/Qwen2.5-0.5B") is None
+    assert llmopt.pick_model("auto", verbose=False) == "tiny"
