@@ -525,7 +525,7 @@ def _batching(quick: bool, device: str, lengths: str, n: int, out: tuple[int, in
                        ideal["static_steps"] / ideal["static_longest_first_steps"],
                        "decode steps, static / (tokens / slots) (the bound with no tail)":
                        ideal["bound_ratio"]},
-            "extra_keys": ["tokens_per_s", "wall_s", "forwards", "identical", "throughput_vs_static",
+            "extra_keys": ["tokens_per_s", "wall_s", "forwards", "identical", "same_greedy", "throughput_vs_static",
                            "throughput_vs_static_min", "throughput_vs_static_max"]}
 
 
