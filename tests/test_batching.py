@@ -702,6 +702,28 @@ def test_workload_from_your_own_text(tiny):
         poisson_workload(tok, 2, lengths="corpus", prompt_tokens=(60, 64), text=play)
 
 
+def test_compare_batching_tells_a_changed_token_from_a_tie(tiny, monkeypatch):
+    """An engine that changes one request's last token (not a near-tie): that row is not same_greedy."""
+    import dataclasses
+
+    model, tok = tiny
+    work = poisson_workload(tok, 4, seed=0, prompt_tokens=(4, 12), output_tokens=(4, 8))
+    real = Engine.generate_many
+
+    def one_token_off(self, *args, **kw):
+        out = real(self, *args, **kw)
+        g = out[0]
+        with torch.no_grad():   # the least likely token where the last one was chosen
+            worst = model(torch.tensor([g.prompt_ids + g.token_ids[:-1]]))[0, -1].argmin().item()
+        out[0] = dataclasses.replace(g, token_ids=g.token_ids[:-1] + [worst])
+        return out
+    monkeypatch.setattr(Engine, "generate_many", one_token_off)
+    rows = {r["label"]: r for r in compare_batching(model, tok, work, slots=2, repeats=1)}
+    assert rows["static batching"]["same_greedy"] and rows["dynamic batching (length-aware)"]["same_greedy"]
+    bad = rows["continuous batching"]
+    assert not bad["identical"] and not bad["same_greedy"] and bad["tie_partings"] == 0
+
+
 def test_compare_batching_rows_and_ideal(tiny):
     model, tok = tiny
     work = poisson_workload(tok, 8, seed=0, prompt_tokens=(4, 12), output_tokens=(2, 24))
@@ -710,7 +732,7 @@ def test_compare_batching_rows_and_ideal(tiny):
     assert rows[4]["label"] == "continuous batching, overlapped"
     assert rows[5]["label"] == "continuous batching, gathering every step"
     assert rows[5]["forwards"] == rows[2]["forwards"]           # same schedule, only the cache differs
-    assert all(r["identical"] for r in rows)
+    assert all(r["identical"] and r["same_greedy"] and r["tie_partings"] == 0 for r in rows)
     assert all(r["throughput_vs_static_min"] <= r["throughput_vs_static"] <= r["throughput_vs_static_max"]
                for r in rows) and rows[0]["throughput_vs_static"] == 1.0
     ideal = ideal_continuous_speedup([w.max_new_tokens for w in work], 4)
