@@ -103,3 +103,10 @@ def test_scratch_dirs_go_with_their_process_or_at_the_next_start(tmp_path, monke
     (mine / "kept").touch()
     other = subprocess.run([sys.executable, "-c", code, "exits"], capture_output=True, text=True, check=True)
     assert (mine / "kept").exists() and not Path(other.stdout.strip()).exists()   # a running one's stays
+
+
+def test_a_worker_importing_llmopt_data_never_imports_torch():
+    """The package loads names on first use: a Dask worker's `llmopt.data` costs no torch import."""
+    code = ("import sys, llmopt.data; assert 'torch' not in sys.modules, 'llmopt.data imported torch'; "
+            "import llmopt; assert 'torch' not in sys.modules; llmopt.load_model; assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

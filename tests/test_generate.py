@@ -496,3 +496,16 @@ def test_every_count_is_checked_the_same_way(model_and_tok):
         for bad in (0, 2.5, True):
             with pytest.raises(ValueError, match=re.escape(f"{name} must be an integer >= 1")):
                 call(bad)
+
+
+def test_the_package_names_load_on_first_use_and_generate_stays_the_function():
+    import types
+    module = importlib.import_module("llmopt.generate")   # importing the submodule does not replace the function
+    assert isinstance(module, types.ModuleType) and llmopt.generate is module.generate
+    from llmopt import generate
+    assert generate is module.generate and callable(llmopt.generate)
+    for name in llmopt.__all__:
+        assert getattr(llmopt, name) is not None and name in dir(llmopt)
+    assert llmopt.load.resolve("tiny").name == "tiny"       # any submodule, exported or not
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        llmopt.nothing
