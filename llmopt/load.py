@@ -1,9 +1,11 @@
 """Load and save checkpoints as Hugging Face folders, safetensors only (notebook 00).
 
 `load_model("tiny")` gives the embedded model; a local folder of a Llama, Mistral
-or Qwen2 checkpoint works the same way; a hub name works when the machine is
-online (files are fetched with `huggingface_hub`, weights still read as
-safetensors). Pickled weights (`pytorch_model.bin`) and remote code are refused.
+or Qwen2 checkpoint works the same way; a hub name is read from the local Hugging
+Face cache when it is there, else fetched when the machine is online (with
+`huggingface_hub`, weights still read as safetensors). `pick_model` says which
+checkpoint a notebook runs on. Pickled weights (`pytorch_model.bin`) and remote code
+are refused.
 """
 from __future__ import annotations
 
