@@ -29,6 +29,16 @@ def test_corpus_files_have_the_asked_size(corpus):
     assert clean_line("  To  be,\tor not  ") == "To be, or not\n"
 
 
+@pytest.mark.parametrize("piece_bytes", [1, 100, 2**20])
+def test_a_block_tokenized_piece_by_piece_gives_its_lines_tokens(piece_bytes):
+    from llmopt.data import load_split, tokenize_block, tokenize_lines
+    text = load_split("validation")[0][:20_000] + "\n  \n\tÉlan, naïve café:  ‘quoted’\n\nlast line without a break"
+    whole = tokenize_lines(text.split("\n"), str(TOKENIZER))
+    pieces = tokenize_block(text.encode("utf-8"), str(TOKENIZER), piece_bytes=piece_bytes)
+    assert pieces.dtype == whole.dtype and pieces.tolist() == whole.tolist() and len(whole) > 1000
+    assert len(tokenize_block(b"", str(TOKENIZER))) == 0
+
+
 def test_dask_and_serial_give_identical_tokens(corpus, tmp_path):
     serial = tokenize_serial(corpus, TOKENIZER, tmp_path / "serial")
     parallel = tokenize_dask(corpus, TOKENIZER, tmp_path / "dask", blocksize=300_000, n_workers=2,
