@@ -10,6 +10,7 @@ are refused.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,8 +103,6 @@ def pick_model(model: str = "auto", device="auto", *, candidates=REAL_CHECKPOINT
     Qwen2.5-0.5B, download it once (`hf download Qwen/Qwen2.5-0.5B`) or set LLMOPT_MODEL
     to a local folder.
     """
-    import os
-
     from .bench import ci_mode
     if model != "auto":
         name, why = model, "as set in the parameters cell"
@@ -125,8 +124,9 @@ def _pick_cached(device: torch.device, candidates, ci: bool) -> tuple[str, str]:
     total = torch.cuda.get_device_properties(device).total_memory
     for repo in candidates:
         folder = cached_checkpoint(repo)
-        if folder is not None and FIT_FACTOR * _weight_bytes(folder) <= total:
-            return repo, (f"found in the Hugging Face cache: {_weight_bytes(folder) / 1e9:.1f} GB of weights, "
+        weights = _weight_bytes(folder) if folder is not None else None
+        if weights is not None and FIT_FACTOR * weights <= total:
+            return repo, (f"found in the Hugging Face cache: {weights / 1e9:.1f} GB of weights, "
                           f"{total / 2**30:.0f} GiB on the {torch.cuda.get_device_name(device)}")
     return "tiny", (f"none of {', '.join(candidates)} is in the Hugging Face cache with room to fine-tune "
                     "it on this GPU: download one (`hf download NAME`) or set LLMOPT_MODEL to a folder")
