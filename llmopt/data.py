@@ -78,6 +78,12 @@ def _tokenizer(path: str):
     return _TOKENIZERS[path]
 
 
+def _joined(parts: list):
+    """Arrays of ids end to end: one uint16 array (empty for no parts)."""
+    import numpy as np
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=SHARD_DTYPE)
+
+
 def tokenize_lines(lines: list[str], tokenizer_json: str, chunk: int = 20_000):
     """Clean and tokenize a list of lines; returns one uint16 numpy array of ids.
 
@@ -93,7 +99,7 @@ def tokenize_lines(lines: list[str], tokenizer_json: str, chunk: int = 20_000):
         # one array a chunk: an array a line would cost ~100 bytes of overhead each (~60 MB a 16 MiB partition)
         parts.append(np.fromiter(itertools.chain.from_iterable(e.ids for e in enc), dtype=SHARD_DTYPE))
         del enc
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=SHARD_DTYPE)
+    return _joined(parts)
 
 
 def tokenize_block(block: bytes, tokenizer_json: str, piece_bytes: int = 2**20):
@@ -103,14 +109,13 @@ def tokenize_block(block: bytes, tokenizer_json: str, piece_bytes: int = 2**20):
     decoded into Python strings at once. Millions of small strings, freed, leave a worker's
     heap fragmented: memory the process keeps but Dask cannot account for.
     """
-    import numpy as np
     parts, start = [], 0
     while start < len(block):
         cut = block.find(b"\n", start + piece_bytes)
         end = len(block) if cut < 0 else cut + 1
         parts.append(tokenize_lines(block[start:end].decode("utf-8").split("\n"), tokenizer_json))
         start = end
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=SHARD_DTYPE)
+    return _joined(parts)
 
 
 def make_large_corpus(out_dir, total_bytes: int, file_bytes: int = 64 * 2**20,
