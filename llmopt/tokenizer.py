@@ -41,10 +41,6 @@ class Tokenizer:
         if (folder / "tokenizer.json").exists():
             from tokenizers import Tokenizer as HFTokenizer
             backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-            # the post-processor may already add BOS (Llama 3); don't add it twice
-            add_bos = bool(tcfg.get("add_bos_token", False))
-            if add_bos and backend.post_processor is not None:
-                add_bos = False
         else:
             try:
                 from transformers import AutoTokenizer
@@ -55,7 +51,6 @@ class Tokenizer:
             if len(backend) == 0:
                 raise FileNotFoundError(f"the tokenizer in {folder} has no vocabulary: its vocabulary file "
                                         "(tokenizer.json, tokenizer.model or vocab.json) is missing")
-            add_bos = False
 
         def token_id(key):
             tok = tcfg.get(key)
@@ -67,6 +62,10 @@ class Tokenizer:
                 backend.convert_tokens_to_ids(tok)
         eos = eos_token_id if eos_token_id is not None else token_id("eos_token")
         bos = bos_token_id if bos_token_id is not None else token_id("bos_token")
+        # a tokenizer.json's BOS comes from its post-processor (Llama 3's adds one), which `encode` applies: as
+        # in transformers 5, which ignores tokenizer_config's add_bos_token there. Other formats load through
+        # transformers, whose `encode` is asked for no special tokens: BOS is added here where it would add it.
+        add_bos = not hasattr(backend, "get_vocab_size") and _adds_bos(backend, bos)
         return cls(backend, eos_token_id=eos, bos_token_id=bos, add_bos=add_bos, name=folder.name)
 
     @classmethod
@@ -77,10 +76,8 @@ class Tokenizer:
         if not (callable(getattr(tok, "encode", None)) and callable(getattr(tok, "decode", None))):
             raise TypeError(f"expected a transformers tokenizer, got {type(tok).__name__}")
         bos = tok.bos_token_id
-        plain, special = tok.encode("a", add_special_tokens=False), tok.encode("a", add_special_tokens=True)
-        add_bos = bos is not None and special[:1] == [bos] and plain[:1] != [bos]
         eos = eos_token_id if eos_token_id is not None else tok.eos_token_id
-        return cls(tok, eos_token_id=eos, bos_token_id=bos, add_bos=add_bos,
+        return cls(tok, eos_token_id=eos, bos_token_id=bos, add_bos=_adds_bos(tok, bos),
                    name=getattr(tok, "name_or_path", "") or type(tok).__name__)
 
     @property
@@ -100,6 +97,12 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _adds_bos(tok, bos) -> bool:
+    """Whether a transformers tokenizer's `encode` puts BOS first (what its special tokens add)."""
+    plain, special = tok.encode("a", add_special_tokens=False), tok.encode("a", add_special_tokens=True)
+    return bos is not None and special[:1] == [bos] and plain[:1] != [bos]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 4096):
@@ -130,13 +133,19 @@ def save_tokenizer(tok, folder: str | Path) -> None:
         return
     if isinstance(tok, Tokenizer):
         name = lambda i: tok.backend.id_to_token(i) if i is not None else None  # noqa: E731
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok.backend, eos_token=name(tok.eos_token_id),
+        backend = tok.backend
+        if tok.add_bos:      # written into tokenizer.json's post-processor, where transformers 5 reads it
+            from tokenizers import Tokenizer as HFTokenizer, processors
+            backend = HFTokenizer.from_str(backend.to_str())
+            bos = name(tok.bos_token_id)
+            template = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                     special_tokens=[(bos, tok.bos_token_id)])
+            backend.post_processor = template if backend.post_processor is None else \
+                processors.Sequence([backend.post_processor, template])
+        fast = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=name(tok.eos_token_id),
                                        bos_token=name(tok.bos_token_id), unk_token=None,
                                        pad_token=name(tok.eos_token_id))
         fast.save_pretrained(str(folder))
-        cfg = json.loads((folder / "tokenizer_config.json").read_text())
-        cfg["add_bos_token"] = tok.add_bos
-        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         return
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS,
                                    unk_token=None, pad_token=EOS)

@@ -141,6 +141,73 @@ def test_from_transformers_adds_bos_only_when_transformers_does(small_tokenizer_
         Tokenizer.from_transformers("gpt2")
 
 
+def _tokenizer_folder(folder, source, *, post=None, vocab_files=False, **config):
+    """A tokenizer folder made from `source`'s tokenizer.json: with BOS added by its post-processor
+    ("template", as Llama 3's), a ByteLevel post-processor or none; or as vocab.json + merges.txt
+    (`vocab_files`, GPT-2's format, no tokenizer.json); `config` goes into tokenizer_config.json."""
+    from tokenizers import Tokenizer as HFTokenizer, processors
+    folder.mkdir()
+    backend = HFTokenizer.from_file(str(source / "tokenizer.json"))
+    if post == "template":
+        backend.post_processor = processors.TemplateProcessing(
+            single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", backend.token_to_id("<|endoftext|>"))])
+    elif post == "bytelevel":
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    else:
+        backend.post_processor = None
+    if vocab_files:
+        model = json.loads(backend.to_str())["model"]
+        (folder / "vocab.json").write_text(json.dumps(model["vocab"]))
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        config.setdefault("tokenizer_class", "GPT2Tokenizer")
+    else:
+        backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", **config}))
+    return folder
+
+
+@pytest.mark.parametrize("post, vocab_files, config, bos", [
+    ("template", False, {}, True),                          # Llama 3: tokenizer.json's post-processor adds BOS
+    ("template", False, {"add_bos_token": False}, True),    # transformers 5 reads the post-processor, not the flag
+    (None, False, {"add_bos_token": True}, False),          # ... with or without one
+    ("bytelevel", False, {"add_bos_token": True}, False),
+    (None, False, {}, False),
+    (None, True, {"add_bos_token": True}, True),            # no tokenizer.json: transformers honours the flag
+    (None, True, {"add_bos_token": False}, False),
+])
+def test_folder_tokenizer_adds_bos_where_transformers_does(small_tokenizer_dir, tmp_path, post, vocab_files,
+                                                          config, bos):
+    """A checkpoint's prompt ids are the ones transformers gives for it (its `encode`, special tokens
+    added): BOS once or not at all, whichever file says so, and decoding gives the text back."""
+    from transformers import AutoTokenizer
+    from llmopt.tokenizer import Tokenizer
+    folder = _tokenizer_folder(tmp_path / "tok", small_tokenizer_dir, post=post, vocab_files=vocab_files, **config)
+    text = "ROMEO:\nBut soft, what light"
+    ours, theirs = Tokenizer.from_folder(folder).encode(text), AutoTokenizer.from_pretrained(str(folder)).encode(text)
+    assert ours == theirs
+    assert (ours[0] == 0) == bos and ours[1:2] != [0]
+    assert Tokenizer.from_folder(folder).decode(ours) == text
+
+
+def test_saved_tokenizer_keeps_its_bos(small_tokenizer_dir, tmp_path):
+    """save_tokenizer writes an llmopt Tokenizer that adds BOS so that it still does, once, when
+    llmopt or transformers loads the folder (transformers 5 reads BOS from tokenizer.json only)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers import AutoTokenizer
+    from llmopt.tokenizer import Tokenizer, save_tokenizer
+    backend = HFTokenizer.from_file(str(small_tokenizer_dir / "tokenizer.json"))
+    plain = backend.encode("Romans").ids
+    for add_bos, expected in ((True, [0] + plain), (False, plain)):
+        tok = Tokenizer(backend, eos_token_id=0, bos_token_id=0, add_bos=add_bos)
+        assert tok.encode("Romans") == expected
+        folder = tmp_path / f"bos-{add_bos}"
+        save_tokenizer(tok, folder)
+        assert Tokenizer.from_folder(folder).encode("Romans") == expected
+        assert AutoTokenizer.from_pretrained(str(folder)).encode("Romans") == expected
+
+
 def test_transformers_models_get_clear_errors(hf_checkpoint, gpt2):
     _, _, hf = hf_checkpoint
     tok = llmopt.load_model("tiny")[1]
