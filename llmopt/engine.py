@@ -39,6 +39,11 @@ from .model import check_llmopt_model
 from .sampling import greedy, sample, seeded_generator
 
 _DONE = object()   # end-of-stream marker in a handle's token queue
+# the default KV cache holds max_batch_size sequences of this many tokens (or of the model's context
+# when it is shorter: tiny's 2,048). Paged blocks go to whichever sequence needs them, so one may grow
+# past it while others are short; a model with a long context (Llama 3.2: 131,072 tokens) would
+# otherwise reserve 4 GB a slot (1B, bf16). Pass num_blocks for more.
+SLOT_TOKENS = 4096
 
 
 class Sequence:
@@ -342,9 +347,11 @@ class Engine:
     raises there, in the caller). Options are those of `llmopt.generate`
     (max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos), per
     request. `num_blocks` x `block_size` tokens of KV cache are shared by all
-    requests (default: enough for `max_batch_size` full-length sequences, so
-    nothing is ever preempted); fewer blocks let admission control and
-    preemption show. With `prefix_caching`, full KV blocks of earlier prompts are
+    requests (default: enough for `max_batch_size` sequences of the model's full
+    context or `SLOT_TOKENS` (4,096) tokens, whichever is shorter, so with tiny nothing is
+    ever preempted); fewer blocks let admission control and preemption show. A
+    sequence may reach `max_seq_len` tokens (default: the model's context) when the
+    blocks hold it. With `prefix_caching`, full KV blocks of earlier prompts are
     kept and shared (by reference count) with later requests that start with the
     same tokens (a system prompt, or n samples of one prompt), so only the rest is
     prefilled. `policy` orders the waiting queue: "fcfs" (first come, first served)
@@ -404,8 +411,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config
         self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
-        per_seq = -(-self.max_seq_len // block_size)
-        num_blocks = num_blocks or max_batch_size * per_seq
+        num_blocks = num_blocks or max_batch_size * -(-min(self.max_seq_len, SLOT_TOKENS) // block_size)
         self.cache = PagedKVCache(cfg, max_batch_size, self.max_seq_len, block_size=block_size,
                                   num_blocks=num_blocks, device=model.device, dtype=model.dtype,
                                   keep_gathered=keep_gathered, scratch_block=cuda_graphs)

@@ -58,6 +58,7 @@ def decode_one_token(model, token: torch.Tensor, input_pos: torch.Tensor, cache,
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {mode: compiled step}
 COMPILE_BUCKET = 256  # compiled caches are sized in multiples of this, so lengths share one graph
+MIN_SESSION_CACHE = 256  # slots a Session's cache starts with; it doubles as the conversation grows
 
 
 def compiled_decode(model, mode: str = "default"):
@@ -675,13 +676,19 @@ class Session:
     `session.generate(more_text, max_new_tokens=...)` prefills only the new text
     (and the last sampled token), then decodes. Greedy output over several calls
     equals one call producing the same number of tokens.
+
+    The conversation may grow to `max_len` tokens (default: the model's context). Its static
+    cache is sized to the conversation, not to `max_len`: attention reads every slot of a
+    static cache, and Llama 3.2's context of 131,072 tokens would cost 4 GB (1B, bf16) and a
+    131,072-key attention every step. It starts at `MIN_SESSION_CACHE` slots (or what the first
+    call needs) and doubles, the cached keys and values copied over, when a call needs more.
     """
 
     def __init__(self, model, tokenizer, prompt="", *, max_len: int | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
+        check_count(max_len, "max_len", optional=True)
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
-        self.cache = make_cache("static", model.config, 1, self.max_len, device=model.device,
-                                dtype=model.dtype)
+        self.cache = None               # a StaticKVCache, made and grown by _reserve
         self.ids: list[int] = []        # every token of the conversation so far
         self.cached = 0                 # how many of them the cache holds
         self.calls = 0
@@ -702,6 +709,7 @@ class Session:
             raise ValueError(f"this session holds {self.max_len} tokens; {len(self.ids)} used, "
                              f"{len(new_in)} new and {max_new_tokens} to generate do not fit: "
                              "start a new Session (or give it a larger max_len)")
+        self._reserve(len(self.ids) + len(new_in) + max_new_tokens)
         gen = seeded_generator(seed, temperature, self.model.device)
         eos = _eos_ids(self.tokenizer, ignore_eos)
         dev = self.model.device
@@ -732,3 +740,15 @@ class Session:
                      compiled=False, prefilled_tokens=len(feed), context_tokens=len(self.ids))
         return Generation(token_ids=out, text=self.tokenizer.decode(out) if self.tokenizer else "",
                           prompt_ids=new_in, finish_reason=reason, stats=stats, token_times=times)
+
+    def _reserve(self, tokens: int) -> None:
+        """A cache of at least `tokens` slots (at most max_len): the next power of two, the slots
+        the conversation has cached copied into it."""
+        if self.cache is not None and self.cache.max_len >= tokens:
+            return
+        size = min(self.max_len, max(MIN_SESSION_CACHE, 1 << (tokens - 1).bit_length()))
+        cache = make_cache("static", self.model.config, 1, size, device=self.model.device, dtype=self.model.dtype)
+        if self.cache is not None:
+            for new, old in zip(cache.k + cache.v, self.cache.k + self.cache.v):
+                new[:, :, :self.cached] = old[:, :, :self.cached]
+        self.cache = cache

@@ -296,6 +296,26 @@ def test_engine_preempts_when_blocks_run_out_and_still_matches(tiny, reference, 
         engine.submit("A", max_new_tokens=200)          # can never fit in 9 x 16 slots
 
 
+def test_engine_sizes_its_default_cache_to_slots_not_to_a_long_context(tiny, reference):
+    """A model with Llama 3.2's context (131,072 tokens) gets max_batch_size x 4,096 tokens of KV
+    cache by default, not max_batch_size x 131,072; tiny's 2,048-token context keeps its full length
+    per slot. A request that still fits runs as before; one that cannot is refused and told why."""
+    import copy
+    import dataclasses
+    from llmopt.engine import SLOT_TOKENS
+    model, tok = tiny
+    assert Engine(model, tok, max_batch_size=8).cache.manager.num_blocks == 8 * 2048 // 16
+    long = copy.deepcopy(model)
+    long.config = dataclasses.replace(model.config, max_seq_len=131072)
+    engine = Engine(long, tok, max_batch_size=8)
+    assert engine.cache.manager.num_blocks == 8 * SLOT_TOKENS // 16 == 2048
+    assert engine.cache.kv[0].shape[0] == 2048 * 16 and engine.max_seq_len == 131072
+    assert engine.generate_many(PROMPTS[:2], max_new_tokens=48, ignore_eos=True)[1].token_ids == reference[PROMPTS[1]]
+    with pytest.raises(ValueError, match="holds at most 32768 per sequence: .* more num_blocks"):
+        engine.submit("A", max_new_tokens=40000)
+    assert Engine(long, tok, max_batch_size=2, num_blocks=4096).cache.manager.num_blocks == 4096
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_engine_sampling_is_per_request(tiny, overlap):
     model, tok = tiny

@@ -206,6 +206,29 @@ def test_session_continues_from_its_cache():
         Session(model, tok).generate(max_new_tokens=3)
 
 
+def test_session_cache_grows_with_the_conversation(monkeypatch):
+    """A Session's cache starts small and doubles when a call needs more, the conversation copied
+    over: the tokens are those of one call, and the cache stays within twice what is used."""
+    G = importlib.import_module("llmopt.generate")      # the module (llmopt.generate is the function)
+    model, tok = llmopt.load_model("tiny")
+    one = llmopt.generate(model, tok, "ROMEO:", max_new_tokens=60, ignore_eos=True)
+    monkeypatch.setattr(G, "MIN_SESSION_CACHE", 16)
+    s = G.Session(model, tok, "ROMEO:")
+    sizes, tokens = [], []
+    for n in (10, 10, 20, 20):
+        tokens += s.generate(max_new_tokens=n, ignore_eos=True).token_ids
+        sizes.append(s.cache.max_len)
+    assert tokens == one.token_ids
+    assert sizes == [16, 32, 64, 64]                 # 4 prompt tokens + 10, + 10, + 20, + 20
+    capped = G.Session(model, tok, "ROMEO:", max_len=40)
+    capped.generate(max_new_tokens=30, ignore_eos=True)
+    assert capped.cache.max_len == 40
+    with pytest.raises(ValueError, match="holds 40 tokens"):
+        capped.generate(max_new_tokens=10)
+    with pytest.raises(ValueError, match="max_len must be an integer"):
+        G.Session(model, tok, max_len=0)
+
+
 def test_tokens_per_call_separates_the_costs():
     from llmopt.profiling import tokens_per_call
     model, tok = llmopt.load_model("tiny")
