@@ -102,6 +102,7 @@ def test_bench_quick_serving_speculation_and_scoreboard(tmp_path):
     assert by["dialogue"]["ratios"][steps] > by["batching"]["ratios"][steps] > 1
     load = by["load"]["rows"][0]
     assert load["lost"] == 0 and load["failed"] == 0 and load["mismatched_vs_unbatched"] == 0
+    assert load["changed_beyond_a_tie"] == 0
     assert all(r["identical"] for r in by["speculative"]["rows"][1:])
     assert by["speculative"]["ratios"]["tokens per target forward, tiny-draft k=4"] > 1
     assert {r["technique"] for r in by["evaluation"]["rows"]} >= {"fp32 baseline", "int8 weight-only"}
