@@ -657,7 +657,7 @@ def bench_parallel(quick: bool, device: str, model: str = "tiny",
         rows[0]["tpot_s"] = tp["single_tpot_s"]
         rows[1] = dict(label="tensor parallel, 2 ranks", tpot_s=tp["tpot_s"], comm_share=tp["comm_share"],
                        comm_s_per_token=tp["comm_s_per_token"], max_abs_logit_diff=tp["max_abs_logit_diff"],
-                       identical=tp["tokens_equal"])
+                       identical=tp["tokens_equal"], same_greedy=tp["same_greedy"])
         ratios = {"per-token time, tensor parallel 2 ranks / 1 process": tp["tpot_s"] / tp["single_tpot_s"],
                   "communication share of the tensor-parallel token time": tp["comm_share"], **ratios}
     for r in rows:
@@ -665,7 +665,7 @@ def bench_parallel(quick: bool, device: str, model: str = "tiny",
     return {"name": "parallel", "metric": "tokens_per_s" if tp is None else "tpot_s",
             "title": f"Parallel generation ({name}, 2 processes, 1 thread each, {new} new tokens)", "rows": rows,
             "ratios": ratios, "extra_keys": ["tokens_per_s", "comm_share", "comm_s_per_token", "max_abs_logit_diff",
-                                             "identical", "skipped"]}
+                                             "identical", "same_greedy", "skipped"]}
 
 
 def bench_evaluation(quick: bool, device: str, model: str = "tiny",
