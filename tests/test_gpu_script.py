@@ -154,3 +154,51 @@ def test_every_notebook_runs_with_another_model():
     lines = [line for line in run.stdout.splitlines() if line.endswith(" s)") and ".ipynb: " in line]
     assert run.returncode == 0 and len(lines) == len(notebooks), run.stdout[-3000:] + run.stderr[-2000:]
     assert all(": passed (" in line for line in lines), lines
+
+
+def _stand_in():
+    spec = importlib.util.spec_from_file_location("stand_in", ROOT / "tools" / "stand_in_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen2"])
+def test_stand_in_checkpoints_are_what_they_stand_in_for(tmp_path, kind):
+    """tools/stand_in_checkpoint.py: tiny's weights as transformers writes a Llama 3.2 (rope scaling, a
+    131,072-token context, BOS from tokenizer.json) or a Qwen2 (q, k, v biases); llmopt reads each with
+    transformers' logits and prompt ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import llmopt
+    folder = _stand_in().make(kind, tmp_path / kind)
+    model, tok = llmopt.load_model(folder, dtype="fp32")
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    text = "ROMEO:\nBut soft, what light"
+    ids = tok.encode(text)
+    assert ids == AutoTokenizer.from_pretrained(str(folder)).encode(text) and tok.decode(ids) == text
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.tensor([ids])), hf(torch.tensor([ids])).logits, atol=1e-4, rtol=1e-4)
+    cfg = model.config
+    if kind == "llama3":
+        assert ids[0] == tok.bos_token_id == 0 and ids[1] != 0
+        assert cfg.max_seq_len == 131072 and cfg.rope_scaling["rope_type"] == "llama3" and model.dtype == torch.float32
+    else:
+        assert ids[0] != 0 and model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen2"])
+def test_notebooks_run_with_stand_ins_for_real_checkpoints(tmp_path, kind):
+    """On a GPU at full size the notebooks take a real checkpoint (`pick_model`): with a stand-in for
+    Llama 3.2 (bf16, BOS, a 131,072-token context) and one for Qwen2 (bf16, q, k, v biases) as MODEL,
+    every notebook that loads MODEL runs at CI size and its assertions hold (bf16 ties included)."""
+    folder = _stand_in().make(kind, tmp_path / kind)
+    notebooks = sorted(str(p) for p in (ROOT / "notebooks").glob("*.ipynb") if p.name[:2] not in ("09", "10", "12"))
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "run_notebooks.py"), "--ci", *notebooks],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "LLMOPT_MODEL": str(folder)})
+    lines = [line for line in run.stdout.splitlines() if line.endswith(" s)") and ".ipynb: " in line]
+    assert run.returncode == 0 and len(lines) == len(notebooks) == 11, run.stdout[-3000:] + run.stderr[-2000:]
+    assert all(": passed (" in line for line in lines), lines
+    assert run.stdout.count(f"model: {folder} (from $LLMOPT_MODEL)") == len(notebooks)
