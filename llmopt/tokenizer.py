@@ -105,6 +105,18 @@ def _adds_bos(tok, bos) -> bool:
     return bos is not None and special[:1] == [bos] and plain[:1] != [bos]
 
 
+def with_bos(backend, bos: str):
+    """A copy of the `tokenizers.Tokenizer` `backend` whose post-processor puts the token `bos` first, as
+    Llama 3's tokenizer.json does (after the post-processor it had, if any)."""
+    from tokenizers import Tokenizer as HFTokenizer, processors
+    backend = HFTokenizer.from_str(backend.to_str())
+    template = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                             special_tokens=[(bos, backend.token_to_id(bos))])
+    backend.post_processor = template if backend.post_processor is None else \
+        processors.Sequence([backend.post_processor, template])
+    return backend
+
+
 def train_tokenizer(texts: list[str], vocab_size: int = 4096):
     """Train a byte-level BPE tokenizer (GPT-2 style) on `texts`; returns a `tokenizers.Tokenizer`."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
@@ -133,15 +145,8 @@ def save_tokenizer(tok, folder: str | Path) -> None:
         return
     if isinstance(tok, Tokenizer):
         name = lambda i: tok.backend.id_to_token(i) if i is not None else None  # noqa: E731
-        backend = tok.backend
-        if tok.add_bos:      # written into tokenizer.json's post-processor, where transformers 5 reads it
-            from tokenizers import Tokenizer as HFTokenizer, processors
-            backend = HFTokenizer.from_str(backend.to_str())
-            bos = name(tok.bos_token_id)
-            template = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                     special_tokens=[(bos, tok.bos_token_id)])
-            backend.post_processor = template if backend.post_processor is None else \
-                processors.Sequence([backend.post_processor, template])
+        # BOS goes into tokenizer.json's post-processor, where transformers 5 reads it
+        backend = with_bos(tok.backend, name(tok.bos_token_id)) if tok.add_bos else tok.backend
         fast = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=name(tok.eos_token_id),
                                        bos_token=name(tok.bos_token_id), unk_token=None,
                                        pad_token=name(tok.eos_token_id))

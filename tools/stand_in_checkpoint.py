@@ -29,7 +29,8 @@ def make(kind: str, out: str | Path) -> Path:
     """Write the `kind` ("llama3" or "qwen2") stand-in to the folder `out` (replaced); returns it."""
     import transformers
     from safetensors.torch import load_file
-    from tokenizers import Tokenizer, processors
+    from tokenizers import Tokenizer
+    from llmopt.tokenizer import with_bos
     if kind not in ("llama3", "qwen2"):
         raise ValueError(f"kind must be 'llama3' or 'qwen2', got {kind!r}")
     out = Path(out)
@@ -53,9 +54,7 @@ def make(kind: str, out: str | Path) -> Path:
     hf.to(torch.bfloat16).save_pretrained(out)
     tok = Tokenizer.from_file(str(TINY / "tokenizer.json"))
     if kind == "llama3":
-        bos = "<|endoftext|>"
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+        tok = with_bos(tok, "<|endoftext|>")
     tok.save(str(out / "tokenizer.json"))
     shutil.copy(TINY / "tokenizer_config.json", out / "tokenizer_config.json")
     return out
