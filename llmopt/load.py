@@ -166,7 +166,7 @@ def load_model(name_or_path: str | Path = "tiny", *, device=None,
         draft = MLPDraft.load(folder, device=device, dtype=dtype)
         draft.name = str(name_or_path)
         return draft, _tokenizer(folder, hf)
-    cfg = ModelConfig.from_hf(hf)
+    cfg = _folder_config(folder, hf)
     model = _from_state(cfg, _read_weights(folder), dtype, device, where=str(folder))
     model.name = str(name_or_path)
     return model, _tokenizer(folder, hf)
@@ -183,8 +183,18 @@ def _tokenizer(folder: Path, hf: dict) -> Tokenizer:
     from .draft import MLPDraftConfig, is_mlp_draft_folder
     if is_mlp_draft_folder(hf):
         return Tokenizer.from_folder(folder, eos_token_id=MLPDraftConfig.from_json(hf).eos_token_id)
-    cfg = ModelConfig.from_hf(hf)
+    cfg = _folder_config(folder, hf)
     return Tokenizer.from_folder(folder, eos_token_id=cfg.eos_token_id, bos_token_id=cfg.bos_token_id)
+
+
+def _folder_config(folder: Path, hf: dict) -> ModelConfig:
+    """A checkpoint folder's config (`hf`, its config.json), with the end-of-sequence ids of its
+    generation_config.json where it names them: those are the ones `transformers`' generate stops at (an
+    instruct checkpoint's generation_config.json may list an end-of-turn token beside end-of-text)."""
+    cfg = ModelConfig.from_hf(hf)
+    gen = folder / "generation_config.json"
+    eos = json.loads(gen.read_text()).get("eos_token_id") if gen.exists() else None
+    return cfg.replace(eos_token_id=eos) if eos is not None else cfg
 
 
 def _from_state(cfg: ModelConfig, hf_state: dict[str, torch.Tensor], dtype, device, *,

@@ -266,6 +266,30 @@ def test_load_tokenizer_is_load_models_without_the_weights(name):
     assert alone.bos_token_id == tok.bos_token_id
 
 
+def test_a_folder_stops_where_transformers_generate_stops(tmp_path):
+    """End-of-sequence ids come from generation_config.json where it names them, as transformers' generate
+    takes them (an instruct checkpoint may list its end-of-turn token there beside config.json's): llmopt
+    ran past a token transformers stopped at."""
+    from transformers import AutoModelForCausalLM
+    from llmopt.profiling import hf_generate
+    folder = shutil.copytree(llmopt.load.resolve("tiny"), tmp_path / "tiny")
+    model, tok = llmopt.load_model(folder)
+    ids = tok.encode("ROMEO:")
+    free = llmopt.generate(model, tok, ids, max_new_tokens=24, ignore_eos=True).token_ids
+    stop = free[5]                                   # a token greedy reaches at step 6 (and not before)
+    assert stop not in free[:5] and stop != json.loads((folder / "config.json").read_text())["eos_token_id"]
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [0, stop]}))
+    model, tok = llmopt.load_model(folder)
+    assert tok.eos_token_ids == [0, stop] == model.config.eos_token_id
+    assert llmopt.load_tokenizer(folder).eos_token_ids == [0, stop]
+    ours = llmopt.generate(model, tok, ids, max_new_tokens=24)
+    theirs = hf_generate(AutoModelForCausalLM.from_pretrained(folder), torch.tensor([ids]), max_new_tokens=24,
+                         ignore_eos=False)
+    assert ours.token_ids == theirs.token_ids == free[:6] and ours.finish_reason == "eos"
+    (folder / "generation_config.json").unlink()     # without one, config.json's
+    assert llmopt.load_model(folder)[1].eos_token_ids == [0]
+
+
 def test_save_model_writes_the_tokenizer_load_model_gave(hf_checkpoint, tmp_path):
     """save_model(model, folder, tok) with llmopt's Tokenizer (it failed with an AttributeError), or with
     a transformers tokenizer wrapped by from_transformers: the folder loads with the same encoding and
