@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--sync-every", type=int, default=1, help="read tokens back every k steps (GPU)")
     g.add_argument("--graph-steps", type=int, default=1, help="greedy: k decode steps per CUDA graph (GPU)")
     g.add_argument("--stats", action="store_true", help="print TTFT, TPOT and tokens/s to stderr at the end")
+    g.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user's message through the checkpoint's chat template (instruct models)")
     args = parser.parse_args(argv)
 
     if args.command == "bench":
@@ -52,15 +54,16 @@ def main(argv: list[str] | None = None) -> int:
                    sync_every=args.sync_every, graph_steps=args.graph_steps)
     try:
         model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
+        prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
         if args.stats:   # the whole text at the end, then its timings
-            g = generate(model, tok, args.prompt, **options)
+            g = generate(model, tok, prompt, **options)
             print(g.text)
             st = g.stats
             print(f"{st['new_tokens']} tokens ({g.finish_reason}); TTFT {st['ttft_s'] * 1e3:.1f} ms, TPOT "
                   f"{st['tpot_s'] * 1e3:.2f} ms, {st['decode_tokens_per_s']:.1f} tokens/s decoding, on "
                   f"{st['device']} in {st['dtype']}", file=sys.stderr)
             return 0
-        for piece in stream(model, tok, args.prompt, **options):
+        for piece in stream(model, tok, prompt, **options):
             print(piece, end="", flush=True)
     except (ValueError, FileNotFoundError) as e:    # a bad option, an unknown or incomplete model
         parser.error(str(e))

@@ -60,7 +60,7 @@ def resolve(name_or_path: str | Path) -> Path:
                                 "download it elsewhere and pass the local folder") from e
 
 
-HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model"]
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]   # chat_template.jinja: a chat template
 
 
 def cached_checkpoint(repo_id: str) -> Path | None:

@@ -19,9 +19,11 @@ class Tokenizer:
     """Text <-> token ids, from a `tokenizer.json` (or a `transformers` tokenizer)."""
 
     def __init__(self, backend, *, eos_token_id=None, bos_token_id=None, add_bos: bool = False,
-                 name: str = "") -> None:
+                 name: str = "", folder: str | Path | None = None) -> None:
         self.backend = backend
         self.name = name
+        self.folder = Path(folder) if folder is not None else None   # where it was loaded from, if anywhere
+        self._chat = None                    # the transformers tokenizer that renders chat templates
         ids = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
         self.eos_token_ids = [i for i in ids if i is not None]
         self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
@@ -66,7 +68,7 @@ class Tokenizer:
         # in transformers 5, which ignores tokenizer_config's add_bos_token there. Other formats load through
         # transformers, whose `encode` is asked for no special tokens: BOS is added here where it would add it.
         add_bos = not hasattr(backend, "get_vocab_size") and _adds_bos(backend, bos)
-        return cls(backend, eos_token_id=eos, bos_token_id=bos, add_bos=add_bos, name=folder.name)
+        return cls(backend, eos_token_id=eos, bos_token_id=bos, add_bos=add_bos, name=folder.name, folder=folder)
 
     @classmethod
     def from_transformers(cls, tok, eos_token_id=None) -> "Tokenizer":
@@ -97,6 +99,45 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The checkpoint's chat template (Jinja), or None: a base model's tokenizer has none."""
+        hf = self._transformers_tokenizer()
+        return getattr(hf, "chat_template", None) if hf is not None else None
+
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True,
+                            **kwargs) -> list[int]:
+        """A conversation's prompt ids, laid out by the checkpoint's chat template (README, "Using the library").
+
+        `messages`: [{"role": "system" | "user" | "assistant", "content": text}, ...]. `transformers`
+        renders the template (what its own `apply_chat_template` gives, special tokens written once:
+        the template's BOS is not added again); with `add_generation_prompt` the ids end where the
+        assistant's reply begins. Pass them as the prompt of `generate`, `stream` or `Engine.submit`.
+        Other keyword arguments go to the template (`tools=`, `documents=`, ...).
+        """
+        if not (isinstance(messages, (list, tuple)) and messages
+                and all(isinstance(m, dict) and "role" in m for m in messages)):
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts, e.g. "
+                             f"[{{'role': 'user', 'content': 'Hello'}}], got {messages!r:.80}")
+        template = self.chat_template
+        if not template:
+            raise ValueError(f"the tokenizer {self.name or ''!r} has no chat template (a base model's has none): "
+                             "give the prompt as text, or load an instruct checkpoint (its tokenizer_config.json "
+                             "or chat_template.jinja holds the template)")
+        ids = self._transformers_tokenizer().apply_chat_template(
+            list(messages), add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False,
+            **kwargs)
+        return [int(i) for i in ids]
+
+    def _transformers_tokenizer(self):
+        """This tokenizer as `transformers` loads it (for its chat template), or None where it cannot."""
+        if hasattr(self.backend, "apply_chat_template"):
+            return self.backend                  # a transformers tokenizer already
+        if self._chat is None and self.folder is not None:
+            from transformers import AutoTokenizer
+            self._chat = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)
+        return self._chat
 
 
 def _adds_bos(tok, bos) -> bool:
@@ -150,6 +191,7 @@ def save_tokenizer(tok, folder: str | Path) -> None:
         fast = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=name(tok.eos_token_id),
                                        bos_token=name(tok.bos_token_id), unk_token=None,
                                        pad_token=name(tok.eos_token_id))
+        fast.chat_template = tok.chat_template
         fast.save_pretrained(str(folder))
         return
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS,

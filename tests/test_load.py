@@ -208,6 +208,44 @@ def test_saved_tokenizer_keeps_its_bos(small_tokenizer_dir, tmp_path):
         assert AutoTokenizer.from_pretrained(str(folder)).encode("Romans") == expected
 
 
+# a Llama 3-like chat template: BOS written by the template, a header a message, a generation prompt
+CHAT = ("{{ bos_token }}{% for m in messages %}<|endoftext|>{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|endoftext|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("post", ["template", None])
+def test_chat_prompt_ids_are_transformers_own(small_tokenizer_dir, tmp_path, post):
+    """A conversation's prompt ids are what transformers' apply_chat_template gives (with a tokenizer whose
+    post-processor adds BOS, as Llama 3's: BOS once, from the template), they prompt generation, and the
+    template survives save_tokenizer; a tokenizer without one, or bad messages, is a clear error."""
+    from transformers import AutoTokenizer
+    from llmopt.tokenizer import Tokenizer, save_tokenizer
+    folder = _tokenizer_folder(tmp_path / "tok", small_tokenizer_dir, post=post, chat_template=CHAT)
+    messages = [{"role": "system", "content": "Speak as a Dane."}, {"role": "user", "content": "Who's there?"}]
+    tok = Tokenizer.from_folder(folder)
+    ids = tok.apply_chat_template(messages)
+    theirs = AutoTokenizer.from_pretrained(str(folder))
+    assert ids == theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert ids[:2] == [0, 0] and ids[2:3] != [0]           # the template's BOS, then the first header's marker
+    assert tok.decode(ids, skip_special_tokens=False).endswith("assistant\n")
+    history = tok.apply_chat_template(messages, add_generation_prompt=False)
+    assert ids[:len(history)] == history and tok.decode(history, skip_special_tokens=False).endswith("there?\n")
+    model = llmopt.build_model(get_config("tiny").replace(vocab_size=512, n_layers=1))
+    g = llmopt.generate(model, tok, ids, max_new_tokens=4, ignore_eos=True)
+    assert g.prompt_ids == ids and len(g.token_ids) == 4
+    save_tokenizer(tok, tmp_path / "saved")
+    assert Tokenizer.from_folder(tmp_path / "saved").apply_chat_template(messages) == ids
+    wrapped = Tokenizer.from_transformers(theirs)                       # a transformers tokenizer, wrapped
+    assert wrapped.apply_chat_template(messages) == ids
+    plain = Tokenizer.from_folder(_tokenizer_folder(tmp_path / "plain", small_tokenizer_dir, post=post))
+    assert plain.chat_template is None
+    with pytest.raises(ValueError, match="no chat template.*give the prompt as text"):
+        plain.apply_chat_template(messages)
+    for bad in ([], "Who's there?", [{"content": "no role"}]):
+        with pytest.raises(ValueError, match="messages must be a non-empty list of"):
+            tok.apply_chat_template(bad)
+
+
 def test_transformers_models_get_clear_errors(hf_checkpoint, gpt2):
     _, _, hf = hf_checkpoint
     tok = llmopt.load_model("tiny")[1]

@@ -179,7 +179,9 @@ def test_bench_refuses_a_text_it_cannot_use(tmp_path, capsys):
         assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_command_line_generates_and_refuses_bad_input_with_a_usage_error(capsys, monkeypatch):
+def test_command_line_generates_and_refuses_bad_input_with_a_usage_error(capsys, monkeypatch, tmp_path):
+    import json
+    import shutil
     from llmopt.__main__ import main
     assert main(["generate", "ROMEO:", "--max-new-tokens", "8"]) == 0
     model, tok = llmopt.load_model("tiny")
@@ -197,8 +199,18 @@ def test_command_line_generates_and_refuses_bad_input_with_a_usage_error(capsys,
     assert capsys.readouterr().out == llmopt.generate(
         *llmopt.load_model("tiny", dtype="bf16"), "ROMEO:", max_new_tokens=24, stop=",", top_k=5,
         temperature=0.8, seed=3).text + "\n"
+    # --chat: the prompt as a user's message, through the checkpoint's chat template
+    chat = shutil.copytree(llmopt.load.resolve("tiny"), tmp_path / "chat")
+    config = json.loads((chat / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    (chat / "tokenizer_config.json").write_text(json.dumps(config))
+    assert main(["generate", "Who's there?", "--chat", "--model", str(chat), "--max-new-tokens", "8"]) == 0
+    ids = tok.encode("user: Who's there?\nassistant:")
+    assert capsys.readouterr().out == llmopt.generate(model, tok, ids, max_new_tokens=8).text + "\n"
     monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)   # as on a CPU-only torch
     for argv, message in [(["generate", "Hi", "--model", "no-such-model"], "no checkpoint at 'no-such-model'"),
+                          (["generate", "Hi", "--chat"], "has no chat template"),
                           (["generate", "Hi", "--temperature", "-1"], "temperature must be >= 0"),
                           (["generate", "Hi", "--graph-steps", "4", "--temperature", "1"], "greedy decoding"),
                           (["generate", "Hi", "--compile", "fast"], "compile must be"),
