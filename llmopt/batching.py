@@ -24,8 +24,8 @@ import torch
 
 from .config import check_count
 from .cuda_graphs import BatchStepGraph
-from .generate import (COMPILE_BUCKET, Generation, _as_stop_list, _checked_request, _eos_ids, _model_key,
-                       _stop_at, compiled_cache, compiled_decode, decode_one_token, kept_graph, per_prompt,
+from .generate import (COMPILE_BUCKET, Generation, TextStream, _as_stop_list, _checked_request, _eos_ids,
+                       _model_key, compiled_cache, compiled_decode, decode_one_token, kept_graph, per_prompt,
                        per_prompt_options, timing_stats)
 from .kv_cache import kv_cache_bytes, make_cache, to_device
 from .sampling import greedy, sample, seeded_generator
@@ -92,6 +92,7 @@ def generate_batch(model, tokenizer, prompts, *, max_new_tokens=64, temperature:
            for p, m, s in zip(prompts, max_new, seeds)]
     stop = _as_stop_list(stop)
     eos = _eos_ids(tokenizer, ignore_eos)
+    watch = [TextStream(tokenizer, stop) for _ in range(n)]     # each row's text, for the stop strings
     device, cfg = model.device, model.config
     T = max(len(i) for i in ids)
     steps = max(max_new)
@@ -154,10 +155,9 @@ def generate_batch(model, tokenizer, prompts, *, max_new_tokens=64, temperature:
                 if tok in eos:
                     reason[r], done[r] = "eos", True
                 elif stop:
-                    decoded = tokenizer.decode(new[r])
-                    cut = _stop_at(decoded, stop)
-                    if cut is not None:
-                        reason[r], texts[r], done[r] = "stop", decoded[:cut], True
+                    watch[r].push(tok)
+                    if watch[r].stopped:
+                        reason[r], texts[r], done[r] = "stop", watch[r].text, True
                 if len(new[r]) >= max_new[r]:
                     done[r] = True
             if all(done):

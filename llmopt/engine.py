@@ -31,7 +31,7 @@ from concurrent.futures import CancelledError, Future
 import torch
 
 from .config import check_count
-from .generate import (Generation, TextStream, _as_stop_list, _checked_request, _eos_ids, _stop_at,
+from .generate import (Generation, TextStream, _as_stop_list, _checked_request, _eos_ids,
                        per_prompt_options, timing_stats)
 from .cuda_graphs import EngineGraphs
 from .kv_cache import BlockManager, PagedKVCache, to_device
@@ -68,6 +68,7 @@ class Sequence:
         self.preemptions = 0
         self.finish_reason: str | None = None
         self.stop_text: str | None = None
+        self.watch = None                      # a TextStream of its text, when it has stop strings
         self.submitted = time.perf_counter()
         self.first_scheduled: float | None = None
         self.token_times: list[float] = []     # seconds since submission
@@ -814,11 +815,13 @@ class Engine:
             self._finish(seq, "failed", error=e)
 
     def _hit_stop(self, seq: Sequence) -> bool:
-        text = self.tokenizer.decode(seq.generated)
-        cut = _stop_at(text, seq.stop)
-        if cut is not None:
-            seq.stop_text = text[:cut]
-        return cut is not None
+        """Whether the newest token completes one of `seq`'s stop strings (its text kept, cut before it)."""
+        if seq.watch is None:
+            seq.watch = TextStream(self.tokenizer, seq.stop)
+        seq.watch.push(seq.generated[-1])
+        if seq.watch.stopped:
+            seq.stop_text = seq.watch.text
+        return seq.watch.stopped
 
     def _finish(self, seq: Sequence, reason: str, error: BaseException | None = None) -> None:
         """Retire a sequence: free its blocks, and hand its result (or error) to the caller."""

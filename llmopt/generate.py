@@ -27,6 +27,7 @@ from .kernels import dependent_launch
 from .kv_cache import CACHE_KINDS, make_cache, to_device
 from .model import check_llmopt_model
 from .sampling import check_sampling, check_seed, greedy, sample, seeded_generator
+from .tokenizer import IncrementalDecoder
 
 
 @dataclass
@@ -565,6 +566,7 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
                            compile, sync_every, graph_steps, seed=seed)
     stop = _as_stop_list(stop)
     eos = _eos_ids(tokenizer, ignore_eos)
+    watch = TextStream(tokenizer, stop) if stop else None      # the text so far, for the stop strings
     new, times, reason, text = [], [], "length", None
     for tok, t in _token_stream(model, tokenizer, ids, start, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
@@ -575,11 +577,10 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
         if tok in eos:
             reason = "eos"
             break
-        if stop:
-            decoded = tokenizer.decode(new)
-            cut = _stop_at(decoded, stop)
-            if cut is not None:
-                reason, text = "stop", decoded[:cut]
+        if watch is not None:
+            watch.push(tok)
+            if watch.stopped:
+                reason, text = "stop", watch.text
                 break
     if text is None:
         text = tokenizer.decode(new) if tokenizer is not None else ""  # ids in, ids out
@@ -620,51 +621,62 @@ def _text_pieces(model, tokenizer, ids, start, text, options) -> Iterator[str]:
 
 
 class TextStream:
-    """Token ids in, text pieces out, safe to show as they come (`stream`, the engine's handles).
+    """Token ids in, text pieces out, safe to show as they come, cut before a stop string (`stream`, the
+    engine's handles; and the stop-string check of every generation loop).
 
-    Decodes the whole sequence each time (byte-level BPE can split a character
-    across tokens) and holds back what might still change: a trailing partial
-    character, and a tail that could be the start of a stop string.
+    Text comes from an `IncrementalDecoder` (a character split across tokens waits), and a
+    tail that could be the start of a stop string is held back until it is not. Only the
+    new text and the stop strings' length before it are searched, so a token costs the same
+    at any length. `text`: all of it, cut before the stop string once one is found.
     """
 
     def __init__(self, tokenizer, stop: list[str]) -> None:
-        self.tokenizer, self.stop = tokenizer, stop
-        self.ids: list[int] = []
-        self.emitted = ""
+        self.decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
+        self.stop = [s for s in stop if s]
+        self._reach = max(map(len, self.stop), default=1) - 1   # characters a stop string reaches back
+        self._tail = ""                   # the last _reach characters released
+        self._length = 0                  # characters released
+        self._emitted = 0                 # characters handed out
+        self._end: int | None = None      # where the text is cut (at a stop string)
         self.stopped = False
         self.flush_piece = ""
 
-    def _text(self) -> str:
-        text = self.tokenizer.decode(self.ids) if self.tokenizer is not None else ""
-        cut = _stop_at(text, self.stop) if self.stop else None
-        if cut is not None:
-            self.stopped = True
-            return text[:cut]
-        return text
+    @property
+    def text(self) -> str:
+        text = self.decoder.text if self.decoder is not None else ""
+        return text[:self._end] if self.stopped else text
 
     def push(self, tok: int) -> str:
-        self.ids.append(tok)
-        text = self._text()
-        safe = len(text)
-        if not self.stopped:
-            if text.endswith("\ufffd"):
-                return ""
-            for s in self.stop:   # the longest tail that begins a stop string waits
-                for k in range(min(len(s) - 1, len(text)), 0, -1):
-                    if text.endswith(s[:k]):
-                        safe = min(safe, len(text) - k)
-                        break
-        return self._emit(text[:safe])
+        """Add one token id; return the text now safe to show ("" if none)."""
+        new = self.decoder.push(tok) if self.decoder is not None and not self.stopped else ""
+        return self._release(new) if new else ""
 
     def flush(self) -> bool:
         """At the end: release whatever was held back. True if there was something."""
-        self.flush_piece = self._emit(self._text()) if self.ids else ""
+        rest = self.decoder.rest() if self.decoder is not None and not self.stopped else ""
+        self.flush_piece = self._release(rest, final=True)
         return bool(self.flush_piece)
 
-    def _emit(self, text: str) -> str:
-        if len(text) <= len(self.emitted):
+    def _release(self, new: str, final: bool = False) -> str:
+        region, offset = self._tail + new, self._length - len(self._tail)    # region = text[offset:]
+        self._length += len(new)
+        safe = self._end if self.stopped else self._length
+        if self.stop and not self.stopped:
+            cut = _stop_at(region, self.stop)
+            if cut is not None:
+                self.stopped, self._end = True, offset + cut
+                safe = self._end
+            elif not final:   # the longest tail that begins a stop string waits
+                for s in self.stop:
+                    for k in range(min(len(s) - 1, len(region)), 0, -1):
+                        if region.endswith(s[:k]):
+                            safe = min(safe, self._length - k)
+                            break
+        self._tail = region[-self._reach:] if self._reach else ""
+        if safe <= self._emitted:
             return ""
-        piece, self.emitted = text[len(self.emitted):], text
+        piece = region[self._emitted - offset:safe - offset]
+        self._emitted = safe
         return piece
 
 

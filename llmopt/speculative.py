@@ -34,7 +34,7 @@ import torch
 
 from .config import check_count
 from .draft import MLPDraft
-from .generate import Generation, _as_stop_list, _checked_request, _eos_ids, _stop_at, timing_stats
+from .generate import Generation, TextStream, _as_stop_list, _checked_request, _eos_ids, timing_stats
 from .kv_cache import make_cache
 from .model import check_llmopt_model
 from .sampling import check_sampling, probabilities, seeded_generator
@@ -200,6 +200,7 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
                            seed=seed)
     stop = _as_stop_list(stop)
     eos = _eos_ids(tokenizer, ignore_eos)
+    watch = TextStream(tokenizer, stop) if stop else None      # the text so far, for the stop strings
     gen = seeded_generator(seed, temperature, target.device)
     max_len = len(ids) + max_new_tokens + k + 1
     if max_len > target.config.max_seq_len:
@@ -230,11 +231,10 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
                 times.append(time.perf_counter() - start)
                 if tok in eos:
                     reason, done = "eos", True
-                elif stop:
-                    decoded = tokenizer.decode(new)
-                    cut = _stop_at(decoded, stop)
-                    if cut is not None:
-                        reason, text, done = "stop", decoded[:cut], True
+                elif watch is not None:
+                    watch.push(tok)
+                    if watch.stopped:
+                        reason, text, done = "stop", watch.text, True
                 if done or len(new) >= max_new_tokens:
                     done = True
                     break

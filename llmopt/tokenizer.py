@@ -140,6 +140,47 @@ class Tokenizer:
         return self._chat
 
 
+class IncrementalDecoder:
+    """Token ids in one at a time, their text out, in time that does not grow with the length (notebook 00).
+
+    Decoding the whole sequence again for each new token costs more the longer it gets (here,
+    `tiny`: 35 us a token over 500 tokens, 128 us over 2,000). As vLLM and TGI do, each token
+    decodes a short window instead: the tokens since text was last released, after the ones
+    released then (a decoder may treat a sequence's first token apart: SentencePiece drops its
+    leading space; so the window starts one release back and only what it adds is new). Text
+    waits while it ends inside a character: byte-level BPE may split one across tokens ("\ufffd").
+    `tokenizer`: anything with `decode(ids)`.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._pieces: list[str] = []
+        self._start = self._read = 0        # the window is ids[_start:]; ids[:_read] are released
+        self._released = ""                 # decode(ids[_start:_read])
+
+    def push(self, tok: int) -> str:
+        """Add one token id; return the text it completes ("" while a character is still split)."""
+        self.ids.append(int(tok))
+        window = self.tokenizer.decode(self.ids[self._start:])
+        if len(window) <= len(self._released) or window.endswith("\ufffd"):
+            return ""
+        new = window[len(self._released):]
+        self._pieces.append(new)
+        self._start, self._read = self._read, len(self.ids)
+        self._released = self.tokenizer.decode(self.ids[self._start:])
+        return new
+
+    @property
+    def text(self) -> str:
+        """The text released so far."""
+        return "".join(self._pieces)
+
+    def rest(self) -> str:
+        """The text of the tokens not released yet (a split character shows as "\ufffd")."""
+        return self.tokenizer.decode(self.ids[self._start:])[len(self._released):]
+
+
 def _adds_bos(tok, bos) -> bool:
     """Whether a transformers tokenizer's `encode` puts BOS first (what its special tokens add)."""
     plain, special = tok.encode("a", add_special_tokens=False), tok.encode("a", add_special_tokens=True)

@@ -105,6 +105,63 @@ def test_stop_strings_and_stream(model_and_tok):
     assert full.text.startswith(cut.text)
 
 
+TEXTS = ["Où est l'été ? Ça va — très bien. 🎭 Hamlet, Prinz von Dänemark; 王子 ",
+         "ROMEO:\nBut soft, what light through yonder window breaks?\n\n  It is the east… “and Juliet” is the sun."]
+
+
+def _tokenizers():
+    """Byte-level BPE (tiny's: trained on the plays, so accents, emoji and CJK split across tokens), a
+    SentencePiece-style Metaspace BPE (its decoder drops the first token's leading space), the same
+    byte-level one through transformers, and one with the special tokens kept."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from llmopt.data import load_split
+    from llmopt.tokenizer import Tokenizer
+    tiny = llmopt.load_tokenizer("tiny")
+    meta = HFTokenizer(models.BPE(unk_token="<unk>"))
+    meta.pre_tokenizer, meta.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    meta.train_from_iterator(load_split("validation")[:1] + TEXTS, trainer=trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", "</s>"], show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tiny.backend, eos_token="<|endoftext|>")
+
+    class KeepsSpecial:                       # decode(ids) with the special tokens written out
+        def __init__(self, tok):
+            self.encode = tok.encode
+            self.decode = lambda ids: tok.decode(ids, skip_special_tokens=False)
+    return {"byte-level": tiny, "metaspace": Tokenizer(meta, eos_token_id=1),
+            "transformers": Tokenizer.from_transformers(fast), "special kept": KeepsSpecial(tiny)}
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace", "transformers", "special kept"])
+def test_text_comes_out_incrementally_as_the_whole_decode_gives_it(kind):
+    """A window of tokens decoded per new token (IncrementalDecoder) gives the text of decoding all of them,
+    piece by piece, never a split character; stop strings cut it where a whole decode would, however the
+    tokens split them, and a piece that might begin one waits."""
+    from llmopt.generate import TextStream
+    from llmopt.tokenizer import IncrementalDecoder
+    tok = _tokenizers()[kind]
+    for text in TEXTS:
+        ids = tok.encode(text) + tok.encode("<|endoftext|>" if kind != "metaspace" else "</s>") + tok.encode(text)
+        whole = tok.decode(ids)
+        decoder, stream = IncrementalDecoder(tok), TextStream(tok, [])
+        pieces = [decoder.push(i) for i in ids]
+        assert "".join(pieces) + decoder.rest() == decoder.text == whole and "\ufffd" not in whole
+        assert len([p for p in pieces if p]) > len(ids) // 2          # released as it goes, not at the end
+        streamed = [stream.push(i) for i in ids]
+        assert not stream.flush() and "".join(streamed) == whole
+        for stop in (["Ça va", "Juliet"], ["🎭"], ["\n\n"], ["sun."], ["été ?", " e"], [whole[:3]], ["nowhere"]):
+            stream = TextStream(tok, stop)
+            out = ""
+            for i in ids:
+                out += stream.push(i)
+                if stream.stopped:
+                    break
+            stream.flush()
+            out += stream.flush_piece
+            cut = min((whole.find(s) for s in stop if s in whole), default=len(whole))
+            assert out == stream.text == whole[:cut] and stream.stopped == (cut < len(whole))
+
+
 def test_stats_are_consistent(model_and_tok):
     model, tok = model_and_tok
     g = llmopt.generate(model, tok, "Hark", max_new_tokens=10, ignore_eos=True)
