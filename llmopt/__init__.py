@@ -22,7 +22,7 @@ _EXPORTS = {
     **dict.fromkeys(["PRESETS", "ModelConfig", "get_config"], "config"),
     **dict.fromkeys(["Engine", "RequestHandle"], "engine"),
     **dict.fromkeys(["fold_layers", "unfold_layers"], "fold"),
-    **dict.fromkeys(["Generation", "decode_one_token", "generate", "prefill", "stream"], "generate"),
+    **dict.fromkeys(["Generation", "Session", "decode_one_token", "generate", "prefill", "stream"], "generate"),
     **dict.fromkeys(["DynamicKVCache", "StaticKVCache", "kv_bytes_per_token", "kv_cache_bytes", "make_cache"],
                     "kv_cache"),
     **dict.fromkeys(["from_transformers", "load_model", "load_tokenizer", "pick_model", "save_model"], "load"),

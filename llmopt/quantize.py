@@ -5,10 +5,13 @@ fewer bits makes each step read fewer bytes. The matmul still runs in the
 activations' dtype: weights are dequantized on the fly (reference path) or
 inside a fused kernel (PyTorch's `_weight_int8pack_mm` / int4pack ops).
 
-    llmopt.quantize(model, "int8")                     # symmetric absmax, one scale per output channel
-    llmopt.quantize(model, "int4", group_size=64)      # asymmetric (zero point), one scale+zero per group
-    llmopt.quantize(model, "int4", symmetric=True)     # symmetric int4
-    llmopt.model_bytes(model)                          # every byte the model holds, scales included
+    from llmopt.quantize import quantize, model_bytes
+    quantize(model, "int8")                     # symmetric absmax, one scale per output channel
+    quantize(model, "int4", group_size=64)      # asymmetric (zero point), one scale+zero per group
+    quantize(model, "int4", symmetric=True)     # symmetric int4
+    model_bytes(model)                          # every byte the model holds, scales included
+
+(`llmopt.quantize` is this module; the function is `llmopt.quantize.quantize`.)
 
 The quantizers apply to every `nn.Linear` (llmopt's or a `transformers` model's) and,
 unless `embeddings=False`, to the input embedding table; norms stay in full precision.
@@ -313,7 +316,7 @@ def quantize(model: nn.Module, method: str = "int8", *, group_size: int = 64, sy
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r} (bitsandbytes is "
-                         "used through transformers: see llmopt.quantize_bnb)")
+                         "used through transformers: see llmopt.quantize.quantize_bnb)")
     check_unquantized(model, "quantize", "quantize a freshly loaded copy of the full-precision model")
     if method == "int4" and group_size not in (32, 64, 128, 256):
         raise ValueError(f"group_size must be 32, 64, 128 or 256, got {group_size}")
@@ -455,10 +458,10 @@ def quantize_dynamic_cpu(model: nn.Module) -> nn.Module:
         from torch.ao.quantization import quantize_dynamic
     except ImportError as e:
         raise NotImplementedError("this torch has no torch.ao.quantization.quantize_dynamic; use "
-                                  "llmopt.quantize(model, 'int8') instead") from e
+                                  "llmopt.quantize.quantize(model, 'int8') instead") from e
     if next(model.parameters()).device.type != "cpu":
         raise ValueError("PyTorch's dynamic int8 quantization runs on CPU only: move the model "
-                         "to the CPU, or use llmopt.quantize(model, 'int8') on the GPU")
+                         "to the CPU, or use llmopt.quantize.quantize(model, 'int8') on the GPU")
     if next(model.parameters()).dtype != torch.float32:
         model = model.float()
     with warnings.catch_warnings():

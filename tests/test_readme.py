@@ -28,3 +28,26 @@ NAMED = re.findall(r"`((?:llmopt|tools|benchmarks|notebooks|data|tests|results|\
 @pytest.mark.parametrize("path", sorted(set(LINKS + NAMED)))
 def test_the_files_it_links_and_names_exist(path):
     assert (README.parent / path).exists(), f"README names {path}, which is not in the repository"
+
+
+def _names_used():
+    """Every dotted `llmopt.name...` the README, the notebooks and the library's own text use."""
+    root = README.parent
+    files = [README, *sorted(root.glob("notebooks/*.ipynb")), *sorted(root.glob("llmopt/*.py"))]
+    found: dict[str, str] = {}
+    for f in files:
+        for m in re.finditer(r"(?<![\w/.])llmopt(?:\.[A-Za-z_]\w*)+(\()?", f.read_text()):
+            found.setdefault(m.group(0), f.relative_to(root).as_posix())     # "llmopt.x.y(" where it is called
+    return sorted(found.items())
+
+
+@pytest.mark.parametrize("name, where", _names_used())
+def test_every_llmopt_name_the_docs_use_exists(name, where):
+    """What a reader types as written works: `llmopt.generate.Session` did not (`llmopt.generate` is the
+    function), nor the `llmopt.quantize(model, "int8")` the library's own messages advised (a module)."""
+    import llmopt
+    obj = llmopt
+    for part in name.rstrip("(").split(".")[1:]:
+        assert hasattr(obj, part), f"{where} names {name}, but {part!r} is not an attribute of {obj!r:.60}"
+        obj = getattr(obj, part)
+    assert callable(obj) or not name.endswith("("), f"{where} calls {name}), but that is {obj!r:.60}"
