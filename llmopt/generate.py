@@ -694,6 +694,10 @@ class Session:
     static cache, and Llama 3.2's context of 131,072 tokens would cost 4 GB (1B, bf16) and a
     131,072-key attention every step. It starts at `MIN_SESSION_CACHE` slots (or what the first
     call needs) and doubles, the cached keys and values copied over, when a call needs more.
+
+    With an instruct checkpoint, `session.chat(message)` is a chat turn: the messages so far are
+    laid out by the tokenizer's chat template, and only what the cache does not already hold is
+    prefilled.
     """
 
     def __init__(self, model, tokenizer, prompt="", *, max_len: int | None = None) -> None:
@@ -704,7 +708,39 @@ class Session:
         self.ids: list[int] = []        # every token of the conversation so far
         self.cached = 0                 # how many of them the cache holds
         self.calls = 0
+        self.messages: list[dict] = []  # chat(): the conversation as messages
         self._pending = list(encode_prompt(model, tokenizer, prompt, 1)) if prompt else []
+
+    def chat(self, message: str, *, system: str | None = None, max_new_tokens: int = 256,
+             **sampling) -> Generation:
+        """One chat turn: `message` from the user (after a `system` message, on the first turn), the reply
+        generated and kept among the messages (README, "Using the library").
+
+        The tokenizer's chat template lays out all the messages again (`Tokenizer.apply_chat_template`),
+        and the cache keeps the longest prefix it already holds of them: the template may write an earlier
+        reply differently from how it was generated (its text tokenized afresh, an end-of-turn token
+        added), and from where they part the turn is prefilled (`stats["prefilled_tokens"]`). Greedy
+        replies are those of `generate` on the whole conversation. `sampling`: temperature, top_k,
+        top_p, seed, ignore_eos, as for `generate`.
+        """
+        if not isinstance(message, str):
+            raise ValueError(f"message must be text, got {type(message).__name__}")
+        if system is not None and not self.messages:
+            self.messages.append({"role": "system", "content": system})
+        elif system is not None:
+            raise ValueError("system goes with the first turn: start a new Session for another system message")
+        messages = self.messages + [{"role": "user", "content": message}]
+        ids = self.tokenizer.apply_chat_template(messages)
+        keep = 0
+        for a, b in zip(self.ids, ids):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(ids) - 1)        # the last token is fed, to give the first reply's logits
+        self.ids, self.cached, self._pending = self.ids[:keep], min(self.cached, keep), ids[keep:]
+        g = self.generate(max_new_tokens=max_new_tokens, **sampling)
+        self.messages = messages + [{"role": "assistant", "content": g.text}]
+        return g
 
     def generate(self, text="", *, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,

@@ -286,6 +286,62 @@ def test_session_cache_grows_with_the_conversation(monkeypatch):
         G.Session(model, tok, max_len=0)
 
 
+# chat templates for tiny: each writes an earlier reply back differently from how it was generated
+CHAT_TEMPLATES = {
+    # an end-of-turn marker after each reply (generated without one: ignore_eos)
+    "marker": "{% for m in messages %}{{ m['role'] | upper }}:\n{{ m['content'] }}"
+              "{% if m['role'] == 'assistant' %}<|endoftext|>{% endif %}\n\n{% endfor %}"
+              "{% if add_generation_prompt %}ASSISTANT:\n{% endif %}",
+    # earlier replies cut short, as templates that drop a reply's reasoning do: the cache holds more
+    # of the reply than the next turn's layout keeps
+    "shortened": "{% for m in messages %}{{ m['role'] | upper }}:\n"
+                 "{% if m['role'] == 'assistant' %}{{ m['content'][:6] }}{% else %}{{ m['content'] }}{% endif %}"
+                 "\n\n{% endfor %}{% if add_generation_prompt %}ASSISTANT:\n{% endif %}",
+}
+
+
+@pytest.mark.parametrize("template", list(CHAT_TEMPLATES))
+def test_session_chat_reuses_the_cache_and_replies_as_generate_does(tmp_path, monkeypatch, template):
+    """Session.chat lays the messages out with the chat template and prefills only what the cache lacks,
+    also where the template writes the last reply differently from how it was generated; each greedy reply
+    is generate's on the whole conversation (a stale slot past the kept prefix is never read), and the
+    cache grows by doubling from a small start."""
+    import json
+    import shutil
+    G = importlib.import_module("llmopt.generate")
+    monkeypatch.setattr(G, "MIN_SESSION_CACHE", 16)
+    folder = shutil.copytree(llmopt.load.resolve("tiny"), tmp_path / "chat")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHAT_TEMPLATES[template]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    model, tok = llmopt.load_model(folder)
+    s = llmopt.Session(model, tok)
+    turns = ["Who's there?", "Nay, answer me. Stand and unfold yourself.", "Long live the king!"]
+    messages = [{"role": "system", "content": "Speak as a sentinel of Elsinore."}]
+    for i, turn in enumerate(turns):
+        held = s.cached
+        reply = s.chat(turn, system=messages[0]["content"] if i == 0 else None, max_new_tokens=12,
+                       ignore_eos=True)
+        messages.append({"role": "user", "content": turn})
+        prompt = tok.apply_chat_template(messages)
+        alone = llmopt.generate(model, tok, prompt, max_new_tokens=12, ignore_eos=True)
+        assert reply.token_ids == alone.token_ids and reply.text == alone.text
+        reused = len(prompt) - reply.stats["prefilled_tokens"]
+        if i == 0:
+            assert reused == 0
+        elif template == "marker":          # all the cache held, the reply as generated
+            assert reused == held
+        else:                                # the layout parts inside the last reply
+            assert len(prompt) // 3 < reused < held
+        messages.append({"role": "assistant", "content": alone.text})
+        assert s.messages == messages and s.ids[:len(prompt)] == prompt
+    assert s.cache.max_len == 1 << (len(s.ids) - 1).bit_length()
+    with pytest.raises(ValueError, match="system goes with the first turn"):
+        s.chat("Peace!", system="another")
+    with pytest.raises(ValueError, match="no chat template"):
+        llmopt.Session(*llmopt.load_model("tiny")).chat("Who's there?")
+
+
 def test_tokens_per_call_separates_the_costs():
     from llmopt.profiling import tokens_per_call
     model, tok = llmopt.load_model("tiny")
