@@ -37,6 +37,23 @@ def llama(small_tokenizer_dir, tmp_path_factory):
 
 
 # ---- static batching ------------------------------------------------------------------------
+def test_every_batching_stops_at_a_stop_string_where_generate_does(tiny):
+    """Each row of a static batch, each request of the dynamic batcher and of the engine watches its own
+    text for the stop strings: cut where unbatched generate cuts, with the same tokens up to there."""
+    model, tok = tiny
+    stop = [",", "\n\n"]
+    want = [llmopt.generate(model, tok, p, max_new_tokens=40, stop=stop) for p in PROMPTS]
+    assert {g.finish_reason for g in want} == {"stop"}
+    with DynamicBatcher(model, tok, max_batch_size=4) as batcher:
+        futures = [batcher.submit(p, max_new_tokens=40, stop=stop) for p in PROMPTS]
+        dynamic = [f.result() for f in futures]
+    with Engine(model, tok, max_batch_size=4) as engine:
+        continuous = [h.result() for h in [engine.submit(p, max_new_tokens=40, stop=stop) for p in PROMPTS]]
+    for got in (generate_batch(model, tok, PROMPTS, max_new_tokens=40, stop=stop), dynamic, continuous):
+        assert [(g.text, g.token_ids, g.finish_reason) for g in got] == \
+            [(g.text, g.token_ids, g.finish_reason) for g in want]
+
+
 @pytest.mark.parametrize("cache", ["static", "dynamic", "paged", "none"])
 def test_batched_greedy_equals_unbatched_for_every_cache(tiny, reference, cache):
     model, tok = tiny
