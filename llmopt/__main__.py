@@ -1,5 +1,5 @@
 """Command line: `python -m llmopt bench [experiments] [--quick] [--out DIR] [--model PATH] [--text FILE]`,
-`python -m llmopt generate`."""
+`python -m llmopt generate`, `python -m llmopt serve`."""
 from __future__ import annotations
 
 import argparse
@@ -38,7 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--stats", action="store_true", help="print TTFT, TPOT and tokens/s to stderr at the end")
     g.add_argument("--chat", action="store_true",
                    help="send the prompt as a user's message through the checkpoint's chat template (instruct models)")
+    v = sub.add_parser("serve", help="serve a model over HTTP with OpenAI's completions and chat endpoints")
+    v.add_argument("--model", default="tiny")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (the engine's slots)")
+    v.add_argument("--device", help="cpu, cuda, cuda:1, or auto (default: cpu)")
+    v.add_argument("--dtype", help="fp32, fp16 or bf16 (default: the checkpoint's)")
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(parser, args)
 
     if args.command == "bench":
         from .bench import ci_mode, run_bench
@@ -68,6 +77,30 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:    # a bad option, an unknown or incomplete model
         parser.error(str(e))
     print()
+    return 0
+
+
+def _serve(parser, args) -> int:
+    """`python -m llmopt serve`: an Engine behind an OpenAI-compatible HTTP server, until Ctrl-C."""
+    from . import Engine, load_model
+    from .server import Server
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in 0..65535, got {args.port}")
+    try:
+        model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
+        engine = Engine(model, tok, max_batch_size=args.max_batch_size)
+        server = Server(engine, host=args.host, port=args.port, model_name=args.model)
+    except (ValueError, FileNotFoundError, OSError) as e:    # an unknown model, bad options, a port in use
+        parser.error(str(e))
+    print(f"serving {args.model} at {server.url} (POST /v1/completions, /v1/chat/completions; Ctrl-C stops)",
+          flush=True)
+    try:
+        server.httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
+        engine.close()
     return 0
 
 

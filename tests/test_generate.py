@@ -106,7 +106,8 @@ def test_stop_strings_and_stream(model_and_tok):
 
 
 TEXTS = ["Où est l'été ? Ça va — très bien. 🎭 Hamlet, Prinz von Dänemark; 王子 ",
-         "ROMEO:\nBut soft, what light through yonder window breaks?\n\n  It is the east… “and Juliet” is the sun."]
+         "ROMEO:\nBut soft, what light through yonder window breaks?\n\n  It is the east… “and Juliet”"
+         " is the sun."]
 
 
 def _tokenizers():

@@ -1,0 +1,247 @@
+"""An OpenAI-compatible HTTP front for the continuous-batching engine (notebook 13).
+
+    engine = llmopt.Engine(model, tok, max_batch_size=8)
+    with Server(engine, port=8000) as server:          # serves from a background thread
+        print(server.url)                              # http://127.0.0.1:8000
+    python -m llmopt serve --model tiny --port 8000    # the same from the command line, until Ctrl-C
+
+    curl localhost:8000/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 32, "temperature": 0}'
+
+Endpoints: POST /v1/completions and /v1/chat/completions take OpenAI's request bodies and
+answer in its shapes ("stream": true sends server-sent events, as OpenAI's clients read
+them), GET /v1/models and GET /health. Every request goes to the one Engine, so concurrent
+clients share its decode steps; a client that goes away mid-stream cancels its request,
+freeing its slot. A bad request gets a 400 with OpenAI's error body naming the problem
+(the engine's own checks: prompt length, sampling parameters), and never touches the others.
+
+As in OpenAI's API, `temperature` defaults to 1 (sampling; 0 is greedy) and `max_tokens` to 16
+for completions; a chat reply gets up to `CHAT_MAX_TOKENS`. Beyond OpenAI's fields: `top_k`,
+`ignore_eos`, and `"return_token_ids": true`, which adds each choice's `prompt_token_ids` and
+`token_ids` (to check the tokens, not only the text). Chat messages are laid out by the
+checkpoint's chat template (`Tokenizer.apply_chat_template`). The HTTP side is the standard
+library's ThreadingHTTPServer, a thread per connection: enough to measure and to learn from;
+real traffic wants a production server in front.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+COMPLETION_MAX_TOKENS = 16       # OpenAI's default for /v1/completions
+CHAT_MAX_TOKENS = 256            # a chat reply's default length here (OpenAI's: up to the context)
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}   # llmopt's finish reasons in OpenAI's words
+
+
+class Server:
+    """An `Engine` served over HTTP with OpenAI's completions and chat endpoints (notebook 13)."""
+
+    def __init__(self, engine, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None) -> None:
+        self.engine = engine
+        self.model_name = model_name or getattr(engine.model, "name", None) or "llmopt"
+        self.httpd = ThreadingHTTPServer((host, port), _Handler)   # port 0: any free port
+        self.httpd.daemon_threads = True
+        self.httpd.app = self
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "Server":
+        """Serve from a background thread (returns at once)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self.httpd.serve_forever, name="llmopt-server", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop answering and free the port (the engine stays open: it is the caller's)."""
+        if self._thread is not None:
+            self.httpd.shutdown()
+            self._thread.join()
+            self._thread = None
+        self.httpd.server_close()
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- the two endpoints: a request body in, the engine's requests out --------------------------
+    def completions(self, body: dict):
+        """/v1/completions: (prompts, engine options, n, stream, response builders)."""
+        prompt = body.get("prompt")
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and _all_ints(prompt)):
+            prompts = [prompt]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or (isinstance(p, list) and _all_ints(p))
+                                                         for p in prompt):
+            prompts = prompt
+        else:
+            raise ValueError("prompt must be text, a list of token ids, or a list of either (one choice each), "
+                             f"got {prompt!r:.60}")
+        return prompts, *_options(body, COMPLETION_MAX_TOKENS), "text_completion", \
+            lambda g: {"text": g.text, "logprobs": None}, lambda piece, first: {"text": piece, "logprobs": None}
+
+    def chat(self, body: dict):
+        """/v1/chat/completions: the messages laid out by the chat template."""
+        messages = body.get("messages")
+        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
+        messages = [{**m, "content": _text_content(m.get("content"))} for m in messages]
+        if not getattr(self.engine.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.model_name} has no chat template (a base model's tokenizer has none): "
+                             "POST the prompt as text to /v1/completions, or serve an instruct checkpoint")
+        prompt = self.engine.tokenizer.apply_chat_template(messages)
+        return [prompt], *_options(body, CHAT_MAX_TOKENS), "chat.completion", \
+            lambda g: {"message": {"role": "assistant", "content": g.text}}, \
+            lambda piece, first: {"delta": {"role": "assistant", "content": piece} if first else {"content": piece}}
+
+    def answer(self, handler: "_Handler", route, body: dict) -> None:
+        """Validate, submit to the engine (its checks raise here, before any reply is sent), answer."""
+        prompts, options, n, stream, include_usage, kind, choice, delta = route(body)
+        if stream:
+            if len(prompts) > 1 or n > 1:
+                raise ValueError("stream one prompt with n = 1 (send several requests: the engine batches them)")
+            handle = self.engine.submit(prompts[0], **options)
+            self._stream(handler, handle, kind, delta, include_usage)
+            return
+        if n > 1:
+            gens = [g for p in prompts for g in self.engine.sample_n(p, n, **options)]
+        else:
+            handles = []
+            try:
+                for p in prompts:
+                    handles.append(self.engine.submit(p, **options))
+            except Exception:
+                for h in handles:
+                    h.cancel()
+                raise
+            gens = [h.result() for h in handles]
+        prompt_tokens = sum(len(g.prompt_ids) for g in gens[::n])
+        ids = (lambda g: {"prompt_token_ids": g.prompt_ids, "token_ids": g.token_ids}) \
+            if body.get("return_token_ids") else (lambda g: {})          # llmopt's extension, for checking
+        handler.send_json(200, {
+            **self._head(kind),
+            "choices": [{"index": i, **choice(g), "finish_reason": FINISH.get(g.finish_reason, g.finish_reason),
+                         **ids(g)} for i, g in enumerate(gens)],
+            "usage": _usage(prompt_tokens, sum(len(g.token_ids) for g in gens))})
+
+    def _stream(self, handler: "_Handler", handle, kind: str, delta, include_usage: bool) -> None:
+        """Server-sent events: a chunk per piece of text, one with the finish reason, then [DONE]."""
+        head = self._head(kind + ".chunk" if kind == "chat.completion" else kind)
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Cache-Control", "no-cache")
+        handler.end_headers()
+
+        def event(data) -> None:
+            handler.wfile.write(b"data: " + (data if isinstance(data, bytes) else json.dumps(data).encode()) + b"\n\n")
+            handler.wfile.flush()
+
+        try:
+            first = True
+            for piece in handle.stream():
+                event({**head, "choices": [{"index": 0, **delta(piece, first), "finish_reason": None}]})
+                first = False
+            g = handle.result()
+            last = {"delta": {}} if kind == "chat.completion" and not first else delta("", first)
+            event({**head, "choices": [{"index": 0, **last, "finish_reason": FINISH.get(g.finish_reason)}]})
+            if include_usage:
+                event({**head, "choices": [], "usage": _usage(len(g.prompt_ids), len(g.token_ids))})
+            event(b"[DONE]")
+        except (BrokenPipeError, ConnectionResetError):
+            handle.cancel()              # the client went away: free its slot
+        except Exception as e:           # the request failed in the engine, after the reply began
+            event({"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error"}})
+
+    def _head(self, kind: str) -> dict:
+        return {"id": f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}", "object": kind,
+                "created": int(time.time()), "model": self.model_name}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "llmopt"
+
+    def log_message(self, format, *args) -> None:     # quiet: a notebook would print every request
+        pass
+
+    def do_GET(self) -> None:
+        app = self.server.app
+        if self.path == "/health":
+            self.send_json(200, {"status": "ok"})
+        elif self.path == "/v1/models":
+            self.send_json(200, {"object": "list", "data": [
+                {"id": app.model_name, "object": "model", "created": 0, "owned_by": "llmopt"}]})
+        else:
+            self.send_error_json(404, f"no GET {self.path}: GET /v1/models or /health, "
+                                      "POST /v1/completions or /v1/chat/completions")
+
+    def do_POST(self) -> None:
+        app = self.server.app
+        routes = {"/v1/completions": app.completions, "/v1/chat/completions": app.chat}
+        if self.path not in routes:
+            self.send_error_json(404, f"no POST {self.path}: POST /v1/completions or /v1/chat/completions")
+            return
+        try:
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            try:
+                body = json.loads(raw or b"null")
+            except json.JSONDecodeError as e:
+                raise ValueError(f"the request body is not JSON ({e})") from None
+            if not isinstance(body, dict):
+                raise ValueError("the request body must be a JSON object, e.g. {\"prompt\": \"ROMEO:\"}")
+            app.answer(self, routes[self.path], body)
+        except (ValueError, TypeError) as e:     # the request's fault: the engine's checks name it
+            self.send_error_json(400, str(e))
+        except RuntimeError as e:                # the engine closed or stopped
+            self.send_error_json(503, str(e), kind="server_error")
+
+    def send_json(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_error_json(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        self.send_json(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
+
+
+def _options(body: dict, default_max: int):
+    """The engine's options from an OpenAI request body, and (n, stream, include_usage)."""
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    temperature = body.get("temperature")
+    top_p = body.get("top_p")
+    n = body.get("n") or 1
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    options = dict(max_new_tokens=default_max if max_tokens is None else max_tokens,
+                   temperature=1.0 if temperature is None else temperature,
+                   top_p=None if top_p in (None, 1, 1.0) else top_p, top_k=body.get("top_k"),
+                   seed=body.get("seed"), stop=body.get("stop"), ignore_eos=bool(body.get("ignore_eos", False)))
+    stream_options = body.get("stream_options") or {}
+    return options, n, bool(body.get("stream", False)), bool(stream_options.get("include_usage", False))
+
+
+def _text_content(content) -> str:
+    """A message's content: text, or OpenAI's list of parts (their text parts joined)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(p.get("text", "") for p in content)
+    raise ValueError(f"a message's content must be text (or a list of text parts), got {content!r:.60}")
+
+
+def _all_ints(xs) -> bool:
+    return all(isinstance(x, int) and not isinstance(x, bool) for x in xs)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

@@ -1,0 +1,207 @@
+"""The OpenAI-compatible HTTP server: the engine's tokens over HTTP, streamed or not; bad requests refused alone."""
+import json
+import shutil
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+import llmopt
+from llmopt.server import Server
+
+PROMPTS = ["ROMEO:", "KING:\nNow", "JULIET:\nO Romeo, Romeo", "A", "First Citizen:\nBefore we proceed"]
+TEMPLATE = ("{% for m in messages %}{{ m['role'] | upper }}:\n{{ m['content'] }}\n\n{% endfor %}"
+            "{% if add_generation_prompt %}ASSISTANT:\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """tiny, with a chat template in its tokenizer_config.json."""
+    folder = shutil.copytree(llmopt.load.resolve("tiny"), tmp_path_factory.mktemp("chat") / "tiny-chat")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
+    return llmopt.load_model(folder)
+
+
+@pytest.fixture(scope="module")
+def server(chat_model):
+    model, tok = chat_model
+    with llmopt.Engine(model, tok, max_batch_size=4) as engine, Server(engine, port=0, model_name="tiny-chat") as s:
+        yield s
+
+
+def post(server, path, body, raw=None):
+    """(status, parsed JSON) of a POST; `raw` bytes are sent instead of `body`'s JSON."""
+    req = urllib.request.Request(server.url + path, data=raw if raw is not None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def events(server, path, body):
+    """The data of each server-sent event of a streamed POST, [DONE] included."""
+    req = urllib.request.Request(server.url + path, data=json.dumps(body).encode())
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.headers["Content-Type"] == "text/event-stream"
+        lines = r.read().decode().split("\n\n")
+    return [json.loads(x[6:]) if x != "data: [DONE]" else "[DONE]" for x in lines if x]
+
+
+def test_completions_are_the_engines_greedy_tokens(server, chat_model):
+    model, tok = chat_model
+    for prompt in PROMPTS[:2]:
+        want = llmopt.generate(model, tok, prompt, max_new_tokens=20)
+        status, got = post(server, "/v1/completions", {"model": "tiny-chat", "prompt": prompt, "max_tokens": 20,
+                                                        "temperature": 0})
+        assert status == 200 and got["object"] == "text_completion" and got["model"] == "tiny-chat"
+        assert got["choices"] == [{"index": 0, "text": want.text, "logprobs": None,
+                                   "finish_reason": "length" if want.finish_reason == "length" else "stop"}]
+        assert got["usage"] == {"prompt_tokens": len(want.prompt_ids), "completion_tokens": len(want.token_ids),
+                                "total_tokens": len(want.prompt_ids) + len(want.token_ids)}
+    # token ids as the prompt, several prompts (a choice each), a stop string, OpenAI's default length (16)
+    status, got = post(server, "/v1/completions", {"prompt": [tok.encode(PROMPTS[0]), PROMPTS[1]],
+                                                   "temperature": 0, "stop": ["\n\n"]})
+    assert status == 200 and [c["text"] for c in got["choices"]] == \
+        [llmopt.generate(model, tok, p, max_new_tokens=16, stop=["\n\n"]).text for p in PROMPTS[:2]]
+    # n samples of one prompt, seeded: the engine's own
+    status, got = post(server, "/v1/completions", {"prompt": "ROMEO:", "n": 3, "seed": 5, "max_tokens": 12})
+    with llmopt.Engine(model, tok, max_batch_size=3) as engine:
+        want = engine.sample_n("ROMEO:", 3, seed=5, max_new_tokens=12, temperature=1.0)
+    assert [c["text"] for c in got["choices"]] == [g.text for g in want]
+    assert got["usage"]["prompt_tokens"] == len(want[0].prompt_ids)
+
+
+def test_streamed_completion_and_chat_join_to_the_whole_reply(server, chat_model):
+    model, tok = chat_model
+    want = llmopt.generate(model, tok, "ROMEO:", max_new_tokens=24)
+    got = events(server, "/v1/completions", {"prompt": "ROMEO:", "max_tokens": 24, "temperature": 0, "stream": True,
+                                             "stream_options": {"include_usage": True}})
+    assert got[-1] == "[DONE]" and got[-2]["usage"]["completion_tokens"] == len(want.token_ids)
+    chunks = got[:-2]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == want.text and len(chunks) > 5
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+    messages = [{"role": "system", "content": "Speak as a sentinel."}, {"role": "user", "content": "Who's there?"}]
+    reply = llmopt.generate(model, tok, tok.apply_chat_template(messages), max_new_tokens=16)
+    status, got = post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 16, "temperature": 0})
+    assert status == 200 and got["object"] == "chat.completion"
+    assert got["choices"][0]["message"] == {"role": "assistant", "content": reply.text}
+    parts = [{**messages[1], "content": [{"type": "text", "text": "Who's "}, {"type": "text", "text": "there?"}]}]
+    chunks = events(server, "/v1/chat/completions", {"messages": [messages[0], *parts], "max_completion_tokens": 16,
+                                                     "temperature": 0, "stream": True})[:-1]
+    assert chunks[0]["object"] == "chat.completion.chunk" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == reply.text
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "length"}
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("/v1/completions", None, 400, "not JSON"),
+    ("/v1/completions", [1, 2], 400, "must be a JSON object"),
+    ("/v1/completions", {"max_tokens": 4}, 400, "prompt must be text"),
+    ("/v1/completions", {"prompt": ""}, 400, "empty"),
+    ("/v1/completions", {"prompt": "A", "temperature": -1}, 400, "temperature must be >= 0"),
+    ("/v1/completions", {"prompt": "A", "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
+    ("/v1/completions", {"prompt": "A", "max_tokens": 0}, 400, "max_new_tokens must be an integer >= 1"),
+    ("/v1/completions", {"prompt": "A " * 3000}, 400, "context"),
+    ("/v1/completions", {"prompt": "A", "n": 2, "stream": True}, 400, "stream one prompt with n = 1"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages must be a non-empty list"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "content must be text"),
+    ("/v1/embeddings", {"input": "A"}, 404, "POST /v1/completions or /v1/chat/completions"),
+])
+def test_bad_requests_get_openai_errors_that_name_the_problem(server, path, body, status, message):
+    code, got = post(server, path, body, raw=b"{not json" if body is None else None)
+    assert code == status and got["error"]["type"] == "invalid_request_error"
+    assert message in got["error"]["message"]
+
+
+def test_a_model_without_a_chat_template_says_where_to_go(tmp_path):
+    with llmopt.Engine(*llmopt.load_model("tiny"), max_batch_size=2) as engine, Server(engine, port=0) as server:
+        code, got = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})
+        assert code == 400 and "no chat template" in got["error"]["message"]
+        assert "/v1/completions" in got["error"]["message"]
+        with urllib.request.urlopen(server.url + "/v1/models") as r:
+            assert json.loads(r.read())["data"][0]["id"] == "tiny"
+        with urllib.request.urlopen(server.url + "/health") as r:
+            assert json.loads(r.read()) == {"status": "ok"}
+
+
+def test_concurrent_clients_get_unbatched_greedy_and_a_bad_one_harms_none(server, chat_model):
+    """Twelve clients at once, every third sending a bad request: the good ones all get their unbatched
+    greedy text (the engine batched them), the bad ones a 400."""
+    model, tok = chat_model
+    want = {p: llmopt.generate(model, tok, p, max_new_tokens=24, ignore_eos=True) for p in PROMPTS}
+    results = {}
+
+    def client(i):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        body = {"prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+        if i % 3 == 2:
+            body["top_k"] = -1
+        results[i] = post(server, "/v1/completions", body)
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (code, got) in sorted(results.items()):
+        if i % 3 == 2:
+            assert code == 400 and "top_k" in got["error"]["message"]
+        else:
+            prompt = PROMPTS[i % len(PROMPTS)]
+            assert code == 200 and got["choices"][0]["text"] == want[prompt].text
+            assert got["choices"][0]["token_ids"] == want[prompt].token_ids
+            assert got["choices"][0]["prompt_token_ids"] == want[prompt].prompt_ids
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(chat_model):
+    """Closing the connection during a long stream cancels the request in the engine."""
+    import http.client
+    model, tok = chat_model
+    with llmopt.Engine(model, tok, max_batch_size=2) as engine, Server(engine, port=0) as server:
+        conn = http.client.HTTPConnection(*server.httpd.server_address[:2], timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "ROMEO:", "max_tokens": 1500, "stream": True,
+                                                            "temperature": 0, "ignore_eos": True}))
+        response = conn.getresponse()
+        assert response.readline().startswith(b"data: ")
+        response.close()                                    # the client goes away
+        conn.close()
+        for _ in range(600):
+            if engine.tokens_generated and not engine.scheduler.running and not engine.scheduler.waiting:
+                break
+            threading.Event().wait(0.05)
+        assert engine.tokens_generated < 1500 and not engine.scheduler.running
+
+
+def test_serve_command_refuses_bad_options(capsys):
+    from llmopt.__main__ import main
+    for argv, message in [(["serve", "--port", "70000"], "--port must be in 0..65535"),
+                          (["serve", "--model", "no-such-model", "--port", "0"], "no checkpoint at 'no-such-model'"),
+                          (["serve", "--max-batch-size", "0", "--port", "0"], "max_batch_size")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_serve_command_serves_until_stopped():
+    """`python -m llmopt serve --port 0` prints where it listens, answers there, and stops on Ctrl-C."""
+    import signal
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "llmopt", "serve", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving tiny at http://127.0.0.1:"), line + proc.stderr.read()
+        url = line.split()[3]
+        model, tok = llmopt.load_model("tiny")
+        req = urllib.request.Request(url + "/v1/completions", data=json.dumps(
+            {"prompt": "ROMEO:", "max_tokens": 8, "temperature": 0}).encode())
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert json.loads(r.read())["choices"][0]["text"] == \
+                llmopt.generate(model, tok, "ROMEO:", max_new_tokens=8).text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
