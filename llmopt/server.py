@@ -28,6 +28,7 @@ import json
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 COMPLETION_MAX_TOKENS = 16       # OpenAI's default for /v1/completions
@@ -73,8 +74,8 @@ class Server:
         self.close()
 
     # ---- the two endpoints: a request body in, the engine's requests out --------------------------
-    def completions(self, body: dict):
-        """/v1/completions: (prompts, engine options, n, stream, response builders)."""
+    def completions(self, body: dict) -> "_Call":
+        """/v1/completions: text or token ids, one prompt or a list (a choice each)."""
         prompt = body.get("prompt")
         if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and _all_ints(prompt)):
             prompts = [prompt]
@@ -84,10 +85,9 @@ class Server:
         else:
             raise ValueError("prompt must be text, a list of token ids, or a list of either (one choice each), "
                              f"got {prompt!r:.60}")
-        return prompts, *_options(body, COMPLETION_MAX_TOKENS), "text_completion", \
-            lambda g: {"text": g.text, "logprobs": None}, lambda piece, first: {"text": piece, "logprobs": None}
+        return _Call.parse("text_completion", prompts, body, COMPLETION_MAX_TOKENS)
 
-    def chat(self, body: dict):
+    def chat(self, body: dict) -> "_Call":
         """/v1/chat/completions: the messages laid out by the chat template."""
         messages = body.get("messages")
         if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
@@ -97,43 +97,35 @@ class Server:
             raise ValueError(f"{self.model_name} has no chat template (a base model's tokenizer has none): "
                              "POST the prompt as text to /v1/completions, or serve an instruct checkpoint")
         prompt = self.engine.tokenizer.apply_chat_template(messages)
-        return [prompt], *_options(body, CHAT_MAX_TOKENS), "chat.completion", \
-            lambda g: {"message": {"role": "assistant", "content": g.text}}, \
-            lambda piece, first: {"delta": {"role": "assistant", "content": piece} if first else {"content": piece}}
+        return _Call.parse("chat.completion", [prompt], body, CHAT_MAX_TOKENS)
 
-    def answer(self, handler: "_Handler", route, body: dict) -> None:
-        """Validate, submit to the engine (its checks raise here, before any reply is sent), answer."""
-        prompts, options, n, stream, include_usage, kind, choice, delta = route(body)
-        if stream:
-            if len(prompts) > 1 or n > 1:
+    def answer(self, handler: "_Handler", call: "_Call") -> None:
+        """Submit to the engine (its checks raise here, before any reply is sent), then answer."""
+        if call.stream:
+            if len(call.prompts) > 1 or call.n > 1:
                 raise ValueError("stream one prompt with n = 1 (send several requests: the engine batches them)")
-            handle = self.engine.submit(prompts[0], **options)
-            self._stream(handler, handle, kind, delta, include_usage)
+            self._stream(handler, call, self.engine.submit(call.prompts[0], **call.options))
             return
-        if n > 1:
-            gens = [g for p in prompts for g in self.engine.sample_n(p, n, **options)]
+        if call.n > 1:
+            gens = [g for p in call.prompts for g in self.engine.sample_n(p, call.n, **call.options)]
         else:
             handles = []
             try:
-                for p in prompts:
-                    handles.append(self.engine.submit(p, **options))
+                for p in call.prompts:
+                    handles.append(self.engine.submit(p, **call.options))
             except Exception:
                 for h in handles:
                     h.cancel()
                 raise
             gens = [h.result() for h in handles]
-        prompt_tokens = sum(len(g.prompt_ids) for g in gens[::n])
-        ids = (lambda g: {"prompt_token_ids": g.prompt_ids, "token_ids": g.token_ids}) \
-            if body.get("return_token_ids") else (lambda g: {})          # llmopt's extension, for checking
         handler.send_json(200, {
-            **self._head(kind),
-            "choices": [{"index": i, **choice(g), "finish_reason": FINISH.get(g.finish_reason, g.finish_reason),
-                         **ids(g)} for i, g in enumerate(gens)],
-            "usage": _usage(prompt_tokens, sum(len(g.token_ids) for g in gens))})
+            **self._head(call.kind),
+            "choices": [{"index": i, **call.choice(g)} for i, g in enumerate(gens)],
+            "usage": _usage(sum(len(g.prompt_ids) for g in gens[::call.n]), sum(len(g.token_ids) for g in gens))})
 
-    def _stream(self, handler: "_Handler", handle, kind: str, delta, include_usage: bool) -> None:
+    def _stream(self, handler: "_Handler", call: "_Call", handle) -> None:
         """Server-sent events: a chunk per piece of text, one with the finish reason, then [DONE]."""
-        head = self._head(kind + ".chunk" if kind == "chat.completion" else kind)
+        head = self._head(call.kind + ".chunk" if call.kind == "chat.completion" else call.kind)
         handler.send_response(200)
         handler.send_header("Content-Type", "text/event-stream")
         handler.send_header("Cache-Control", "no-cache")
@@ -146,12 +138,12 @@ class Server:
         try:
             first = True
             for piece in handle.stream():
-                event({**head, "choices": [{"index": 0, **delta(piece, first), "finish_reason": None}]})
+                event({**head, "choices": [{"index": 0, **call.delta(piece, first), "finish_reason": None}]})
                 first = False
             g = handle.result()
-            last = {"delta": {}} if kind == "chat.completion" and not first else delta("", first)
-            event({**head, "choices": [{"index": 0, **last, "finish_reason": FINISH.get(g.finish_reason)}]})
-            if include_usage:
+            event({**head, "choices": [{"index": 0, **call.delta("", first, last=True),
+                                        "finish_reason": FINISH.get(g.finish_reason)}]})
+            if call.include_usage:
                 event({**head, "choices": [], "usage": _usage(len(g.prompt_ids), len(g.token_ids))})
             event(b"[DONE]")
         except (BrokenPipeError, ConnectionResetError):
@@ -195,11 +187,13 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ValueError(f"the request body is not JSON ({e})") from None
             if not isinstance(body, dict):
                 raise ValueError("the request body must be a JSON object, e.g. {\"prompt\": \"ROMEO:\"}")
-            app.answer(self, routes[self.path], body)
+            app.answer(self, routes[self.path](body))
         except (ValueError, TypeError) as e:     # the request's fault: the engine's checks name it
             self.send_error_json(400, str(e))
         except RuntimeError as e:                # the engine closed or stopped
             self.send_error_json(503, str(e), kind="server_error")
+        except Exception as e:                   # the request failed in the engine
+            self.send_error_json(500, f"{type(e).__name__}: {e}", kind="server_error")
 
     def send_json(self, status: int, payload: dict) -> None:
         data = json.dumps(payload).encode()
@@ -213,20 +207,48 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_json(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
 
 
-def _options(body: dict, default_max: int):
-    """The engine's options from an OpenAI request body, and (n, stream, include_usage)."""
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    temperature = body.get("temperature")
-    top_p = body.get("top_p")
-    n = body.get("n") or 1
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    options = dict(max_new_tokens=default_max if max_tokens is None else max_tokens,
-                   temperature=1.0 if temperature is None else temperature,
-                   top_p=None if top_p in (None, 1, 1.0) else top_p, top_k=body.get("top_k"),
-                   seed=body.get("seed"), stop=body.get("stop"), ignore_eos=bool(body.get("ignore_eos", False)))
-    stream_options = body.get("stream_options") or {}
-    return options, n, bool(body.get("stream", False)), bool(stream_options.get("include_usage", False))
+@dataclass
+class _Call:
+    """One request, parsed: what goes to the engine, and the shape of the reply."""
+    kind: str                   # "text_completion" or "chat.completion"
+    prompts: list               # text or token ids, a choice each
+    options: dict               # Engine.submit's keyword arguments
+    n: int                      # samples per prompt
+    stream: bool
+    include_usage: bool         # a last streamed event with the token counts
+    return_token_ids: bool      # llmopt's extension: each choice's token ids too
+
+    @classmethod
+    def parse(cls, kind: str, prompts: list, body: dict, default_max: int) -> "_Call":
+        """The engine's options from an OpenAI request body (OpenAI's defaults where it is silent)."""
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        temperature, top_p, n = body.get("temperature"), body.get("top_p"), body.get("n") or 1
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        options = dict(max_new_tokens=default_max if max_tokens is None else max_tokens,
+                       temperature=1.0 if temperature is None else temperature,
+                       top_p=None if top_p in (None, 1, 1.0) else top_p, top_k=body.get("top_k"),
+                       seed=body.get("seed"), stop=body.get("stop"), ignore_eos=bool(body.get("ignore_eos", False)))
+        return cls(kind, prompts, options, n, bool(body.get("stream", False)),
+                   bool((body.get("stream_options") or {}).get("include_usage", False)),
+                   bool(body.get("return_token_ids", False)))
+
+    def choice(self, g) -> dict:
+        """A finished Generation as one of the reply's choices (without its index)."""
+        out = {"text": g.text, "logprobs": None} if self.kind == "text_completion" else \
+            {"message": {"role": "assistant", "content": g.text}}
+        out["finish_reason"] = FINISH.get(g.finish_reason, g.finish_reason)
+        if self.return_token_ids:
+            out.update(prompt_token_ids=g.prompt_ids, token_ids=g.token_ids)
+        return out
+
+    def delta(self, piece: str, first: bool, last: bool = False) -> dict:
+        """A streamed piece of text in the reply's shape (a chat names the role in its first chunk)."""
+        if self.kind == "text_completion":
+            return {"text": piece, "logprobs": None}
+        if last and not first:
+            return {"delta": {}}
+        return {"delta": {"role": "assistant", "content": piece} if first else {"content": piece}}
 
 
 def _text_content(content) -> str:
