@@ -27,7 +27,10 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -141,8 +144,9 @@ class Server:
                 event({**head, "choices": [{"index": 0, **call.delta(piece, first), "finish_reason": None}]})
                 first = False
             g = handle.result()
+            ids = {"prompt_token_ids": g.prompt_ids, "token_ids": g.token_ids} if call.return_token_ids else {}
             event({**head, "choices": [{"index": 0, **call.delta("", first, last=True),
-                                        "finish_reason": FINISH.get(g.finish_reason)}]})
+                                        "finish_reason": FINISH.get(g.finish_reason), **ids}]})
             if call.include_usage:
                 event({**head, "choices": [], "usage": _usage(len(g.prompt_ids), len(g.token_ids))})
             event(b"[DONE]")
@@ -154,6 +158,63 @@ class Server:
     def _head(self, kind: str) -> dict:
         return {"id": f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}", "object": kind,
                 "created": int(time.time()), "model": self.model_name}
+
+
+class Client:
+    """An OpenAI-compatible server reached with the Engine's `submit`, so `workload.run_load` measures it
+    over HTTP (notebook 13).
+
+    Each request streams, and the client stamps each server-sent event as it arrives: time to
+    first token, time per output token and end-to-end latency as a user of the server sees them,
+    the network and HTTP included. `submit` returns a finished `concurrent.futures.Future` of a
+    `Generation` (its `token_ids` from llmopt's `return_token_ids`; `stats` has no queue time,
+    which only the server knows); an error reply raises its message from `result()`.
+    """
+
+    def __init__(self, url: str, *, timeout: float = 600.0) -> None:
+        self.url, self.timeout = url.rstrip("/"), timeout
+
+    def submit(self, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None, stop=None, ignore_eos: bool = False) -> Future:
+        future: Future = Future()
+        body = {"prompt": prompt, "max_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+                "top_p": top_p, "seed": seed, "stop": stop, "ignore_eos": ignore_eos, "stream": True,
+                "return_token_ids": True}
+        try:
+            future.set_result(self._stream({k: v for k, v in body.items() if v is not None}))
+        except Exception as e:     # the server's refusal, or a network error: the caller's to see
+            future.set_exception(e)
+        return future
+
+    def _stream(self, body: dict):
+        from .generate import Generation
+        req = urllib.request.Request(self.url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        start, times, pieces, last = time.perf_counter(), [], [], None
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                for line in r:                                   # "data: {...}" lines, blank between
+                    if not line.startswith(b"data: {"):
+                        continue
+                    event = json.loads(line[len(b"data: "):])
+                    if "error" in event:
+                        raise RuntimeError(event["error"]["message"])
+                    choice = event["choices"][0]
+                    if choice["finish_reason"] is None:
+                        times.append(time.perf_counter() - start)
+                        pieces.append(choice["text"])
+                    else:
+                        last = choice
+        except urllib.error.HTTPError as e:
+            raise ValueError(json.loads(e.read())["error"]["message"]) from None
+        e2e = time.perf_counter() - start
+        ids = last["token_ids"]
+        ttft = times[0] if times else e2e
+        tpot = (times[-1] - times[0]) / (len(ids) - 1) if len(ids) > 1 and times else float("nan")
+        stats = dict(prompt_tokens=len(last["prompt_token_ids"]), new_tokens=len(ids), ttft_s=ttft, tpot_s=tpot,
+                     e2e_s=e2e, decode_tokens_per_s=1 / tpot if tpot > 0 else float("nan"), events=len(times))
+        return Generation(token_ids=ids, text="".join(pieces), prompt_ids=last["prompt_token_ids"],
+                          finish_reason=last["finish_reason"], stats=stats, token_times=times)  # OpenAI's words
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -205,3 +205,22 @@ def test_serve_command_serves_until_stopped():
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+
+
+def test_run_load_measures_the_server_over_http(server, chat_model):
+    """`Client` gives run_load the engine's `submit` over HTTP: every request completes with its unbatched
+    greedy tokens, timed from the client's side (first token before the last), and a refused request is a
+    failed row that says why."""
+    from llmopt.server import Client
+    from llmopt.workload import poisson_workload, run_load, summarize_load
+    model, tok = chat_model
+    work = poisson_workload(tok, 12, seed=0, prompt_tokens=(8, 32), output_tokens=(4, 24))
+    df = run_load(Client(server.url), work, clients=4, realtime=False, ignore_eos=True)
+    assert df.ok.all() and len(df) == 12
+    for item, ids in zip(work, df.token_ids):
+        assert ids == llmopt.generate(model, tok, item.prompt_ids, max_new_tokens=item.max_new_tokens,
+                                      ignore_eos=True).token_ids
+    assert (df.ttft_s <= df.e2e_s).all() and (df.ttft_s > 0).all()
+    assert summarize_load(df, "http", submitted=12)["completed"] == 12
+    bad = run_load(Client(server.url), work[:2], clients=2, realtime=False, top_k=0)
+    assert not bad.ok.any() and bad.error.str.contains("top_k").all()
