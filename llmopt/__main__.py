@@ -1,5 +1,5 @@
 """Command line: `python -m llmopt bench [experiments] [--quick] [--out DIR] [--model PATH] [--text FILE]`,
-`python -m llmopt generate`, `python -m llmopt serve`."""
+`python -m llmopt generate`, `python -m llmopt chat`, `python -m llmopt serve`."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--stats", action="store_true", help="print TTFT, TPOT and tokens/s to stderr at the end")
     g.add_argument("--chat", action="store_true",
                    help="send the prompt as a user's message through the checkpoint's chat template (instruct models)")
+    c = sub.add_parser("chat", help="chat with an instruct checkpoint, a line a turn, the KV cache kept between turns")
+    c.add_argument("--model", default="tiny")
+    c.add_argument("--system", help="the system message of the conversation")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="the longest reply")
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--top-p", type=float)
+    c.add_argument("--seed", type=int)
+    c.add_argument("--device", help="cpu, cuda, cuda:1, or auto (default: cpu)")
+    c.add_argument("--dtype", help="fp32, fp16 or bf16 (default: the checkpoint's)")
+    c.add_argument("--stats", action="store_true", help="after each reply, the tokens prefilled and reused, and speed")
     v = sub.add_parser("serve", help="serve a model over HTTP with OpenAI's completions and chat endpoints")
     v.add_argument("--model", default="tiny")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -48,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(parser, args)
+    if args.command == "chat":
+        return _chat(parser, args)
 
     if args.command == "bench":
         from .bench import ci_mode, run_bench
@@ -77,6 +89,35 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:    # a bad option, an unknown or incomplete model
         parser.error(str(e))
     print()
+    return 0
+
+
+def _chat(parser, args) -> int:
+    """`python -m llmopt chat`: a Session's chat turns, one line of stdin each, until end of input."""
+    from . import Session, load_model
+    try:
+        model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
+        if not tok.chat_template:
+            raise ValueError(f"{args.model} has no chat template (a base model's tokenizer has none): chat with an "
+                             "instruct checkpoint, or use `python -m llmopt generate` with a text prompt")
+        session = Session(model, tok)
+        options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                       seed=args.seed)
+        system = args.system
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            g = session.chat(line.rstrip("\n"), system=system, **options)
+            system = None
+            print(g.text, flush=True)
+            if args.stats:
+                st = g.stats
+                reused = st["context_tokens"] - st["prefilled_tokens"] - st["new_tokens"]
+                print(f"[{st['prefilled_tokens']} tokens prefilled, {reused} reused from the cache; "
+                      f"{st['new_tokens']} generated ({g.finish_reason}), {st['decode_tokens_per_s']:.1f} tokens/s]",
+                      file=sys.stderr, flush=True)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
     return 0
 
 

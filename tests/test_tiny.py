@@ -225,6 +225,34 @@ def test_command_line_generates_and_refuses_bad_input_with_a_usage_error(capsys,
         assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_chat_command_keeps_the_conversation(capsys, monkeypatch, tmp_path):
+    """`python -m llmopt chat`: a turn per line of input, each reply a Session's chat turn (the cache kept, so
+    the second turn prefills only its own tokens); a base model's tokenizer is refused with where to go."""
+    import io
+    import json
+    import shutil
+    from llmopt.__main__ import main
+    chat = shutil.copytree(llmopt.load.resolve("tiny"), tmp_path / "chat")
+    config = json.loads((chat / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}{{ m['role'] | upper }}:\n{{ m['content'] }}\n\n{% endfor %}"
+                               "{% if add_generation_prompt %}ASSISTANT:\n{% endif %}")
+    (chat / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("sys.stdin", io.StringIO("Who's there?\n\nNay, answer me.\n"))
+    assert main(["chat", "--model", str(chat), "--system", "Speak as a sentinel.", "--max-new-tokens", "12",
+                 "--stats"]) == 0
+    out = capsys.readouterr()
+    session = llmopt.Session(*llmopt.load_model(chat))
+    first = session.chat("Who's there?", system="Speak as a sentinel.", max_new_tokens=12)
+    second = session.chat("Nay, answer me.", max_new_tokens=12)
+    assert out.out == first.text + "\n" + second.text + "\n"
+    assert f"[{second.stats['prefilled_tokens']} tokens prefilled, " in out.err and "0 reused" in out.err
+    assert second.stats["prefilled_tokens"] < len(session.ids) // 2
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["chat"])
+    assert exit_.value.code == 2 and "has no chat template" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("module, argv, message", [
     ("train", ["--preset", "nope", "--out", "x"], "unknown preset 'nope'"),
     ("train", ["--out", "x", "--steps", "0"], "--steps must be >= 1"),
