@@ -224,3 +224,27 @@ def test_run_load_measures_the_server_over_http(server, chat_model):
     assert summarize_load(df, "http", submitted=12)["completed"] == 12
     bad = run_load(Client(server.url), work[:2], clients=2, realtime=False, top_k=0)
     assert not bad.ok.any() and bad.error.str.contains("top_k").all()
+
+
+def test_the_official_openai_client_talks_to_it(server, chat_model):
+    """OpenAI's own Python client, pointed at the server: completions and chat, streamed and not, with usage,
+    the model list, and a refusal raised as its BadRequestError with the engine's message."""
+    openai = pytest.importorskip("openai")
+    model, tok = chat_model
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    want = llmopt.generate(model, tok, "ROMEO:", max_new_tokens=12)
+    got = client.completions.create(model="tiny-chat", prompt="ROMEO:", max_tokens=12, temperature=0)
+    assert got.choices[0].text == want.text and got.usage.completion_tokens == len(want.token_ids)
+    pieces = client.completions.create(model="tiny-chat", prompt="ROMEO:", max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in pieces) == want.text
+    messages = [{"role": "user", "content": "Who's there?"}]
+    reply = llmopt.generate(model, tok, tok.apply_chat_template(messages), max_new_tokens=12).text
+    chat = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=12, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content == reply
+    chunks = list(client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-2].choices[0].finish_reason == "length"
+    assert [m.id for m in client.models.list()] == ["tiny-chat"]
+    with pytest.raises(openai.BadRequestError, match="temperature must be >= 0"):
+        client.completions.create(model="tiny-chat", prompt="ROMEO:", temperature=-1)
