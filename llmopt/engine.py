@@ -62,6 +62,7 @@ class Sequence:
         self.inflight = 0                      # tokens sampled on the device, not yet read (overlap)
         self.blocks: list[int] = []            # physical KV blocks, in logical order
         self.cached_tokens = 0                 # prompt tokens found in the prefix cache (or forked)
+        self.computed: int | None = None       # while its prompt is prefilled in chunks: tokens done so far
         self.siblings: list["Sequence"] = []   # samples of the same prompt that may fork from this one
         self.state = "waiting"                 # waiting, running, finished, failed, cancelled
         self.cancelled = False
@@ -323,6 +324,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks and queue it first; it is recomputed when readmitted."""
         self.remove(seq)
+        seq.computed = None
         seq.state = "waiting"
         seq.preemptions += 1
         self.preemptions += 1
@@ -375,6 +377,11 @@ class Engine:
     runs once for all the step's tokens and only attention is split by group (Sarathi-Serve,
     vLLM). `mixed_steps=False` prefills each new prompt in a forward of its own first.
     `engine.forwards` counts the model's forwards either way.
+    With `chunked_prefill`, a prompt longer than what is left of the step's
+    `max_prefill_tokens` is computed in chunks over several steps (Sarathi-Serve, vLLM), the
+    prompts part-way through going first: a step never carries more than `max_prefill_tokens`
+    prompt tokens, so a long prompt no longer stalls every running request's next token for
+    the time of its whole prefill (notebook 13); its own first token comes a few steps later.
     With `cuda_graphs`, steps run as CUDA graphs, one recorded per bucket of shapes (rows,
     new tokens per row and key blocks per row, each rounded up to a power of two; mixed
     steps too, up to `graph_max_tokens` padded tokens) and replayed with the step's inputs copied into
@@ -388,8 +395,8 @@ class Engine:
                  num_blocks: int | None = None, max_seq_len: int | None = None,
                  watermark: float = 0.01, prefix_caching: bool = False, metrics=None,
                  policy: str = "fcfs", overlap: bool = False, keep_gathered: bool = True,
-                 mixed_steps: bool = True, max_prefill_tokens: int = 512, cuda_graphs: bool = False,
-                 graph_max_tokens: int = 1024) -> None:
+                 mixed_steps: bool = True, max_prefill_tokens: int = 512, chunked_prefill: bool = False,
+                 cuda_graphs: bool = False, graph_max_tokens: int = 1024) -> None:
         for name, value, optional in (("max_batch_size", max_batch_size, False),
                                       ("max_prefill_tokens", max_prefill_tokens, False),
                                       ("graph_max_tokens", graph_max_tokens, False),
@@ -400,11 +407,14 @@ class Engine:
             raise ValueError(f"watermark (share of blocks kept free for running sequences) must be in [0, 1), "
                              f"got {watermark!r}")
         for name, flag in (("overlap", overlap), ("keep_gathered", keep_gathered), ("mixed_steps", mixed_steps),
-                           ("cuda_graphs", cuda_graphs)):
+                           ("chunked_prefill", chunked_prefill), ("cuda_graphs", cuda_graphs)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
         self.overlap = overlap
+        if chunked_prefill and not mixed_steps:
+            raise ValueError("chunked_prefill runs prompt chunks inside decode steps: it needs mixed_steps=True")
         self.mixed_steps, self.max_prefill_tokens = mixed_steps, max_prefill_tokens
+        self.chunked_prefill = chunked_prefill
         self._prefill_separately = False       # once, after a mixed step failed (see _decode)
         self._registered: list = []            # prefix-cache keys registered by this step's admissions
         self._inflight = None                  # overlap: (rows, tokens on device, host copy, event)
@@ -590,7 +600,7 @@ class Engine:
                 sched.add(self._inbox.popleft())
         for seq in [s for s in list(sched.waiting) + sched.running if s.cancelled]:
             self._finish(seq, "cancelled", error=CancelledError(f"request {seq.id} was cancelled"))
-        decode_rows = list(sched.running)
+        decode_rows = [s for s in sched.running if s.computed is None]   # not part-way through a prompt
         if self.overlap:   # a row whose last token is already being computed needs no further step
             decode_rows = [s for s in decode_rows if len(s.generated) + s.inflight < s.max_new_tokens]
         # the running rows get their next token's blocks first; new sequences take what is left
@@ -605,27 +615,37 @@ class Engine:
             self.cache.drop_gathered()         # nothing runs: free the kept copy of the rows
         self.steps += 1
         self.step_log.append(dict(t=time.perf_counter(), rows=len(rows), prefills=len(admitted),
+                                  prefill_tokens=sum(chunk for _, chunk in joining),
                                   blocks_used=self.cache.manager.num_blocks - self.cache.manager.num_free,
                                   waiting=len(sched.waiting), preemptions=sched.preemptions))
         if self.metrics is not None:
             self.metrics.step(self)
 
-    def _admit(self) -> tuple[list[Sequence], list[Sequence]]:
+    def _admit(self) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
         """Admit waiting sequences into free slots: (admitted, joining). With mixed steps the
-        admitted join this step's forward (`joining`) up to `max_prefill_tokens` prompt
-        tokens; otherwise (or once after a mixed step failed) each is prefilled now, in a
-        forward of its own, so a fault stays with its request."""
+        admitted join this step's forward (`joining`: each with the prompt tokens it computes
+        now) up to `max_prefill_tokens` prompt tokens; otherwise (or once after a mixed step
+        failed) each is prefilled now, in a forward of its own, so a fault stays with its
+        request. With `chunked_prefill` a prompt takes no more than the tokens left in that
+        budget and finishes in later steps, the ones part-way through going first."""
         sched, admitted, joining = self.scheduler, [], []
         separate = not self.mixed_steps or self._prefill_separately
         self._prefill_separately = False
         self._registered = []                  # prefix-cache keys of joining prompts, not yet computed
         budget = self.max_prefill_tokens
+        for seq in [s for s in sched.running if s.computed is not None]:      # chunked, part-way
+            if budget <= 0:
+                break
+            chunk = min(seq.num_tokens - seq.computed, budget)
+            joining.append((seq, chunk))
+            budget -= chunk
+            self._register(seq, chunk)
         # one at a time: each admission registers its prompt's blocks in the prefix cache before
         # the next looks them up. A joining prompt registers them now, before they are computed:
         # a later prompt of this step that shares them reads them in the same forward, after
         # every layer has written its new keys (PagedKVCache.attend)
         while budget > 0 and sched.waiting:
-            if any(sched.waiting[0] in j.siblings for j in joining):
+            if any(sched.waiting[0] in j.siblings for j, _ in joining):
                 break                     # a sample of a joining prompt forks from it after the step
             if not (new := sched.admit(limit=1)):
                 break
@@ -636,11 +656,21 @@ class Engine:
             if separate:
                 self._prefill(seq)
                 continue
-            joining.append(seq)
-            budget -= seq.num_tokens - seq.cached_tokens
-            if self.prefix_cache is not None:
-                self._registered += self.prefix_cache.insert(seq.prompt_ids, seq.blocks)
+            seq.computed = seq.cached_tokens
+            rest = seq.num_tokens - seq.computed
+            chunk = min(rest, budget) if self.chunked_prefill else rest
+            joining.append((seq, chunk))
+            budget -= chunk
+            self._register(seq, chunk)
         return admitted, joining
+
+    def _register(self, seq: Sequence, chunk: int) -> None:
+        """Put the prompt blocks `seq` will have computed after this step (`chunk` more tokens) in
+        the prefix cache (a later prompt of the same step that shares them reads them after every
+        layer has written them: PagedKVCache.attend)."""
+        if self.prefix_cache is not None:
+            done = seq.prompt_ids[:seq.computed + chunk]
+            self._registered += self.prefix_cache.insert(done, seq.blocks)
 
     def _prefill(self, seq: Sequence) -> None:
         """Compute a newly admitted (or readmitted) sequence's KV cache and its next token."""
@@ -678,7 +708,7 @@ class Engine:
             return rows, logits
         return rows, logits[to_device(index, logits.device)]
 
-    def _decode(self, rows: list[Sequence], joining: list[Sequence] = ()) -> None:
+    def _decode(self, rows: list[Sequence], joining: list[tuple[Sequence, int]] = ()) -> None:
         """One token for every running row, in one batched forward over the paged cache (with
         the prompts of `joining` beside them: a mixed step), read back at once. With overlap
         the step starts from the previous step's tokens while they are still on the device,
@@ -707,7 +737,7 @@ class Engine:
                 if joining:   # the new prompts wait and are prefilled on their own next step
                     if self.prefix_cache is not None:
                         self.prefix_cache.forget(self._registered)
-                    for seq in reversed(joining):
+                    for seq, _ in reversed(joining):
                         self.scheduler.preempt(seq)
                     self._prefill_separately = True
                 elif len(rows) == 1:
@@ -716,7 +746,7 @@ class Engine:
                     for seq in rows[len(rows) // 2:]:
                         self.scheduler.preempt(seq)
                 return
-            rows, logits = self._started(rows, joining, logits)
+            rows, logits = self._started(rows, *self._prefilled(rows, joining, logits))
             launched = self._launch_read(rows, self._sample_tensor(rows, logits))
         if self.overlap:
             self._inflight = launched
@@ -751,6 +781,20 @@ class Engine:
             if seq.state == "running":
                 self._accept(seq, tok)
 
+    def _prefilled(self, rows: list[Sequence], joining: list[tuple[Sequence, int]], logits: torch.Tensor):
+        """After a forward with the prompt chunks of `joining`: the sequences whose prompts are now
+        whole, and the logits of the rows and of those (a part-way chunk's are dropped)."""
+        done, keep = [], list(range(len(rows)))
+        for i, (seq, chunk) in enumerate(joining, start=len(rows)):
+            seq.computed += chunk
+            if seq.computed == seq.num_tokens:
+                seq.computed = None
+                done.append(seq)
+                keep.append(i)
+        if len(keep) == logits.shape[0]:
+            return done, logits
+        return done, logits[to_device(keep, logits.device)]
+
     def _forward_rows(self, rows: list[Sequence], lengths: list[int], tokens: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] for one new token per row (tokens [B, 1]); row b has lengths[b] tokens cached."""
         device = self.model.device
@@ -765,17 +809,19 @@ class Engine:
                           positions=lens[:, None], key_mask=key_mask)[:, -1]
 
     def _forward_mixed(self, rows: list[Sequence], lengths: list[int], tokens: torch.Tensor,
-                       joining: list[Sequence]) -> torch.Tensor:
-        """Logits [B + J, V]: one new token per row (tokens [B]) and the whole prompt of each
-        joining sequence, in one forward of a single packed sequence (PagedKVCache.set_mixed)."""
+                       joining: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Logits [B + J, V]: one new token per row (tokens [B]) and a chunk of each joining
+        sequence's prompt (all of it, without chunked prefill), in one forward of a single packed
+        sequence (PagedKVCache.set_mixed)."""
         device = self.model.device
-        prompts = [s.all_ids[s.cached_tokens:] for s in joining]
+        seqs = [s for s, _ in joining]
+        prompts = [s.all_ids[s.computed:s.computed + chunk] for s, chunk in joining]
         if self.graphs is not None and self.graphs.fits(len(rows) + len(joining), max(map(len, prompts))):
             self.forwards += 1
-            return self.graphs.forward([s.blocks for s in rows + joining],
-                                       lengths + [s.cached_tokens for s in joining], tokens, prompts)
+            return self.graphs.forward([s.blocks for s in rows + seqs],
+                                       lengths + [s.computed for s in seqs], tokens, prompts)
         pos = self.cache.set_mixed([s.blocks for s in rows], lengths,
-                                   [(s.blocks, s.cached_tokens, len(p)) for s, p in zip(joining, prompts)])
+                                   [(s.blocks, s.computed, len(p)) for s, p in zip(seqs, prompts)])
         ids = torch.cat([tokens, to_device([t for p in prompts for t in p], device)])[None]
         ends, n = [], len(rows)
         for p in prompts:                      # each prompt's last token gives its first new one
