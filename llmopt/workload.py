@@ -301,6 +301,42 @@ def compare_batching(model, tokenizer, workload: list[WorkItem], *, slots: int =
     return rows
 
 
+def prefill_stall(model, tokenizer, *, running: int = 8, long_prompt_tokens: int = 1800,
+                  max_new_tokens: int = 160, label: str = "", **engine_options) -> dict:
+    """What a long prompt arriving mid-decode does to the requests already running (notebook 13).
+
+    `running` requests (16-token prompts from the held-out text) start decoding
+    `max_new_tokens` each; once each has about 8 tokens, a `long_prompt_tokens` prompt
+    arrives. The running requests' gaps between consecutive tokens (the engine's own
+    arrival times) show the stall: without chunked prefill one step carries the whole
+    prompt, so every running request waits for it. Returns the gaps' max, p99 and median,
+    the long prompt's time to first token, and every request's token ids (to check the
+    greedy output). `engine_options` go to the `Engine` (`chunked_prefill=True`,
+    `max_prefill_tokens=...`).
+    """
+    import numpy as np
+    from .engine import Engine
+    from .metrics import heldout_ids
+    long_prompt_tokens = min(long_prompt_tokens, model.config.max_seq_len - 16)
+    text = heldout_ids(tokenizer, "test", max_tokens=long_prompt_tokens + 20 * running + 16).tolist()
+    long_prompt = text[:long_prompt_tokens]
+    short = [text[long_prompt_tokens + 20 * i:long_prompt_tokens + 20 * i + 16] for i in range(running)]
+    with Engine(model, tokenizer, max_batch_size=running + 1, **engine_options) as engine:
+        engine.generate_many(short[:1], max_new_tokens=4, ignore_eos=True)          # warm-up
+        start = engine.tokens_generated
+        handles = [engine.submit(p, max_new_tokens=max_new_tokens, ignore_eos=True) for p in short]
+        while engine.tokens_generated - start < 8 * running and not all(h.done() for h in handles):
+            time.sleep(0.001)
+        big = engine.submit(long_prompt, max_new_tokens=8, ignore_eos=True)
+        gens, long_gen = [h.result() for h in handles], big.result()
+    gaps = np.concatenate([np.diff(g.token_times) for g in gens])
+    return dict(label=label, max_gap_s=float(gaps.max()), p99_gap_s=float(np.percentile(gaps, 99)),
+                median_gap_s=float(np.median(gaps)), long_ttft_s=long_gen.stats["ttft_s"],
+                long_prompt_tokens=long_prompt_tokens,
+                max_step_prefill_tokens=max(s["prefill_tokens"] for s in engine.step_log),
+                token_ids=[g.token_ids for g in gens + [long_gen]], prompts=short + [long_prompt])
+
+
 def ideal_continuous_speedup(output_tokens: list[int], slots: int) -> dict:
     """Decode steps static vs continuous batching need for these output lengths (all at time 0).
 

@@ -8,7 +8,7 @@ import torch
 import llmopt
 from llmopt.batching import DynamicBatcher, MemoryBudgetExceeded, generate_batch
 from llmopt.engine import Engine
-from llmopt.workload import (compare_batching, ideal_continuous_speedup, poisson_workload,
+from llmopt.workload import (compare_batching, ideal_continuous_speedup, poisson_workload, prefill_stall,
                              run_load, static_server, summarize_load)
 
 PROMPTS = ["ROMEO:", "To be, or not to be, that is the question:\nWhether 'tis nobler",
@@ -34,6 +34,66 @@ def llama(small_tokenizer_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("llama-batch")
     make_hf_checkpoint("llama", folder, small_tokenizer_dir)
     return llmopt.load_model(folder)
+
+
+@pytest.mark.parametrize("options", [{}, dict(prefix_caching=True), dict(overlap=True), dict(num_blocks=28, watermark=0),
+                                     dict(keep_gathered=False), dict(cuda_graphs=True)])
+def test_chunked_prefill_gives_unbatched_greedy_within_the_step_budget(tiny, options):
+    """Prompts up to 200 tokens through 32-token steps: each request's tokens are its unbatched greedy ones
+    (with the prefix cache, with overlap, with preemption for want of blocks, gathering every step, and
+    through the CUDA-graph path), no step carries more than 32 prompt tokens, and the prompts took at
+    least their tokens / 32 steps."""
+    model, tok = tiny
+    work = poisson_workload(tok, 16, seed=0, prompt_tokens=(8, 200), output_tokens=(4, 24))
+    prompts, budgets = [w.prompt_ids for w in work], [w.max_new_tokens for w in work]
+    with Engine(model, tok, max_batch_size=4, chunked_prefill=True, max_prefill_tokens=32, **options) as engine:
+        outs = engine.generate_many(prompts, max_new_tokens=budgets, ignore_eos=True)
+        steps = [s["prefill_tokens"] for s in engine.step_log]
+    for p, b, g in zip(prompts, budgets, outs):
+        assert g.token_ids == llmopt.generate(model, tok, p, max_new_tokens=b, ignore_eos=True).token_ids
+    assert max(steps) == 32 and sum(1 for n in steps if n) >= sum(map(len, prompts)) // 32 // 2
+    if options.get("num_blocks"):
+        assert engine.scheduler.preemptions > 0
+
+
+def test_chunked_prefill_shares_prefixes_forks_samples_and_stops(tiny):
+    """A shared system prompt computed in 8-token chunks is found by the prompts after it (its blocks
+    enter the prefix cache as they are computed); n samples fork after the chunked prompt as without
+    chunks; stop strings cut where generate cuts."""
+    model, tok = tiny
+    system = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+              "First Citizen:\nYou are all resolved rather to die than to famish?\n\n")
+    prompts = [system + s for s in ["All:\nResolved.", "Second Citizen:\nNay,", "MENENIUS:\nWhat work"]]
+    with Engine(model, tok, max_batch_size=2, chunked_prefill=True, max_prefill_tokens=8,
+                prefix_caching=True) as engine:
+        outs = engine.generate_many(prompts, max_new_tokens=16, ignore_eos=True)
+        samples = engine.sample_n(prompts[0], 3, seed=3, max_new_tokens=12, temperature=0.9)
+        stopped = engine.submit(prompts[1], max_new_tokens=30, stop=["\n\n"]).result()
+    assert [g.token_ids for g in outs] == \
+        [llmopt.generate(model, tok, p, max_new_tokens=16, ignore_eos=True).token_ids for p in prompts]
+    assert [g.stats["cached_prompt_tokens"] for g in outs][1:] == [48, 48]
+    with Engine(model, tok, max_batch_size=3) as engine:
+        assert [g.token_ids for g in samples] == \
+            [g.token_ids for g in engine.sample_n(prompts[0], 3, seed=3, max_new_tokens=12, temperature=0.9)]
+    assert stopped.text == llmopt.generate(model, tok, prompts[1], max_new_tokens=30, stop=["\n\n"]).text
+
+
+def test_a_long_prompt_mid_decode_takes_one_step_or_budgeted_chunks(tiny):
+    """prefill_stall: a 600-token prompt arriving while 4 requests decode is one step's work without
+    chunked prefill and at most 64 tokens a step with it; every output is its unbatched greedy one
+    either way. (How much shorter the running requests' longest wait gets is a timing: notebook 13.)"""
+    model, tok = tiny
+    for chunked in (False, True):
+        r = prefill_stall(model, tok, running=4, long_prompt_tokens=600, max_new_tokens=32,
+                          chunked_prefill=chunked, max_prefill_tokens=64)
+        assert r["max_step_prefill_tokens"] == (64 if chunked else 600)
+        assert r["max_gap_s"] >= r["p99_gap_s"] >= r["median_gap_s"] > 0 and r["long_ttft_s"] > 0
+        for prompt, ids in zip(r["prompts"], r["token_ids"]):
+            assert ids == llmopt.generate(model, tok, prompt, max_new_tokens=len(ids), ignore_eos=True).token_ids
+    with pytest.raises(ValueError, match="needs mixed_steps=True"):
+        Engine(model, tok, chunked_prefill=True, mixed_steps=False)
+    with pytest.raises(ValueError, match="chunked_prefill must be True or False"):
+        Engine(model, tok, chunked_prefill="yes")
 
 
 # ---- static batching ------------------------------------------------------------------------
