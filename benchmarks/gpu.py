@@ -155,6 +155,15 @@ def render(results: dict) -> str:
                     f"({r['throughput_vs_static_min']:.2f}-{r['throughput_vs_static_max']:.2f})",
                     f"{r['throughput_vs_static_graphs']:.2f}x" if "throughput_vs_static_graphs" in r else "",
                     r["forwards"], r["identical"], _graph_note(r)] for r in b["rows"]])
+    st = results.get("prefill_stall", {})
+    if "rows" in st:
+        table(f"A {st['long_prompt_tokens']}-token prompt arriving while {st['running']} requests decode (tiny): "
+              "the running requests' gaps between tokens, and the long prompt's first token:",
+              ["engine", "longest gap ms", "p99 gap ms", "median gap ms", "long prompt TTFT ms",
+               "most prompt tokens in a step"],
+              [[r["label"], f"{r['max_gap_s'] * 1e3:.1f}", f"{r['p99_gap_s'] * 1e3:.1f}",
+                f"{r['median_gap_s'] * 1e3:.2f}", f"{r['long_ttft_s'] * 1e3:.1f}", r["max_step_prefill_tokens"]]
+               for r in st["rows"]])
     sp = results.get("speculative", {})
     if "rows" in sp:
         table(f"{sp['title']}:", ["path", "tokens/s", "vs plain", "tokens per target forward", "outputs identical"],
@@ -407,6 +416,24 @@ def main(argv=None) -> int:
         return {"rows": rows, "slots": slots,
                 "ideal": ideal_continuous_speedup([w.max_new_tokens for w in work], slots)}
 
+    def prefill_stall():
+        """A long prompt (1,800 tokens; smoke: 200) arriving while 8 requests decode (smoke: 2), tiny: the
+        running requests' longest gap between tokens and the long prompt's TTFT, without chunked prefill,
+        with 128-token chunks (smoke: 32), and with chunks in CUDA graphs (the chunked steps fit the graphs'
+        buckets; a whole long prompt does not). Never measured on a GPU before this suite ran it."""
+        from llmopt.workload import prefill_stall as stall
+        model, tok = llmopt.load_model("tiny", device=device)
+        running, long_tokens, chunk, new = (2, 200, 32, 16) if args.smoke else (8, 1800, 128, 160)
+        rows = []
+        for label, opts in (("one step per prompt", {}), (f"chunked prefill, {chunk} tokens a step",
+                                                         dict(chunked_prefill=True)),
+                            (f"chunked prefill, {chunk} tokens a step, CUDA graphs",
+                             dict(chunked_prefill=True, cuda_graphs=True, overlap=True))):
+            r = stall(model, tok, running=running, long_prompt_tokens=long_tokens, max_new_tokens=new,
+                      max_prefill_tokens=chunk, label=label, **opts)
+            rows.append({k: v for k, v in r.items() if k not in ("token_ids", "prompts")})
+        return {"rows": rows, "running": running, "long_prompt_tokens": long_tokens}
+
     def speculative():
         """tiny target + tiny-draft and model-free drafts, k=4, greedy (trained weights: real acceptance)."""
         from llmopt.bench import bench_speculative
@@ -448,7 +475,7 @@ def main(argv=None) -> int:
     # still missed on 2026-11-28 (MBU, int8 / bf16) come first; dialogue batching, met then (3.73x), next.
     for name, fn in (("decode_batch1", decode_vs_transformers), ("quantized_decode", quantized_decode),
                      ("batching_dialogue", batching_dialogue), ("batching", batching),
-                     ("speculative", speculative), ("attention_prefill", attention_prefill),
+                     ("prefill_stall", prefill_stall), ("speculative", speculative), ("attention_prefill", attention_prefill),
                      ("bitsandbytes", bitsandbytes_decode)):
         if args.only and name not in args.only.split(","):
             continue

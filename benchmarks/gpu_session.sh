@@ -5,8 +5,9 @@
 #      goals still missed first of all; on 2026-11-28 the four of them took 331 s; this run adds rows: bf16 and
 #      int8 with llmopt's Triton decode attention (rotary and the cache write inside it), and both with each
 #      layer's norms, SwiGLU and residual adds folded into the Triton GEMV (llmopt.fold), those with llmopt's
-#      kernels launched as programmatic dependent launches (Hopper) and again plainly; speculation,
-#      prefill and bitsandbytes, measured then, come last and may be cut);
+#      kernels launched as programmatic dependent launches (Hopper) and again plainly; then, new, a long
+#      prompt arriving mid-decode with and without chunked prefill (seconds); speculation, prefill and
+#      bitsandbytes, measured then, come last and may be cut);
 #   2. one layer's decode attention, SDPA against llmopt's Triton kernel with several splits, on caches of
 #      288 to 4,096 keys, and rotary + cache write + attention compiled around the kernel against all in it
 #      (`decode_attention_append`); the 16 folded layers' own kernels in a row (one CUDA graph), bf16 and
