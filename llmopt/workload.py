@@ -312,7 +312,8 @@ def prefill_stall(model, tokenizer, *, running: int = 8, long_prompt_tokens: int
     prompt, so every running request waits for it. Returns the gaps' max, p99 and median,
     the long prompt's time to first token, and every request's token ids (to check the
     greedy output). `engine_options` go to the `Engine` (`chunked_prefill=True`,
-    `max_prefill_tokens=...`).
+    `max_prefill_tokens=...`). The engine first serves the same prompts once, 4 tokens each
+    (warm-up); with `cuda_graphs`, a bucket first met during the run is recorded then, inside a gap.
     """
     import numpy as np
     from .engine import Engine
@@ -322,7 +323,7 @@ def prefill_stall(model, tokenizer, *, running: int = 8, long_prompt_tokens: int
     long_prompt = text[:long_prompt_tokens]
     short = [text[long_prompt_tokens + 20 * i:long_prompt_tokens + 20 * i + 16] for i in range(running)]
     with Engine(model, tokenizer, max_batch_size=running + 1, **engine_options) as engine:
-        engine.generate_many(short[:1], max_new_tokens=4, ignore_eos=True)          # warm-up
+        engine.generate_many(short + [long_prompt], max_new_tokens=4, ignore_eos=True)    # warm-up, same shapes
         start = engine.tokens_generated
         handles = [engine.submit(p, max_new_tokens=max_new_tokens, ignore_eos=True) for p in short]
         while engine.tokens_generated - start < 8 * running and not all(h.done() for h in handles):
