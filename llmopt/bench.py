@@ -570,6 +570,37 @@ def bench_load(quick: bool, device: str, model: str = "tiny",
                            "changed_beyond_a_tie"]}
 
 
+def bench_chunked(quick: bool, device: str, model: str = "tiny",
+                  text: str | None = None) -> dict:
+    """A long prompt arriving while requests decode (`workload.prefill_stall`): the running requests'
+    longest gap between tokens and the long prompt's TTFT, one step per prompt against 128-token
+    chunks (chunked prefill). Always the plays' held-out text (a long prompt needs 1,800 tokens)."""
+    from .load import load_model
+    from .workload import prefill_stall
+    name = model_label(model)
+    model, tok = load_model(model, device=device)
+    running, long_tokens, new = (4, 600, 32) if quick else (8, 1800, 160)
+    rows, faults = [], 0
+    for label, chunked in (("one step per prompt", False), ("chunked prefill, 128 tokens a step", True)):
+        r = prefill_stall(model, tok, running=running, long_prompt_tokens=long_tokens, max_new_tokens=new,
+                          chunked_prefill=chunked, max_prefill_tokens=128, label=label)
+        for prompt, ids in zip(r["prompts"], r["token_ids"]):     # against each request alone (a tie is no fault)
+            alone = generate(model, tok, prompt, max_new_tokens=len(ids), ignore_eos=True).token_ids
+            d = greedy_divergence(model, prompt, alone, ids)
+            faults += not (d["identical"] or d["tie"])
+        rows.append({k: v for k, v in r.items() if k not in ("token_ids", "prompts")} |
+                    dict(model=name, device=device, dtype=str(model.dtype).removeprefix("torch.")))
+    off, on = rows
+    return {"name": "chunked", "metric": "max_gap_s",
+            "title": f"A {off['long_prompt_tokens']}-token prompt arriving while {running} requests decode ({name})",
+            "rows": rows,
+            "ratios": {"longest token gap of a running request, one step / chunked": off["max_gap_s"] / on["max_gap_s"],
+                       "long prompt TTFT, chunked / one step": on["long_ttft_s"] / off["long_ttft_s"],
+                       "outputs differing from unbatched greedy, not at a rounding tie": faults},
+            "goal": {"outputs differing from unbatched greedy, not at a rounding tie": "== 0"},
+            "extra_keys": ["max_gap_s", "p99_gap_s", "median_gap_s", "long_ttft_s", "max_step_prefill_tokens"]}
+
+
 def bench_speculative(quick: bool, device: str, model: str = "tiny",
                       text: str | None = None) -> dict:
     """`tiny` target, greedy, k=4: tiny-draft (the MLP draft), the transformer draft and model-free
@@ -701,7 +732,7 @@ def bench_evaluation(quick: bool, device: str, model: str = "tiny",
 
 EXPERIMENTS = {"baseline": bench_baseline, "cache": bench_cache, "attention": bench_attention,
                "precision": bench_precision, "compile": bench_compile, "quantization": bench_quantization,
-               "batching": bench_batching, "dialogue": bench_dialogue, "load": bench_load,
+               "batching": bench_batching, "dialogue": bench_dialogue, "load": bench_load, "chunked": bench_chunked,
                "speculative": bench_speculative, "parallel": bench_parallel, "evaluation": bench_evaluation}
 
 

@@ -324,7 +324,7 @@ def prefill_stall(model, tokenizer, *, running: int = 8, long_prompt_tokens: int
     short = [text[long_prompt_tokens + 20 * i:long_prompt_tokens + 20 * i + 16] for i in range(running)]
     with Engine(model, tokenizer, max_batch_size=running + 1, **engine_options) as engine:
         engine.generate_many(short + [long_prompt], max_new_tokens=4, ignore_eos=True)    # warm-up, same shapes
-        start = engine.tokens_generated
+        start, first_step = engine.tokens_generated, len(engine.step_log)
         handles = [engine.submit(p, max_new_tokens=max_new_tokens, ignore_eos=True) for p in short]
         while engine.tokens_generated - start < 8 * running and not all(h.done() for h in handles):
             time.sleep(0.001)
@@ -334,7 +334,7 @@ def prefill_stall(model, tokenizer, *, running: int = 8, long_prompt_tokens: int
     return dict(label=label, max_gap_s=float(gaps.max()), p99_gap_s=float(np.percentile(gaps, 99)),
                 median_gap_s=float(np.median(gaps)), long_ttft_s=long_gen.stats["ttft_s"],
                 long_prompt_tokens=long_prompt_tokens,
-                max_step_prefill_tokens=max(s["prefill_tokens"] for s in engine.step_log),
+                max_step_prefill_tokens=max(s["prefill_tokens"] for s in engine.step_log[first_step:]),
                 token_ids=[g.token_ids for g in gens + [long_gen]], prompts=short + [long_prompt])
 
 

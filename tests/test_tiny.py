@@ -94,7 +94,8 @@ def test_bench_quick_writes_a_report(tmp_path):
 def test_bench_quick_serving_speculation_and_scoreboard(tmp_path):
     """The later experiments in quick mode: outputs identical, nothing lost, a scoreboard row per technique."""
     from llmopt.bench import run_bench
-    res = run_bench(["batching", "dialogue", "load", "speculative", "evaluation"], quick=True, out=tmp_path)
+    res = run_bench(["batching", "dialogue", "load", "chunked", "speculative", "evaluation"], quick=True,
+                    out=tmp_path)
     by = {e["name"]: e for e in res["experiments"]}
     assert all(r["identical"] for r in by["batching"]["rows"] + by["dialogue"]["rows"])
     # long-tailed dialogue lengths leave static batches idler than uniform ones
@@ -103,6 +104,9 @@ def test_bench_quick_serving_speculation_and_scoreboard(tmp_path):
     load = by["load"]["rows"][0]
     assert load["lost"] == 0 and load["failed"] == 0 and load["mismatched_vs_unbatched"] == 0
     assert load["changed_beyond_a_tie"] == 0
+    chunked = by["chunked"]
+    assert [r["max_step_prefill_tokens"] for r in chunked["rows"]] == [600, 128]
+    assert chunked["ratios"]["outputs differing from unbatched greedy, not at a rounding tie"] == 0
     assert all(r["identical"] for r in by["speculative"]["rows"][1:])
     assert by["speculative"]["ratios"]["tokens per target forward, tiny-draft k=4"] > 1
     assert {r["technique"] for r in by["evaluation"]["rows"]} >= {"fp32 baseline", "int8 weight-only"}
@@ -120,12 +124,16 @@ def test_bench_runs_on_a_users_own_checkpoint(tmp_path, small_tokenizer_dir):
     folder.mkdir()
     make_hf_checkpoint("qwen2", folder, small_tokenizer_dir)        # 1 kv head, MLP width 96
     res = run_bench(["baseline", "cache", "attention", "precision", "quantization", "batching", "load",
-                     "speculative", "parallel", "evaluation"], quick=True, out=tmp_path / "out", model=str(folder))
+                     "chunked", "speculative", "parallel", "evaluation"], quick=True, out=tmp_path / "out",
+                    model=str(folder))
     by = {e["name"]: e for e in res["experiments"]}
     assert res["model"] == str(folder) and "Model: **my-qwen**" in (tmp_path / "out" / "report.md").read_text()
     assert all(r["model"] == "my-qwen" for e in res["experiments"] for r in e["rows"])
     assert all(r["greedy_token_agreement"] == 1.0 for r in by["baseline"]["rows"])
-    assert all(not e.get("goal") for e in res["experiments"] if e["name"] != "load")   # tiny's goals only
+    assert all(not e.get("goal") for e in res["experiments"] if e["name"] not in ("load", "chunked"))  # tiny's
+    chunked = by["chunked"]                          # the long prompt fits this model's 256-token context
+    assert chunked["rows"][0]["max_step_prefill_tokens"] == 240 and chunked["rows"][1]["max_step_prefill_tokens"] == 128
+    assert chunked["ratios"]["outputs differing from unbatched greedy, not at a rounding tie"] == 0
     quant = {r["label"]: r for r in by["quantization"]["rows"]}
     assert "multiple of group_size (64)" in quant["my-qwen int4 g64"]["skipped"]
     assert quant["my-qwen int4 g32"]["perplexity_change"] < 0.05 and quant["my-qwen int8"]["bytes_ratio"] < 0.3
