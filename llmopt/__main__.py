@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (the engine's slots)")
+    v.add_argument("--prefix-caching", action="store_true", help="share the KV blocks of common prompt prefixes")
+    v.add_argument("--chunked-prefill", action="store_true",
+                   help="compute long prompts in chunks over several steps, so running requests do not stall")
+    v.add_argument("--max-prefill-tokens", type=int, default=512, help="prompt tokens a step (default 512)")
     v.add_argument("--device", help="cpu, cuda, cuda:1, or auto (default: cpu)")
     v.add_argument("--dtype", help="fp32, fp16 or bf16 (default: the checkpoint's)")
     args = parser.parse_args(argv)
@@ -129,7 +133,8 @@ def _serve(parser, args) -> int:
         parser.error(f"--port must be in 0..65535, got {args.port}")
     try:
         model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
-        engine = Engine(model, tok, max_batch_size=args.max_batch_size)
+        engine = Engine(model, tok, max_batch_size=args.max_batch_size, prefix_caching=args.prefix_caching,
+                        chunked_prefill=args.chunked_prefill, max_prefill_tokens=args.max_prefill_tokens)
         server = Server(engine, host=args.host, port=args.port, model_name=args.model)
     except (ValueError, FileNotFoundError, OSError) as e:    # an unknown model, bad options, a port in use
         parser.error(str(e))

@@ -179,7 +179,8 @@ def test_serve_command_refuses_bad_options(capsys):
     from llmopt.__main__ import main
     for argv, message in [(["serve", "--port", "70000"], "--port must be in 0..65535"),
                           (["serve", "--model", "no-such-model", "--port", "0"], "no checkpoint at 'no-such-model'"),
-                          (["serve", "--max-batch-size", "0", "--port", "0"], "max_batch_size")]:
+                          (["serve", "--max-batch-size", "0", "--port", "0"], "max_batch_size"),
+                          (["serve", "--max-prefill-tokens", "0", "--port", "0"], "max_prefill_tokens")]:
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
@@ -190,8 +191,9 @@ def test_serve_command_serves_until_stopped():
     import signal
     import subprocess
     import sys
-    proc = subprocess.Popen([sys.executable, "-m", "llmopt", "serve", "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "llmopt", "serve", "--port", "0", "--chunked-prefill",
+                             "--max-prefill-tokens", "4", "--prefix-caching"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         assert line.startswith("serving tiny at http://127.0.0.1:"), line + proc.stderr.read()
