@@ -17,10 +17,11 @@ freeing its slot. A bad request gets a 400 with OpenAI's error body naming the p
 As in OpenAI's API, `temperature` defaults to 1 (sampling; 0 is greedy) and `max_tokens` to 16
 for completions; a chat reply gets up to `CHAT_MAX_TOKENS`. Beyond OpenAI's fields: `top_k`,
 `ignore_eos`, and `"return_token_ids": true`, which adds each choice's `prompt_token_ids` and
-`token_ids` (to check the tokens, not only the text). Chat messages are laid out by the
-checkpoint's chat template (`Tokenizer.apply_chat_template`). The HTTP side is the standard
-library's ThreadingHTTPServer, a thread per connection: enough to measure and to learn from;
-real traffic wants a production server in front.
+`token_ids` (to check the tokens, not only the text). What it does not implement (log-probabilities,
+penalties, logit bias, tools, structured output: `UNSUPPORTED`) is refused when asked for, not
+ignored. Chat messages are laid out by the checkpoint's chat template (`Tokenizer.apply_chat_template`).
+The HTTP side is the standard library's ThreadingHTTPServer, a thread per connection: enough to
+measure and to learn from; real traffic wants a production server in front.
 """
 from __future__ import annotations
 
@@ -37,6 +38,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 COMPLETION_MAX_TOKENS = 16       # OpenAI's default for /v1/completions
 CHAT_MAX_TOKENS = 256            # a chat reply's default length here (OpenAI's: up to the context)
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}   # llmopt's finish reasons in OpenAI's words
+# OpenAI fields this server does not implement, and the values that ask for nothing: any other value is
+# refused with a 400 rather than silently ignored (fields not listed here, like "user", are ignored)
+UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
+               "best_of": (None, 1), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty":
+               (None, 0), "tools": (None, []), "functions": (None, []), "response_format": (None, {"type": "text"})}
 
 
 class Server:
@@ -282,6 +288,9 @@ class _Call:
     @classmethod
     def parse(cls, kind: str, prompts: list, body: dict, default_max: int) -> "_Call":
         """The engine's options from an OpenAI request body (OpenAI's defaults where it is silent)."""
+        for name, nothing in UNSUPPORTED.items():
+            if body.get(name) not in nothing:
+                raise ValueError(f"{name} is not supported by llmopt's server (got {body[name]!r:.60}): leave it out")
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         temperature, top_p, n = body.get("temperature"), body.get("top_p"), body.get("n") or 1
         if not isinstance(n, int) or n < 1:

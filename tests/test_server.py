@@ -109,6 +109,10 @@ def test_streamed_completion_and_chat_join_to_the_whole_reply(server, chat_model
     ("/v1/completions", {"prompt": "A", "n": 2, "stream": True}, 400, "stream one prompt with n = 1"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages must be a non-empty list"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "content must be text"),
+    ("/v1/completions", {"prompt": "A", "logprobs": 2}, 400, "logprobs is not supported"),
+    ("/v1/completions", {"prompt": "A", "frequency_penalty": 0.5}, 400, "frequency_penalty is not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]},
+     400, "tools is not supported"),
     ("/v1/embeddings", {"input": "A"}, 404, "POST /v1/completions or /v1/chat/completions"),
 ])
 def test_bad_requests_get_openai_errors_that_name_the_problem(server, path, body, status, message):
