@@ -530,6 +530,15 @@ def _batching(quick: bool, device: str, lengths: str, n: int, out: tuple[int, in
                            "throughput_vs_static_min", "throughput_vs_static_max"]}
 
 
+def _against_unbatched(model, tok, prompts: list, outputs: list[list[int]]) -> tuple[int, int]:
+    """Each greedy output against its prompt's unbatched greedy one, as many tokens: (how many differ,
+    how many of those part beyond a rounding tie, which is a fault; a tie in bf16 is not)."""
+    partings = [greedy_divergence(model, prompt, generate(model, tok, prompt, max_new_tokens=len(ids),
+                                                          ignore_eos=True).token_ids, ids)
+                for prompt, ids in zip(prompts, outputs)]
+    return sum(not d["identical"] for d in partings), sum(not (d["identical"] or d["tie"]) for d in partings)
+
+
 def bench_load(quick: bool, device: str, model: str = "tiny",
                text: str | None = None) -> dict:
     """The engine under 16 client threads: throughput, latency percentiles, requests lost."""
@@ -545,12 +554,7 @@ def bench_load(quick: bool, device: str, model: str = "tiny",
         df = run_load(engine, work, clients=16, realtime=False, ignore_eos=True)
     summary = summarize_load(df, "continuous engine, 8 slots, 16 clients", submitted=n)
     ok = df[df["ok"]]
-    # each output against the request alone; a parting is a fault unless it is a rounding tie (bf16)
-    partings = [greedy_divergence(model, w.prompt_ids, generate(model, tok, w.prompt_ids, ignore_eos=True,
-                                                                max_new_tokens=w.max_new_tokens).token_ids, ids)
-                for w, ids in zip(work, ok["token_ids"])]
-    mismatched = sum(not d["identical"] for d in partings)
-    faults = sum(not (d["identical"] or d["tie"]) for d in partings)
+    mismatched, faults = _against_unbatched(model, tok, [w.prompt_ids for w in work], list(ok["token_ids"]))
     summary.update(model=name, device=device, dtype=str(model.dtype).removeprefix("torch."),
                    mismatched_vs_unbatched=mismatched, changed_beyond_a_tie=faults,
                    preemptions=engine.scheduler.preemptions)
@@ -584,10 +588,7 @@ def bench_chunked(quick: bool, device: str, model: str = "tiny",
     for label, chunked in (("one step per prompt", False), ("chunked prefill, 128 tokens a step", True)):
         r = prefill_stall(model, tok, running=running, long_prompt_tokens=long_tokens, max_new_tokens=new,
                           chunked_prefill=chunked, max_prefill_tokens=128, label=label)
-        for prompt, ids in zip(r["prompts"], r["token_ids"]):     # against each request alone (a tie is no fault)
-            alone = generate(model, tok, prompt, max_new_tokens=len(ids), ignore_eos=True).token_ids
-            d = greedy_divergence(model, prompt, alone, ids)
-            faults += not (d["identical"] or d["tie"])
+        faults += _against_unbatched(model, tok, r["prompts"], r["token_ids"])[1]
         rows.append({k: v for k, v in r.items() if k not in ("token_ids", "prompts")} |
                     dict(model=name, device=device, dtype=str(model.dtype).removeprefix("torch.")))
     off, on = rows
