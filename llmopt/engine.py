@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future
+from dataclasses import dataclass
 
 import torch
 
@@ -44,18 +45,25 @@ _DONE = object()   # end-of-stream marker in a handle's token queue
 # past it while others are short; a model with a long context (Llama 3.2: 131,072 tokens) would
 # otherwise reserve 4 GB a slot (1B, bf16). Pass num_blocks for more.
 SLOT_TOKENS = 4096
+MAX_LOGPROBS = 20   # most likely alternatives a request may ask for at each token (OpenAI's limit)
 
 
 class Sequence:
     """One request as the engine sees it."""
 
     def __init__(self, rid: int, prompt_ids: list[int], *, max_new_tokens: int, temperature: float,
-                 top_k, top_p, seed, stop: list[str], eos: set[int], device) -> None:
+                 top_k, top_p, seed, stop: list[str], eos: set[int], device,
+                 logprobs: int | None = None, prompt_logprobs: bool = False) -> None:
         self.id = rid
         self.prompt_ids = prompt_ids
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = \
             max_new_tokens, temperature, top_k, top_p
         self.stop, self.eos = stop, eos
+        self.logprobs = logprobs               # None, or how many alternatives to report at each token
+        self.prompt_logprobs = prompt_logprobs
+        self.token_logprobs: list[float] = []            # the model's log-probability of each new token
+        self.top_logprobs: list[list[tuple[int, float]]] = []   # its `logprobs` most likely, at each
+        self.prompt_lp: tuple[list, list] | None = None  # prompt_logprobs: (log-probabilities, top), once
         # its own generator: a request's samples don't depend on its neighbours
         self.generator = seeded_generator(seed, temperature, device)
         self.generated: list[int] = []
@@ -88,6 +96,10 @@ class Sequence:
     def last_token(self) -> int:
         return self.generated[-1] if self.generated else self.prompt_ids[-1]
 
+    @property
+    def wants_prompt_logprobs(self) -> bool:   # its prompt must be computed whole, in a forward of its own
+        return self.prompt_logprobs and self.prompt_lp is None
+
     def __repr__(self) -> str:
         return f"Sequence(id={self.id}, {self.state}, {len(self.prompt_ids)}+{len(self.generated)} tokens)"
 
@@ -117,21 +129,50 @@ class RequestHandle:
     def stream(self, timeout: float | None = None) -> Iterator[str]:
         """Yield the text of each new token as the engine produces it (decoded in the caller's thread).
 
-        A handle streams once. Raises the request's error (or `CancelledError`) at the point it happened.
+        A handle streams once (with `stream` or `pieces`). Raises the request's error (or
+        `CancelledError`) at the point it happened.
         """
-        text = TextStream(self._tokenizer, self._seq.stop)
+        for piece in self.pieces(timeout):
+            if piece.text:
+                yield piece.text
+
+    def pieces(self, timeout: float | None = None) -> Iterator["Piece"]:
+        """Like `stream`, with the tokens behind each piece of text: a `Piece` each time there is
+        new text, and a last one (text possibly "") for tokens whose text never showed (end of
+        sequence, past a stop string). Their token ids (and log-probabilities, when the request
+        asked for `logprobs`) join to the `Generation`'s. The server streams from here."""
+        seq = self._seq
+        text, start, end = TextStream(self._tokenizer, seq.stop), 0, 0
         while True:
-            item = self._seq.tokens.get(timeout=timeout)
+            item = seq.tokens.get(timeout=timeout)
             if item is _DONE:
-                self._seq.future.result()     # raises if the request failed or was cancelled
-                if text.flush():
-                    yield text.flush_piece
+                seq.future.result()           # raises if the request failed or was cancelled
+                text.flush()
+                if text.flush_piece or end > start:
+                    yield self._piece(text.flush_piece, start, end)
                 return
-            if item in self._seq.eos or text.stopped:
+            end += 1                          # the engine appended its log-probabilities before putting it
+            if item in seq.eos or text.stopped:
                 continue
             piece = text.push(item)
             if piece:
-                yield piece
+                yield self._piece(piece, start, end)
+                start = end
+
+    def _piece(self, text: str, start: int, end: int) -> "Piece":
+        seq = self._seq
+        logprobs = seq.token_logprobs[start:end] if seq.logprobs is not None else None
+        top = seq.top_logprobs[start:end] if seq.logprobs else None
+        return Piece(text, seq.generated[start:end], logprobs, top)
+
+
+@dataclass
+class Piece:
+    """A piece of a streamed reply (`RequestHandle.pieces`): its text and the tokens that made it."""
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None = None                   # when the request asked for them
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class PrefixCache:
@@ -244,7 +285,8 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_batch_size and \
                 (limit is None or len(admitted) < limit):
             seq = self.waiting[0]
-            cached = self.prefix_cache.match(seq.all_ids) if self.prefix_cache else []
+            cached = self.prefix_cache.match(seq.all_ids) if self.prefix_cache and \
+                not seq.wants_prompt_logprobs else []  # its every prompt position is computed
             if len(cached) * bs >= len(seq.all_ids):
                 cached = cached[:-1]                    # compute at least the last token
             need = self.manager.blocks_needed(len(seq.all_ids) + 1) - len(cached)  # + the next token
@@ -450,10 +492,20 @@ class Engine:
     # ---- client side -------------------------------------------------------------------------
     def submit(self, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-               stop=None, ignore_eos: bool = False) -> RequestHandle:
-        """Queue one request; returns its handle at once (thread-safe)."""
+               stop=None, ignore_eos: bool = False, logprobs: int | None = None,
+               prompt_logprobs: bool = False) -> RequestHandle:
+        """Queue one request; returns its handle at once (thread-safe).
+
+        `logprobs=k` also reports the model's log-probability of each new token and of its k most
+        likely alternatives (k from 0 to `MAX_LOGPROBS`; `Generation.logprobs`, `.top_logprobs`):
+        log_softmax of the model's logits, before temperature, top-k or top-p shape what is sampled
+        (vLLM's default). `prompt_logprobs=True` does the same for every prompt token after the first
+        (`Generation.prompt_logprobs`, the first entry None), to score a text: such a prompt is computed
+        whole, in a forward of its own that keeps every position's logits, never from the prefix cache.
+        """
         seq = self._new_sequence(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_k=top_k, top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos)
+                                 top_k=top_k, top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos,
+                                 logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         with self._cv:
             if self._closing:
                 raise RuntimeError("this Engine is closed: submit to a new Engine")
@@ -470,10 +522,17 @@ class Engine:
 
     def _new_sequence(self, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0,
                       top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                      stop=None, ignore_eos: bool = False) -> Sequence:
+                      stop=None, ignore_eos: bool = False, logprobs: int | None = None,
+                      prompt_logprobs: bool = False) -> Sequence:
         """Validate one request (raising in the caller) and make its Sequence."""
         ids = _checked_request(self.model, self.tokenizer, prompt, max_new_tokens, temperature,
                                top_k, top_p, "paged", seed=seed)
+        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
+                                     or not 0 <= logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer from 0 (the chosen token's only) to "
+                             f"{MAX_LOGPROBS} (that many alternatives too), got {logprobs!r}")
+        if not isinstance(prompt_logprobs, bool):
+            raise ValueError(f"prompt_logprobs must be True or False, got {prompt_logprobs!r}")
         total = len(ids) + max_new_tokens
         capacity = self.cache.manager.num_blocks * self.cache.block_size
         if total > min(self.max_seq_len, capacity):
@@ -482,7 +541,8 @@ class Engine:
                              "lower max_new_tokens, or give the engine more num_blocks")
         return Sequence(next(self._ids), ids, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_k=top_k, top_p=top_p, seed=seed, stop=_as_stop_list(stop),
-                        eos=_eos_ids(self.tokenizer, ignore_eos), device=self.model.device)
+                        eos=_eos_ids(self.tokenizer, ignore_eos), device=self.model.device,
+                        logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     def generate_many(self, prompts, **options) -> list[Generation]:
         """Offline batch mode: serve every prompt and return the results in order.
@@ -653,7 +713,7 @@ class Engine:
             if seq.first_scheduled is None:
                 seq.first_scheduled = time.perf_counter()
             admitted.append(seq)
-            if separate:
+            if separate or seq.wants_prompt_logprobs:
                 self._prefill(seq)
                 continue
             seq.computed = seq.cached_tokens
@@ -680,14 +740,32 @@ class Engine:
             self.cache.set_rows([seq.blocks], [start], new_tokens=ids.shape[1])
             pos = torch.arange(start, start + ids.shape[1], device=ids.device)
             self.forwards += 1
-            logits = self.model(ids, pos, self.cache, last_only=True)[:, -1]
+            every = seq.wants_prompt_logprobs      # (then nothing was taken from the prefix cache)
+            logits = self.model(ids, pos, self.cache, last_only=not every)[0]      # [T or 1, V]
+            if every:
+                seq.prompt_lp = self._prompt_logprobs(seq, logits)
             if self.prefix_cache is not None:      # computed: later prompts may share its blocks
                 self.prefix_cache.insert(seq.prompt_ids, seq.blocks)
-            rows, logits = self._started([], [seq], logits)
-            for c, tok in zip(rows, self._sample(rows, logits)):
-                self._accept(c, tok)
+            rows, logits = self._started([], [seq], logits[-1:])
+            out = self._sample_tensor(rows, logits)
+            self._read_back(self._launch_read(rows, out, self._logprobs(rows, logits, out)))
         except Exception as e:
             self._finish(seq, "failed", error=e)
+
+    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> tuple[list, list]:
+        """Each prompt token's log-probability given the tokens before it (None for the first), and its
+        `seq.logprobs` most likely alternatives (from logits [T, V] at every prompt position). A few
+        hundred positions at a time: the fp32 copy of a long prompt's logits is T x V floats."""
+        ids = seq.prompt_ids
+        lps, tops = [None], [None]
+        target = to_device(ids[1:], logits.device)
+        for a in range(0, len(ids) - 1, 256):
+            lp = logits[a:min(a + 256, len(ids) - 1)].float().log_softmax(-1)
+            lps += lp.gather(-1, target[a:a + len(lp), None])[:, 0].tolist()
+            if seq.logprobs:
+                top = lp.topk(seq.logprobs, dim=-1)
+                tops += [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+        return lps, tops if seq.logprobs else None
 
     def _started(self, rows: list[Sequence], new: list[Sequence], logits: torch.Tensor):
         """After a forward that computed the prompts of `new` (logits: one row per sequence of
@@ -702,6 +780,8 @@ class Engine:
             for c in forks:
                 c.first_scheduled = time.perf_counter()
                 self.forks += 1
+            for c in forks:
+                c.prompt_lp = seq.prompt_lp
             rows += [seq] + forks
             index += [i] * (1 + len(forks))
         if len(index) == logits.shape[0]:
@@ -747,39 +827,48 @@ class Engine:
                         self.scheduler.preempt(seq)
                 return
             rows, logits = self._started(rows, *self._prefilled(rows, joining, logits))
-            launched = self._launch_read(rows, self._sample_tensor(rows, logits))
+            out = self._sample_tensor(rows, logits)
+            launched = self._launch_read(rows, out, self._logprobs(rows, logits, out))
         if self.overlap:
             self._inflight = launched
             self._read_back(prev)
         else:
             self._read_back(launched)
 
-    def _launch_read(self, rows: list[Sequence], out: torch.Tensor):
-        """Start copying a step's tokens [B] to the host; on CUDA without waiting (pinned memory
-        and an event, so a later wait covers this step only)."""
+    def _launch_read(self, rows: list[Sequence], out: torch.Tensor, logprobs=None):
+        """Start copying a step's tokens [B] (and `_logprobs`' tensors) to the host; on CUDA without
+        waiting (pinned memory and an event, so a later wait covers this step only)."""
         event = None
         if out.device.type == "cuda":
             host = out.to("cpu", non_blocking=True)
+            if logprobs is not None:
+                logprobs = [logprobs[0]] + [t.to("cpu", non_blocking=True) for t in logprobs[1:]]
             event = torch.cuda.Event()
             event.record()
         else:
             host = out.cpu()
         for s in rows:
             s.inflight += 1
-        return rows, out, host, event
+        return rows, out, host, event, logprobs
 
     def _read_back(self, launched) -> None:
         """Wait for a launched step and accept its tokens; rows that finished, were cancelled or
         were preempted since it was launched drop theirs."""
         if launched is None:
             return
-        rows, _, host, event = launched
+        rows, _, host, event, logprobs = launched
         if event is not None:
             event.synchronize()
-        for seq, tok in zip(rows, host.tolist()):
+        found = {}                                   # row -> (log-probability, [(id, log-probability)])
+        if logprobs is not None:
+            at, chosen, top_ids, top_lps = (x if isinstance(x, list) else x.tolist() for x in logprobs)
+            for j, i in enumerate(at):
+                k = rows[i].logprobs
+                found[i] = chosen[j], list(zip(top_ids[j][:k], top_lps[j][:k]))
+        for i, (seq, tok) in enumerate(zip(rows, host.tolist())):
             seq.inflight -= 1
             if seq.state == "running":
-                self._accept(seq, tok)
+                self._accept(seq, tok, found.get(i))
 
     def _prefilled(self, rows: list[Sequence], joining: list[tuple[Sequence, int]], logits: torch.Tensor):
         """After a forward with the prompt chunks of `joining`: the sequences whose prompts are now
@@ -831,10 +920,6 @@ class Engine:
         self.forwards += 1
         return self.model(ids, pos, self.cache, positions=pos[None], logits_to_keep=keep)[0]
 
-    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """Next token per row, read back to the host."""
-        return self._sample_tensor(rows, logits).tolist()
-
     def _sample_tensor(self, rows: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """Next token per row [B], on the device: one argmax for the greedy rows, each sampled
         row with its generator."""
@@ -844,9 +929,27 @@ class Engine:
                 out[i] = sample(logits[i:i + 1], seq.temperature, seq.top_k, seq.top_p, seq.generator)[0]
         return out
 
-    def _accept(self, seq: Sequence, tok: int) -> None:
-        """Record a token for `seq` and finish it on end-of-sequence, a stop string or its length."""
+    @staticmethod
+    def _logprobs(rows: list[Sequence], logits: torch.Tensor, out: torch.Tensor):
+        """For the rows that asked for `logprobs`, on the device: (their indices in `rows`, the
+        log-probability of each one's sampled token, and the ids and log-probabilities of the most
+        likely tokens, as many as the most any of them asked for); None when none asked."""
+        at = [i for i, s in enumerate(rows) if s.logprobs is not None]
+        if not at:
+            return None
+        where = to_device(at, logits.device)
+        lp = logits[where].float().log_softmax(-1)                       # the model's own distribution
+        chosen = lp.gather(-1, out[where][:, None])[:, 0]
+        top = lp.topk(max(rows[i].logprobs for i in at), dim=-1)         # k = 0: empty
+        return at, chosen, top.indices, top.values
+
+    def _accept(self, seq: Sequence, tok: int, logprobs=None) -> None:
+        """Record a token for `seq` (with its log-probabilities, when asked: `_logprobs`) and finish it on
+        end-of-sequence, a stop string or its length."""
         try:
+            if logprobs is not None:           # before the token is put: a stream reading it finds them
+                seq.token_logprobs.append(logprobs[0])
+                seq.top_logprobs.append(logprobs[1])
             seq.generated.append(tok)
             seq.token_times.append(time.perf_counter() - seq.submitted)
             seq.tokens.put(tok)
@@ -894,5 +997,10 @@ class Engine:
         stats.update(queue_s=(seq.first_scheduled or seq.submitted) - seq.submitted,
                      preemptions=seq.preemptions, cached_prompt_tokens=seq.cached_tokens, cache="paged", device=str(self.model.device),
                      dtype=str(self.model.dtype).removeprefix("torch."), compiled=False)
+        extra = {}
+        if seq.logprobs is not None:
+            extra.update(logprobs=list(seq.token_logprobs), top_logprobs=list(seq.top_logprobs))
+        if seq.prompt_lp is not None:
+            extra.update(prompt_logprobs=seq.prompt_lp[0], prompt_top_logprobs=seq.prompt_lp[1])
         return Generation(token_ids=list(seq.generated), text=text, prompt_ids=seq.prompt_ids,
-                          finish_reason=seq.finish_reason, stats=stats, token_times=seq.token_times)
+                          finish_reason=seq.finish_reason, stats=stats, token_times=seq.token_times, **extra)

@@ -39,6 +39,13 @@ class Generation:
     finish_reason: str                      # "length", "eos" or "stop"
     stats: dict = field(default_factory=dict)
     token_times: list[float] = field(default_factory=list, repr=False)  # arrival of each token, s
+    # the engine's logprobs and prompt_logprobs options (Engine.submit): the model's log-probability of
+    # each new token and, per token, its most likely alternatives as (id, log-probability); the prompt's
+    # the same, None for its first token. None when not asked for
+    logprobs: list[float] | None = field(default=None, repr=False)
+    top_logprobs: list[list[tuple[int, float]]] | None = field(default=None, repr=False)
+    prompt_logprobs: list[float | None] | None = field(default=None, repr=False)
+    prompt_top_logprobs: list | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return (f"Generation({len(self.token_ids)} tokens, finish={self.finish_reason!r}, "
