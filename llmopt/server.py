@@ -17,9 +17,17 @@ freeing its slot. A bad request gets a 400 with OpenAI's error body naming the p
 As in OpenAI's API, `temperature` defaults to 1 (sampling; 0 is greedy) and `max_tokens` to 16
 for completions; a chat reply gets up to `CHAT_MAX_TOKENS`. Beyond OpenAI's fields: `top_k`,
 `ignore_eos`, and `"return_token_ids": true`, which adds each choice's `prompt_token_ids` and
-`token_ids` (to check the tokens, not only the text). What it does not implement (log-probabilities,
-penalties, logit bias, tools, structured output: `UNSUPPORTED`) is refused when asked for, not
-ignored. Chat messages are laid out by the checkpoint's chat template (`Tokenizer.apply_chat_template`).
+`token_ids` (to check the tokens, not only the text).
+Log-probabilities are the model's own (log_softmax of its logits, before temperature, top-k or top-p,
+as vLLM reports them; `Engine.submit`'s `logprobs`): completions take `"logprobs": N` (each token's
+and its N most likely alternatives') and `"echo": true` (the prompt comes back before the completion,
+with its tokens' log-probabilities when `logprobs` is set: with `"max_tokens": 0` only the prompt,
+which is how evaluation harnesses score a text); chat takes `"logprobs": true` and `"top_logprobs": N`.
+Each token is shown as its own decode (a piece of a character split across tokens shows as "\ufffd");
+`text_offset` counts characters into the returned text. Every generated token has an entry, the
+end-of-sequence token too. What it does not implement (penalties, logit bias, tools, structured
+output: `UNSUPPORTED`) is refused when asked for, not ignored. Chat messages are laid out by the
+checkpoint's chat template (`Tokenizer.apply_chat_template`).
 The HTTP side is the standard library's ThreadingHTTPServer, a thread per connection: enough to
 measure and to learn from; real traffic wants a production server in front.
 """
@@ -35,14 +43,17 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from .engine import MAX_LOGPROBS
+from .tokenizer import IncrementalDecoder
+
 COMPLETION_MAX_TOKENS = 16       # OpenAI's default for /v1/completions
 CHAT_MAX_TOKENS = 256            # a chat reply's default length here (OpenAI's: up to the context)
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}   # llmopt's finish reasons in OpenAI's words
 # OpenAI fields this server does not implement, and the values that ask for nothing: any other value is
 # refused with a 400 rather than silently ignored (fields not listed here, like "user", are ignored)
-UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
-               "best_of": (None, 1), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty":
-               (None, 0), "tools": (None, []), "functions": (None, []), "response_format": (None, {"type": "text"})}
+UNSUPPORTED = {"suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}), "presence_penalty": (None, 0),
+               "frequency_penalty": (None, 0), "tools": (None, []), "functions": (None, []),
+               "response_format": (None, {"type": "text"})}
 
 
 class Server:
@@ -127,10 +138,12 @@ class Server:
                     h.cancel()
                 raise
             gens = [h.result() for h in handles]
+        tok = self.engine.tokenizer
+        choices = [{"index": i, **call.choice(g, tok, call.prompts[i // call.n])} for i, g in enumerate(gens)]
         handler.send_json(200, {
-            **self._head(call.kind),
-            "choices": [{"index": i, **call.choice(g)} for i, g in enumerate(gens)],
-            "usage": _usage(sum(len(g.prompt_ids) for g in gens[::call.n]), sum(len(g.token_ids) for g in gens))})
+            **self._head(call.kind), "choices": choices,
+            "usage": _usage(sum(len(g.prompt_ids) for g in gens[::call.n]),
+                            0 if call.prompt_only else sum(len(g.token_ids) for g in gens))})
 
     def _stream(self, handler: "_Handler", call: "_Call", handle) -> None:
         """Server-sent events: a chunk per piece of text, one with the finish reason, then [DONE]."""
@@ -145,13 +158,15 @@ class Server:
             handler.wfile.flush()
 
         try:
-            first = True
-            for piece in handle.stream():
-                event({**head, "choices": [{"index": 0, **call.delta(piece, first), "finish_reason": None}]})
-                first = False
+            first, logprobs = True, _Logprobs(self.engine.tokenizer, call)
+            for piece in handle.pieces():
+                if piece.text or call.logprobs is not None:      # a last piece may carry tokens only
+                    event({**head, "choices": [{"index": 0, **call.delta(piece.text, first),
+                                                "logprobs": logprobs.of_piece(piece), "finish_reason": None}]})
+                    first = False
             g = handle.result()
             ids = {"prompt_token_ids": g.prompt_ids, "token_ids": g.token_ids} if call.return_token_ids else {}
-            event({**head, "choices": [{"index": 0, **call.delta("", first, last=True),
+            event({**head, "choices": [{"index": 0, **call.delta("", first, last=True), "logprobs": None,
                                         "finish_reason": FINISH.get(g.finish_reason), **ids}]})
             if call.include_usage:
                 event({**head, "choices": [], "usage": _usage(len(g.prompt_ids), len(g.token_ids))})
@@ -192,6 +207,19 @@ class Client:
             future.set_exception(e)
         return future
 
+    def prompt_logprobs(self, prompt) -> list[float | None]:
+        """Each prompt token's log-probability given the tokens before it (None for the first), as the server
+        computes it: `echo` with `max_tokens` 0 and `logprobs`, what evaluation harnesses send to score a text
+        (notebook 13: the served model's perplexity). `prompt`: text or token ids."""
+        body = {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0, "temperature": 0}
+        req = urllib.request.Request(self.url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return json.loads(r.read())["choices"][0]["logprobs"]["token_logprobs"]
+        except urllib.error.HTTPError as e:
+            raise ValueError(json.loads(e.read())["error"]["message"]) from None
+
     def _stream(self, body: dict):
         from .generate import Generation
         req = urllib.request.Request(self.url + "/v1/completions", data=json.dumps(body).encode(),
@@ -206,7 +234,7 @@ class Client:
                     if "error" in event:
                         raise RuntimeError(event["error"]["message"])
                     choice = event["choices"][0]
-                    if choice["finish_reason"] is None:
+                    if choice["finish_reason"] is None and choice["text"]:
                         times.append(time.perf_counter() - start)
                         pieces.append(choice["text"])
                     else:
@@ -284,6 +312,9 @@ class _Call:
     stream: bool
     include_usage: bool         # a last streamed event with the token counts
     return_token_ids: bool      # llmopt's extension: each choice's token ids too
+    logprobs: int | None = None     # alternatives a token to report (0: the chosen token's own only), or none
+    echo: bool = False          # completions: the prompt comes first in the reply
+    prompt_only: bool = False   # echo with max_tokens 0: the prompt (and its log-probabilities) only
 
     @classmethod
     def parse(cls, kind: str, prompts: list, body: dict, default_max: int) -> "_Call":
@@ -291,25 +322,50 @@ class _Call:
         for name, nothing in UNSUPPORTED.items():
             if body.get(name) not in nothing:
                 raise ValueError(f"{name} is not supported by llmopt's server (got {body[name]!r:.60}): leave it out")
+        logprobs, echo = _logprobs_asked(kind, body)
+        stream = bool(body.get("stream", False))
+        if echo and stream:
+            raise ValueError("echo is not supported with stream: send the request without stream")
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        prompt_only = echo and max_tokens == 0
+        if prompt_only:
+            max_tokens = 1       # the engine computes a token; the reply leaves it out
         temperature, top_p, n = body.get("temperature"), body.get("top_p"), body.get("n") or 1
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
         options = dict(max_new_tokens=default_max if max_tokens is None else max_tokens,
                        temperature=1.0 if temperature is None else temperature,
                        top_p=None if top_p in (None, 1, 1.0) else top_p, top_k=body.get("top_k"),
-                       seed=body.get("seed"), stop=body.get("stop"), ignore_eos=bool(body.get("ignore_eos", False)))
-        return cls(kind, prompts, options, n, bool(body.get("stream", False)),
+                       seed=body.get("seed"), stop=body.get("stop"), ignore_eos=bool(body.get("ignore_eos", False)),
+                       logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
+        return cls(kind, prompts, options, n, stream,
                    bool((body.get("stream_options") or {}).get("include_usage", False)),
-                   bool(body.get("return_token_ids", False)))
+                   bool(body.get("return_token_ids", False)), logprobs, echo, prompt_only)
 
-    def choice(self, g) -> dict:
-        """A finished Generation as one of the reply's choices (without its index)."""
-        out = {"text": g.text, "logprobs": None} if self.kind == "text_completion" else \
-            {"message": {"role": "assistant", "content": g.text}}
-        out["finish_reason"] = FINISH.get(g.finish_reason, g.finish_reason)
+    def choice(self, g, tokenizer, prompt) -> dict:
+        """A finished Generation as one of the reply's choices (without its index); `prompt` as asked."""
+        ids, logprobs, top = g.token_ids, g.logprobs, g.top_logprobs
+        text, finish = g.text, FINISH.get(g.finish_reason, g.finish_reason)
+        if self.prompt_only:
+            ids, logprobs, top, text, finish = [], [], [], "", "length"
+        before = ""
+        if self.echo:
+            before = prompt if isinstance(prompt, str) else tokenizer.decode(g.prompt_ids)
+            ids = g.prompt_ids + ids
+            if self.logprobs is not None:
+                ptop = g.prompt_top_logprobs or [None] + [[] for _ in g.prompt_ids[1:]]    # logprobs 0
+                logprobs, top = g.prompt_logprobs + logprobs, ptop + top
+        if self.kind == "text_completion":
+            out = {"text": before + text, "logprobs": None}
+            if self.logprobs is not None:
+                out["logprobs"] = _Logprobs(tokenizer, self).completion(ids, logprobs, top, len(before + text))
+        else:
+            out = {"message": {"role": "assistant", "content": text}, "logprobs": None}
+            if self.logprobs is not None:
+                out["logprobs"] = {"content": _Logprobs(tokenizer, self).chat(ids, logprobs, top), "refusal": None}
+        out["finish_reason"] = finish
         if self.return_token_ids:
-            out.update(prompt_token_ids=g.prompt_ids, token_ids=g.token_ids)
+            out.update(prompt_token_ids=g.prompt_ids, token_ids=[] if self.prompt_only else g.token_ids)
         return out
 
     def delta(self, piece: str, first: bool, last: bool = False) -> dict:
@@ -319,6 +375,78 @@ class _Call:
         if last and not first:
             return {"delta": {}}
         return {"delta": {"role": "assistant", "content": piece} if first else {"content": piece}}
+
+
+class _Logprobs:
+    """Token ids and their log-probabilities in OpenAI's shapes: the legacy completions' `tokens`,
+    `token_logprobs`, `top_logprobs` (a dict per token: its alternatives and itself) and `text_offset`,
+    or chat's list of {token, logprob, bytes, top_logprobs}. Offsets count characters into the text, as
+    the tokens' text is released (`IncrementalDecoder`), across the pieces of a stream."""
+
+    def __init__(self, tokenizer, call: _Call) -> None:
+        self.tokenizer, self.call = tokenizer, call
+        self.decoder = IncrementalDecoder(tokenizer)
+
+    def token(self, i: int) -> str:
+        return self.tokenizer.decode([i], skip_special_tokens=False)
+
+    def completion(self, ids, logprobs, top, end: int | None = None) -> dict:
+        offsets = []
+        for i in ids:
+            offsets.append(len(self.decoder.text))
+            self.decoder.push(i)
+        if end is not None:                    # text cut at a stop string: later tokens sit at its end
+            offsets = [min(o, end) for o in offsets]
+        tokens = [self.token(i) for i in ids]
+        tops = [None if alts is None else {**{self.token(a): v for a, v in alts}, t: lp}
+                for t, lp, alts in zip(tokens, logprobs, top)]
+        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+    def chat(self, ids, logprobs, top) -> list[dict]:
+        def entry(i, lp) -> dict:
+            t = self.token(i)
+            return {"token": t, "logprob": lp, "bytes": list(t.encode())}
+        return [{**entry(i, lp), "top_logprobs": [entry(a, v) for a, v in alts or []]}
+                for i, lp, alts in zip(ids, logprobs, top)]
+
+    def of_piece(self, piece) -> dict | None:
+        """A streamed piece's log-probabilities (None when the request did not ask)."""
+        if self.call.logprobs is None:
+            return None
+        top = piece.top_logprobs or [[]] * len(piece.token_ids)
+        if self.call.kind == "text_completion":
+            return self.completion(piece.token_ids, piece.logprobs, top)
+        return {"content": self.chat(piece.token_ids, piece.logprobs, top), "refusal": None}
+
+
+def _logprobs_asked(kind: str, body: dict) -> tuple[int | None, bool]:
+    """(alternatives a token to report or None, echo) from completions' `logprobs`: N and `echo`, or chat's
+    `logprobs`: true and `top_logprobs`: N."""
+    def count(name):
+        value = body.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or not 0 <= value <= MAX_LOGPROBS):
+            raise ValueError(f"{name} must be an integer from 0 to {MAX_LOGPROBS} (alternatives reported a "
+                             f"token), got {value!r:.60}")
+        return value
+
+    if kind == "text_completion":
+        if body.get("top_logprobs") is not None:
+            raise ValueError("top_logprobs is the chat endpoint's: for completions, send logprobs: N")
+        echo = body.get("echo", False)
+        if not isinstance(echo, bool):
+            raise ValueError(f"echo must be true or false, got {echo!r:.60}")
+        return count("logprobs"), echo
+    if body.get("echo") not in (None, False):
+        raise ValueError("echo is for /v1/completions: the chat endpoint does not echo its messages")
+    asked = body.get("logprobs")
+    if asked is not None and not isinstance(asked, bool):      # (1 == True in Python: not enough)
+        raise ValueError(f"logprobs must be true or false for chat (top_logprobs: N for alternatives), "
+                         f"got {asked!r:.60}")
+    top = count("top_logprobs")
+    if top and not asked:
+        raise ValueError("top_logprobs needs logprobs: true")
+    return (top or 0) if asked else None, False
 
 
 def _text_content(content) -> str:

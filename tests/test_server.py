@@ -94,7 +94,86 @@ def test_streamed_completion_and_chat_join_to_the_whole_reply(server, chat_model
                                                      "temperature": 0, "stream": True})[:-1]
     assert chunks[0]["object"] == "chat.completion.chunk" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == reply.text
-    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "length"}
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+
+
+def test_completion_logprobs_are_the_engines_and_line_up_with_the_text(server, chat_model):
+    """logprobs: N gives each token, its log-probability (the engine's), its N alternatives and itself, and
+    where it starts in the text; streamed, the chunks' entries join to the same."""
+    model, tok = chat_model
+    with llmopt.Engine(model, tok, max_batch_size=2) as engine:
+        want = engine.generate_many(["KING:\nNow"], max_new_tokens=16, logprobs=3, stop=["\n\n"])[0]
+    status, got = post(server, "/v1/completions", {"prompt": "KING:\nNow", "max_tokens": 16, "temperature": 0,
+                                                   "logprobs": 3, "stop": ["\n\n"]})
+    choice = got["choices"][0]
+    lp = choice["logprobs"]
+    assert status == 200 and choice["text"] == want.text
+    assert lp["token_logprobs"] == want.logprobs and lp["tokens"] == [tok.decode([i]) for i in want.token_ids]
+    for t, (token, top) in enumerate(zip(lp["tokens"], lp["top_logprobs"])):
+        assert top == {**{tok.decode([i]): v for i, v in want.top_logprobs[t]}, token: want.logprobs[t]}
+        assert max(top.values()) == top[token]                              # greedy: the most likely
+    ends = lp["text_offset"][1:] + [len(choice["text"])]
+    assert "".join(choice["text"][a:b] for a, b in zip(lp["text_offset"], ends)) == choice["text"]
+    text = choice["text"]
+    assert all(text[o:].startswith(t) for o, t in zip(lp["text_offset"], lp["tokens"]) if o < len(text))
+    chunks = events(server, "/v1/completions", {"prompt": "KING:\nNow", "max_tokens": 16, "temperature": 0,
+                                                "logprobs": 3, "stop": ["\n\n"], "stream": True})[:-2]
+    streamed = {k: [x for c in chunks for x in c["choices"][0]["logprobs"][k]] for k in lp}
+    assert streamed == {**lp, "text_offset": streamed["text_offset"]}
+    assert streamed["text_offset"][:len(want.token_ids) - 1] == lp["text_offset"][:len(want.token_ids) - 1]
+
+
+def test_echo_with_no_tokens_scores_the_prompt(server, chat_model):
+    """echo with max_tokens 0 and logprobs (how evaluation harnesses score a text): the prompt back, each token
+    after the first with its log-probability under a full forward of the model, nothing generated."""
+    import torch
+    model, tok = chat_model
+    text = "ROMEO:\nBut soft, what light through yonder window breaks?"
+    status, got = post(server, "/v1/completions", {"prompt": [text, "KING:"], "max_tokens": 0, "echo": True,
+                                                   "logprobs": 1, "temperature": 0})
+    assert status == 200 and got["usage"]["completion_tokens"] == 0
+    choice = got["choices"][0]
+    assert choice["text"] == text and choice["finish_reason"] == "length"
+    ids = tok.encode(text)
+    with torch.inference_mode():
+        ref = model(torch.tensor([ids]))[0].float().log_softmax(-1)
+    lp = choice["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None and len(lp["tokens"]) == len(ids)
+    assert lp["token_logprobs"][1:] == pytest.approx(ref[torch.arange(len(ids) - 1), ids[1:]].tolist(), abs=1e-4)
+    assert got["choices"][1]["text"] == "KING:"
+    from llmopt.server import Client
+    assert Client(server.url).prompt_logprobs(ids) == lp["token_logprobs"]               # the same, as ids
+    with pytest.raises(ValueError, match="empty"):
+        Client(server.url).prompt_logprobs("")
+    # echo with tokens: the prompt, then the completion, their log-probabilities in one list
+    status, got = post(server, "/v1/completions", {"prompt": "KING:", "max_tokens": 4, "echo": True,
+                                                   "logprobs": 0, "temperature": 0})
+    want = llmopt.generate(model, tok, "KING:", max_new_tokens=4)
+    lp = got["choices"][0]["logprobs"]
+    assert got["choices"][0]["text"] == "KING:" + want.text
+    assert lp["tokens"] == [tok.decode([i]) for i in want.prompt_ids + want.token_ids]
+    assert lp["top_logprobs"][1] == {lp["tokens"][1]: lp["token_logprobs"][1]}        # logprobs 0: itself only
+
+
+def test_chat_logprobs_in_openai_shape_streamed_or_not(server, chat_model):
+    model, tok = chat_model
+    messages = [{"role": "user", "content": "Who's there?"}]
+    with llmopt.Engine(model, tok, max_batch_size=2) as engine:
+        want = engine.generate_many([tok.apply_chat_template(messages)], max_new_tokens=10, logprobs=2)[0]
+    body = {"messages": messages, "max_tokens": 10, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    status, got = post(server, "/v1/chat/completions", body)
+    content = got["choices"][0]["logprobs"]["content"]
+    assert status == 200 and [c["logprob"] for c in content] == want.logprobs
+    assert [c["token"] for c in content] == [tok.decode([i]) for i in want.token_ids]
+    assert all(c["bytes"] == list(c["token"].encode()) for c in content)
+    assert [[a["logprob"] for a in c["top_logprobs"]] for c in content] == \
+        [[v for _, v in top] for top in want.top_logprobs]
+    chunks = events(server, "/v1/chat/completions", {**body, "stream": True})[:-1]
+    assert [x for c in chunks if c["choices"][0]["logprobs"] for x in c["choices"][0]["logprobs"]["content"]] == content
+    status, got = post(server, "/v1/chat/completions", {**body, "top_logprobs": 0})
+    assert all(c["top_logprobs"] == [] for c in got["choices"][0]["logprobs"]["content"])
+    status, got = post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 2})
+    assert got["choices"][0]["logprobs"] is None
 
 
 @pytest.mark.parametrize("path, body, status, message", [
@@ -109,7 +188,17 @@ def test_streamed_completion_and_chat_join_to_the_whole_reply(server, chat_model
     ("/v1/completions", {"prompt": "A", "n": 2, "stream": True}, 400, "stream one prompt with n = 1"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages must be a non-empty list"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "content must be text"),
-    ("/v1/completions", {"prompt": "A", "logprobs": 2}, 400, "logprobs is not supported"),
+    ("/v1/completions", {"prompt": "A", "logprobs": 21}, 400, "logprobs must be an integer from 0 to 20"),
+    ("/v1/completions", {"prompt": "A", "logprobs": True}, 400, "logprobs must be an integer"),
+    ("/v1/completions", {"prompt": "A", "top_logprobs": 2}, 400, "for completions, send logprobs: N"),
+    ("/v1/completions", {"prompt": "A", "echo": True, "stream": True}, 400, "echo is not supported with stream"),
+    ("/v1/completions", {"prompt": "A", "echo": "yes"}, 400, "echo must be true or false"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2}, 400,
+     "top_logprobs needs logprobs: true"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "logprobs": 1}, 400,
+     "logprobs must be true or false for chat"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "echo": True}, 400,
+     "echo is for /v1/completions"),
     ("/v1/completions", {"prompt": "A", "frequency_penalty": 0.5}, 400, "frequency_penalty is not supported"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]},
      400, "tools is not supported"),
@@ -252,5 +341,13 @@ def test_the_official_openai_client_talks_to_it(server, chat_model):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply
     assert chunks[-1].usage.completion_tokens == 12 and chunks[-2].choices[0].finish_reason == "length"
     assert [m.id for m in client.models.list()] == ["tiny-chat"]
+    lp = client.completions.create(model="tiny-chat", prompt="ROMEO:", max_tokens=4, temperature=0, logprobs=2)
+    assert len(lp.choices[0].logprobs.token_logprobs) == 4 and len(lp.choices[0].logprobs.top_logprobs[0]) >= 2
+    scored = client.completions.create(model="tiny-chat", prompt="ROMEO: hark", max_tokens=0, echo=True, logprobs=1)
+    assert scored.choices[0].text == "ROMEO: hark" and scored.choices[0].logprobs.token_logprobs[0] is None
+    chat = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=4, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    first = chat.choices[0].logprobs.content[0]
+    assert len(first.top_logprobs) == 3 and first.top_logprobs[0].logprob == first.logprob   # greedy
     with pytest.raises(openai.BadRequestError, match="temperature must be >= 0"):
         client.completions.create(model="tiny-chat", prompt="ROMEO:", temperature=-1)
