@@ -72,30 +72,37 @@ def perplexity(model, tokenizer=None, *, split: str = "test", ids: torch.Tensor 
     Windows of `context` tokens move by `stride` (default context/2); each token
     is scored once, with at least context-stride tokens of history after the first
     window. Pass `ids` to score your own text, or a tokenizer to use `split`.
+    `model` may also be a model behind a server: `llmopt.server.Client(url)` (llmopt's or
+    any OpenAI-compatible server that answers `echo` with log-probabilities), whose
+    `prompt_logprobs` scores each window over HTTP (notebook 13).
     """
     if ids is None:
         if tokenizer is None:
             raise ValueError("perplexity needs a tokenizer (to encode the split) or ids")
         ids = heldout_ids(tokenizer, split, max_tokens)
     ids = as_token_ids(ids, "perplexity")
-    check_vocab(model, ids, "perplexity")
+    served = callable(getattr(model, "prompt_logprobs", None))      # a server's client
+    if not served:
+        check_vocab(model, ids, "perplexity")
     stride = stride or max(1, context // 2)
     if not 0 < stride <= context:
         raise ValueError(f"stride must be in (0, context={context}], got {stride}")
     if len(ids) < 2:
         raise ValueError("perplexity needs at least 2 tokens of text")
-    device = device_of(model)
+    device = None if served else device_of(model)
     nll, counted, prev_end = 0.0, 0, 0
     for begin in range(0, len(ids) - 1, stride):
         end = min(begin + context, len(ids))
-        window = ids[begin:end].to(device)[None]
-        logits = logits_of(model, window)[0, :-1].float()
-        targets = window[0, 1:]
         # score only the tokens this window adds (those after the previous window's end)
         first_new = max(prev_end - begin - 1, 0)
-        losses = F.cross_entropy(logits[first_new:], targets[first_new:], reduction="sum")
-        nll += losses.item()
-        counted += len(targets) - first_new
+        if served:                      # log p(token i + 1 | the window before it), the first is None
+            nll -= sum(model.prompt_logprobs(ids[begin:end].tolist())[1 + first_new:])
+        else:
+            window = ids[begin:end].to(device)[None]
+            logits = logits_of(model, window)[0, :-1].float()
+            targets = window[0, 1:]
+            nll += F.cross_entropy(logits[first_new:], targets[first_new:], reduction="sum").item()
+        counted += end - begin - 1 - first_new
         prev_end = end
         if end == len(ids):
             break

@@ -145,6 +145,10 @@ def test_echo_with_no_tokens_scores_the_prompt(server, chat_model):
     assert Client(server.url).prompt_logprobs(ids) == lp["token_logprobs"]               # the same, as ids
     with pytest.raises(ValueError, match="empty"):
         Client(server.url).prompt_logprobs("")
+    # llmopt's perplexity of a served model, window by window over HTTP: the model's own
+    held = llmopt.metrics.heldout_ids(tok, max_tokens=300)
+    assert llmopt.metrics.perplexity(Client(server.url), ids=held, context=128) == \
+        pytest.approx(llmopt.metrics.perplexity(model, ids=held, context=128), rel=1e-5)
     # echo with tokens: the prompt, then the completion, their log-probabilities in one list
     status, got = post(server, "/v1/completions", {"prompt": "KING:", "max_tokens": 4, "echo": True,
                                                    "logprobs": 0, "temperature": 0})
