@@ -35,7 +35,8 @@ from .config import check_count
 from .generate import (Generation, TextStream, _as_stop_list, _checked_request, _eos_ids,
                        per_prompt_options, timing_stats)
 from .cuda_graphs import EngineGraphs
-from .kv_cache import BlockManager, PagedKVCache, to_device
+from . import kv_cache
+from .kv_cache import BlockManager, PagedKVCache, kv_bytes_per_token, to_device
 from .model import check_llmopt_model
 from .sampling import greedy, sample, seeded_generator
 
@@ -465,6 +466,7 @@ class Engine:
         cfg = model.config
         self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
         num_blocks = num_blocks or max_batch_size * -(-min(self.max_seq_len, SLOT_TOKENS) // block_size)
+        _check_cache_fits(cfg, model, num_blocks, block_size)
         self.cache = PagedKVCache(cfg, max_batch_size, self.max_seq_len, block_size=block_size,
                                   num_blocks=num_blocks, device=model.device, dtype=model.dtype,
                                   keep_gathered=keep_gathered, scratch_block=cuda_graphs)
@@ -1004,3 +1006,19 @@ class Engine:
             extra.update(prompt_logprobs=seq.prompt_lp[0], prompt_top_logprobs=seq.prompt_lp[1])
         return Generation(token_ids=list(seq.generated), text=text, prompt_ids=seq.prompt_ids,
                           finish_reason=seq.finish_reason, stats=stats, token_times=seq.token_times, **extra)
+
+
+def _check_cache_fits(cfg, model, num_blocks: int, block_size: int) -> None:
+    """On a GPU, a clear error naming a `num_blocks` that fits, before a KV pool larger than the free
+    memory is allocated (the default sizes it by slots, not by what the device has left: vLLM's
+    gpu_memory_utilization sizes it from free memory instead)."""
+    free = kv_cache.free_device_bytes(model.device)
+    per_block = block_size * kv_bytes_per_token(cfg, model.dtype)
+    if free is None or (num_blocks + 1) * per_block <= free:      # + 1: the CUDA graphs' scratch block
+        return
+    fits = int(0.9 * free) // per_block - 1
+    fix = (f"pass num_blocks={fits} ({fits * block_size:,} tokens in all, 90% of what is free)" if fits > 0 else
+           "free memory first (another model, cached allocations: torch.cuda.empty_cache())")
+    raise ValueError(f"the engine's KV cache ({num_blocks:,} blocks of {block_size} tokens: "
+                     f"{num_blocks * per_block / 2**30:.2f} GiB) does not fit in the {free / 2**30:.2f} GiB free on "
+                     f"{model.device}: {fix}, or give the engine a smaller max_batch_size or max_seq_len")

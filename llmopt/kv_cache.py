@@ -57,6 +57,15 @@ def kv_cache_bytes(cfg: ModelConfig, batch_size: int, seq_len: int,
     return batch_size * seq_len * kv_bytes_per_token(cfg, dtype)
 
 
+def free_device_bytes(device) -> int | None:
+    """Bytes free on a CUDA device (what the caching allocator holds unused counts as taken), None
+    elsewhere: a CPU's memory is the operating system's to manage."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.mem_get_info(device)[0]
+
+
 class StaticKVCache:
     """Preallocated [B, Hkv, max_len, D] buffers per layer, written in place.
 

@@ -1031,3 +1031,20 @@ def test_sample_n_with_few_slots_and_few_blocks_still_matches(tiny):
     assert engine.forks >= 1 and engine.scheduler.preemptions > 0
     m = engine.cache.manager
     assert m.num_free == m.num_blocks
+
+
+def test_an_engine_cache_larger_than_the_free_gpu_memory_is_refused_naming_one_that_fits(tiny, monkeypatch):
+    """On a GPU the default pool (slots x 4,096 tokens) can exceed what is free: a clear error with a
+    num_blocks that fits, before anything is allocated (the device's free memory faked here)."""
+    import llmopt.kv_cache
+    model, tok = tiny
+    per_block = 16 * llmopt.kv_cache.kv_bytes_per_token(model.config, model.dtype)
+    monkeypatch.setattr(llmopt.kv_cache, "free_device_bytes", lambda device: 100 * per_block)
+    with pytest.raises(ValueError, match=r"KV cache \(1,024 blocks of 16 tokens: .* GiB\) does not fit .* "
+                                         r"pass num_blocks=89 \(1,424 tokens in all"):
+        Engine(model, tok, max_batch_size=8)                       # 8 slots x 2,048 tokens
+    with Engine(model, tok, max_batch_size=8, num_blocks=89) as engine:
+        assert engine.generate_many(["ROMEO:"], max_new_tokens=4)[0].token_ids
+    monkeypatch.setattr(llmopt.kv_cache, "free_device_bytes", lambda device: per_block)
+    with pytest.raises(ValueError, match="free memory first"):
+        Engine(model, tok, max_batch_size=1, num_blocks=2)
