@@ -111,9 +111,10 @@ def _chat(parser, args) -> int:
         for line in sys.stdin:
             if not line.strip():
                 continue
-            g = session.chat(line.rstrip("\n"), system=system, **options)
-            system = None
-            print(g.text, flush=True)
+            for piece in session.stream_chat(line.rstrip("\n"), system=system, **options):
+                print(piece, end="", flush=True)         # the reply as it is generated
+            print(flush=True)
+            system, g = None, session.last
             if args.stats:
                 st = g.stats
                 reused = st["context_tokens"] - st["prefilled_tokens"] - st["new_tokens"]

@@ -364,6 +364,7 @@ def _eos_ids(tokenizer, ignore_eos: bool) -> set[int]:
     return set() if ignore_eos else set(getattr(tokenizer, "eos_token_ids", None) or [])
 
 
+@torch.inference_mode()    # around each step of the generator only: not over the caller's loop body
 def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tokens: int,
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                   seed: int | None = None, cache: str = "static", ignore_eos: bool = False,
@@ -389,48 +390,47 @@ def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tok
     gen = seeded_generator(seed, temperature, device)
     eos = _eos_ids(tokenizer, ignore_eos)
     release = None
-    with torch.inference_mode():
-        tokens = torch.tensor([ids], device=device)                     # [1, T]
-        if compile or graph_steps > 1:
-            kv, release = compiled_cache(model, 1, max_len)
+    tokens = torch.tensor([ids], device=device)                     # [1, T]
+    if compile or graph_steps > 1:
+        kv, release = compiled_cache(model, 1, max_len)
+    else:
+        kv = make_cache(cache, model.config, 1, max_len, device=device, dtype=model.dtype)
+    try:
+        if kv is None:
+            logits = model(tokens, last_only=True)[:, -1]
         else:
-            kv = make_cache(cache, model.config, 1, max_len, device=device, dtype=model.dtype)
-        try:
-            if kv is None:
+            logits = prefill(model, tokens, kv)
+        if graph_steps > 1:
+            yield from _graph_tokens(model, kv, logits, len(ids), max_len, start,
+                                     max_new_tokens=max_new_tokens, k=graph_steps, compile=compile, eos=eos)
+            return
+        # the next token's position, counted on the device: building it from a host int
+        # every step would make the host wait for the device each step (`to_device`)
+        pos = torch.tensor([len(ids)], device=device)
+        pending: list[torch.Tensor] = []                               # sampled, not yet read
+        for i in range(max_new_tokens):
+            next_tok = sample(logits, temperature, top_k, top_p, gen)      # [1]
+            pending.append(next_tok)
+            last = i == max_new_tokens - 1
+            if i == 0 or last or len(pending) == sync_every:               # every step when k = 1
+                toks = (pending[0] if len(pending) == 1 else torch.cat(pending)).tolist()   # host sync
+                pending = []
+                now = time.perf_counter() - start
+                for tok in toks:
+                    yield tok, now
+                    if tok in eos:
+                        return
+            if last:
+                return
+            if kv is None:  # no cache: recompute the whole sequence
+                tokens = torch.cat([tokens, next_tok[:, None]], dim=1)
                 logits = model(tokens, last_only=True)[:, -1]
             else:
-                logits = prefill(model, tokens, kv)
-            if graph_steps > 1:
-                yield from _graph_tokens(model, kv, logits, len(ids), max_len, start,
-                                         max_new_tokens=max_new_tokens, k=graph_steps, compile=compile, eos=eos)
-                return
-            # the next token's position, counted on the device: building it from a host int
-            # every step would make the host wait for the device each step (`to_device`)
-            pos = torch.tensor([len(ids)], device=device)
-            pending: list[torch.Tensor] = []                               # sampled, not yet read
-            for i in range(max_new_tokens):
-                next_tok = sample(logits, temperature, top_k, top_p, gen)      # [1]
-                pending.append(next_tok)
-                last = i == max_new_tokens - 1
-                if i == 0 or last or len(pending) == sync_every:               # every step when k = 1
-                    toks = (pending[0] if len(pending) == 1 else torch.cat(pending)).tolist()   # host sync
-                    pending = []
-                    now = time.perf_counter() - start
-                    for tok in toks:
-                        yield tok, now
-                        if tok in eos:
-                            return
-                if last:
-                    return
-                if kv is None:  # no cache: recompute the whole sequence
-                    tokens = torch.cat([tokens, next_tok[:, None]], dim=1)
-                    logits = model(tokens, last_only=True)[:, -1]
-                else:
-                    logits = decode(model, next_tok[:, None], pos, kv)
-                    pos = pos + 1
-        finally:
-            if release is not None:
-                release()
+                logits = decode(model, next_tok[:, None], pos, kv)
+                pos = pos + 1
+    finally:
+        if release is not None:
+            release()
 
 
 def _graph_tokens(model, kv, logits, pos: int, max_len: int, start: float, *, max_new_tokens: int,
@@ -687,6 +687,15 @@ class TextStream:
         return piece
 
 
+def _finished(tokens) -> Generation:
+    """Run a generator of tokens to its end; its return value."""
+    while True:
+        try:
+            next(tokens)
+        except StopIteration as done:
+            return done.value
+
+
 class Session:
     """A conversation that keeps its KV cache between calls (notebook 01, "tokens per call").
 
@@ -716,6 +725,8 @@ class Session:
         self.cached = 0                 # how many of them the cache holds
         self.calls = 0
         self.messages: list[dict] = []  # chat(): the conversation as messages
+        self.last: Generation | None = None   # the last stream's result, once it ended
+        self._eos: set[int] = set()
         self._pending = list(encode_prompt(model, tokenizer, prompt, 1)) if prompt else []
 
     def chat(self, message: str, *, system: str | None = None, max_new_tokens: int = 256,
@@ -728,15 +739,25 @@ class Session:
         reply differently from how it was generated (its text tokenized afresh, an end-of-turn token
         added), and from where they part the turn is prefilled (`stats["prefilled_tokens"]`). Greedy
         replies are those of `generate` on the whole conversation. `sampling`: temperature, top_k,
-        top_p, seed, ignore_eos, as for `generate`.
+        top_p, seed, ignore_eos, as for `generate`. `stream_chat` yields the reply as it comes.
         """
+        return _finished(self._chat_turn(message, system, max_new_tokens, sampling))
+
+    def stream_chat(self, message: str, *, system: str | None = None, max_new_tokens: int = 256,
+                    **sampling) -> Iterator[str]:
+        """`chat`, the reply's text yielded piece by piece as it is generated (`python -m llmopt chat`);
+        `session.last` is its `Generation` once the stream ends. A bad turn raises here, at the call."""
+        return self._text(self._chat_turn(message, system, max_new_tokens, sampling))
+
+    def _chat_turn(self, message, system, max_new_tokens, sampling):
+        """Validate a turn and lay out the conversation; returns the reply's token generator (`_tokens`),
+        which adds the reply to `messages` when it finishes."""
         if not isinstance(message, str):
             raise ValueError(f"message must be text, got {type(message).__name__}")
-        if system is not None and not self.messages:
-            self.messages.append({"role": "system", "content": system})
-        elif system is not None:
+        if system is not None and self.messages:
             raise ValueError("system goes with the first turn: start a new Session for another system message")
-        messages = self.messages + [{"role": "user", "content": message}]
+        messages = self.messages + ([{"role": "system", "content": system}] if system is not None else []) + \
+            [{"role": "user", "content": message}]
         ids = self.tokenizer.apply_chat_template(messages)
         keep = 0
         for a, b in zip(self.ids, ids):
@@ -744,19 +765,53 @@ class Session:
                 break
             keep += 1
         keep = min(keep, len(ids) - 1)        # the last token is fed, to give the first reply's logits
-        self.ids, self.cached, self._pending = self.ids[:keep], min(self.cached, keep), ids[keep:]
-        g = self.generate(max_new_tokens=max_new_tokens, **sampling)
-        self.messages = messages + [{"role": "assistant", "content": g.text}]
-        return g
+        tokens = self._begin("", max_new_tokens=max_new_tokens, **sampling, layout=(ids, keep))
+
+        def reply():
+            g = yield from tokens
+            self.messages = messages + [{"role": "assistant", "content": g.text}]
+            return g
+        return reply()
 
     def generate(self, text="", *, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  ignore_eos: bool = False) -> Generation:
         """Append `text` (may be empty) and generate `max_new_tokens` more, reusing the cache."""
+        return _finished(self._begin(text, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                     top_p=top_p, seed=seed, ignore_eos=ignore_eos))
+
+    def stream(self, text="", **options) -> Iterator[str]:
+        """`generate`, its text yielded piece by piece as it is generated; `session.last` is its
+        `Generation` once the stream ends. A bad call raises here, at the call."""
+        return self._text(self._begin(text, **options))
+
+    def _text(self, tokens) -> Iterator[str]:
+        """Text pieces from a `_tokens` generator (the end-of-sequence token shows none)."""
+        text = TextStream(self.tokenizer, [])
+        while True:
+            try:
+                tok = next(tokens)
+            except StopIteration as done:
+                self.last = done.value
+                break
+            if tok not in self._eos:
+                if piece := text.push(tok):
+                    yield piece
+        if text.flush():
+            yield text.flush_piece
+
+    def _begin(self, text="", *, max_new_tokens: int = 64, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+               ignore_eos: bool = False, layout=None):
+        """Validate a call (raising now) and return the generator `_tokens` of its new tokens.
+        `layout`: a chat turn's (conversation ids, tokens of them the session keeps)."""
         start = time.perf_counter()
         check_sampling(temperature, top_k, top_p)
         check_seed(seed)
         check_count(max_new_tokens, "max_new_tokens")
+        if layout is not None:     # only now, after the checks: a refused turn leaves the session as it was
+            ids, keep = layout
+            self.ids, self.cached, self._pending = self.ids[:keep], min(self.cached, keep), ids[keep:]
         new_in = self._pending + (self.tokenizer.encode(text) if text else [])
         if not new_in and not self.ids:
             raise ValueError("the session is empty: give it some text first")
@@ -766,30 +821,37 @@ class Session:
                              "start a new Session (or give it a larger max_len)")
         self._reserve(len(self.ids) + len(new_in) + max_new_tokens)
         gen = seeded_generator(seed, temperature, self.model.device)
-        eos = _eos_ids(self.tokenizer, ignore_eos)
-        dev = self.model.device
+        self._eos = _eos_ids(self.tokenizer, ignore_eos)
+        return self._tokens(new_in, start, max_new_tokens, (temperature, top_k, top_p, gen))
+
+    @torch.inference_mode()    # around each step only, not over the caller's loop body
+    def _tokens(self, new_in: list[int], start: float, max_new_tokens: int, sampling) -> Iterator[int]:
+        """Prefill `new_in` after what the cache holds, then decode: yields each new token id (the
+        session's ids and cache follow, so a stream left part-way leaves a session that goes on from
+        there); returns the `Generation`."""
+        eos, dev = self._eos, self.model.device
         self.ids += new_in
+        self._pending = []
         feed = self.ids[self.cached:]
         out, times, reason = [], [], "length"
-        with torch.inference_mode():
-            pos = torch.arange(self.cached, len(self.ids), device=dev)
-            logits = self.model(torch.tensor([feed], device=dev), pos, self.cache, last_only=True)[:, -1]
-            self.cached = len(self.ids)
-            for i in range(max_new_tokens):
-                tok = int(sample(logits, temperature, top_k, top_p, gen).item())
-                out.append(tok)
-                times.append(time.perf_counter() - start)
-                self.ids.append(tok)
-                if tok in eos:
-                    reason = "eos"
-                    break
-                if i == max_new_tokens - 1:
-                    break
-                logits = decode_one_token(self.model, torch.tensor([[tok]], device=dev),
-                                          torch.tensor([self.cached], device=dev), self.cache)
-                self.cached += 1
-        self._pending = []                     # the last token is in self.ids, not yet in the cache
-        self.calls += 1
+        pos = torch.arange(self.cached, len(self.ids), device=dev)
+        logits = self.model(torch.tensor([feed], device=dev), pos, self.cache, last_only=True)[:, -1]
+        self.cached = len(self.ids)
+        for i in range(max_new_tokens):
+            tok = int(sample(logits, *sampling).item())
+            out.append(tok)
+            times.append(time.perf_counter() - start)
+            self.ids.append(tok)
+            yield tok
+            if tok in eos:
+                reason = "eos"
+                break
+            if i == max_new_tokens - 1:
+                break
+            logits = decode_one_token(self.model, torch.tensor([[tok]], device=dev),
+                                      torch.tensor([self.cached], device=dev), self.cache)
+            self.cached += 1
+        self.calls += 1                        # (the last token is in self.ids, not yet in the cache)
         stats = timing_stats(times, len(feed))
         stats.update(cache="static", device=str(dev), dtype=str(self.model.dtype).removeprefix("torch."),
                      compiled=False, prefilled_tokens=len(feed), context_tokens=len(self.ids))

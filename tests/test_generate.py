@@ -264,6 +264,32 @@ def test_session_continues_from_its_cache():
         Session(model, tok).generate(max_new_tokens=3)
 
 
+def test_session_streams_and_a_stream_left_part_way_leaves_a_session_that_goes_on():
+    """Session.stream's pieces join to its Generation (`session.last`); the caller's loop body runs outside
+    inference mode (as with llmopt.stream); a stream left part-way leaves the session after the tokens it
+    generated, so the next call continues the one-call greedy text."""
+    import torch
+    model, tok = llmopt.load_model("tiny")
+    one = llmopt.generate(model, tok, "ROMEO:", max_new_tokens=30, ignore_eos=True)
+    s = llmopt.Session(model, tok, "ROMEO:")
+    pieces = []
+    for piece in s.stream(max_new_tokens=10, ignore_eos=True):
+        assert not torch.is_inference_mode_enabled()
+        pieces.append(piece)
+    assert "".join(pieces) == s.last.text == tok.decode(one.token_ids[:10])
+    for i, _ in enumerate(s.stream(max_new_tokens=10, ignore_eos=True)):
+        if i == 2:
+            break                                       # left part-way
+    made = len(s.ids) - len(one.prompt_ids)
+    assert 10 < made < 20
+    rest = s.generate(max_new_tokens=30 - made, ignore_eos=True)
+    assert s.ids[len(one.prompt_ids):] == one.token_ids and rest.token_ids == one.token_ids[made:]
+    with pytest.raises(ValueError, match="temperature"):
+        s.stream(temperature=-1)                         # a bad call raises at the call
+    for _ in llmopt.stream(model, tok, "ROMEO:", max_new_tokens=3):
+        assert not torch.is_inference_mode_enabled()
+
+
 def test_session_cache_grows_with_the_conversation(monkeypatch):
     """A Session's cache starts small and doubles when a call needs more, the conversation copied
     over: the tokens are those of one call, and the cache stays within twice what is used."""
@@ -321,8 +347,13 @@ def test_session_chat_reuses_the_cache_and_replies_as_generate_does(tmp_path, mo
     messages = [{"role": "system", "content": "Speak as a sentinel of Elsinore."}]
     for i, turn in enumerate(turns):
         held = s.cached
-        reply = s.chat(turn, system=messages[0]["content"] if i == 0 else None, max_new_tokens=12,
-                       ignore_eos=True)
+        options = dict(system=messages[0]["content"] if i == 0 else None, max_new_tokens=12, ignore_eos=True)
+        if i == 1:                           # streamed: the same turn, its pieces joining to the reply
+            streamed = "".join(s.stream_chat(turn, **options))
+            reply = s.last
+            assert streamed == reply.text
+        else:
+            reply = s.chat(turn, **options)
         messages.append({"role": "user", "content": turn})
         prompt = tok.apply_chat_template(messages)
         alone = llmopt.generate(model, tok, prompt, max_new_tokens=12, ignore_eos=True)
