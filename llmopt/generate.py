@@ -541,7 +541,8 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop=None, cache: str = "static", ignore_eos: bool = False,
              compile: str | bool = False, n: int = 1, sync_every: int = 1,
-             graph_steps: int = 1) -> Generation | list[Generation]:
+             graph_steps: int = 1, logprobs: int | None = None,
+             prompt_logprobs: bool = False) -> Generation | list[Generation]:
     """Generate up to `max_new_tokens` after `prompt` (text or ids); greedy at temperature 0 (notebook 00).
 
     Stops at the tokenizer's end-of-sequence token (unless `ignore_eos`) or when the
@@ -557,17 +558,23 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
     `n > 1` returns a list of n samples of the same prompt (sample i seeded with
     seed + i), decoded together by the continuous-batching engine: the prompt is
     prefilled once and its KV blocks shared, copied on write (`Engine.sample_n`,
-    notebook 13).
+    notebook 13). `logprobs=k` adds the model's log-probability of each new token and of
+    its k most likely alternatives, `prompt_logprobs=True` those of the prompt's tokens
+    (`Generation.logprobs`, ...: see `Engine.submit`); both run on the engine too.
     """
-    if n != 1:
+    if n != 1 or logprobs is not None or prompt_logprobs:
+        what = "n > 1 runs" if n != 1 else "logprobs and prompt_logprobs run"
         check_count(n, "n (samples per prompt)")
         if compile or sync_every != 1 or graph_steps != 1:
-            raise ValueError("n > 1 runs on the engine's paged cache: compile, sync_every and graph_steps "
+            raise ValueError(f"{what} on the engine's paged cache: compile, sync_every and graph_steps "
                              "are not supported there")
         from .engine import Engine
         engine = Engine(model, tokenizer, max_batch_size=n)
-        return engine.sample_n(prompt, n, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_k=top_k, top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos)
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       stop=stop, ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        if n == 1:
+            return engine.generate_many([prompt], seed=seed, **options)[0]
+        return engine.sample_n(prompt, n, seed=seed, **options)
     start = time.perf_counter()
     ids = _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, cache,
                            compile, sync_every, graph_steps, seed=seed)

@@ -132,3 +132,17 @@ def test_bad_logprobs_are_refused_at_submit(tiny, bad, message):
         with pytest.raises(ValueError, match=message):
             engine.submit("ROMEO:", **bad)
         assert engine.submit("ROMEO:", max_new_tokens=3).result(timeout=60).token_ids   # the engine still serves
+
+
+def test_generate_reports_logprobs_through_the_engine(tiny):
+    """generate(..., logprobs=k) gives the same tokens as without, with their log-probabilities; n samples too."""
+    model, tok = tiny
+    plain = llmopt.generate(model, tok, PROMPTS[2], max_new_tokens=12)
+    g = llmopt.generate(model, tok, PROMPTS[2], max_new_tokens=12, logprobs=2, prompt_logprobs=True)
+    assert g.token_ids == plain.token_ids and g.text == plain.text
+    check_against(full_logprobs(model, g.prompt_ids + g.token_ids), g, 2, True)
+    samples = llmopt.generate(model, tok, PROMPTS[2], max_new_tokens=6, n=2, seed=3, temperature=1.0, logprobs=0)
+    for s in samples:
+        check_against(full_logprobs(model, s.prompt_ids + s.token_ids), s, 0, False)
+    with pytest.raises(ValueError, match="logprobs and prompt_logprobs run on the engine's paged cache"):
+        llmopt.generate(model, tok, PROMPTS[2], logprobs=1, compile=True)
