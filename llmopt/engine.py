@@ -32,13 +32,13 @@ from dataclasses import dataclass
 import torch
 
 from .config import check_count
-from .generate import (Generation, TextStream, _as_stop_list, _checked_request, _eos_ids,
+from .generate import (NO_PENALTIES, Generation, TextStream, _as_stop_list, _checked_request, _eos_ids,
                        per_prompt_options, timing_stats)
 from .cuda_graphs import EngineGraphs
 from . import kv_cache
 from .kv_cache import BlockManager, PagedKVCache, kv_bytes_per_token, to_device
 from .model import check_llmopt_model
-from .sampling import greedy, sample, seeded_generator
+from .sampling import apply_penalties, check_penalties, greedy, sample, seeded_generator
 
 _DONE = object()   # end-of-stream marker in a handle's token queue
 # the default KV cache holds max_batch_size sequences of this many tokens (or of the model's context
@@ -54,7 +54,7 @@ class Sequence:
 
     def __init__(self, rid: int, prompt_ids: list[int], *, max_new_tokens: int, temperature: float,
                  top_k, top_p, seed, stop: list[str], eos: set[int], device,
-                 logprobs: int | None = None, prompt_logprobs: bool = False) -> None:
+                 logprobs: int | None = None, prompt_logprobs: bool = False, penalties: dict | None = None) -> None:
         self.id = rid
         self.prompt_ids = prompt_ids
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = \
@@ -65,6 +65,9 @@ class Sequence:
         self.token_logprobs: list[float] = []            # the model's log-probability of each new token
         self.top_logprobs: list[list[tuple[int, float]]] = []   # its `logprobs` most likely, at each
         self.prompt_lp: tuple[list, list] | None = None  # prompt_logprobs: (log-probabilities, top), once
+        self.penalties = penalties             # presence, frequency, repetition penalties, when any is set
+        self.counts: torch.Tensor | None = None   # with penalties: [V] how often each token was generated
+        self.seen: torch.Tensor | None = None     # with a repetition penalty: [V] the prompt's tokens
         # its own generator: a request's samples don't depend on its neighbours
         self.generator = seeded_generator(seed, temperature, device)
         self.generated: list[int] = []
@@ -368,6 +371,7 @@ class Scheduler:
         """Free a running sequence's blocks and queue it first; it is recomputed when readmitted."""
         self.remove(seq)
         seq.computed = None
+        seq.counts = None              # rebuilt from its tokens: a sample still in flight is dropped
         seq.state = "waiting"
         seq.preemptions += 1
         self.preemptions += 1
@@ -495,7 +499,8 @@ class Engine:
     def submit(self, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                stop=None, ignore_eos: bool = False, logprobs: int | None = None,
-               prompt_logprobs: bool = False) -> RequestHandle:
+               prompt_logprobs: bool = False, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+               repetition_penalty: float = 1.0) -> RequestHandle:
         """Queue one request; returns its handle at once (thread-safe).
 
         `logprobs=k` also reports the model's log-probability of each new token and of its k most
@@ -504,10 +509,15 @@ class Engine:
         (vLLM's default). `prompt_logprobs=True` does the same for every prompt token after the first
         (`Generation.prompt_logprobs`, the first entry None), to score a text: such a prompt is computed
         whole, in a forward of its own that keeps every position's logits, never from the prefix cache.
+        `presence_penalty`, `frequency_penalty` (OpenAI's: on the tokens generated so far) and
+        `repetition_penalty` (transformers': on the prompt's too) discourage repeats before sampling
+        (`sampling.apply_penalties`); the log-probabilities reported stay the model's own.
         """
         seq = self._new_sequence(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_k=top_k, top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos,
-                                 logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                                 logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                 repetition_penalty=repetition_penalty)
         with self._cv:
             if self._closing:
                 raise RuntimeError("this Engine is closed: submit to a new Engine")
@@ -525,7 +535,8 @@ class Engine:
     def _new_sequence(self, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0,
                       top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                       stop=None, ignore_eos: bool = False, logprobs: int | None = None,
-                      prompt_logprobs: bool = False) -> Sequence:
+                      prompt_logprobs: bool = False, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                      repetition_penalty: float = 1.0) -> Sequence:
         """Validate one request (raising in the caller) and make its Sequence."""
         ids = _checked_request(self.model, self.tokenizer, prompt, max_new_tokens, temperature,
                                top_k, top_p, "paged", seed=seed)
@@ -535,6 +546,9 @@ class Engine:
                              f"{MAX_LOGPROBS} (that many alternatives too), got {logprobs!r}")
         if not isinstance(prompt_logprobs, bool):
             raise ValueError(f"prompt_logprobs must be True or False, got {prompt_logprobs!r}")
+        check_penalties(presence_penalty, frequency_penalty, repetition_penalty)
+        penalties = dict(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                         repetition_penalty=repetition_penalty)
         total = len(ids) + max_new_tokens
         capacity = self.cache.manager.num_blocks * self.cache.block_size
         if total > min(self.max_seq_len, capacity):
@@ -544,7 +558,8 @@ class Engine:
         return Sequence(next(self._ids), ids, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_k=top_k, top_p=top_p, seed=seed, stop=_as_stop_list(stop),
                         eos=_eos_ids(self.tokenizer, ignore_eos), device=self.model.device,
-                        logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                        logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                        penalties=penalties if penalties != NO_PENALTIES else None)
 
     def generate_many(self, prompts, **options) -> list[Generation]:
         """Offline batch mode: serve every prompt and return the results in order.
@@ -924,12 +939,34 @@ class Engine:
 
     def _sample_tensor(self, rows: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """Next token per row [B], on the device: one argmax for the greedy rows, each sampled
-        row with its generator."""
+        row with its generator; rows with penalties sample from their penalized logits (a copy:
+        the model's own stay for the log-probabilities) and count their token, on the device."""
+        penalized = [i for i, s in enumerate(rows) if s.penalties is not None]
+        if penalized:
+            logits = logits.to(torch.float32, copy=True)
+            for i in penalized:
+                logits[i] = self._penalized(rows[i], logits[i])
         out = greedy(logits)
         for i, seq in enumerate(rows):
             if seq.temperature > 0:
                 out[i] = sample(logits[i:i + 1], seq.temperature, seq.top_k, seq.top_p, seq.generator)[0]
+        for i in penalized:      # counted now, on the device: an overlapped next step sees it before the host
+            rows[i].counts.index_add_(0, out[i:i + 1], torch.ones(1, device=out.device))
         return out
+
+    @staticmethod
+    def _penalized(seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
+        """One row's logits [V] with its penalties applied; its token counts built from what it
+        generated the first time (or after a preemption dropped them)."""
+        if seq.counts is None:
+            seq.counts = torch.zeros(logits.shape[-1], device=logits.device)
+            if seq.generated:
+                seq.counts.index_add_(0, to_device(seq.generated, logits.device),
+                                      torch.ones(len(seq.generated), device=logits.device))
+        if seq.seen is None and seq.penalties["repetition_penalty"] != 1.0:
+            seq.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            seq.seen[to_device(seq.prompt_ids, logits.device)] = True
+        return apply_penalties(logits, seq.counts, seq.seen, **seq.penalties)
 
     @staticmethod
     def _logprobs(rows: list[Sequence], logits: torch.Tensor, out: torch.Tensor):
@@ -997,8 +1034,8 @@ class Engine:
             text = self.tokenizer.decode(seq.generated) if self.tokenizer is not None else ""
         stats = timing_stats(seq.token_times, len(seq.prompt_ids))
         stats.update(queue_s=(seq.first_scheduled or seq.submitted) - seq.submitted,
-                     preemptions=seq.preemptions, cached_prompt_tokens=seq.cached_tokens, cache="paged", device=str(self.model.device),
-                     dtype=str(self.model.dtype).removeprefix("torch."), compiled=False)
+                     preemptions=seq.preemptions, cached_prompt_tokens=seq.cached_tokens, cache="paged",
+                     device=str(self.model.device), dtype=str(self.model.dtype).removeprefix("torch."), compiled=False)
         extra = {}
         if seq.logprobs is not None:
             extra.update(logprobs=list(seq.token_logprobs), top_logprobs=list(seq.top_logprobs))

@@ -26,7 +26,7 @@ from .cuda_graphs import GraphRecordingError, record_cuda_graph
 from .kernels import dependent_launch
 from .kv_cache import CACHE_KINDS, make_cache, to_device
 from .model import check_llmopt_model
-from .sampling import check_sampling, check_seed, greedy, sample, seeded_generator
+from .sampling import check_penalties, check_sampling, check_seed, greedy, sample, seeded_generator
 from .tokenizer import IncrementalDecoder
 
 
@@ -487,6 +487,7 @@ def _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_
     return encode_prompt(model, tokenizer, prompt, max_new_tokens)
 
 
+NO_PENALTIES = dict(presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0)   # (engine.py)
 PER_PROMPT_OPTIONS = ("max_new_tokens", "seed")   # options that may be given one per prompt
 
 
@@ -541,8 +542,9 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop=None, cache: str = "static", ignore_eos: bool = False,
              compile: str | bool = False, n: int = 1, sync_every: int = 1,
-             graph_steps: int = 1, logprobs: int | None = None,
-             prompt_logprobs: bool = False) -> Generation | list[Generation]:
+             graph_steps: int = 1, logprobs: int | None = None, prompt_logprobs: bool = False,
+             presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+             repetition_penalty: float = 1.0) -> Generation | list[Generation]:
     """Generate up to `max_new_tokens` after `prompt` (text or ids); greedy at temperature 0 (notebook 00).
 
     Stops at the tokenizer's end-of-sequence token (unless `ignore_eos`) or when the
@@ -560,10 +562,15 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
     prefilled once and its KV blocks shared, copied on write (`Engine.sample_n`,
     notebook 13). `logprobs=k` adds the model's log-probability of each new token and of
     its k most likely alternatives, `prompt_logprobs=True` those of the prompt's tokens
-    (`Generation.logprobs`, ...: see `Engine.submit`); both run on the engine too.
+    (`Generation.logprobs`, ...: see `Engine.submit`); both run on the engine too, as do
+    `presence_penalty`, `frequency_penalty` and `repetition_penalty` (`penalties`; see
+    `Engine.submit`).
     """
-    if n != 1 or logprobs is not None or prompt_logprobs:
-        what = "n > 1 runs" if n != 1 else "logprobs and prompt_logprobs run"
+    check_penalties(presence_penalty, frequency_penalty, repetition_penalty)
+    penalties = {k: v for k, v in dict(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                       repetition_penalty=repetition_penalty).items() if v != NO_PENALTIES[k]}
+    if n != 1 or logprobs is not None or prompt_logprobs or penalties:
+        what = ("n > 1 runs" if n != 1 else "penalties run" if penalties else "logprobs and prompt_logprobs run")
         check_count(n, "n (samples per prompt)")
         if compile or sync_every != 1 or graph_steps != 1:
             raise ValueError(f"{what} on the engine's paged cache: compile, sync_every and graph_steps "
@@ -571,7 +578,8 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
         from .engine import Engine
         engine = Engine(model, tokenizer, max_batch_size=n)
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       stop=stop, ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                       stop=stop, ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                       **penalties)
         if n == 1:
             return engine.generate_many([prompt], seed=seed, **options)[0]
         return engine.sample_n(prompt, n, seed=seed, **options)

@@ -16,6 +16,41 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None,
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
+def check_penalties(presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                    repetition_penalty: float = 1.0) -> None:
+    """Raise ValueError naming a penalty outside its range (OpenAI's for presence and frequency)."""
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
+            raise ValueError(f"{name} must be a number in [-2, 2] (0: none), got {value!r}")
+    if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float)) \
+            or not 0 < repetition_penalty < float("inf"):
+        raise ValueError(f"repetition_penalty must be a number > 0 (1: none; above 1 discourages repeats), "
+                         f"got {repetition_penalty!r}")
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor | None, *,
+                    presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                    repetition_penalty: float = 1.0) -> torch.Tensor:
+    """Logits [V] (fp32) with repetition discouraged, before temperature and sampling (vLLM's order).
+
+    `counts` [V]: how often each token was generated so far. OpenAI's penalties act on those:
+    `frequency_penalty` x count + `presence_penalty` x (count > 0) is subtracted. The
+    repetition penalty (CTRL, transformers' `repetition_penalty`) acts on every token seen,
+    the prompt's too (`seen` [V] bool, or None for none): a positive logit is divided by it, a
+    negative one multiplied.
+    """
+    logits = logits.float()
+    if repetition_penalty != 1.0:
+        hit = counts > 0 if seen is None else (counts > 0) | seen
+        scaled = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(hit, scaled, logits)
+    if frequency_penalty:
+        logits = logits - frequency_penalty * counts
+    if presence_penalty:
+        logits = logits - presence_penalty * (counts > 0)
+    return logits
+
+
 def check_seed(seed) -> None:
     """Raise ValueError unless `seed` is an integer or None (None: a fresh random seed)."""
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):

@@ -16,8 +16,8 @@ freeing its slot. A bad request gets a 400 with OpenAI's error body naming the p
 
 As in OpenAI's API, `temperature` defaults to 1 (sampling; 0 is greedy) and `max_tokens` to 16
 for completions; a chat reply gets up to `CHAT_MAX_TOKENS`. Beyond OpenAI's fields: `top_k`,
-`ignore_eos`, and `"return_token_ids": true`, which adds each choice's `prompt_token_ids` and
-`token_ids` (to check the tokens, not only the text).
+`repetition_penalty`, `ignore_eos`, and `"return_token_ids": true`, which adds each choice's
+`prompt_token_ids` and `token_ids` (to check the tokens, not only the text).
 Log-probabilities are the model's own (log_softmax of its logits, before temperature, top-k or top-p,
 as vLLM reports them; `Engine.submit`'s `logprobs`): completions take `"logprobs": N` (each token's
 and its N most likely alternatives') and `"echo": true` (the prompt comes back before the completion,
@@ -25,9 +25,12 @@ with its tokens' log-probabilities when `logprobs` is set: with `"max_tokens": 0
 which is how evaluation harnesses score a text); chat takes `"logprobs": true` and `"top_logprobs": N`.
 Each token is shown as its own decode (a piece of a character split across tokens shows as "\ufffd");
 `text_offset` counts characters into the returned text. Every generated token has an entry, the
-end-of-sequence token too. What it does not implement (penalties, logit bias, tools, structured
-output: `UNSUPPORTED`) is refused when asked for, not ignored. Chat messages are laid out by the
+end-of-sequence token too. `presence_penalty` and `frequency_penalty` are OpenAI's, `repetition_penalty`
+vLLM's addition (`Engine.submit`). What it does not implement (logit bias, tools, structured output:
+`UNSUPPORTED`) is refused when asked for, not ignored. Chat messages are laid out by the
 checkpoint's chat template (`Tokenizer.apply_chat_template`).
+`Client(url)` is the other side: the engine's `submit` over HTTP (for `workload.run_load`), and
+`prompt_logprobs` to score a text, which `metrics.perplexity` uses for a served model.
 The HTTP side is the standard library's ThreadingHTTPServer, a thread per connection: enough to
 measure and to learn from; real traffic wants a production server in front.
 """
@@ -51,9 +54,8 @@ CHAT_MAX_TOKENS = 256            # a chat reply's default length here (OpenAI's:
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}   # llmopt's finish reasons in OpenAI's words
 # OpenAI fields this server does not implement, and the values that ask for nothing: any other value is
 # refused with a 400 rather than silently ignored (fields not listed here, like "user", are ignored)
-UNSUPPORTED = {"suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}), "presence_penalty": (None, 0),
-               "frequency_penalty": (None, 0), "tools": (None, []), "functions": (None, []),
-               "response_format": (None, {"type": "text"})}
+UNSUPPORTED = {"suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}), "tools": (None, []),
+               "functions": (None, []), "response_format": (None, {"type": "text"})}
 
 
 class Server:
@@ -337,7 +339,9 @@ class _Call:
                        temperature=1.0 if temperature is None else temperature,
                        top_p=None if top_p in (None, 1, 1.0) else top_p, top_k=body.get("top_k"),
                        seed=body.get("seed"), stop=body.get("stop"), ignore_eos=bool(body.get("ignore_eos", False)),
-                       logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
+                       logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
+                       **{name: body[name] for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")
+                          if body.get(name) is not None})
         return cls(kind, prompts, options, n, stream,
                    bool((body.get("stream_options") or {}).get("include_usage", False)),
                    bool(body.get("return_token_ids", False)), logprobs, echo, prompt_only)

@@ -123,6 +123,17 @@ def test_completion_logprobs_are_the_engines_and_line_up_with_the_text(server, c
     assert streamed["text_offset"][:len(want.token_ids) - 1] == lp["text_offset"][:len(want.token_ids) - 1]
 
 
+def test_penalties_reach_the_engine(server, chat_model):
+    """OpenAI's presence and frequency penalties (and vLLM's repetition_penalty): the engine's tokens with them."""
+    model, tok = chat_model
+    ask = dict(presence_penalty=0.5, frequency_penalty=1.2, repetition_penalty=1.3)
+    want = llmopt.generate(model, tok, "KING:", max_new_tokens=24, ignore_eos=True, **ask)
+    assert want.token_ids != llmopt.generate(model, tok, "KING:", max_new_tokens=24, ignore_eos=True).token_ids
+    status, got = post(server, "/v1/completions", {"prompt": "KING:", "max_tokens": 24, "temperature": 0,
+                                                   "ignore_eos": True, "return_token_ids": True, **ask})
+    assert status == 200 and got["choices"][0]["token_ids"] == want.token_ids
+
+
 def test_echo_with_no_tokens_scores_the_prompt(server, chat_model):
     """echo with max_tokens 0 and logprobs (how evaluation harnesses score a text): the prompt back, each token
     after the first with its log-probability under a full forward of the model, nothing generated."""
@@ -203,7 +214,8 @@ def test_chat_logprobs_in_openai_shape_streamed_or_not(server, chat_model):
      "logprobs must be true or false for chat"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "echo": True}, 400,
      "echo is for /v1/completions"),
-    ("/v1/completions", {"prompt": "A", "frequency_penalty": 0.5}, 400, "frequency_penalty is not supported"),
+    ("/v1/completions", {"prompt": "A", "frequency_penalty": 3}, 400, "frequency_penalty must be a number in [-2, 2]"),
+    ("/v1/completions", {"prompt": "A", "logit_bias": {"5": 100}}, 400, "logit_bias is not supported"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]},
      400, "tools is not supported"),
     ("/v1/embeddings", {"input": "A"}, 404, "POST /v1/completions or /v1/chat/completions"),
