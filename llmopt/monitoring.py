@@ -84,6 +84,7 @@ class EngineMetrics:
     def close(self) -> None:
         if self.server is not None:
             self.server.shutdown()
+            self.server.server_close()       # and free the port
             self.server = None
 
     def text(self) -> str:

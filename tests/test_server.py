@@ -316,6 +316,8 @@ def test_serve_command_serves_until_stopped():
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 def test_run_load_measures_the_server_over_http(server, chat_model):
