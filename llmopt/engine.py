@@ -796,9 +796,8 @@ class Engine:
                      and not c.cancelled and self.scheduler.fork(seq, c)]
             for c in forks:
                 c.first_scheduled = time.perf_counter()
-                self.forks += 1
-            for c in forks:
                 c.prompt_lp = seq.prompt_lp
+                self.forks += 1
             rows += [seq] + forks
             index += [i] * (1 + len(forks))
         if len(index) == logits.shape[0]:

@@ -487,7 +487,8 @@ def _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_
     return encode_prompt(model, tokenizer, prompt, max_new_tokens)
 
 
-NO_PENALTIES = dict(presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0)   # (engine.py)
+# the penalties' values that ask for none: generate stays on its own path, the engine skips the row's penalties
+NO_PENALTIES = dict(presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0)
 PER_PROMPT_OPTIONS = ("max_new_tokens", "seed")   # options that may be given one per prompt
 
 
