@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -35,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
                         "reduce-overhead (CUDA graphs on a GPU), max-autotune")
     g.add_argument("--sync-every", type=int, default=1, help="read tokens back every k steps (GPU)")
     g.add_argument("--graph-steps", type=int, default=1, help="greedy: k decode steps per CUDA graph (GPU)")
+    g.add_argument("--logprobs", type=int, metavar="K",
+                   help="after the text, each token's probability and the others among the K most likely there")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, -2 to 2 (default 0: none)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, -2 to 2 (default 0: none)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers', > 0 (default 1: none)")
     g.add_argument("--stats", action="store_true", help="print TTFT, TPOT and tokens/s to stderr at the end")
     g.add_argument("--chat", action="store_true",
                    help="send the prompt as a user's message through the checkpoint's chat template (instruct models)")
@@ -74,15 +80,27 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(e))
         return 0
     from . import generate, load_model, stream
+    from .generate import NO_PENALTIES
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop=args.stop, compile=args.compile,
                    sync_every=args.sync_every, graph_steps=args.graph_steps)
+    unset = dict(NO_PENALTIES, logprobs=None)                    # options that generate runs on the engine
+    on_engine = {k: v for k, v in dict(logprobs=args.logprobs, presence_penalty=args.presence_penalty,
+                                       frequency_penalty=args.frequency_penalty,
+                                       repetition_penalty=args.repetition_penalty).items() if v != unset[k]}
     try:
         model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
         prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-        if args.stats:   # the whole text at the end, then its timings
-            g = generate(model, tok, prompt, **options)
+        if args.stats or on_engine:   # the whole text at the end, then its log-probabilities or timings
+            g = generate(model, tok, prompt, **options, **on_engine)
             print(g.text)
+            if g.logprobs is not None:
+                print()
+                for t, lp, top in zip(g.token_ids, g.logprobs, g.top_logprobs):
+                    others = "  ".join(f"{tok.decode([i])!r} {math.exp(v):.3f}" for i, v in top if i != t)
+                    print(f"{tok.decode([t])!r:>16} {math.exp(lp):.3f}   {others}")
+            if not args.stats:
+                return 0
             st = g.stats
             print(f"{st['new_tokens']} tokens ({g.finish_reason}); TTFT {st['ttft_s'] * 1e3:.1f} ms, TPOT "
                   f"{st['tpot_s'] * 1e3:.2f} ms, {st['decode_tokens_per_s']:.1f} tokens/s decoding, on "

@@ -489,6 +489,7 @@ def _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_
 
 # the penalties' values that ask for none: generate stays on its own path, the engine skips the row's penalties
 NO_PENALTIES = dict(presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0)
+ENGINE_OPTIONS = ("n", "logprobs", "prompt_logprobs", *NO_PENALTIES)   # generate runs these on the engine
 PER_PROMPT_OPTIONS = ("max_new_tokens", "seed")   # options that may be given one per prompt
 
 
@@ -619,6 +620,10 @@ def stream(model, tokenizer, prompt, **options) -> Iterator[str]:
 
     A bad request raises here, at the call, not at the first token."""
     start = time.perf_counter()
+    engine_only = [name for name in ENGINE_OPTIONS if name in options]
+    if engine_only:
+        raise ValueError(f"stream does not take {', '.join(engine_only)}: they run on the engine; stream with "
+                         "llmopt.Engine(model, tok).submit(prompt, ...).pieces() (or call generate)")
     options.setdefault("max_new_tokens", 64)
     ids = _checked_request(model, tokenizer, prompt, options["max_new_tokens"],
                            options.get("temperature", 0.0), options.get("top_k"),

@@ -1,5 +1,6 @@
 """The embedded models: ordinary HF folders, loaded identically by llmopt and transformers."""
 import json
+import math
 
 import pytest
 import torch
@@ -207,6 +208,16 @@ def test_command_line_generates_and_refuses_bad_input_with_a_usage_error(capsys,
     assert capsys.readouterr().out == llmopt.generate(
         *llmopt.load_model("tiny", dtype="bf16"), "ROMEO:", max_new_tokens=24, stop=",", top_k=5,
         temperature=0.8, seed=3).text + "\n"
+    # --logprobs and the penalties (run on the engine): the text, then a line a token with its probability
+    assert main(["generate", "ROMEO:", "--max-new-tokens", "12", "--logprobs", "3",
+                 "--repetition-penalty", "1.3"]) == 0
+    g = llmopt.generate(model, tok, "ROMEO:", max_new_tokens=12, logprobs=3, repetition_penalty=1.3)
+    out = capsys.readouterr().out
+    assert out.startswith(g.text + "\n\n")
+    table = out[len(g.text) + 2:].splitlines()
+    assert len(table) == 12
+    for line, t, lp in zip(table, g.token_ids, g.logprobs):
+        assert line.lstrip().startswith(f"{tok.decode([t])!r} {math.exp(lp):.3f}")
     # --chat: the prompt as a user's message, through the checkpoint's chat template
     chat = shutil.copytree(llmopt.load.resolve("tiny"), tmp_path / "chat")
     config = json.loads((chat / "tokenizer_config.json").read_text())
@@ -222,6 +233,8 @@ def test_command_line_generates_and_refuses_bad_input_with_a_usage_error(capsys,
                           (["generate", "Hi", "--temperature", "-1"], "temperature must be >= 0"),
                           (["generate", "Hi", "--graph-steps", "4", "--temperature", "1"], "greedy decoding"),
                           (["generate", "Hi", "--compile", "fast"], "compile must be"),
+                          (["generate", "Hi", "--frequency-penalty", "5"], "frequency_penalty must be a number in"),
+                          (["generate", "Hi", "--logprobs", "3", "--compile"], "run on the engine's paged cache"),
                           (["generate", "Hi", "--dtype", "int3"], "dtype must be one of"),
                           (["generate", "Hi", "--device", "cuda"], "CPU-only build"),
                           (["bench", "--device", "cuda", "cache"], "CPU-only build"),
