@@ -146,3 +146,5 @@ def test_generate_reports_logprobs_through_the_engine(tiny):
         check_against(full_logprobs(model, s.prompt_ids + s.token_ids), s, 0, False)
     with pytest.raises(ValueError, match="logprobs and prompt_logprobs run on the engine's paged cache"):
         llmopt.generate(model, tok, PROMPTS[2], logprobs=1, compile=True)
+    with pytest.raises(ValueError, match="stream does not take logprobs, frequency_penalty: they run on the engine"):
+        llmopt.stream(model, tok, PROMPTS[2], logprobs=1, frequency_penalty=0.5)
