@@ -367,5 +367,9 @@ def test_the_official_openai_client_talks_to_it(server, chat_model):
                                           logprobs=True, top_logprobs=3)
     first = chat.choices[0].logprobs.content[0]
     assert len(first.top_logprobs) == 3 and first.top_logprobs[0].logprob == first.logprob   # greedy
+    streamed = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=4, temperature=0,
+                                              logprobs=True, top_logprobs=3, stream=True)
+    assert [t.logprob for c in streamed if c.choices and c.choices[0].logprobs
+            for t in c.choices[0].logprobs.content] == [t.logprob for t in chat.choices[0].logprobs.content]
     with pytest.raises(openai.BadRequestError, match="temperature must be >= 0"):
         client.completions.create(model="tiny-chat", prompt="ROMEO:", temperature=-1)
