@@ -763,9 +763,7 @@ class Engine:
                 seq.prompt_lp = self._prompt_logprobs(seq, logits)
             if self.prefix_cache is not None:      # computed: later prompts may share its blocks
                 self.prefix_cache.insert(seq.prompt_ids, seq.blocks)
-            rows, logits = self._started([], [seq], logits[-1:])
-            out = self._sample_tensor(rows, logits)
-            self._read_back(self._launch_read(rows, out, self._logprobs(rows, logits, out)))
+            self._read_back(self._sample_and_launch(*self._started([], [seq], logits[-1:])))
         except Exception as e:
             self._finish(seq, "failed", error=e)
 
@@ -842,27 +840,33 @@ class Engine:
                     for seq in rows[len(rows) // 2:]:
                         self.scheduler.preempt(seq)
                 return
-            rows, logits = self._started(rows, *self._prefilled(rows, joining, logits))
-            out = self._sample_tensor(rows, logits)
-            launched = self._launch_read(rows, out, self._logprobs(rows, logits, out))
+            launched = self._sample_and_launch(*self._started(rows, *self._prefilled(rows, joining, logits)))
         if self.overlap:
             self._inflight = launched
             self._read_back(prev)
         else:
             self._read_back(launched)
 
-    def _launch_read(self, rows: list[Sequence], out: torch.Tensor, logprobs=None):
-        """Start copying a step's tokens [B] (and `_logprobs`' tensors) to the host; on CUDA without
-        waiting (pinned memory and an event, so a later wait covers this step only)."""
+    def _sample_and_launch(self, rows: list[Sequence], logits: torch.Tensor):
+        """Sample the rows' next tokens from their logits [B, V] and start reading them back (with the
+        log-probabilities asked for); `_read_back` accepts them."""
+        out, finite = self._sample_tensor(rows, logits)
+        return self._launch_read(rows, out, finite, self._logprobs(rows, logits, out))
+
+    def _launch_read(self, rows: list[Sequence], out: torch.Tensor, finite: torch.Tensor, logprobs=None):
+        """Start copying a step's tokens [B] (with whether each row's logits were finite, and
+        `_logprobs`' tensors) to the host; on CUDA without waiting (pinned memory and an event, so a
+        later wait covers this step only)."""
         event = None
+        both = torch.stack([out, finite.to(out.dtype)])                      # [2, B]: one copy
         if out.device.type == "cuda":
-            host = out.to("cpu", non_blocking=True)
+            host = both.to("cpu", non_blocking=True)
             if logprobs is not None:
                 logprobs = [logprobs[0]] + [t.to("cpu", non_blocking=True) for t in logprobs[1:]]
             event = torch.cuda.Event()
             event.record()
         else:
-            host = out.cpu()
+            host = both.cpu()
         for s in rows:
             s.inflight += 1
         return rows, out, host, event, logprobs
@@ -881,10 +885,18 @@ class Engine:
             for j, i in enumerate(at):
                 k = rows[i].logprobs
                 found[i] = chosen[j], list(zip(top_ids[j][:k], top_lps[j][:k]))
-        for i, (seq, tok) in enumerate(zip(rows, host.tolist())):
+        tokens, finite = host.tolist()
+        for i, (seq, tok, ok) in enumerate(zip(rows, tokens, finite)):
             seq.inflight -= 1
-            if seq.state == "running":
+            if seq.state != "running":
+                continue
+            if ok:
                 self._accept(seq, tok, found.get(i))
+            else:       # this request alone fails; the others go on
+                self._finish(seq, "failed", error=FloatingPointError(
+                    f"request {seq.id}: the model's logits were not finite (NaN or inf) at new token "
+                    f"{len(seq.generated) + 1}; in fp16 activations can overflow (notebook 05): load the model in "
+                    "bf16 or fp32"))
 
     def _prefilled(self, rows: list[Sequence], joining: list[tuple[Sequence, int]], logits: torch.Tensor):
         """After a forward with the prompt chunks of `joining`: the sequences whose prompts are now
@@ -936,13 +948,18 @@ class Engine:
         self.forwards += 1
         return self.model(ids, pos, self.cache, positions=pos[None], logits_to_keep=keep)[0]
 
-    def _sample_tensor(self, rows: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+    def _sample_tensor(self, rows: list[Sequence], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Next token per row [B], on the device: one argmax for the greedy rows, each sampled
         row with its generator; rows with penalties sample from their penalized logits (a copy:
-        the model's own stay for the log-probabilities) and count their token, on the device."""
+        the model's own stay for the log-probabilities) and count their token, on the device.
+        Also whether each row's logits were finite [B]: a row with NaN or inf (fp16 overflow, say)
+        samples from zeros instead, on the device, without a sync (a GPU's sampler would assert on
+        it, which ends the process), and fails when read back."""
+        finite = torch.isfinite(logits).all(-1)                                        # [B]
+        logits = torch.where(finite[:, None], logits, 0.0)
         penalized = [i for i, s in enumerate(rows) if s.penalties is not None]
         if penalized:
-            logits = logits.to(torch.float32, copy=True)
+            logits = logits.float()         # (torch.where above made a copy: the model's own stay as they were)
             for i in penalized:
                 logits[i] = self._penalized(rows[i], logits[i])
         out = greedy(logits)
@@ -951,7 +968,7 @@ class Engine:
                 out[i] = sample(logits[i:i + 1], seq.temperature, seq.top_k, seq.top_p, seq.generator)[0]
         for i in penalized:      # counted now, on the device: an overlapped next step sees it before the host
             rows[i].counts.index_add_(0, out[i:i + 1], torch.ones(1, device=out.device))
-        return out
+        return out, finite
 
     @staticmethod
     def _penalized(seq: Sequence, logits: torch.Tensor) -> torch.Tensor:

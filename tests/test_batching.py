@@ -440,6 +440,33 @@ def test_a_failing_or_cancelled_request_affects_no_other(tiny, reference, overla
     assert engine.cache.manager.num_free == engine.cache.manager.num_blocks
 
 
+@pytest.mark.parametrize("overlap, temperature", [(False, 0.0), (False, 0.8), (True, 0.8)])
+def test_a_request_whose_logits_break_fails_alone(tiny, reference, overlap, temperature):
+    """NaN logits in one row (fp16 overflow, say) fail that request with an error that says so, after a
+    few tokens or at its first; the sampler never sees them (on a GPU it would assert and end the process)."""
+    model, tok = tiny
+    bad_ids = tok.encode(PROMPTS[1])
+
+    class Overflowing(Engine):
+        def _sample_and_launch(self, rows, logits):
+            logits = logits.clone()
+            for i, seq in enumerate(rows):
+                if seq.prompt_ids == bad_ids and len(seq.generated) + seq.inflight == 3:
+                    logits[i, 7] = float("nan")
+            return super()._sample_and_launch(rows, logits)
+
+    with Overflowing(model, tok, overlap=overlap, max_batch_size=4) as engine:
+        handles = [engine.submit(p, max_new_tokens=24, ignore_eos=True, temperature=temperature, seed=i)
+                   for i, p in enumerate(PROMPTS[:4])]
+        with pytest.raises(FloatingPointError, match="logits were not finite .* at new token 4; .* bf16 or fp32"):
+            handles[1].result(timeout=60)
+        done = [handles[i].result(timeout=60) for i in (0, 2, 3)]
+    assert all(len(g.token_ids) == 24 for g in done)
+    if temperature == 0:
+        assert [g.token_ids for g in done] == [reference[PROMPTS[i]][:24] for i in (0, 2, 3)]
+    assert engine.cache.manager.num_free == engine.cache.manager.num_blocks
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_a_failing_batched_forward_shrinks_the_batch_and_loses_nothing(tiny, reference, overlap):
     """A transient fault in a batched forward (like CUDA out-of-memory) preempts half the batch."""
