@@ -953,13 +953,13 @@ class Engine:
         row with its generator; rows with penalties sample from their penalized logits (a copy:
         the model's own stay for the log-probabilities) and count their token, on the device.
         Also whether each row's logits were finite [B]: a row with NaN or inf (fp16 overflow, say)
-        samples from zeros instead, on the device, without a sync (a GPU's sampler would assert on
-        it, which ends the process), and fails when read back."""
-        finite = torch.isfinite(logits).all(-1)                                        # [B]
-        logits = torch.where(finite[:, None], logits, 0.0)
+        samples from finite stand-ins instead (`nan_to_num`), on the device, without a sync (a GPU's
+        sampler would assert on it, which ends the process), and fails when read back."""
+        finite = logits.sum(-1, dtype=torch.float32).isfinite()     # [B]; 8x cheaper than isfinite().all() on a CPU
+        logits = torch.nan_to_num(logits)                             # a copy: the model's own stay as they were
         penalized = [i for i, s in enumerate(rows) if s.penalties is not None]
         if penalized:
-            logits = logits.float()         # (torch.where above made a copy: the model's own stay as they were)
+            logits = logits.float()         # (nan_to_num made a copy already)
             for i in penalized:
                 logits[i] = self._penalized(rows[i], logits[i])
         out = greedy(logits)
