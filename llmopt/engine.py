@@ -165,9 +165,9 @@ class RequestHandle:
 
     def _piece(self, text: str, start: int, end: int) -> "Piece":
         seq = self._seq
-        logprobs = seq.token_logprobs[start:end] if seq.logprobs is not None else None
-        top = seq.top_logprobs[start:end] if seq.logprobs else None
-        return Piece(text, seq.generated[start:end], logprobs, top)
+        if seq.logprobs is None:
+            return Piece(text, seq.generated[start:end])
+        return Piece(text, seq.generated[start:end], seq.token_logprobs[start:end], seq.top_logprobs[start:end])
 
 
 @dataclass

@@ -417,10 +417,9 @@ class _Logprobs:
         """A streamed piece's log-probabilities (None when the request did not ask)."""
         if self.call.logprobs is None:
             return None
-        top = piece.top_logprobs or [[]] * len(piece.token_ids)
         if self.call.kind == "text_completion":
-            return self.completion(piece.token_ids, piece.logprobs, top)
-        return {"content": self.chat(piece.token_ids, piece.logprobs, top), "refusal": None}
+            return self.completion(piece.token_ids, piece.logprobs, piece.top_logprobs)
+        return {"content": self.chat(piece.token_ids, piece.logprobs, piece.top_logprobs), "refusal": None}
 
 
 def _logprobs_asked(kind: str, body: dict) -> tuple[int | None, bool]:

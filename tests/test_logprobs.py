@@ -95,8 +95,8 @@ def test_streamed_pieces_carry_the_tokens_and_logprobs_of_the_whole(tiny):
     come in a last piece without text) and without."""
     model, tok = tiny
     with Engine(model, tok, max_batch_size=2) as engine:
-        for stop in (None, "e"):
-            handle = engine.submit(PROMPTS[0], max_new_tokens=30, logprobs=2, stop=stop)
+        for stop, k in ((None, 2), ("e", 0)):
+            handle = engine.submit(PROMPTS[0], max_new_tokens=30, logprobs=k, stop=stop)
             pieces = list(handle.pieces(timeout=60))
             g = handle.result()
             assert "".join(p.text for p in pieces) == g.text
