@@ -9,7 +9,8 @@
 
 Endpoints: POST /v1/completions and /v1/chat/completions take OpenAI's request bodies and
 answer in its shapes ("stream": true sends server-sent events, as OpenAI's clients read
-them), GET /v1/models and GET /health. Every request goes to the one Engine, so concurrent
+them; several prompts or n samples stream interleaved, each chunk naming its choice), GET
+/v1/models and GET /health. Every request goes to the one Engine, so concurrent
 clients share its decode steps; a client that goes away mid-stream cancels its request,
 freeing its slot. A bad request gets a 400 with OpenAI's error body naming the problem
 (the engine's own checks: prompt length, sampling parameters), and never touches the others.
@@ -37,6 +38,7 @@ measure and to learn from; real traffic wants a production server in front.
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
 import urllib.error
@@ -46,7 +48,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .engine import MAX_LOGPROBS
+import torch
+
+from .engine import MAX_LOGPROBS, Piece
 from .tokenizer import IncrementalDecoder
 
 COMPLETION_MAX_TOKENS = 16       # OpenAI's default for /v1/completions
@@ -124,22 +128,12 @@ class Server:
     def answer(self, handler: "_Handler", call: "_Call") -> None:
         """Submit to the engine (its checks raise here, before any reply is sent), then answer."""
         if call.stream:
-            if len(call.prompts) > 1 or call.n > 1:
-                raise ValueError("stream one prompt with n = 1 (send several requests: the engine batches them)")
-            self._stream(handler, call, self.engine.submit(call.prompts[0], **call.options))
+            self._stream(handler, call, self._submit_all(call))
             return
         if call.n > 1:
             gens = [g for p in call.prompts for g in self.engine.sample_n(p, call.n, **call.options)]
         else:
-            handles = []
-            try:
-                for p in call.prompts:
-                    handles.append(self.engine.submit(p, **call.options))
-            except Exception:
-                for h in handles:
-                    h.cancel()
-                raise
-            gens = [h.result() for h in handles]
+            gens = [h.result() for h in self._submit_all(call)]
         tok = self.engine.tokenizer
         choices = [{"index": i, **call.choice(g, tok, call.prompts[i // call.n])} for i, g in enumerate(gens)]
         handler.send_json(200, {
@@ -147,8 +141,27 @@ class Server:
             "usage": _usage(sum(len(g.prompt_ids) for g in gens[::call.n]),
                             0 if call.prompt_only else sum(len(g.token_ids) for g in gens))})
 
-    def _stream(self, handler: "_Handler", call: "_Call", handle) -> None:
-        """Server-sent events: a chunk per piece of text, one with the finish reason, then [DONE]."""
+    def _submit_all(self, call: "_Call") -> list:
+        """An engine request a choice, in the reply's order: n per prompt, sample i seeded seed + i (as
+        `Engine.sample_n`, without its shared prefill). All or none: a refused one cancels the others."""
+        options, seeds = dict(call.options), [call.options["seed"]]
+        if call.n > 1:
+            base = options["seed"] if options["seed"] is not None else int(torch.randint(0, 2**31 - call.n, ()))
+            seeds = [base + i for i in range(call.n)]
+        handles = []
+        try:
+            for p in call.prompts:
+                for seed in seeds:
+                    handles.append(self.engine.submit(p, **{**options, "seed": seed}))
+        except Exception:
+            for h in handles:
+                h.cancel()
+            raise
+        return handles
+
+    def _stream(self, handler: "_Handler", call: "_Call", handles: list) -> None:
+        """Server-sent events: a chunk per piece of text of any choice (its `index` says which), one with each
+        choice's finish reason, then [DONE]. A thread per choice reads its pieces into one queue."""
         head = self._head(call.kind + ".chunk" if call.kind == "chat.completion" else call.kind)
         handler.send_response(200)
         handler.send_header("Content-Type", "text/event-stream")
@@ -159,24 +172,46 @@ class Server:
             handler.wfile.write(b"data: " + (data if isinstance(data, bytes) else json.dumps(data).encode()) + b"\n\n")
             handler.wfile.flush()
 
+        merged: queue.SimpleQueue = queue.SimpleQueue()
+
+        def pump(i: int, handle) -> None:
+            try:
+                for piece in handle.pieces():
+                    merged.put((i, piece))
+                merged.put((i, handle.result()))
+            except BaseException as e:       # the request failed or was cancelled
+                merged.put((i, e))
+
+        for i, h in enumerate(handles):
+            threading.Thread(target=pump, args=(i, h), name="llmopt-stream", daemon=True).start()
+        first, logprobs = [True] * len(handles), [_Logprobs(self.engine.tokenizer, call) for _ in handles]
+        finished = []
         try:
-            first, logprobs = True, _Logprobs(self.engine.tokenizer, call)
-            for piece in handle.pieces():
-                if piece.text or call.logprobs is not None:      # a last piece may carry tokens only
-                    event({**head, "choices": [{"index": 0, **call.delta(piece.text, first),
-                                                "logprobs": logprobs.of_piece(piece), "finish_reason": None}]})
-                    first = False
-            g = handle.result()
-            ids = {"prompt_token_ids": g.prompt_ids, "token_ids": g.token_ids} if call.return_token_ids else {}
-            event({**head, "choices": [{"index": 0, **call.delta("", first, last=True), "logprobs": None,
-                                        "finish_reason": FINISH.get(g.finish_reason), **ids}]})
+            while len(finished) < len(handles):
+                i, item = merged.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, Piece):
+                    if item.text or call.logprobs is not None:      # a last piece may carry tokens only
+                        event({**head, "choices": [{"index": i, **call.delta(item.text, first[i]),
+                                                    "logprobs": logprobs[i].of_piece(item), "finish_reason": None}]})
+                        first[i] = False
+                    continue
+                finished.append(item)                                # the choice's Generation
+                ids = dict(prompt_token_ids=item.prompt_ids, token_ids=item.token_ids) if call.return_token_ids else {}
+                event({**head, "choices": [{"index": i, **call.delta("", first[i], last=True), "logprobs": None,
+                                            "finish_reason": FINISH.get(item.finish_reason), **ids}]})
             if call.include_usage:
-                event({**head, "choices": [], "usage": _usage(len(g.prompt_ids), len(g.token_ids))})
+                event({**head, "choices": [], "usage": _usage(sum(len(g.prompt_ids) for g in finished) // call.n,
+                                                              sum(len(g.token_ids) for g in finished))})
             event(b"[DONE]")
         except (BrokenPipeError, ConnectionResetError):
-            handle.cancel()              # the client went away: free its slot
-        except Exception as e:           # the request failed in the engine, after the reply began
+            pass                         # the client went away: its requests are cancelled below
+        except Exception as e:           # a request failed in the engine, after the reply began
             event({"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error"}})
+        finally:
+            for h in handles:            # (a no-op for the finished ones)
+                h.cancel()
 
     def _head(self, kind: str) -> dict:
         return {"id": f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}", "object": kind,

@@ -123,6 +123,25 @@ def test_completion_logprobs_are_the_engines_and_line_up_with_the_text(server, c
     assert streamed["text_offset"][:len(want.token_ids) - 1] == lp["text_offset"][:len(want.token_ids) - 1]
 
 
+def test_several_choices_stream_interleaved_and_join_to_the_whole_replies(server, chat_model):
+    """n samples and several prompts stream at once, each chunk naming its choice: joined by index they are the
+    replies of the same request unstreamed (n seeded seed + i, as sample_n), each with its finish reason."""
+    body = {"prompt": ["ROMEO:", "KING:\nNow"], "n": 3, "seed": 11, "max_tokens": 16, "temperature": 0.9,
+            "logprobs": 1}
+    status, whole = post(server, "/v1/completions", body)
+    assert status == 200 and len(whole["choices"]) == 6
+    got = events(server, "/v1/completions", {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert got[-1] == "[DONE]" and got[-2]["usage"] == whole["usage"]
+    chunks = [c["choices"][0] for c in got[:-2]]
+    for want in whole["choices"]:
+        mine = [c for c in chunks if c["index"] == want["index"]]
+        assert "".join(c["text"] for c in mine) == want["text"]
+        assert [x for c in mine if c["logprobs"] for x in c["logprobs"]["token_logprobs"]] == \
+            pytest.approx(want["logprobs"]["token_logprobs"], abs=1e-4)          # (other batches: other rounding)
+        assert [c["finish_reason"] for c in mine][-1] == want["finish_reason"]
+    assert len({c["index"] for c in chunks[:12]}) > 1                     # interleaved, not one after another
+
+
 def test_penalties_reach_the_engine(server, chat_model):
     """OpenAI's presence and frequency penalties (and vLLM's repetition_penalty): the engine's tokens with them."""
     model, tok = chat_model
@@ -200,7 +219,7 @@ def test_chat_logprobs_in_openai_shape_streamed_or_not(server, chat_model):
     ("/v1/completions", {"prompt": "A", "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
     ("/v1/completions", {"prompt": "A", "max_tokens": 0}, 400, "max_new_tokens must be an integer >= 1"),
     ("/v1/completions", {"prompt": "A " * 3000}, 400, "context"),
-    ("/v1/completions", {"prompt": "A", "n": 2, "stream": True}, 400, "stream one prompt with n = 1"),
+    ("/v1/completions", {"prompt": ["A", "B"], "n": 2, "stream": True, "top_k": 0}, 400, "top_k"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages must be a non-empty list"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "content must be text"),
     ("/v1/completions", {"prompt": "A", "logprobs": 21}, 400, "logprobs must be an integer from 0 to 20"),
@@ -266,13 +285,13 @@ def test_concurrent_clients_get_unbatched_greedy_and_a_bad_one_harms_none(server
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_slot(chat_model):
-    """Closing the connection during a long stream cancels the request in the engine."""
+    """Closing the connection during a long stream cancels its requests (two choices) in the engine."""
     import http.client
     model, tok = chat_model
     with llmopt.Engine(model, tok, max_batch_size=2) as engine, Server(engine, port=0) as server:
         conn = http.client.HTTPConnection(*server.httpd.server_address[:2], timeout=30)
         conn.request("POST", "/v1/completions", json.dumps({"prompt": "ROMEO:", "max_tokens": 1500, "stream": True,
-                                                            "temperature": 0, "ignore_eos": True}))
+                                                            "temperature": 0, "ignore_eos": True, "n": 2}))
         response = conn.getresponse()
         assert response.readline().startswith(b"data: ")
         response.close()                                    # the client goes away
@@ -281,7 +300,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(chat_model):
             if engine.tokens_generated and not engine.scheduler.running and not engine.scheduler.waiting:
                 break
             threading.Event().wait(0.05)
-        assert engine.tokens_generated < 1500 and not engine.scheduler.running
+        assert engine.tokens_generated < 1500 and not engine.scheduler.running        # both choices cancelled
 
 
 def test_serve_command_refuses_bad_options(capsys):
