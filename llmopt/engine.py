@@ -38,7 +38,7 @@ from .cuda_graphs import EngineGraphs
 from . import kv_cache
 from .kv_cache import BlockManager, PagedKVCache, kv_bytes_per_token, to_device
 from .model import check_llmopt_model
-from .sampling import apply_penalties, check_penalties, greedy, sample, seeded_generator
+from .sampling import apply_penalties, check_penalties, checked_logit_bias, greedy, sample, seeded_generator
 
 _DONE = object()   # end-of-stream marker in a handle's token queue
 # the default KV cache holds max_batch_size sequences of this many tokens (or of the model's context
@@ -54,7 +54,8 @@ class Sequence:
 
     def __init__(self, rid: int, prompt_ids: list[int], *, max_new_tokens: int, temperature: float,
                  top_k, top_p, seed, stop: list[str], eos: set[int], device,
-                 logprobs: int | None = None, prompt_logprobs: bool = False, penalties: dict | None = None) -> None:
+                 logprobs: int | None = None, prompt_logprobs: bool = False, penalties: dict | None = None,
+                 logit_bias: dict[int, float] | None = None) -> None:
         self.id = rid
         self.prompt_ids = prompt_ids
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = \
@@ -68,6 +69,8 @@ class Sequence:
         self.penalties = penalties             # presence, frequency, repetition penalties, when any is set
         self.counts: torch.Tensor | None = None   # with penalties: [V] how often each token was generated
         self.seen: torch.Tensor | None = None     # with a repetition penalty: [V] the prompt's tokens
+        self.logit_bias = logit_bias or None   # {token id: added to its logit}
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None   # the same on the device: (ids, values)
         # its own generator: a request's samples don't depend on its neighbours
         self.generator = seeded_generator(seed, temperature, device)
         self.generated: list[int] = []
@@ -500,7 +503,7 @@ class Engine:
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                stop=None, ignore_eos: bool = False, logprobs: int | None = None,
                prompt_logprobs: bool = False, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-               repetition_penalty: float = 1.0) -> RequestHandle:
+               repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None) -> RequestHandle:
         """Queue one request; returns its handle at once (thread-safe).
 
         `logprobs=k` also reports the model's log-probability of each new token and of its k most
@@ -511,13 +514,15 @@ class Engine:
         whole, in a forward of its own that keeps every position's logits, never from the prefix cache.
         `presence_penalty`, `frequency_penalty` (OpenAI's: on the tokens generated so far) and
         `repetition_penalty` (transformers': on the prompt's too) discourage repeats before sampling
-        (`sampling.apply_penalties`); the log-probabilities reported stay the model's own.
+        (`sampling.apply_penalties`); `logit_bias` ({token id: -100 to 100}, OpenAI's) is added to those
+        tokens' logits (-100 bans a token, 100 all but forces it). The log-probabilities reported stay
+        the model's own.
         """
         seq = self._new_sequence(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_k=top_k, top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos,
                                  logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                                  presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                 repetition_penalty=repetition_penalty)
+                                 repetition_penalty=repetition_penalty, logit_bias=logit_bias)
         with self._cv:
             if self._closing:
                 raise RuntimeError("this Engine is closed: submit to a new Engine")
@@ -536,7 +541,7 @@ class Engine:
                       top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                       stop=None, ignore_eos: bool = False, logprobs: int | None = None,
                       prompt_logprobs: bool = False, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                      repetition_penalty: float = 1.0) -> Sequence:
+                      repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None) -> Sequence:
         """Validate one request (raising in the caller) and make its Sequence."""
         ids = _checked_request(self.model, self.tokenizer, prompt, max_new_tokens, temperature,
                                top_k, top_p, "paged", seed=seed)
@@ -547,6 +552,7 @@ class Engine:
         if not isinstance(prompt_logprobs, bool):
             raise ValueError(f"prompt_logprobs must be True or False, got {prompt_logprobs!r}")
         check_penalties(presence_penalty, frequency_penalty, repetition_penalty)
+        logit_bias = checked_logit_bias(logit_bias, self.model.config.vocab_size)
         penalties = dict(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                          repetition_penalty=repetition_penalty)
         total = len(ids) + max_new_tokens
@@ -559,7 +565,7 @@ class Engine:
                         top_k=top_k, top_p=top_p, seed=seed, stop=_as_stop_list(stop),
                         eos=_eos_ids(self.tokenizer, ignore_eos), device=self.model.device,
                         logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                        penalties=penalties if penalties != NO_PENALTIES else None)
+                        penalties=penalties if penalties != NO_PENALTIES else None, logit_bias=logit_bias)
 
     def generate_many(self, prompts, **options) -> list[Generation]:
         """Offline batch mode: serve every prompt and return the results in order.
@@ -950,30 +956,37 @@ class Engine:
 
     def _sample_tensor(self, rows: list[Sequence], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Next token per row [B], on the device: one argmax for the greedy rows, each sampled
-        row with its generator; rows with penalties sample from their penalized logits (a copy:
-        the model's own stay for the log-probabilities) and count their token, on the device.
+        row with its generator; rows with penalties or a logit bias sample from their adjusted logits
+        (a copy: the model's own stay for the log-probabilities), and rows with penalties count
+        their token, on the device.
         Also whether each row's logits were finite [B]: a row with NaN or inf (fp16 overflow, say)
         samples from finite stand-ins instead (`nan_to_num`), on the device, without a sync (a GPU's
         sampler would assert on it, which ends the process), and fails when read back."""
         finite = logits.sum(-1, dtype=torch.float32).isfinite()     # [B]; 8x cheaper than isfinite().all() on a CPU
         logits = torch.nan_to_num(logits)                             # a copy: the model's own stay as they were
-        penalized = [i for i, s in enumerate(rows) if s.penalties is not None]
-        if penalized:
+        adjusted = [i for i, s in enumerate(rows) if s.penalties is not None or s.logit_bias]
+        if adjusted:
             logits = logits.float()         # (nan_to_num made a copy already)
-            for i in penalized:
-                logits[i] = self._penalized(rows[i], logits[i])
+            for i in adjusted:
+                logits[i] = self._adjusted(rows[i], logits[i])
         out = greedy(logits)
         for i, seq in enumerate(rows):
             if seq.temperature > 0:
                 out[i] = sample(logits[i:i + 1], seq.temperature, seq.top_k, seq.top_p, seq.generator)[0]
-        for i in penalized:      # counted now, on the device: an overlapped next step sees it before the host
-            rows[i].counts.index_add_(0, out[i:i + 1], torch.ones(1, device=out.device))
+        for i in adjusted:       # counted now, on the device: an overlapped next step sees it before the host
+            if rows[i].penalties is not None:
+                rows[i].counts.index_add_(0, out[i:i + 1], torch.ones(1, device=out.device))
         return out, finite
 
     @staticmethod
-    def _penalized(seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
-        """One row's logits [V] with its penalties applied; its token counts built from what it
-        generated the first time (or after a preemption dropped them)."""
+    def _adjusted(seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
+        """One row's logits [V] with its penalties applied (its token counts built from what it
+        generated the first time, or after a preemption dropped them), then its logit bias added."""
+        if seq.logit_bias and seq.bias is None:
+            seq.bias = (to_device(list(seq.logit_bias), logits.device),
+                        to_device(list(seq.logit_bias.values()), logits.device, dtype=torch.float32))
+        if seq.penalties is None:
+            return logits.index_add(0, *seq.bias)
         if seq.counts is None:
             seq.counts = torch.zeros(logits.shape[-1], device=logits.device)
             if seq.generated:
@@ -982,7 +995,8 @@ class Engine:
         if seq.seen is None and seq.penalties["repetition_penalty"] != 1.0:
             seq.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
             seq.seen[to_device(seq.prompt_ids, logits.device)] = True
-        return apply_penalties(logits, seq.counts, seq.seen, **seq.penalties)
+        logits = apply_penalties(logits, seq.counts, seq.seen, **seq.penalties)
+        return logits.index_add(0, *seq.bias) if seq.bias is not None else logits
 
     @staticmethod
     def _logprobs(rows: list[Sequence], logits: torch.Tensor, out: torch.Tensor):

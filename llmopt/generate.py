@@ -489,7 +489,7 @@ def _checked_request(model, tokenizer, prompt, max_new_tokens, temperature, top_
 
 # the penalties' values that ask for none: generate stays on its own path, the engine skips the row's penalties
 NO_PENALTIES = dict(presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0)
-ENGINE_OPTIONS = ("n", "logprobs", "prompt_logprobs", *NO_PENALTIES)   # generate runs these on the engine
+ENGINE_OPTIONS = ("n", "logprobs", "prompt_logprobs", *NO_PENALTIES, "logit_bias")   # generate runs these on the engine
 PER_PROMPT_OPTIONS = ("max_new_tokens", "seed")   # options that may be given one per prompt
 
 
@@ -546,7 +546,8 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
              compile: str | bool = False, n: int = 1, sync_every: int = 1,
              graph_steps: int = 1, logprobs: int | None = None, prompt_logprobs: bool = False,
              presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-             repetition_penalty: float = 1.0) -> Generation | list[Generation]:
+             repetition_penalty: float = 1.0,
+             logit_bias: dict[int, float] | None = None) -> Generation | list[Generation]:
     """Generate up to `max_new_tokens` after `prompt` (text or ids); greedy at temperature 0 (notebook 00).
 
     Stops at the tokenizer's end-of-sequence token (unless `ignore_eos`) or when the
@@ -565,12 +566,14 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
     notebook 13). `logprobs=k` adds the model's log-probability of each new token and of
     its k most likely alternatives, `prompt_logprobs=True` those of the prompt's tokens
     (`Generation.logprobs`, ...: see `Engine.submit`); both run on the engine too, as do
-    `presence_penalty`, `frequency_penalty` and `repetition_penalty` (`penalties`; see
+    `presence_penalty`, `frequency_penalty`, `repetition_penalty` and `logit_bias` (see
     `Engine.submit`).
     """
     check_penalties(presence_penalty, frequency_penalty, repetition_penalty)
     penalties = {k: v for k, v in dict(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                        repetition_penalty=repetition_penalty).items() if v != NO_PENALTIES[k]}
+    if logit_bias is not None:
+        penalties["logit_bias"] = logit_bias      # (checked by the engine)
     if n != 1 or logprobs is not None or prompt_logprobs or penalties:
         what = ("n > 1 runs" if n != 1 else "penalties run" if penalties else "logprobs and prompt_logprobs run")
         check_count(n, "n (samples per prompt)")

@@ -28,6 +28,29 @@ def check_penalties(presence_penalty: float = 0.0, frequency_penalty: float = 0.
                          f"got {repetition_penalty!r}")
 
 
+def checked_logit_bias(logit_bias, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's `logit_bias` as {token id: bias}: ids may come as JSON's strings; each bias in [-100, 100]
+    and each id in the vocabulary, or a ValueError naming the entry."""
+    if logit_bias is None:
+        return None
+    if not isinstance(logit_bias, dict):
+        raise ValueError(f"logit_bias must be a dict of token id -> bias in [-100, 100], got {logit_bias!r:.60}")
+    out = {}
+    for key, bias in logit_bias.items():
+        if isinstance(key, str) and key.strip().lstrip("-").isdigit():      # JSON's keys are strings
+            tok = int(key)
+        elif isinstance(key, int) and not isinstance(key, bool):
+            tok = key
+        else:
+            raise ValueError(f"logit_bias keys are token ids, got {key!r}")
+        if not 0 <= tok < vocab_size:
+            raise ValueError(f"logit_bias: token id {key!r} is outside the vocabulary [0, {vocab_size})")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise ValueError(f"logit_bias: the bias of token {tok} must be a number in [-100, 100], got {bias!r}")
+        out[tok] = float(bias)
+    return out or None
+
+
 def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor | None, *,
                     presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                     repetition_penalty: float = 1.0) -> torch.Tensor:

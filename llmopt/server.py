@@ -27,8 +27,8 @@ which is how evaluation harnesses score a text); chat takes `"logprobs": true` a
 Each token is shown as its own decode (a piece of a character split across tokens shows as "\ufffd");
 `text_offset` counts characters into the returned text. Every generated token has an entry, the
 end-of-sequence token too. `presence_penalty` and `frequency_penalty` are OpenAI's, `repetition_penalty`
-vLLM's addition (`Engine.submit`). What it does not implement (logit bias, tools, structured output:
-`UNSUPPORTED`) is refused when asked for, not ignored. Chat messages are laid out by the
+vLLM's addition, and `logit_bias` OpenAI's (`Engine.submit`). What it does not implement (tools,
+structured output: `UNSUPPORTED`) is refused when asked for, not ignored. Chat messages are laid out by the
 checkpoint's chat template (`Tokenizer.apply_chat_template`).
 `Client(url)` is the other side: the engine's `submit` over HTTP (for `workload.run_load`), and
 `prompt_logprobs` to score a text, which `metrics.perplexity` uses for a served model.
@@ -58,8 +58,8 @@ CHAT_MAX_TOKENS = 256            # a chat reply's default length here (OpenAI's:
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}   # llmopt's finish reasons in OpenAI's words
 # OpenAI fields this server does not implement, and the values that ask for nothing: any other value is
 # refused with a 400 rather than silently ignored (fields not listed here, like "user", are ignored)
-UNSUPPORTED = {"suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}), "tools": (None, []),
-               "functions": (None, []), "response_format": (None, {"type": "text"})}
+UNSUPPORTED = {"suffix": (None, ""), "best_of": (None, 1), "tools": (None, []), "functions": (None, []),
+               "response_format": (None, {"type": "text"})}
 
 
 class Server:
@@ -375,8 +375,8 @@ class _Call:
                        top_p=None if top_p in (None, 1, 1.0) else top_p, top_k=body.get("top_k"),
                        seed=body.get("seed"), stop=body.get("stop"), ignore_eos=bool(body.get("ignore_eos", False)),
                        logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
-                       **{name: body[name] for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")
-                          if body.get(name) is not None})
+                       **{name: body[name] for name in ("presence_penalty", "frequency_penalty", "repetition_penalty",
+                                                        "logit_bias") if body.get(name) is not None})
         return cls(kind, prompts, options, n, stream,
                    bool((body.get("stream_options") or {}).get("include_usage", False)),
                    bool(body.get("return_token_ids", False)), logprobs, echo, prompt_only)

@@ -115,3 +115,40 @@ def test_bad_penalties_are_refused(tiny, bad, message):
         llmopt.generate(model, tok, "ROMEO:", **bad)
     with Engine(model, tok, max_batch_size=1) as engine, pytest.raises(ValueError, match=message):
         engine.submit("ROMEO:", **bad)
+
+
+def test_logit_bias_bans_and_forces_tokens(tiny):
+    """-100 bans a token greedy would take, +100 all but forces one; equal to the reference loop with the bias
+    added; through generate, the engine under overlap and with penalties beside it."""
+    model, tok = tiny
+    plain = llmopt.generate(model, tok, PROMPTS[1], max_new_tokens=16, ignore_eos=True).token_ids
+    banned = plain[2]
+    g = llmopt.generate(model, tok, PROMPTS[1], max_new_tokens=16, ignore_eos=True, logit_bias={banned: -100})
+    assert banned not in g.token_ids and g.token_ids[:2] == plain[:2]
+    forced = tok.encode(" Marry")[-1]
+    with Engine(model, tok, max_batch_size=4, overlap=True) as engine:
+        forced_g = engine.generate_many([PROMPTS[1]], max_new_tokens=6, ignore_eos=True,
+                                        logit_bias={str(forced): 100})[0]          # (JSON's keys are strings)
+    assert forced_g.token_ids == [forced] * 6
+    with Engine(model, tok, max_batch_size=2) as engine:
+        mixed = engine.submit(PROMPTS[2], max_new_tokens=12, ignore_eos=True, logit_bias={banned: -100, forced: 3.5},
+                              frequency_penalty=0.7).result(timeout=60)
+    ids, out = tok.encode(PROMPTS[2]), []
+    with torch.inference_mode():
+        for _ in range(12):
+            logits = model(torch.tensor([ids + out]))[0, -1]
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=model.config.vocab_size).float()
+            logits = apply_penalties(logits, counts, None, frequency_penalty=0.7)
+            logits[banned] -= 100
+            logits[forced] += 3.5
+            out.append(int(logits.argmax()))
+    assert mixed.token_ids == out
+
+
+@pytest.mark.parametrize("bias, message", [([1, 2], "logit_bias must be a dict"), ({"x": 1}, "keys are token ids"),
+                                           ({5.0: 1}, "keys are token ids"),
+                                           ({99999: 1}, "outside the vocabulary"), ({5: 101}, r"in \[-100, 100\]")])
+def test_bad_logit_bias_is_refused(tiny, bias, message):
+    model, tok = tiny
+    with pytest.raises(ValueError, match=message):
+        llmopt.generate(model, tok, "ROMEO:", logit_bias=bias)

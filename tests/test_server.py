@@ -143,9 +143,10 @@ def test_several_choices_stream_interleaved_and_join_to_the_whole_replies(server
 
 
 def test_penalties_reach_the_engine(server, chat_model):
-    """OpenAI's presence and frequency penalties (and vLLM's repetition_penalty): the engine's tokens with them."""
+    """OpenAI's presence and frequency penalties and logit bias (and vLLM's repetition_penalty): the engine's
+    tokens with them."""
     model, tok = chat_model
-    ask = dict(presence_penalty=0.5, frequency_penalty=1.2, repetition_penalty=1.3)
+    ask = dict(presence_penalty=0.5, frequency_penalty=1.2, repetition_penalty=1.3, logit_bias={"7": -100, "30": 2})
     want = llmopt.generate(model, tok, "KING:", max_new_tokens=24, ignore_eos=True, **ask)
     assert want.token_ids != llmopt.generate(model, tok, "KING:", max_new_tokens=24, ignore_eos=True).token_ids
     status, got = post(server, "/v1/completions", {"prompt": "KING:", "max_tokens": 24, "temperature": 0,
@@ -234,7 +235,8 @@ def test_chat_logprobs_in_openai_shape_streamed_or_not(server, chat_model):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "echo": True}, 400,
      "echo is for /v1/completions"),
     ("/v1/completions", {"prompt": "A", "frequency_penalty": 3}, 400, "frequency_penalty must be a number in [-2, 2]"),
-    ("/v1/completions", {"prompt": "A", "logit_bias": {"5": 100}}, 400, "logit_bias is not supported"),
+    ("/v1/completions", {"prompt": "A", "logit_bias": {"5": 101}}, 400, "logit_bias: the bias of token 5 must be"),
+    ("/v1/completions", {"prompt": "A", "tools": [{"type": "function"}]}, 400, "tools is not supported"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]},
      400, "tools is not supported"),
     ("/v1/embeddings", {"input": "A"}, 404, "POST /v1/completions or /v1/chat/completions"),
