@@ -592,8 +592,7 @@ class Engine:
         check_count(n, "n (samples per prompt)")
         if "max_new_tokens" in options and isinstance(options["max_new_tokens"], (list, tuple)):
             raise ValueError("sample_n takes one max_new_tokens for all samples")
-        base = seed if seed is not None else int(torch.randint(0, 2**31 - n, ()).item())
-        seqs = [self._new_sequence(prompt, seed=base + i, **options) for i in range(n)]
+        seqs = [self._new_sequence(prompt, seed=s, **options) for s in sample_seeds(seed, n)]
         for s in seqs:
             s.siblings = [o for o in seqs if o is not s]
         return self._serve(seqs)
@@ -1073,6 +1072,12 @@ class Engine:
             extra.update(prompt_logprobs=seq.prompt_lp[0], prompt_top_logprobs=seq.prompt_lp[1])
         return Generation(token_ids=list(seq.generated), text=text, prompt_ids=seq.prompt_ids,
                           finish_reason=seq.finish_reason, stats=stats, token_times=seq.token_times, **extra)
+
+
+def sample_seeds(seed: int | None, n: int) -> list[int]:
+    """The seeds of n samples of one prompt: seed, seed + 1, ... (from a random start when seed is None)."""
+    base = seed if seed is not None else int(torch.randint(0, 2**31 - n, ()).item())
+    return [base + i for i in range(n)]
 
 
 def _check_cache_fits(cfg, model, num_blocks: int, block_size: int) -> None:

@@ -570,12 +570,13 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
     `Engine.submit`).
     """
     check_penalties(presence_penalty, frequency_penalty, repetition_penalty)
-    penalties = {k: v for k, v in dict(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                       repetition_penalty=repetition_penalty).items() if v != NO_PENALTIES[k]}
+    adjust = {k: v for k, v in dict(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                    repetition_penalty=repetition_penalty).items() if v != NO_PENALTIES[k]}
     if logit_bias is not None:
-        penalties["logit_bias"] = logit_bias      # (checked by the engine)
-    if n != 1 or logprobs is not None or prompt_logprobs or penalties:
-        what = ("n > 1 runs" if n != 1 else "penalties run" if penalties else "logprobs and prompt_logprobs run")
+        adjust["logit_bias"] = logit_bias         # (checked by the engine)
+    if n != 1 or logprobs is not None or prompt_logprobs or adjust:
+        what = ("n > 1 runs" if n != 1 else "penalties and logit_bias run" if adjust
+                else "logprobs and prompt_logprobs run")
         check_count(n, "n (samples per prompt)")
         if compile or sync_every != 1 or graph_steps != 1:
             raise ValueError(f"{what} on the engine's paged cache: compile, sync_every and graph_steps "
@@ -584,7 +585,7 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 64, temperature:
         engine = Engine(model, tokenizer, max_batch_size=n)
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        stop=stop, ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                       **penalties)
+                       **adjust)
         if n == 1:
             return engine.generate_many([prompt], seed=seed, **options)[0]
         return engine.sample_n(prompt, n, seed=seed, **options)

@@ -48,9 +48,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import torch
-
-from .engine import MAX_LOGPROBS, Piece
+from .engine import MAX_LOGPROBS, Piece, sample_seeds
 from .tokenizer import IncrementalDecoder
 
 COMPLETION_MAX_TOKENS = 16       # OpenAI's default for /v1/completions
@@ -144,15 +142,12 @@ class Server:
     def _submit_all(self, call: "_Call") -> list:
         """An engine request a choice, in the reply's order: n per prompt, sample i seeded seed + i (as
         `Engine.sample_n`, without its shared prefill). All or none: a refused one cancels the others."""
-        options, seeds = dict(call.options), [call.options["seed"]]
-        if call.n > 1:
-            base = options["seed"] if options["seed"] is not None else int(torch.randint(0, 2**31 - call.n, ()))
-            seeds = [base + i for i in range(call.n)]
+        seeds = sample_seeds(call.options["seed"], call.n) if call.n > 1 else [call.options["seed"]]
         handles = []
         try:
             for p in call.prompts:
                 for seed in seeds:
-                    handles.append(self.engine.submit(p, **{**options, "seed": seed}))
+                    handles.append(self.engine.submit(p, **{**call.options, "seed": seed}))
         except Exception:
             for h in handles:
                 h.cancel()
