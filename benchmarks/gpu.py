@@ -170,6 +170,13 @@ def render(results: dict) -> str:
               [[r["label"], f"{r['e2e_tokens_per_s']:.0f}", f"{r['speedup']:.2f}x",
                 "" if r["tokens_per_target_forward"] is None else f"{r['tokens_per_target_forward']:.2f}",
                 "" if r["identical"] is None else r["identical"]] for r in sp["rows"]])
+    se = results.get("speculative_engine", {})
+    if "rows" in se:
+        table(f"{se['title']}:", ["draft, batch", "tokens/s plain", "tokens/s speculative", "speed-up",
+                                  "acceptance", "forwards a token", "outputs identical"],
+              [[r["label"], f"{r['plain_tokens_per_s']:.0f}", f"{r['speculative_tokens_per_s']:.0f}",
+                f"{r['speedup']:.2f}x", f"{r['acceptance_rate']:.2f}", f"{r['speculative_forwards_per_token']:.3f}",
+                r["identical"]] for r in se["rows"]])
     for k, v in results.items():
         if isinstance(v, dict) and "error" in v:
             md.append(f"\n- {k} failed: {v['error']}")
@@ -443,6 +450,16 @@ def main(argv=None) -> int:
         return {"title": res["title"], "ratios": res["ratios"],
                 "rows": [{k: r.get(k) for k in keep} for r in res["rows"]]}
 
+    def speculative_engine():
+        """Speculation inside the engine at batch 1, 4, 16 (smoke: 1, 4): tiny + tiny-draft and prompt lookup, k=4,
+        greedy, eager steps (speculation does not run in the engine's CUDA graphs)."""
+        from llmopt.bench import bench_speculative_engine
+        res = bench_speculative_engine(args.smoke, device)
+        keep = ("label", "batch_size", "plain_tokens_per_s", "speculative_tokens_per_s", "speedup",
+                "acceptance_rate", "speculative_forwards_per_token", "identical")
+        return {"title": res["title"], "ratios": res["ratios"],
+                "rows": [{k: r.get(k) for k in keep} for r in res["rows"]]}
+
     def bitsandbytes_decode():
         """bitsandbytes LLM.int8 and NF4 through transformers, on the same random-weight shape saved as a
         checkpoint (smoke: the tiny checkpoint on CPU). Skipped where bitsandbytes is not installed."""
@@ -475,7 +492,8 @@ def main(argv=None) -> int:
     # still missed on 2026-11-28 (MBU, int8 / bf16) come first; dialogue batching, met then (3.73x), next.
     for name, fn in (("decode_batch1", decode_vs_transformers), ("quantized_decode", quantized_decode),
                      ("batching_dialogue", batching_dialogue), ("batching", batching),
-                     ("prefill_stall", prefill_stall), ("speculative", speculative), ("attention_prefill", attention_prefill),
+                     ("prefill_stall", prefill_stall), ("speculative", speculative),
+                     ("speculative_engine", speculative_engine), ("attention_prefill", attention_prefill),
                      ("bitsandbytes", bitsandbytes_decode)):
         if args.only and name not in args.only.split(","):
             continue

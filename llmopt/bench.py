@@ -659,6 +659,36 @@ def bench_speculative(quick: bool, device: str, model: str = "tiny",
                            "expected_speedup", "speedup", "identical"]}
 
 
+def bench_speculative_engine(quick: bool, device: str, model: str = "tiny",
+                             text: str | None = None) -> dict:
+    """Speculative decoding inside the continuous-batching engine as the batch grows
+    (`workload.speculation_by_batch`): k=4, greedy, the engine with and without drafts at batch
+    1, 4 and 16 (quick: 1 and 4). Drafts: prompt lookup, and with `tiny` its MLP draft. Prompts
+    from the plays' held-out text (the engine's own prompts; `text` is not used here)."""
+    from .load import load_model
+    from .workload import speculation_by_batch
+    name, path = model_label(model), model
+    target, tok = load_model(path, device=device)
+    drafts = {"prompt lookup": "lookup"}
+    if path == "tiny":
+        drafts = {"tiny-draft (MLP)": load_model("tiny-draft", device=device)[0], **drafts}
+    sizes, new = ((1, 4), 16) if quick else ((1, 4, 16), 64)
+    rows = []
+    for label, d in drafts.items():
+        for r in speculation_by_batch(target, tok, d, sizes=sizes, k=4, max_new_tokens=new,
+                                      repeats=1 if quick else 3, label=label):
+            rows.append(dict(r, label=f"{label}, batch {r['batch_size']}", draft=label, model=name, device=device,
+                             dtype=str(target.dtype).removeprefix("torch.")))
+    ratios = {f"engine tokens/s with / without speculation, {r['label']}": r["speedup"] for r in rows}
+    ratios["batches whose outputs differ with speculation"] = sum(not r["identical"] for r in rows)
+    return {"name": "speculative_engine", "metric": "speedup",
+            "title": f"Speculation in the engine as the batch grows ({name}, k=4, greedy, {new} new tokens a request)",
+            "rows": rows, "ratios": ratios, "goal": {"batches whose outputs differ with speculation": "== 0"},
+            "extra_keys": ["batch_size", "plain_tokens_per_s", "speculative_tokens_per_s", "speedup",
+                           "acceptance_rate", "plain_forwards_per_token", "speculative_forwards_per_token",
+                           "identical"]}
+
+
 def bench_parallel(quick: bool, device: str, model: str = "tiny",
                    text: str | None = None) -> dict:
     """torchrun with 2 processes (gloo on CPU, NCCL on GPUs): tensor and data parallel vs one process."""
@@ -734,7 +764,8 @@ def bench_evaluation(quick: bool, device: str, model: str = "tiny",
 EXPERIMENTS = {"baseline": bench_baseline, "cache": bench_cache, "attention": bench_attention,
                "precision": bench_precision, "compile": bench_compile, "quantization": bench_quantization,
                "batching": bench_batching, "dialogue": bench_dialogue, "load": bench_load, "chunked": bench_chunked,
-               "speculative": bench_speculative, "parallel": bench_parallel, "evaluation": bench_evaluation}
+               "speculative": bench_speculative, "speculative_engine": bench_speculative_engine,
+               "parallel": bench_parallel, "evaluation": bench_evaluation}
 
 
 def _markdown_table(rows: list[dict], keys: list[str]) -> str:

@@ -116,6 +116,22 @@ class MLPDraft(nn.Module):
             ctx = torch.cat([ctx[:, 1:], d[:, None]], dim=1)
         return torch.cat(out).tolist() if out else []      # one device-to-host copy for all k
 
+    @torch.inference_mode()
+    def propose_many(self, token_lists: list[list[int]], ks: list[int]) -> list[list[int]]:
+        """`propose` for several sequences at once (the engine's rows): one batched step per draft
+        token, ks[b] tokens for sequence b."""
+        c, pad = self.config.context, self.config.pad_token_id
+        if not token_lists or max(ks, default=0) <= 0:
+            return [[] for _ in token_lists]
+        ctx = torch.tensor([[pad] * (c - len(t[-c:])) + list(t[-c:]) for t in token_lists], device=self.device)
+        out = []
+        for _ in range(max(ks)):
+            d = greedy(self(ctx))                          # [B]
+            out.append(d)
+            ctx = torch.cat([ctx[:, 1:], d[:, None]], dim=1)
+        rows = torch.stack(out, 1).tolist()                # one copy to the host
+        return [row[:k] for row, k in zip(rows, ks)]
+
     def save(self, folder: str | Path, tokenizer_folder: str | Path | None = None) -> Path:
         """config.json + model.safetensors (+ the target's tokenizer files)."""
         folder = Path(folder)

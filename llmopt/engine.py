@@ -39,6 +39,7 @@ from . import kv_cache
 from .kv_cache import BlockManager, PagedKVCache, kv_bytes_per_token, to_device
 from .model import check_llmopt_model
 from .sampling import apply_penalties, check_penalties, checked_logit_bias, greedy, sample, seeded_generator
+from .speculative import PromptLookup, verify_drafts
 
 _DONE = object()   # end-of-stream marker in a handle's token queue
 # the default KV cache holds max_batch_size sequences of this many tokens (or of the model's context
@@ -78,6 +79,8 @@ class Sequence:
         self.blocks: list[int] = []            # physical KV blocks, in logical order
         self.cached_tokens = 0                 # prompt tokens found in the prefix cache (or forked)
         self.computed: int | None = None       # while its prompt is prefilled in chunks: tokens done so far
+        self.draft: list[int] = []             # speculation: this step's proposed tokens, to verify
+        self.proposed = self.accepted = self.rejected = 0   # draft tokens, and verifications that rejected one
         self.siblings: list["Sequence"] = []   # samples of the same prompt that may fork from this one
         self.state = "waiting"                 # waiting, running, finished, failed, cancelled
         self.cancelled = False
@@ -370,6 +373,15 @@ class Scheduler:
         self.copies = [c for c in self.copies if c[2].state == "running"]
         return [s for s in rows if s.state == "running"]
 
+    def room_for(self, seq: Sequence, extra: int) -> int:
+        """How many of `extra` more tokens (speculation's drafts) fit after this step's token: free
+        blocks are taken while more than the watermark is left, but nothing is evicted or preempted
+        for a guess."""
+        n = seq.num_tokens + seq.inflight
+        while self.manager.blocks_needed(n + extra) > len(seq.blocks) and self.manager.can_allocate(1 + self.watermark):
+            seq.blocks += self.manager.allocate(1)
+        return max(0, min(extra, len(seq.blocks) * self.manager.block_size - n))
+
     def preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks and queue it first; it is recomputed when readmitted."""
         self.remove(seq)
@@ -438,6 +450,17 @@ class Engine:
     its buffers (`cuda_graphs.py`): on a GPU a small model's step then costs one launch
     instead of one per kernel. On a CPU the same padded steps run eagerly (slower: padding
     is real work there). `engine.graphs` counts what ran how.
+    With `speculative` (a proposer: "lookup" for prompt lookup, an `NGramDraft`, the MLP draft
+    `load_model("tiny-draft")[0]`, or any object with `propose(tokens, k)`), each decode step
+    first proposes up to `num_speculative_tokens` tokens for every running row, and the step's
+    one forward computes each row's last token and its drafts (in the mixed step's packed
+    sequence, beside the new prompts); a row keeps the drafts up to the first the model rejects
+    and one token of the model's own, so 1 to k + 1 tokens a step (`speculative.verify_drafts`:
+    greedy output is unchanged, sampled output follows the same distribution). Rows asking for
+    penalties, a logit bias or log-probabilities decode one token a step. Drafts only take free
+    blocks (never preempting a row for a guess). `engine.drafted`, `.draft_accepted` and
+    `.acceptance_rate` count them (per request: `Generation.stats`). It needs `overlap=False`
+    (drafts are proposed from the last step's tokens, on the host) and `cuda_graphs=False`.
     A fault while serving one request fails that request only.
     """
 
@@ -446,10 +469,12 @@ class Engine:
                  watermark: float = 0.01, prefix_caching: bool = False, metrics=None,
                  policy: str = "fcfs", overlap: bool = False, keep_gathered: bool = True,
                  mixed_steps: bool = True, max_prefill_tokens: int = 512, chunked_prefill: bool = False,
-                 cuda_graphs: bool = False, graph_max_tokens: int = 1024) -> None:
+                 cuda_graphs: bool = False, graph_max_tokens: int = 1024, speculative=None,
+                 num_speculative_tokens: int = 4) -> None:
         for name, value, optional in (("max_batch_size", max_batch_size, False),
                                       ("max_prefill_tokens", max_prefill_tokens, False),
                                       ("graph_max_tokens", graph_max_tokens, False),
+                                      ("num_speculative_tokens", num_speculative_tokens, False),
                                       ("block_size", block_size, False), ("num_blocks", num_blocks, True),
                                       ("max_seq_len", max_seq_len, True)):       # optional: None is the default
             check_count(value, name, optional=optional)
@@ -470,6 +495,9 @@ class Engine:
         self._inflight = None                  # overlap: (rows, tokens on device, host copy, event)
         check_llmopt_model(model, "Engine")
         self.model, self.tokenizer = model, tokenizer
+        self.proposer = _checked_proposer(speculative, model, overlap, cuda_graphs)
+        self.num_speculative_tokens = num_speculative_tokens
+        self.drafted = self.draft_accepted = self.draft_rejected = 0   # speculation: tokens, rejecting rows
         cfg = model.config
         self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
         num_blocks = num_blocks or max_batch_size * -(-min(self.max_seq_len, SLOT_TOKENS) // block_size)
@@ -691,13 +719,15 @@ class Engine:
             self.cache.copy_blocks([(a, b) for a, b, _ in sched.copies])
             self.blocks_copied += len(sched.copies)
         admitted, joining = self._admit()
+        if self.proposer is not None:
+            self._propose(rows)
         if rows or joining or self._inflight is not None:
             self._decode(rows, joining)
         if not sched.running:
             self.cache.drop_gathered()         # nothing runs: free the kept copy of the rows
         self.steps += 1
         self.step_log.append(dict(t=time.perf_counter(), rows=len(rows), prefills=len(admitted),
-                                  prefill_tokens=sum(chunk for _, chunk in joining),
+                                  prefill_tokens=sum(chunk for _, chunk in joining), drafted=self.drafted,
                                   blocks_used=self.cache.manager.num_blocks - self.cache.manager.num_free,
                                   waiting=len(sched.waiting), preemptions=sched.preemptions))
         if self.metrics is not None:
@@ -753,6 +783,32 @@ class Engine:
         if self.prefix_cache is not None:
             done = seq.prompt_ids[:seq.computed + chunk]
             self._registered += self.prefix_cache.insert(done, seq.blocks)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Speculation: accepted draft tokens / draft tokens checked (a rejection ends a row's
+        verification, so the drafts after it are never checked), as `speculative_generate` counts."""
+        checked = self.draft_accepted + self.draft_rejected
+        return self.draft_accepted / checked if checked else 0.0
+
+    def _propose(self, rows: list[Sequence]) -> None:
+        """Speculation: each row's drafts for this step (`seq.draft`), as many as its token budget
+        and the free blocks allow; none for rows with penalties, a logit bias or log-probabilities."""
+        want = []
+        for seq in rows:
+            seq.draft = []
+            room = min(self.num_speculative_tokens, seq.max_new_tokens - len(seq.generated) - 1)
+            if room > 0 and seq.penalties is None and not seq.logit_bias and seq.logprobs is None:
+                want.append((seq, room))
+        if not want:
+            return
+        if hasattr(self.proposer, "propose_many"):                  # one batched call (the MLP draft)
+            drafts = self.proposer.propose_many([s.all_ids for s, _ in want], [room for _, room in want])
+        else:
+            drafts = [self.proposer.propose(s.all_ids, room) for s, room in want]
+        for (seq, room), draft in zip(want, drafts):
+            draft = list(draft)[:room]
+            seq.draft = draft[:self.scheduler.room_for(seq, len(draft))] if draft else []
 
     def _prefill(self, seq: Sequence) -> None:
         """Compute a newly admitted (or readmitted) sequence's KV cache and its next token."""
@@ -816,19 +872,24 @@ class Engine:
         prev, self._inflight = self._inflight, None
         launched = None
         if rows or joining:
+            # speculation (never with overlap): rows with as many drafts share an attention group (set_mixed)
+            drafting = sorted((s for s in rows if s.draft), key=lambda s: len(s.draft))
+            plain = [s for s in rows if not s.draft] if drafting else rows
             try:
-                tokens = to_device([s.last_token for s in rows], self.model.device)  # host-known
+                tokens = to_device([s.last_token for s in plain], self.model.device)  # host-known
                 if prev is not None:                   # rows whose last token is still on the device
                     where = {id(s): i for i, s in enumerate(prev[0])}
-                    pairs = [(r, where[id(s)]) for r, s in enumerate(rows) if s.inflight]
+                    pairs = [(r, where[id(s)]) for r, s in enumerate(plain) if s.inflight]
                     if pairs:
                         dst, src = (to_device(list(i), tokens.device) for i in zip(*pairs))
                         tokens[dst] = prev[1][src]
-                lengths = [s.num_tokens - 1 + s.inflight for s in rows]        # tokens cached per row
-                if joining:
-                    logits = self._forward_mixed(rows, lengths, tokens, joining)
+                lengths = [s.num_tokens - 1 + s.inflight for s in plain]        # tokens cached per row
+                if drafting:
+                    logits = self._forward_mixed(plain, lengths, tokens, joining, verify=drafting)
+                elif joining:
+                    logits = self._forward_mixed(plain, lengths, tokens, joining)
                 else:
-                    logits = self._forward_rows(rows, lengths, tokens[:, None])
+                    logits = self._forward_rows(plain, lengths, tokens[:, None])
             except Exception as e:
                 self._read_back(prev)                 # settle the previous step first
                 if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
@@ -845,7 +906,9 @@ class Engine:
                     for seq in rows[len(rows) // 2:]:
                         self.scheduler.preempt(seq)
                 return
-            launched = self._sample_and_launch(*self._started(rows, *self._prefilled(rows, joining, logits)))
+            if drafting:             # their tokens are accepted now; the other rows' and prompts' logits remain
+                logits = self._verify(drafting, logits)
+            launched = self._sample_and_launch(*self._started(plain, *self._prefilled(plain, joining, logits)))
         if self.overlap:
             self._inflight = launched
             self._read_back(prev)
@@ -898,10 +961,14 @@ class Engine:
             if ok:
                 self._accept(seq, tok, found.get(i))
             else:       # this request alone fails; the others go on
-                self._finish(seq, "failed", error=FloatingPointError(
-                    f"request {seq.id}: the model's logits were not finite (NaN or inf) at new token "
-                    f"{len(seq.generated) + 1}; in fp16 activations can overflow (notebook 05): load the model in "
-                    "bf16 or fp32"))
+                self._finish(seq, "failed", error=self._not_finite(seq))
+
+    @staticmethod
+    def _not_finite(seq: Sequence) -> FloatingPointError:
+        return FloatingPointError(
+            f"request {seq.id}: the model's logits were not finite (NaN or inf) at new token "
+            f"{len(seq.generated) + 1}; in fp16 activations can overflow (notebook 05): load the model in "
+            "bf16 or fp32")
 
     def _prefilled(self, rows: list[Sequence], joining: list[tuple[Sequence, int]], logits: torch.Tensor):
         """After a forward with the prompt chunks of `joining`: the sequences whose prompts are now
@@ -917,6 +984,37 @@ class Engine:
             return done, logits
         return done, logits[to_device(keep, logits.device)]
 
+    def _verify(self, rows: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """Speculation: accept each of `rows`' tokens from the model's logits at its last token and
+        its drafts (the last rows of `logits`, 1 + len(draft) each, row after row): the drafts up to
+        the first the model rejects, then the model's own token (`verify_drafts`). A row whose logits
+        are not finite fails alone. Returns the logits before them (the other rows' and prompts')."""
+        n = sum(1 + len(s.draft) for s in rows)
+        mine, logits = logits[-n:], logits[:-n]
+        finite = mine.sum(-1, dtype=torch.float32).isfinite()
+        best, ok = torch.stack([greedy(torch.nan_to_num(mine)), finite.long()]).tolist()   # one copy
+        at = 0
+        for seq in rows:
+            draft, end = seq.draft, at + 1 + len(seq.draft)
+            seq.draft = []
+            if not all(ok[at:end]):
+                self._finish(seq, "failed", error=self._not_finite(seq))
+            elif seq.state == "running":
+                tokens, n_ok = verify_drafts(mine[at:end], draft, temperature=seq.temperature, top_k=seq.top_k,
+                                             top_p=seq.top_p, generator=seq.generator, best=best[at:end])
+                seq.proposed += len(draft)
+                seq.accepted += n_ok
+                seq.rejected += n_ok < len(draft)
+                self.drafted += len(draft)
+                self.draft_accepted += n_ok
+                self.draft_rejected += n_ok < len(draft)
+                for tok in tokens:
+                    self._accept(seq, tok)
+                    if seq.state != "running":
+                        break
+            at = end
+        return logits
+
     def _forward_rows(self, rows: list[Sequence], lengths: list[int], tokens: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] for one new token per row (tokens [B, 1]); row b has lengths[b] tokens cached."""
         device = self.model.device
@@ -931,24 +1029,31 @@ class Engine:
                           positions=lens[:, None], key_mask=key_mask)[:, -1]
 
     def _forward_mixed(self, rows: list[Sequence], lengths: list[int], tokens: torch.Tensor,
-                       joining: list[tuple[Sequence, int]]) -> torch.Tensor:
+                       joining: list[tuple[Sequence, int]], verify: list[Sequence] = ()) -> torch.Tensor:
         """Logits [B + J, V]: one new token per row (tokens [B]) and a chunk of each joining
         sequence's prompt (all of it, without chunked prefill), in one forward of a single packed
-        sequence (PagedKVCache.set_mixed)."""
+        sequence (PagedKVCache.set_mixed). Speculation's `verify` rows come after them, each with its
+        last token and its drafts, and keep the logits at every one of those positions."""
         device = self.model.device
         seqs = [s for s, _ in joining]
         prompts = [s.all_ids[s.computed:s.computed + chunk] for s, chunk in joining]
-        if self.graphs is not None and self.graphs.fits(len(rows) + len(joining), max(map(len, prompts))):
+        if self.graphs is not None and not verify and \
+                self.graphs.fits(len(rows) + len(joining), max(map(len, prompts))):
             self.forwards += 1
             return self.graphs.forward([s.blocks for s in rows + seqs],
                                        lengths + [s.computed for s in seqs], tokens, prompts)
-        pos = self.cache.set_mixed([s.blocks for s in rows], lengths,
-                                   [(s.blocks, s.computed, len(p)) for s, p in zip(seqs, prompts)])
+        starts = [s.computed for s in seqs] + [s.num_tokens - 1 for s in verify]
+        prompts += [[s.last_token] + s.draft for s in verify]
+        chunks = [(s.blocks, start, len(p)) for s, start, p in zip(seqs + list(verify), starts, prompts)]
+        pos = self.cache.set_mixed([s.blocks for s in rows], lengths, chunks)
         ids = torch.cat([tokens, to_device([t for p in prompts for t in p], device)])[None]
         ends, n = [], len(rows)
-        for p in prompts:                      # each prompt's last token gives its first new one
+        for i, p in enumerate(prompts):
+            if i < len(seqs):                  # a prompt's last token gives its first new one
+                ends.append(n + len(p) - 1)
+            else:                              # a verified row: every position
+                ends += range(n, n + len(p))
             n += len(p)
-            ends.append(n - 1)
         keep = to_device(list(range(len(rows))) + ends, device)
         self.forwards += 1
         return self.model(ids, pos, self.cache, positions=pos[None], logits_to_keep=keep)[0]
@@ -1065,6 +1170,10 @@ class Engine:
         stats.update(queue_s=(seq.first_scheduled or seq.submitted) - seq.submitted,
                      preemptions=seq.preemptions, cached_prompt_tokens=seq.cached_tokens, cache="paged",
                      device=str(self.model.device), dtype=str(self.model.dtype).removeprefix("torch."), compiled=False)
+        if self.proposer is not None:
+            checked = seq.accepted + seq.rejected
+            stats.update(proposed=seq.proposed, accepted=seq.accepted,
+                         acceptance_rate=seq.accepted / checked if checked else 0.0)
         extra = {}
         if seq.logprobs is not None:
             extra.update(logprobs=list(seq.token_logprobs), top_logprobs=list(seq.top_logprobs))
@@ -1094,3 +1203,33 @@ def _check_cache_fits(cfg, model, num_blocks: int, block_size: int) -> None:
     raise ValueError(f"the engine's KV cache ({num_blocks:,} blocks of {block_size} tokens: "
                      f"{num_blocks * per_block / 2**30:.2f} GiB) does not fit in the {free / 2**30:.2f} GiB free on "
                      f"{model.device}: {fix}, or give the engine a smaller max_batch_size or max_seq_len")
+
+
+def _checked_proposer(speculative, model, overlap: bool, cuda_graphs: bool):
+    """The engine's draft proposer (None without speculation), or a clear error."""
+    if speculative is None:
+        return None
+    if isinstance(speculative, str):
+        if speculative != "lookup":
+            raise ValueError(f"speculative must be 'lookup' (prompt lookup) or a proposer with propose(tokens, k), "
+                             f"got {speculative!r}")
+        speculative = PromptLookup()
+    if not hasattr(speculative, "propose"):
+        raise ValueError(f"speculative must be 'lookup' or a proposer with propose(tokens, k) (an NGramDraft, the "
+                         f"MLP draft load_model('tiny-draft')[0]), got {type(speculative).__name__}: a draft "
+                         "transformer needs a KV cache of its own, which the engine does not keep; "
+                         "llmopt.speculative_generate runs one for a single stream")
+    vocab = getattr(getattr(speculative, "config", None), "vocab_size", None)
+    if vocab is not None and vocab != model.config.vocab_size:
+        raise ValueError(f"the draft's vocabulary ({vocab}) differs from the model's ({model.config.vocab_size}): "
+                         "it must share the model's tokenizer")
+    device = getattr(speculative, "device", None)
+    if isinstance(device, torch.device) and device != model.device:
+        raise ValueError(f"the draft is on {device}, the model on {model.device}: move both to one device")
+    if overlap:
+        raise ValueError("speculative decoding proposes each step's drafts from the tokens the last step "
+                         "accepted, on the host, so steps cannot overlap: pass overlap=False")
+    if cuda_graphs:
+        raise ValueError("speculative decoding's steps carry 1 to k + 1 tokens a row, which the engine's CUDA "
+                         "graphs do not record: pass cuda_graphs=False")
+    return speculative

@@ -306,6 +306,8 @@ class PagedKVCache:
         a decode step, and each prompt causally over its own blocks. Returns each token's
         position [N].
 
+        Consecutive prompts of equal length (speculation's rows verifying k drafts each, or a
+        one-token chunk beside the decode rows) share a group, each row masked to its own blocks.
         This is what vLLM and Sarathi-Serve do so that a new request costs no forward of
         its own; their kernels take every group in one launch (variable-length attention).
         """
@@ -319,7 +321,12 @@ class PagedKVCache:
             groups.append((0, len(blocks), 0, len(blocks), self.manager.blocks_needed(max(lengths) + 1)))
         for r, (row, start, count) in enumerate(prompts, start=len(blocks)):
             write += self._slots_of(row, start, count)
-            groups.append((r, 1, len(positions), count, self.manager.blocks_needed(start + count)))
+            nbg = self.manager.blocks_needed(start + count)
+            last = groups[-1] if groups else None
+            if last is not None and last[3] == last[1] * count:   # as many tokens as the previous group's rows:
+                groups[-1] = (last[0], last[1] + 1, last[2], last[3] + count, max(last[4], nbg))   # one more row
+            else:
+                groups.append((r, 1, len(positions), count, nbg))
             positions += range(start, start + count)
         # one gather of every row (decode rows, then each prompt) per layer, kept for the next
         # decode step as a regather would keep it: those rows are the next step's rows

@@ -263,31 +263,10 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
             logits = tgt.feed(fed + drafts, all_logits=True)[len(fed) - 1:]          # [len(drafts)+1, V]
             rounds += 1
             proposed += len(drafts)
-            n_ok, pending = 0, []
             best = greedy_ids(logits).tolist() if greedy else None     # one host copy for the round
-            for i, d in enumerate(drafts):
-                if greedy:
-                    ok = best[i] == d
-                else:
-                    p = probabilities(logits[i], temperature, top_k, top_p)
-                    qd = q[i][d] if q else 1.0                      # lookup: q is a point mass on d
-                    ok = bool(torch.rand((), generator=gen, device=p.device) * qd < p[d])
-                if not ok:
-                    if greedy:
-                        pending.append(best[i])
-                    else:
-                        resid = p.clone()
-                        if q:
-                            resid = (p - q[i]).clamp(min=0)
-                        else:
-                            resid[d] = 0
-                        pending.append(int(torch.multinomial(resid / resid.sum(), 1, generator=gen)))
-                    break
-                n_ok += 1
-                pending.append(d)
+            pending, n_ok = verify_drafts(logits, drafts, temperature=temperature, top_k=top_k, top_p=top_p,
+                                          generator=gen, q=q or None, best=best)
             rejected += n_ok < len(drafts)
-            if n_ok == len(drafts):                                  # every draft accepted: a bonus token
-                pending.append(best[-1] if greedy else pick(logits[len(drafts)]))
             accepted += n_ok
             # roll back: the caches keep only positions that hold accepted tokens
             tgt.pos = len(tokens) + n_ok
@@ -318,6 +297,42 @@ def speculative_generate(target, draft, tokenizer, prompt, *, k: int = 4, max_ne
                      stops_paying_at_batch=stops_paying_at(rows))
     return Generation(token_ids=new, text=text, prompt_ids=ids, finish_reason=reason, stats=stats,
                       token_times=times)
+
+
+def verify_drafts(logits: torch.Tensor, drafts: list[int], *, temperature: float = 0.0,
+                  top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+                  q: list[torch.Tensor] | None = None, best: list[int] | None = None) -> tuple[list[int], int]:
+    """One verification: the tokens the target keeps from `drafts` (d1..dm), given its logits
+    [m + 1, V] at the positions of the last known token and of each draft. Returns (tokens, a):
+    the a drafts it accepted, then its own token (the correction at the first rejection, or a
+    bonus token after the last draft), so 1 to m + 1 tokens.
+
+    Greedy (temperature 0): a draft is accepted when it is the target's argmax (`best`: the
+    argmax at every position, when the caller has it already). Sampling: d is accepted with
+    probability min(1, p(d) / q(d)) using `generator`, and a rejection draws from max(0, p - q)
+    renormalized, with `q` the draft's distributions, or a point mass on d (a proposer's tokens:
+    q=None), when the residual is p without d. The tokens then follow p exactly.
+    """
+    if temperature == 0:
+        best = best if best is not None else greedy_ids(logits).tolist()
+        n_ok = 0
+        while n_ok < len(drafts) and drafts[n_ok] == best[n_ok]:
+            n_ok += 1
+        return list(drafts[:n_ok]) + [best[n_ok]], n_ok
+    out = []
+    for i, d in enumerate(drafts):
+        p = probabilities(logits[i], temperature, top_k, top_p)
+        qd = q[i][d] if q else 1.0                      # a proposer: q is a point mass on d
+        if bool(torch.rand((), generator=generator, device=p.device) * qd < p[d]):
+            out.append(d)
+            continue
+        resid = (p - q[i]).clamp(min=0) if q else p.clone()
+        if not q:
+            resid[d] = 0
+        out.append(int(torch.multinomial(resid / resid.sum(), 1, generator=generator)))
+        return out, i
+    p = probabilities(logits[len(drafts)], temperature, top_k, top_p)
+    return out + [int(torch.multinomial(p, 1, generator=generator))], len(drafts)
 
 
 def stops_paying_at(rows: list[dict]) -> int | None:

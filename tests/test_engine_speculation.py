@@ -1,0 +1,167 @@
+"""Speculative decoding inside the continuous-batching engine: each step's one forward verifies every row's drafts
+(prompt lookup, an n-gram table, the MLP draft). Greedy output must equal plain decoding's under every engine option,
+sampled output must follow the model's distribution, and rows that cannot speculate (penalties, logit bias,
+log-probabilities) must be served as before beside the ones that do."""
+import pytest
+import torch
+
+import llmopt
+from llmopt.engine import Engine
+from llmopt.speculative import NGramDraft, verify_drafts
+
+PROMPTS = ["ROMEO:", "KING:\nNow", "JULIET:\nO Romeo, Romeo", "First Citizen:\nBefore we proceed any further",
+           "HAMLET:", "MENENIUS:\nWhat", "To be, or not", "DUKE:"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return llmopt.load_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def mlp_draft():
+    return llmopt.load_model("tiny-draft")[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    model, tok = tiny
+    return [llmopt.generate(model, tok, p, max_new_tokens=40).token_ids for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def ngram(tiny):
+    from llmopt.data import load_split
+    return NGramDraft.from_text(tiny[1], load_split("train")[0][:100_000])
+
+
+@pytest.mark.parametrize("options", [
+    dict(), dict(prefix_caching=True), dict(mixed_steps=False), dict(keep_gathered=False),
+    dict(chunked_prefill=True, max_prefill_tokens=8), dict(num_blocks=12, max_batch_size=6),   # preemption
+    dict(num_speculative_tokens=1), dict(num_speculative_tokens=8, max_batch_size=3)],
+    ids=["default", "prefix-caching", "separate-prefills", "gather-every-step", "chunked", "preemption",
+         "k=1", "k=8"])
+@pytest.mark.parametrize("kind", ["lookup", "mlp", "ngram"])
+def test_greedy_output_is_unchanged(tiny, mlp_draft, ngram, reference, kind, options):
+    """Whatever the drafts, a greedy row keeps exactly the tokens plain decoding gives, and a step yields more than
+    one token a row once drafts are accepted."""
+    model, tok = tiny
+    options = dict(dict(max_batch_size=4), **options)
+    with Engine(model, tok, speculative=dict(lookup="lookup", mlp=mlp_draft, ngram=ngram)[kind], **options) as engine:
+        outs = engine.generate_many(PROMPTS, max_new_tokens=40)
+        assert [o.token_ids for o in outs] == reference
+        assert engine.drafted > 0 and 0 < engine.draft_accepted <= engine.drafted
+        assert sum(o.stats["accepted"] for o in outs) == engine.draft_accepted
+        assert sum(o.stats["proposed"] for o in outs) == engine.drafted
+        if "num_blocks" in options:
+            assert engine.scheduler.preemptions > 0
+        if kind == "mlp" and "num_blocks" not in options:
+            # the trained draft agrees often: fewer forwards than one per token per batch
+            assert engine.forwards < engine.tokens_generated / options["max_batch_size"]
+
+
+def test_a_row_stops_where_plain_decoding_stops(tiny, mlp_draft):
+    """Several accepted tokens in one step still end a row at its stop string, end of sequence or length."""
+    model, tok = tiny
+    asks = [dict(stop=["\n"]), dict(stop=["the"]), dict(max_new_tokens=3), dict(max_new_tokens=1), {}]
+    ref = [llmopt.generate(model, tok, p, **dict(dict(max_new_tokens=30), **a)) for p, a in zip(PROMPTS, asks)]
+    with Engine(model, tok, max_batch_size=5, speculative=mlp_draft) as engine:
+        handles = [engine.submit(p, **dict(dict(max_new_tokens=30), **a)) for p, a in zip(PROMPTS, asks)]
+        outs = [h.result() for h in handles]
+    for got, want in zip(outs, ref):
+        assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
+    assert {o.finish_reason for o in outs} >= {"stop", "length"}
+
+
+def test_rows_that_cannot_speculate_run_beside_those_that_do(tiny, mlp_draft):
+    """Penalties, a logit bias or log-probabilities: those rows decode a token a step, with the same tokens and
+    log-probabilities as an engine without speculation, while the other rows speculate."""
+    model, tok = tiny
+    asks = [dict(repetition_penalty=1.3), {}, dict(logprobs=2), dict(logit_bias={5: -100}), {},
+            dict(frequency_penalty=0.5)]
+    prompts = PROMPTS[:len(asks)]
+    with Engine(model, tok, max_batch_size=6) as plain:
+        want = [plain.submit(p, max_new_tokens=30, **a) for p, a in zip(prompts, asks)]
+        want = [h.result() for h in want]
+    with Engine(model, tok, max_batch_size=6, speculative=mlp_draft) as engine:
+        got = [engine.submit(p, max_new_tokens=30, **a) for p, a in zip(prompts, asks)]
+        got = [h.result() for h in got]
+    for g, w, a in zip(got, want, asks):
+        assert g.token_ids == w.token_ids
+        assert (g.stats["proposed"] > 0) == (not a)
+        if "logprobs" in a:
+            assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+
+
+def test_sampled_rows_narrowed_to_one_token_equal_greedy(tiny, mlp_draft, reference):
+    """At temperature 1 with top_k=1 the distribution is the argmax's point mass: accepting a draft with
+    probability p(d) and drawing the rest from p without d must then give the greedy tokens, forks included."""
+    model, tok = tiny
+    with Engine(model, tok, max_batch_size=4, speculative="lookup") as engine:
+        outs = engine.generate_many(PROMPTS, max_new_tokens=40, temperature=1.0, top_k=1, seed=3)
+        assert [o.token_ids for o in outs] == reference
+        samples = engine.sample_n(PROMPTS[0], 3, max_new_tokens=40, temperature=0.7, top_p=1e-6, seed=1)
+        assert [s.token_ids for s in samples] == [reference[0]] * 3
+        assert engine.draft_accepted > 0
+
+
+def test_seeded_samples_repeat(tiny, mlp_draft):
+    model, tok = tiny
+    runs = []
+    for _ in range(2):
+        with Engine(model, tok, max_batch_size=4, speculative=mlp_draft) as engine:
+            runs.append([o.token_ids for o in engine.generate_many(PROMPTS[:6], max_new_tokens=30,
+                                                                   temperature=0.9, seed=list(range(6)))])
+            assert engine.draft_accepted > 0
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("q", [False, True])
+def test_verification_samples_the_models_distribution(q):
+    """Whatever the draft proposes (a proposer's token, q a point mass; or a draft model's sample from q), the
+    first token kept follows p: the empirical distribution over 20,000 verifications is within 0.02 of p
+    (total variation), and the second position's too when the first draft was accepted."""
+    torch.manual_seed(0)
+    V, n = 6, 20000
+    logits = torch.randn(3, V) * 1.5
+    p = logits.softmax(-1)
+    qdist = torch.tensor([[0.5, 0.1, 0.1, 0.1, 0.1, 0.1], [0.05, 0.05, 0.1, 0.1, 0.2, 0.5]])
+    gen = torch.Generator().manual_seed(1)
+    first = torch.zeros(V)
+    second, after_accept = torch.zeros(V), 0
+    for _ in range(n):
+        if q:
+            drafts = [int(torch.multinomial(qdist[i], 1, generator=gen)) for i in range(2)]
+        else:
+            drafts = [2, 4]
+        out, n_ok = verify_drafts(logits, drafts, temperature=1.0, generator=gen, q=list(qdist) if q else None)
+        assert 1 <= len(out) == n_ok + 1 <= 3 and out[:n_ok] == drafts[:n_ok]
+        first[out[0]] += 1
+        if n_ok >= 1:
+            second[out[1]] += 1
+            after_accept += 1
+    assert 0.5 * (first / n - p[0]).abs().sum() < 0.02
+    assert 0.5 * (second / after_accept - p[1]).abs().sum() < 0.04
+
+
+def test_greedy_verification_keeps_the_agreeing_prefix():
+    logits = torch.full((4, 5), -1.0)
+    for i, t in enumerate([3, 1, 4, 0]):
+        logits[i, t] = 1.0
+    assert verify_drafts(logits, [3, 1, 2]) == ([3, 1, 4], 2)
+    assert verify_drafts(logits, [3, 1, 4]) == ([3, 1, 4, 0], 3)
+    assert verify_drafts(logits[:1], []) == ([3], 0)
+    assert verify_drafts(logits, [0, 1, 4]) == ([3], 0)
+
+
+def test_bad_speculation_options_are_refused(tiny):
+    model, tok = tiny
+    draft_llama, _ = llmopt.load_model("tiny-draft-llama")
+    for kwargs, message in [
+            (dict(speculative="medusa"), "'lookup'"),
+            (dict(speculative=draft_llama), "KV cache of its own"),
+            (dict(speculative="lookup", overlap=True), "overlap=False"),
+            (dict(speculative="lookup", cuda_graphs=True), "cuda_graphs=False"),
+            (dict(speculative="lookup", num_speculative_tokens=0), "num_speculative_tokens")]:
+        with pytest.raises(ValueError, match=message):
+            Engine(model, tok, **kwargs)
