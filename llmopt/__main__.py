@@ -63,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--chunked-prefill", action="store_true",
                    help="compute long prompts in chunks over several steps, so running requests do not stall")
     v.add_argument("--max-prefill-tokens", type=int, default=512, help="prompt tokens a step (default 512)")
+    v.add_argument("--speculative", metavar="DRAFT",
+                   help="speculative decoding: 'lookup' (prompt lookup) or an MLP draft ('tiny-draft', or a folder "
+                        "from python -m llmopt.draft) proposing tokens each step for every request")
+    v.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens a request a step (default 4)")
+    v.add_argument("--speculative-max-batch", type=int,
+                   help="no drafts in a step with more requests decoding than this (default: always speculate)")
     v.add_argument("--device", help="cpu, cuda, cuda:1, or auto (default: cpu)")
     v.add_argument("--dtype", help="fp32, fp16 or bf16 (default: the checkpoint's)")
     args = parser.parse_args(argv)
@@ -152,8 +158,13 @@ def _serve(parser, args) -> int:
         parser.error(f"--port must be in 0..65535, got {args.port}")
     try:
         model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
+        draft = args.speculative
+        if draft not in (None, "lookup"):
+            draft = load_model(draft, device=args.device)[0]
         engine = Engine(model, tok, max_batch_size=args.max_batch_size, prefix_caching=args.prefix_caching,
-                        chunked_prefill=args.chunked_prefill, max_prefill_tokens=args.max_prefill_tokens)
+                        chunked_prefill=args.chunked_prefill, max_prefill_tokens=args.max_prefill_tokens,
+                        speculative=draft, num_speculative_tokens=args.num_speculative_tokens,
+                        speculative_max_batch=args.speculative_max_batch)
         server = Server(engine, host=args.host, port=args.port, model_name=args.model)
     except (ValueError, FileNotFoundError, OSError) as e:    # an unknown model, bad options, a port in use
         parser.error(str(e))

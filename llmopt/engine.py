@@ -458,9 +458,12 @@ class Engine:
     and one token of the model's own, so 1 to k + 1 tokens a step (`speculative.verify_drafts`:
     greedy output is unchanged, sampled output follows the same distribution). Rows asking for
     penalties, a logit bias or log-probabilities decode one token a step. Drafts only take free
-    blocks (never preempting a row for a guess). `engine.drafted`, `.draft_accepted` and
-    `.acceptance_rate` count them (per request: `Generation.stats`). It needs `overlap=False`
-    (drafts are proposed from the last step's tokens, on the host) and `cuda_graphs=False`.
+    blocks (never preempting a row for a guess). With `speculative_max_batch`, a step with more
+    rows than that decodes without drafts: speculation pays at small batch and costs once the
+    step is compute-bound (notebook 09 measures where; vLLM's disable_by_batch_size).
+    `engine.drafted`, `.draft_accepted` and `.acceptance_rate` count them (per request:
+    `Generation.stats`). It needs `overlap=False` (drafts are proposed from the last step's
+    tokens, on the host) and `cuda_graphs=False`.
     A fault while serving one request fails that request only.
     """
 
@@ -470,11 +473,12 @@ class Engine:
                  policy: str = "fcfs", overlap: bool = False, keep_gathered: bool = True,
                  mixed_steps: bool = True, max_prefill_tokens: int = 512, chunked_prefill: bool = False,
                  cuda_graphs: bool = False, graph_max_tokens: int = 1024, speculative=None,
-                 num_speculative_tokens: int = 4) -> None:
+                 num_speculative_tokens: int = 4, speculative_max_batch: int | None = None) -> None:
         for name, value, optional in (("max_batch_size", max_batch_size, False),
                                       ("max_prefill_tokens", max_prefill_tokens, False),
                                       ("graph_max_tokens", graph_max_tokens, False),
                                       ("num_speculative_tokens", num_speculative_tokens, False),
+                                      ("speculative_max_batch", speculative_max_batch, True),
                                       ("block_size", block_size, False), ("num_blocks", num_blocks, True),
                                       ("max_seq_len", max_seq_len, True)):       # optional: None is the default
             check_count(value, name, optional=optional)
@@ -496,7 +500,7 @@ class Engine:
         check_llmopt_model(model, "Engine")
         self.model, self.tokenizer = model, tokenizer
         self.proposer = _checked_proposer(speculative, model, overlap, cuda_graphs)
-        self.num_speculative_tokens = num_speculative_tokens
+        self.num_speculative_tokens, self.speculative_max_batch = num_speculative_tokens, speculative_max_batch
         self.drafted = self.draft_accepted = self.draft_rejected = 0   # speculation: tokens, rejecting rows
         cfg = model.config
         self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
@@ -793,10 +797,14 @@ class Engine:
 
     def _propose(self, rows: list[Sequence]) -> None:
         """Speculation: each row's drafts for this step (`seq.draft`), as many as its token budget
-        and the free blocks allow; none for rows with penalties, a logit bias or log-probabilities."""
+        and the free blocks allow; none for rows with penalties, a logit bias or log-probabilities, and
+        none at all when more rows run than `speculative_max_batch`."""
         want = []
+        busy = self.speculative_max_batch is not None and len(rows) > self.speculative_max_batch
         for seq in rows:
             seq.draft = []
+            if busy:
+                continue
             room = min(self.num_speculative_tokens, seq.max_new_tokens - len(seq.generated) - 1)
             if room > 0 and seq.penalties is None and not seq.logit_bias and seq.logprobs is None:
                 want.append((seq, room))

@@ -154,6 +154,18 @@ def test_greedy_verification_keeps_the_agreeing_prefix():
     assert verify_drafts(logits, [0, 1, 4]) == ([3], 0)
 
 
+def test_a_busy_engine_stops_speculating(tiny, mlp_draft, reference):
+    """`speculative_max_batch=2`: no drafts in a step with more than two rows, drafts again once fewer run."""
+    model, tok = tiny
+    with Engine(model, tok, max_batch_size=4, speculative=mlp_draft, speculative_max_batch=2) as engine:
+        outs = engine.generate_many(PROMPTS[:4], max_new_tokens=[10, 20, 30, 40])
+        assert [o.token_ids for o in outs] == [r[:n] for r, n in zip(reference, (10, 20, 30, 40))]
+        log = engine.step_log
+        drafted = [(b["rows"], b["drafted"] - a["drafted"]) for a, b in zip(log, log[1:])]
+        assert all(d == 0 for rows, d in drafted if rows > 2)
+        assert sum(d for rows, d in drafted if rows <= 2) == engine.drafted > 0
+
+
 def test_bad_speculation_options_are_refused(tiny):
     model, tok = tiny
     draft_llama, _ = llmopt.load_model("tiny-draft-llama")
@@ -162,6 +174,7 @@ def test_bad_speculation_options_are_refused(tiny):
             (dict(speculative=draft_llama), "KV cache of its own"),
             (dict(speculative="lookup", overlap=True), "overlap=False"),
             (dict(speculative="lookup", cuda_graphs=True), "cuda_graphs=False"),
-            (dict(speculative="lookup", num_speculative_tokens=0), "num_speculative_tokens")]:
+            (dict(speculative="lookup", num_speculative_tokens=0), "num_speculative_tokens"),
+            (dict(speculative="lookup", speculative_max_batch=0), "speculative_max_batch")]:
         with pytest.raises(ValueError, match=message):
             Engine(model, tok, **kwargs)

@@ -63,12 +63,14 @@ def test_gpu_session_smoke(tmp_path):
         "int8 weight-only",
         "int4 g64 weight-only (static cache), 16 steps per CUDA graph"]
     for part in ("quantized_decode", "attention_prefill", "batching", "batching_dialogue", "speculative",
-                 "bitsandbytes"):
+                 "speculative_engine", "bitsandbytes"):
         assert "error" not in res[part], res[part]
         assert res[part]["rows"]
     assert all(r["identical"] for r in res["batching"]["rows"] + res["batching_dialogue"]["rows"])
-    assert all(r["identical"] for r in res["speculative"]["rows"][1:])
+    assert all(r["identical"] for r in res["speculative"]["rows"][1:] + res["speculative_engine"]["rows"])
+    assert [r["batch_size"] for r in res["speculative_engine"]["rows"]] == [1, 4, 1, 4]
     md = (tmp_path / "suite" / "gpu_results.md").read_text()
+    assert "| tiny-draft (MLP), batch 4 |" in md
     assert md.startswith("# GPU suite") and "| decode MBU (batch 1, bf16, compiled) | 70% | not run | - |" in md
     goals = {g["row"]: g for g in res["goals"]}
     fcfs = goals["batching_dialogue: continuous batching"]

@@ -310,19 +310,23 @@ def test_serve_command_refuses_bad_options(capsys):
     for argv, message in [(["serve", "--port", "70000"], "--port must be in 0..65535"),
                           (["serve", "--model", "no-such-model", "--port", "0"], "no checkpoint at 'no-such-model'"),
                           (["serve", "--max-batch-size", "0", "--port", "0"], "max_batch_size"),
-                          (["serve", "--max-prefill-tokens", "0", "--port", "0"], "max_prefill_tokens")]:
+                          (["serve", "--max-prefill-tokens", "0", "--port", "0"], "max_prefill_tokens"),
+                          (["serve", "--speculative", "tiny-draft-llama", "--port", "0"], "KV cache of its own"),
+                          (["serve", "--speculative", "lookup", "--num-speculative-tokens", "0", "--port", "0"],
+                           "num_speculative_tokens")]:
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_serve_command_serves_until_stopped():
-    """`python -m llmopt serve --port 0` prints where it listens, answers there, and stops on Ctrl-C."""
+    """`python -m llmopt serve --port 0` prints where it listens, answers there (the same greedy text with the MLP
+    draft speculating), and stops on Ctrl-C."""
     import signal
     import subprocess
     import sys
     proc = subprocess.Popen([sys.executable, "-m", "llmopt", "serve", "--port", "0", "--chunked-prefill",
-                             "--max-prefill-tokens", "4", "--prefix-caching"],
+                             "--max-prefill-tokens", "4", "--prefix-caching", "--speculative", "tiny-draft"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

@@ -95,8 +95,8 @@ def test_bench_quick_writes_a_report(tmp_path):
 def test_bench_quick_serving_speculation_and_scoreboard(tmp_path):
     """The later experiments in quick mode: outputs identical, nothing lost, a scoreboard row per technique."""
     from llmopt.bench import run_bench
-    res = run_bench(["batching", "dialogue", "load", "chunked", "speculative", "evaluation"], quick=True,
-                    out=tmp_path)
+    res = run_bench(["batching", "dialogue", "load", "chunked", "speculative", "speculative_engine", "evaluation"],
+                    quick=True, out=tmp_path)
     by = {e["name"]: e for e in res["experiments"]}
     assert all(r["identical"] for r in by["batching"]["rows"] + by["dialogue"]["rows"])
     # long-tailed dialogue lengths leave static batches idler than uniform ones
@@ -110,6 +110,10 @@ def test_bench_quick_serving_speculation_and_scoreboard(tmp_path):
     assert chunked["ratios"]["outputs differing from unbatched greedy, not at a rounding tie"] == 0
     assert all(r["identical"] for r in by["speculative"]["rows"][1:])
     assert by["speculative"]["ratios"]["tokens per target forward, tiny-draft k=4"] > 1
+    engine = by["speculative_engine"]
+    assert engine["ratios"]["batches whose outputs differ with speculation"] == 0
+    assert all(r["speculative_forwards_per_token"] < r["plain_forwards_per_token"]
+               for r in engine["rows"] if r["draft"] == "tiny-draft (MLP)")
     assert {r["technique"] for r in by["evaluation"]["rows"]} >= {"fp32 baseline", "int8 weight-only"}
     report = (tmp_path / "report.md").read_text()
     assert "Scoreboard" in report and "continuous / static" in report
