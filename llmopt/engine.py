@@ -1226,7 +1226,7 @@ def _checked_proposer(speculative, model, overlap: bool, cuda_graphs: bool):
         raise ValueError(f"speculative must be 'lookup' or a proposer with propose(tokens, k) (an NGramDraft, the "
                          f"MLP draft load_model('tiny-draft')[0]), got {type(speculative).__name__}: a draft "
                          "transformer needs a KV cache of its own, which the engine does not keep; "
-                         "llmopt.speculative_generate runs one for a single stream")
+                         "llmopt.speculative.speculative_generate runs one for a single stream")
     vocab = getattr(getattr(speculative, "config", None), "vocab_size", None)
     if vocab is not None and vocab != model.config.vocab_size:
         raise ValueError(f"the draft's vocabulary ({vocab}) differs from the model's ({model.config.vocab_size}): "

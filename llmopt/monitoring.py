@@ -5,7 +5,8 @@
     metrics.serve(port=9400)          # optional: http://localhost:9400/metrics for a Prometheus scraper
     metrics.snapshot()                # the same figures as a dict, for plotting while the load runs
 
-Counters: requests by outcome (finished, failed, cancelled), tokens generated.
+Counters: requests by outcome (finished, failed, cancelled), tokens generated, and with speculation draft tokens
+proposed and accepted (their ratio over a window is the acceptance rate; vLLM exports the same pair).
 Gauges: requests waiting, sequences running, KV blocks in use.
 Histograms: queue time, time to first token, time per output token, end-to-end latency.
 Each EngineMetrics has its own registry, so several engines never clash.
@@ -30,6 +31,8 @@ class EngineMetrics:
         self.requests = Counter("requests", "Requests by outcome", ["outcome"], **kw)
         self.submitted_total = Counter("requests_submitted", "Requests submitted", **kw)
         self.tokens = Counter("generated_tokens", "Tokens generated", **kw)
+        self.drafted = Counter("spec_draft_tokens", "Draft tokens proposed and verified (speculation)", **kw)
+        self.draft_accepted = Counter("spec_accepted_tokens", "Draft tokens the model accepted (speculation)", **kw)
         self.waiting = Gauge("requests_waiting", "Requests queued, not yet running", **kw)
         self.running = Gauge("sequences_running", "Sequences in the running batch", **kw)
         self.blocks = Gauge("kv_blocks_used", "KV cache blocks in use", **kw)
@@ -44,7 +47,7 @@ class EngineMetrics:
                              buckets=LATENCY_BUCKETS, **kw)
         for outcome in OUTCOMES:          # export zeros from the start
             self.requests.labels(outcome)
-        self._tokens_seen = 0
+        self._tokens_seen = self._drafted_seen = self._accepted_seen = 0
         self.server = None
 
     # ---- called by the engine -------------------------------------------------------------
@@ -59,6 +62,9 @@ class EngineMetrics:
         self.blocks_total.set(manager.num_blocks)
         self.tokens.inc(engine.tokens_generated - self._tokens_seen)
         self._tokens_seen = engine.tokens_generated
+        self.drafted.inc(engine.drafted - self._drafted_seen)
+        self.draft_accepted.inc(engine.draft_accepted - self._accepted_seen)
+        self._drafted_seen, self._accepted_seen = engine.drafted, engine.draft_accepted
 
     def finished(self, seq) -> None:
         outcome = {"finished": "finished", "cancelled": "cancelled"}.get(seq.state, "failed")
@@ -98,6 +104,8 @@ class EngineMetrics:
         out = {f"requests_{o}": get("llmopt_requests_total", {"outcome": o}) or 0.0 for o in OUTCOMES}
         out.update(submitted=get("llmopt_requests_submitted_total") or 0.0,
                    tokens=get("llmopt_generated_tokens_total") or 0.0,
+                   spec_draft_tokens=get("llmopt_spec_draft_tokens_total") or 0.0,
+                   spec_accepted_tokens=get("llmopt_spec_accepted_tokens_total") or 0.0,
                    waiting=get("llmopt_requests_waiting"), running=get("llmopt_sequences_running"),
                    kv_blocks_used=get("llmopt_kv_blocks_used"))
         for name in ("queue_seconds", "time_to_first_token_seconds", "time_per_output_token_seconds",

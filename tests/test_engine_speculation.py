@@ -166,6 +166,17 @@ def test_a_busy_engine_stops_speculating(tiny, mlp_draft, reference):
         assert sum(d for rows, d in drafted if rows <= 2) == engine.drafted > 0
 
 
+def test_prometheus_counts_drafts(tiny, mlp_draft):
+    from llmopt.monitoring import EngineMetrics
+    model, tok = tiny
+    metrics = EngineMetrics()
+    with Engine(model, tok, max_batch_size=4, speculative=mlp_draft, metrics=metrics) as engine:
+        engine.generate_many(PROMPTS[:4], max_new_tokens=24)
+    snap = metrics.snapshot()
+    assert snap["spec_draft_tokens"] == engine.drafted > snap["spec_accepted_tokens"] == engine.draft_accepted > 0
+    assert snap["tokens"] == engine.tokens_generated
+
+
 def test_bad_speculation_options_are_refused(tiny):
     model, tok = tiny
     draft_llama, _ = llmopt.load_model("tiny-draft-llama")
