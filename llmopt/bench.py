@@ -660,11 +660,12 @@ def bench_speculative(quick: bool, device: str, model: str = "tiny",
 
 
 def bench_speculative_engine(quick: bool, device: str, model: str = "tiny",
-                             text: str | None = None) -> dict:
+                             text: str | None = None, cuda_graphs: bool = False) -> dict:
     """Speculative decoding inside the continuous-batching engine as the batch grows
     (`workload.speculation_by_batch`): k=4, greedy, the engine with and without drafts at batch
     1, 4 and 16 (quick: 1 and 4). Drafts: prompt lookup, and with `tiny` its MLP draft. Prompts
-    from the plays' held-out text (the engine's own prompts; `text` is not used here)."""
+    from the plays' held-out text (the engine's own prompts; `text` is not used here). With
+    `cuda_graphs`, both engines run their steps as CUDA graphs (the GPU suite)."""
     from .load import load_model
     from .workload import speculation_by_batch
     name, path = model_label(model), model
@@ -676,9 +677,9 @@ def bench_speculative_engine(quick: bool, device: str, model: str = "tiny",
     rows = []
     for label, d in drafts.items():
         for r in speculation_by_batch(target, tok, d, sizes=sizes, k=4, max_new_tokens=new,
-                                      repeats=1 if quick else 3, label=label):
-            rows.append(dict(r, label=f"{label}, batch {r['batch_size']}", draft=label, model=name, device=device,
-                             dtype=str(target.dtype).removeprefix("torch.")))
+                                      repeats=1 if quick else 3, label=label, cuda_graphs=cuda_graphs):
+            rows.append(dict(r, label=f"{label}, batch {r['batch_size']}" + (", CUDA graphs" if cuda_graphs else ""),
+                             draft=label, model=name, device=device, dtype=str(target.dtype).removeprefix("torch.")))
     ratios = {f"engine tokens/s with / without speculation, {r['label']}": r["speedup"] for r in rows}
     ratios["batches whose outputs differ with speculation"] = sum(not r["identical"] for r in rows)
     return {"name": "speculative_engine", "metric": "speedup",

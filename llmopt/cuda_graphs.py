@@ -25,7 +25,8 @@ sees its own row's keys up to its own position. The step's inputs (tokens, each 
 cached and new token counts, the slots of its new tokens and its block table) are
 copied into the bucket's own buffers, in one copy, before each replay. A step over the
 token budget (rows x new tokens per row, padded, above 1,024) runs eagerly, as without
-graphs. The padding is real work, negligible on a GPU for a small model whose steps wait
+graphs. A speculative step (rows verifying drafts: 1 to k + 1 new tokens a row) is a mixed
+step whose buckets keep the logits of every position, not only the last. The padding is real work, negligible on a GPU for a small model whose steps wait
 on the host, and a cost on a CPU.
 
 The first step of a bucket runs eagerly on a side stream (its logits are real), then
@@ -158,10 +159,11 @@ def bucket(n: int, cap: int) -> int:
 
 class StepBucket:
     """The buffers (and, on a GPU, the graph) of one step shape: `batch` rows of `queries` new
-    tokens each (left padded) that read `width` blocks of keys each."""
+    tokens each (left padded) that read `width` blocks of keys each; with `every`, the step keeps
+    the logits of every query (speculation's verification), else each row's last."""
 
-    def __init__(self, batch: int, queries: int, width: int, block_size: int, device) -> None:
-        self.batch, self.queries, self.width = batch, queries, width
+    def __init__(self, batch: int, queries: int, width: int, block_size: int, device, every: bool = False) -> None:
+        self.batch, self.queries, self.width, self.every = batch, queries, width, every
         B, Q, W = batch, queries, width
         # every index a step needs, in one buffer (one host-to-device copy a step): tokens cached
         # per row [B], new tokens per row [B], write slots [B, Q], block table [B, W], tokens [B, Q]
@@ -169,7 +171,7 @@ class StepBucket:
         self.lengths, self.counts, write, table, tokens = self.inputs.split([B, B, B * Q, B * W, B * Q])
         self.write, self.table, self.tokens = write, table.view(B, W), tokens.view(B, Q)
         self.last_slot = torch.tensor([width * block_size - 1], device=device)    # input_pos [1]
-        self.logits: torch.Tensor | None = None    # [B, V], the graph's output (a GPU)
+        self.logits: torch.Tensor | None = None    # [B, V] or [B, Q, V], the graph's output (a GPU)
         self.graph = None
         self.steps = 0                             # steps of this shape
 
@@ -209,8 +211,9 @@ class EngineGraphs:
         return sum(b.graph is not None for b in self.buckets.values())
 
     def table(self) -> list[dict]:
-        """One row per bucket met so far: rows, queries per row, key blocks per row, steps, recorded."""
-        return [dict(rows=b.batch, queries=b.queries, key_blocks=b.width, steps=b.steps,
+        """One row per bucket met so far: rows, queries per row, key blocks per row, whether it keeps every
+        position's logits, steps, recorded."""
+        return [dict(rows=b.batch, queries=b.queries, key_blocks=b.width, every_position=b.every, steps=b.steps,
                      recorded=b.graph is not None) for _, b in sorted(self.buckets.items())]
 
     def bucket_of(self, rows: int, queries: int, lengths: list[int], counts: list[int]) -> tuple[int, int, int]:
@@ -227,14 +230,15 @@ class EngineGraphs:
         return bucket(rows, self.max_batch_size) * (1 << (queries - 1).bit_length()) <= self.max_tokens
 
     def forward(self, blocks: list[list[int]], lengths: list[int], tokens: torch.Tensor,
-                prompts: list[list[int]] = ()) -> torch.Tensor:
+                prompts: list[list[int]] = (), every: bool = False) -> torch.Tensor:
         """Logits [R, V], one per row, as `Engine._forward_rows` / `_forward_mixed` compute them:
         row r owns `blocks[r]` and caches `lengths[r]` tokens; the first len(tokens) rows add
         one token each (`tokens`, a device tensor), the rest add `prompts` (host ids), one
-        prompt per row."""
+        prompt per row. With `every`, logits [R, Q, V] at every query of the bucket (Q, the
+        bucket's queries per row; each row's new tokens are its last positions)."""
         cache, R, D = self.cache, len(blocks), len(tokens)
         counts = [1] * D + [len(p) for p in prompts]
-        b = self._bucket(self.bucket_of(R, max(counts), lengths, counts))
+        b = self._bucket(self.bucket_of(R, max(counts), lengths, counts) + (every,))
         B, Q, W = b.batch, b.queries, b.width
         scratch = cache.scratch_block
         free = scratch * cache.block_size              # where padding queries write
@@ -263,18 +267,19 @@ class EngineGraphs:
                                               pool=self.pool, stream=self.stream)
         return logits[:R]
 
-    def _bucket(self, key: tuple[int, int, int]) -> StepBucket:
+    def _bucket(self, key: tuple[int, int, int, bool]) -> StepBucket:
         if key not in self.buckets:
-            self.buckets[key] = StepBucket(*key, self.cache.block_size, self.device)
+            rows, queries, width, every = key
+            self.buckets[key] = StepBucket(rows, queries, width, self.cache.block_size, self.device, every)
         return self.buckets[key]
 
     def _run(self, b: StepBucket) -> torch.Tensor:
-        """The padded step, eagerly: logits [b.batch, V]."""
+        """The padded step, eagerly: logits [b.batch, V] (with `b.every`, [b.batch, b.queries, V])."""
         Q, S = b.queries, b.width * self.cache.block_size
         t = torch.arange(Q, device=self.device)
         # each query's position: its row's cached tokens, then its place among the row's new ones
         pos = (b.lengths[:, None] + t - (Q - b.counts[:, None])).clamp(min=0)            # [B, Q]
         # a query sees its row's keys up to its own position (padding queries: finite, dropped)
         mask = torch.arange(S, device=self.device) <= pos[:, :, None]                     # [B, Q, S]
-        return self.model(b.tokens, b.last_slot, self.cache, positions=pos, key_mask=mask,
-                          last_only=True)[:, -1]
+        logits = self.model(b.tokens, b.last_slot, self.cache, positions=pos, key_mask=mask, last_only=not b.every)
+        return logits if b.every else logits[:, -1]

@@ -463,7 +463,8 @@ class Engine:
     step is compute-bound (notebook 09 measures where; vLLM's disable_by_batch_size).
     `engine.drafted`, `.draft_accepted` and `.acceptance_rate` count them (per request:
     `Generation.stats`). It needs `overlap=False` (drafts are proposed from the last step's
-    tokens, on the host) and `cuda_graphs=False`.
+    tokens, on the host); with `cuda_graphs`, verifying steps are mixed steps whose buckets keep
+    every position's logits.
     A fault while serving one request fails that request only.
     """
 
@@ -499,7 +500,7 @@ class Engine:
         self._inflight = None                  # overlap: (rows, tokens on device, host copy, event)
         check_llmopt_model(model, "Engine")
         self.model, self.tokenizer = model, tokenizer
-        self.proposer = _checked_proposer(speculative, model, overlap, cuda_graphs)
+        self.proposer = _checked_proposer(speculative, model, overlap)
         self.num_speculative_tokens, self.speculative_max_batch = num_speculative_tokens, speculative_max_batch
         self.drafted = self.draft_accepted = self.draft_rejected = 0   # speculation: tokens, rejecting rows
         cfg = model.config
@@ -1044,20 +1045,26 @@ class Engine:
         last token and its drafts, and keep the logits at every one of those positions."""
         device = self.model.device
         seqs = [s for s, _ in joining]
-        prompts = [s.all_ids[s.computed:s.computed + chunk] for s, chunk in joining]
-        if self.graphs is not None and not verify and \
-                self.graphs.fits(len(rows) + len(joining), max(map(len, prompts))):
-            self.forwards += 1
-            return self.graphs.forward([s.blocks for s in rows + seqs],
-                                       lengths + [s.computed for s in seqs], tokens, prompts)
         starts = [s.computed for s in seqs] + [s.num_tokens - 1 for s in verify]
+        prompts = [s.all_ids[s.computed:s.computed + chunk] for s, chunk in joining]
         prompts += [[s.last_token] + s.draft for s in verify]
-        chunks = [(s.blocks, start, len(p)) for s, start, p in zip(seqs + list(verify), starts, prompts)]
+        seqs += list(verify)
+        if self.graphs is not None and self.graphs.fits(len(rows) + len(seqs), max(map(len, prompts))):
+            self.forwards += 1
+            logits = self.graphs.forward([s.blocks for s in rows + seqs], lengths + starts, tokens, prompts,
+                                         every=bool(verify))
+            if not verify:
+                return logits
+            # [R, Q, V], each row's new tokens in its last positions: the last, or a verified row's every one
+            n = len(rows) + len(joining)
+            verified = [logits[n + i, -(1 + len(s.draft)):] for i, s in enumerate(verify)]
+            return torch.cat([logits[:n, -1], *verified])
+        chunks = [(s.blocks, start, len(p)) for s, start, p in zip(seqs, starts, prompts)]
         pos = self.cache.set_mixed([s.blocks for s in rows], lengths, chunks)
         ids = torch.cat([tokens, to_device([t for p in prompts for t in p], device)])[None]
         ends, n = [], len(rows)
         for i, p in enumerate(prompts):
-            if i < len(seqs):                  # a prompt's last token gives its first new one
+            if i < len(joining):               # a prompt's last token gives its first new one
                 ends.append(n + len(p) - 1)
             else:                              # a verified row: every position
                 ends += range(n, n + len(p))
@@ -1213,7 +1220,7 @@ def _check_cache_fits(cfg, model, num_blocks: int, block_size: int) -> None:
                      f"{model.device}: {fix}, or give the engine a smaller max_batch_size or max_seq_len")
 
 
-def _checked_proposer(speculative, model, overlap: bool, cuda_graphs: bool):
+def _checked_proposer(speculative, model, overlap: bool):
     """The engine's draft proposer (None without speculation), or a clear error."""
     if speculative is None:
         return None
@@ -1237,7 +1244,4 @@ def _checked_proposer(speculative, model, overlap: bool, cuda_graphs: bool):
     if overlap:
         raise ValueError("speculative decoding proposes each step's drafts from the tokens the last step "
                          "accepted, on the host, so steps cannot overlap: pass overlap=False")
-    if cuda_graphs:
-        raise ValueError("speculative decoding's steps carry 1 to k + 1 tokens a row, which the engine's CUDA "
-                         "graphs do not record: pass cuda_graphs=False")
     return speculative
