@@ -311,7 +311,9 @@ def verify_drafts(logits: torch.Tensor, drafts: list[int], *, temperature: float
     argmax at every position, when the caller has it already). Sampling: d is accepted with
     probability min(1, p(d) / q(d)) using `generator`, and a rejection draws from max(0, p - q)
     renormalized, with `q` the draft's distributions, or a point mass on d (a proposer's tokens:
-    q=None), when the residual is p without d. The tokens then follow p exactly.
+    q=None), when the residual is p without d. The tokens then follow p exactly. Every position's
+    p is computed at once and the m uniform draws are compared on the device, read back together:
+    two host syncs a verification (the other is the token drawn), not two a draft.
     """
     if temperature == 0:
         best = best if best is not None else greedy_ids(logits).tolist()
@@ -319,20 +321,22 @@ def verify_drafts(logits: torch.Tensor, drafts: list[int], *, temperature: float
         while n_ok < len(drafts) and drafts[n_ok] == best[n_ok]:
             n_ok += 1
         return list(drafts[:n_ok]) + [best[n_ok]], n_ok
-    out = []
-    for i, d in enumerate(drafts):
-        p = probabilities(logits[i], temperature, top_k, top_p)
-        qd = q[i][d] if q else 1.0                      # a proposer: q is a point mass on d
-        if bool(torch.rand((), generator=generator, device=p.device) * qd < p[d]):
-            out.append(d)
-            continue
-        resid = (p - q[i]).clamp(min=0) if q else p.clone()
+    m = len(drafts)
+    p = probabilities(logits[:m + 1], temperature, top_k, top_p)            # [m + 1, V], every position at once
+    if m:
+        d = torch.tensor(drafts, device=p.device)
+        pd = p[torch.arange(m, device=p.device), d]
+        qd = torch.stack([q[i][drafts[i]] for i in range(m)]) if q else torch.ones_like(pd)
+        ok = (torch.rand(m, generator=generator, device=p.device) * qd < pd).tolist()   # one copy to the host
+        n_ok = ok.index(False) if False in ok else m
+    else:
+        n_ok = 0
+    if n_ok < m:             # the first rejection: draw from what p has beyond q there
+        resid = (p[n_ok] - q[n_ok]).clamp(min=0) if q else p[n_ok].clone()
         if not q:
-            resid[d] = 0
-        out.append(int(torch.multinomial(resid / resid.sum(), 1, generator=generator)))
-        return out, i
-    p = probabilities(logits[len(drafts)], temperature, top_k, top_p)
-    return out + [int(torch.multinomial(p, 1, generator=generator))], len(drafts)
+            resid[drafts[n_ok]] = 0
+        return list(drafts[:n_ok]) + [int(torch.multinomial(resid / resid.sum(), 1, generator=generator))], n_ok
+    return list(drafts) + [int(torch.multinomial(p[m], 1, generator=generator))], m
 
 
 def stops_paying_at(rows: list[dict]) -> int | None:
