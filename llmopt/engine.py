@@ -456,8 +456,9 @@ class Engine:
     one forward computes each row's last token and its drafts (in the mixed step's packed
     sequence, beside the new prompts); a row keeps the drafts up to the first the model rejects
     and one token of the model's own, so 1 to k + 1 tokens a step (`speculative.verify_drafts`:
-    greedy output is unchanged, sampled output follows the same distribution). Rows asking for
-    penalties, a logit bias or log-probabilities decode one token a step. Drafts only take free
+    greedy output is unchanged, sampled output follows the same distribution; log-probabilities
+    are read at every kept position). Rows asking for penalties or a logit bias decode one token
+    a step. Drafts only take free
     blocks (never preempting a row for a guess). With `speculative_max_batch`, a step with more
     rows than that decodes without drafts: speculation pays at small batch and costs once the
     step is compute-bound (notebook 09 measures where; vLLM's disable_by_batch_size).
@@ -798,8 +799,8 @@ class Engine:
 
     def _propose(self, rows: list[Sequence]) -> None:
         """Speculation: each row's drafts for this step (`seq.draft`), as many as its token budget
-        and the free blocks allow; none for rows with penalties, a logit bias or log-probabilities, and
-        none at all when more rows run than `speculative_max_batch`."""
+        and the free blocks allow; none for rows with penalties or a logit bias, and none at all when
+        more rows run than `speculative_max_batch`."""
         want = []
         busy = self.speculative_max_batch is not None and len(rows) > self.speculative_max_batch
         for seq in rows:
@@ -807,7 +808,7 @@ class Engine:
             if busy:
                 continue
             room = min(self.num_speculative_tokens, seq.max_new_tokens - len(seq.generated) - 1)
-            if room > 0 and seq.penalties is None and not seq.logit_bias and seq.logprobs is None:
+            if room > 0 and seq.penalties is None and not seq.logit_bias:
                 want.append((seq, room))
         if not want:
             return
@@ -1017,12 +1018,24 @@ class Engine:
                 self.drafted += len(draft)
                 self.draft_accepted += n_ok
                 self.draft_rejected += n_ok < len(draft)
-                for tok in tokens:
-                    self._accept(seq, tok)
+                found = self._verified_logprobs(seq, mine[at:at + len(tokens)], tokens)
+                for j, tok in enumerate(tokens):
+                    self._accept(seq, tok, found[j] if found else None)
                     if seq.state != "running":
                         break
             at = end
         return logits
+
+    @staticmethod
+    def _verified_logprobs(seq: Sequence, logits: torch.Tensor, tokens: list[int]):
+        """A verified row's log-probabilities, when it asked: for each kept token, the model's own log-probability
+        of it and of the `seq.logprobs` likeliest tokens there (logits [len(tokens), V]); else None."""
+        if seq.logprobs is None:
+            return None
+        lp = logits.float().log_softmax(-1)
+        chosen = lp.gather(-1, to_device(tokens, lp.device)[:, None])[:, 0].tolist()
+        top = lp.topk(seq.logprobs, dim=-1)
+        return [(c, list(zip(i, v))) for c, i, v in zip(chosen, top.indices.tolist(), top.values.tolist())]
 
     def _forward_rows(self, rows: list[Sequence], lengths: list[int], tokens: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] for one new token per row (tokens [B, 1]); row b has lengths[b] tokens cached."""

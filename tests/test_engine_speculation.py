@@ -80,11 +80,12 @@ def test_a_row_stops_where_plain_decoding_stops(tiny, mlp_draft):
 
 
 def test_rows_that_cannot_speculate_run_beside_those_that_do(tiny, mlp_draft):
-    """Penalties, a logit bias or log-probabilities: those rows decode a token a step, with the same tokens and
-    log-probabilities as an engine without speculation, while the other rows speculate."""
+    """Penalties or a logit bias: those rows decode a token a step, with the same tokens as an engine without
+    speculation, while the other rows speculate; rows asking for log-probabilities speculate and report the
+    model's own at every kept token, as the engine without speculation does (greedy and sampled to one token)."""
     model, tok = tiny
     asks = [dict(repetition_penalty=1.3), {}, dict(logprobs=2), dict(logit_bias={5: -100}), {},
-            dict(frequency_penalty=0.5)]
+            dict(frequency_penalty=0.5), dict(logprobs=0, temperature=1.0, top_k=1, seed=4)]
     prompts = PROMPTS[:len(asks)]
     with Engine(model, tok, max_batch_size=6) as plain:
         want = [plain.submit(p, max_new_tokens=30, **a) for p, a in zip(prompts, asks)]
@@ -94,9 +95,13 @@ def test_rows_that_cannot_speculate_run_beside_those_that_do(tiny, mlp_draft):
         got = [h.result() for h in got]
     for g, w, a in zip(got, want, asks):
         assert g.token_ids == w.token_ids
-        assert (g.stats["proposed"] > 0) == (not a)
+        assert (g.stats["proposed"] > 0) == (not a or "logprobs" in a)
         if "logprobs" in a:
+            assert g.stats["accepted"] > 0 and len(g.logprobs) == len(g.top_logprobs) == len(g.token_ids)
             assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+            assert [[i for i, _ in t] for t in g.top_logprobs] == [[i for i, _ in t] for t in w.top_logprobs]
+            assert [v for t in g.top_logprobs for _, v in t] == \
+                pytest.approx([v for t in w.top_logprobs for _, v in t], abs=1e-4)
 
 
 def test_sampled_rows_narrowed_to_one_token_equal_greedy(tiny, mlp_draft, reference):
