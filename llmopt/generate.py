@@ -377,7 +377,10 @@ def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tok
     token is always read at once (TTFT). A chunk that passes end-of-sequence has computed a
     few tokens nobody reads; the tokens yielded are the same as with k = 1. With
     `graph_steps` = k > 1 (greedy) the k steps after the first token run as one CUDA
-    graph (`DecodeGraph`), read back once.
+    graph (`DecodeGraph`), read back once. In fp16, where activations can overflow (notebook
+    05), each token's logits are checked on the device and the flag read back with the token:
+    NaN or inf raises a FloatingPointError that says so, where greedy decoding would go on
+    with garbage (the sampler only sees finite stand-ins: on a GPU it would assert).
     """
     device = model.device
     decode = decode_one_token
@@ -408,15 +411,25 @@ def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tok
         # every step would make the host wait for the device each step (`to_device`)
         pos = torch.tensor([len(ids)], device=device)
         pending: list[torch.Tensor] = []                               # sampled, not yet read
+        check = model.dtype == torch.float16                           # where activations overflow
         for i in range(max_new_tokens):
+            if check:                                                  # read back with the token: [token, ok]
+                finite = logits.sum(-1, dtype=torch.float32).isfinite()
+                logits = torch.nan_to_num(logits)
             next_tok = sample(logits, temperature, top_k, top_p, gen)      # [1]
-            pending.append(next_tok)
+            pending.append(torch.stack([next_tok, finite.long()], 1) if check else next_tok)
             last = i == max_new_tokens - 1
             if i == 0 or last or len(pending) == sync_every:               # every step when k = 1
                 toks = (pending[0] if len(pending) == 1 else torch.cat(pending)).tolist()   # host sync
                 pending = []
                 now = time.perf_counter() - start
-                for tok in toks:
+                for j, tok in enumerate(toks):
+                    if check:
+                        tok, ok = tok
+                        if not ok:
+                            raise FloatingPointError(
+                                f"the model's logits were not finite (NaN or inf) at new token {i + 2 - len(toks) + j}"
+                                "; in fp16 activations can overflow (notebook 05): load the model in bf16 or fp32")
                     yield tok, now
                     if tok in eos:
                         return

@@ -471,6 +471,41 @@ def test_sync_every_k_tokens_gives_the_same_tokens(model_and_tok, cache):
             llmopt.generate(model, tok, prompt, sync_every=bad)
 
 
+@pytest.mark.parametrize("sync_every", [1, 3])
+@pytest.mark.parametrize("cache", ["static", "none"])
+def test_fp16_logits_that_overflow_raise_instead_of_decoding_garbage(sync_every, cache):
+    """In fp16 each token's logits are checked (read back with the token): NaN at the 4th token's logits is a
+    FloatingPointError naming fp16 and the fix, greedy and sampled, read every step or every 3; finite fp16
+    output is unchanged, and the same tokens with the check read back in chunks."""
+    model, tok = llmopt.load_model("tiny", dtype="fp16")
+    ref = llmopt.generate(model, tok, "ROMEO:", max_new_tokens=12, ignore_eos=True, cache=cache)
+    assert llmopt.generate(model, tok, "ROMEO:", max_new_tokens=12, ignore_eos=True, cache=cache,
+                           sync_every=sync_every).token_ids == ref.token_ids
+    calls = {"n": 0}
+
+    def overflow(module, inputs, logits):
+        calls["n"] += 1
+        if calls["n"] == 4:                     # the prefill, then the 2nd and 3rd tokens' forwards
+            logits = logits.clone()
+            logits[..., 7] = float("inf") if cache == "none" else float("nan")
+            return logits
+
+    hook = model.register_forward_hook(overflow)
+    try:
+        for temperature in (0.0, 0.8):
+            calls["n"] = 0
+            with pytest.raises(FloatingPointError, match="not finite .* at new token 4; in fp16 .* bf16 or fp32"):
+                llmopt.generate(model, tok, "ROMEO:", max_new_tokens=12, ignore_eos=True, cache=cache,
+                                temperature=temperature, seed=0, sync_every=sync_every)
+        calls["n"] = 0
+        pieces = llmopt.stream(model, tok, "ROMEO:", max_new_tokens=12, ignore_eos=True, cache=cache,
+                               sync_every=sync_every)
+        with pytest.raises(FloatingPointError, match="at new token 4"):
+            list(pieces)
+    finally:
+        hook.remove()
+
+
 def test_graph_steps_give_the_greedy_tokens(model_and_tok):
     """k decode steps per graph run (`DecodeGraph`; on a CPU the same steps one by one) give
     plain greedy's tokens: for any k, when end-of-sequence falls inside a run, for one new
