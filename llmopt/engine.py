@@ -21,9 +21,11 @@ prompt plus the tokens it already generated are prefilled again) later.
 from __future__ import annotations
 
 import itertools
+import operator
 import queue
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future
@@ -504,6 +506,7 @@ class Engine:
         self.proposer = _checked_proposer(speculative, model, overlap)
         self.num_speculative_tokens, self.speculative_max_batch = num_speculative_tokens, speculative_max_batch
         self.drafted = self.draft_accepted = self.draft_rejected = 0   # speculation: tokens, rejecting rows
+        self.proposer_errors = 0                                      # steps whose proposer raised
         cfg = model.config
         self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
         num_blocks = num_blocks or max_batch_size * -(-min(self.max_seq_len, SLOT_TOKENS) // block_size)
@@ -812,12 +815,19 @@ class Engine:
                 want.append((seq, room))
         if not want:
             return
-        if hasattr(self.proposer, "propose_many"):                  # one batched call (the MLP draft)
-            drafts = self.proposer.propose_many([s.all_ids for s, _ in want], [room for _, room in want])
-        else:
-            drafts = [self.proposer.propose(s.all_ids, room) for s, room in want]
+        try:
+            if hasattr(self.proposer, "propose_many"):              # one batched call (the MLP draft)
+                drafts = self.proposer.propose_many([s.all_ids for s, _ in want], [room for _, room in want])
+            else:
+                drafts = [self.proposer.propose(s.all_ids, room) for s, room in want]
+            drafts = [_valid_draft(d, room, self.model.config.vocab_size) for d, (_, room) in zip(drafts, want)]
+        except Exception as e:     # drafts are a guess: a proposer's fault costs this step its drafts, no request
+            self.proposer_errors += 1
+            if self.proposer_errors == 1:
+                warnings.warn(f"the speculative proposer failed ({type(e).__name__}: {e}); the engine decodes "
+                              "without drafts whenever it fails (engine.proposer_errors counts the steps)")
+            return
         for (seq, room), draft in zip(want, drafts):
-            draft = list(draft)[:room]
             seq.draft = draft[:self.scheduler.room_for(seq, len(draft))] if draft else []
 
     def _prefill(self, seq: Sequence) -> None:
@@ -1231,6 +1241,21 @@ def _check_cache_fits(cfg, model, num_blocks: int, block_size: int) -> None:
     raise ValueError(f"the engine's KV cache ({num_blocks:,} blocks of {block_size} tokens: "
                      f"{num_blocks * per_block / 2**30:.2f} GiB) does not fit in the {free / 2**30:.2f} GiB free on "
                      f"{model.device}: {fix}, or give the engine a smaller max_batch_size or max_seq_len")
+
+
+def _valid_draft(draft, room: int, vocab_size: int) -> list[int]:
+    """A proposer's tokens as a list of at most `room` ids, cut at the first that is not a token id of the
+    model (a wrong id would fail the whole step's forward)."""
+    out = []
+    for t in list(draft)[:room]:
+        try:
+            t = operator.index(t)               # ints, and numpy's or torch's integer scalars
+        except TypeError:
+            break
+        if not 0 <= t < vocab_size:
+            break
+        out.append(t)
+    return out
 
 
 def _checked_proposer(speculative, model, overlap: bool):

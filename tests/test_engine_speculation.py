@@ -177,6 +177,31 @@ def test_a_busy_engine_stops_speculating(tiny, mlp_draft, reference):
         assert sum(d for rows, d in drafted if rows <= 2) == engine.drafted > 0
 
 
+def test_a_faulty_proposer_costs_drafts_not_requests(tiny, reference):
+    """A proposer that raises, or proposes what is not a token id, never fails a request: the step runs without
+    those drafts (a warning the first time) and every output is still plain greedy decoding's."""
+    model, tok = tiny
+
+    class Faulty:
+        calls = 0
+
+        def propose(self, tokens, k):
+            Faulty.calls += 1
+            if Faulty.calls % 5 == 0:
+                raise RuntimeError("proposer bug")
+            if Faulty.calls % 5 == 1:
+                return [tokens[-1], 10**9, 3]                       # cut at the id past the vocabulary
+            if Faulty.calls % 5 == 2:
+                return [torch.tensor(tokens[-2]), "x"]              # a tensor scalar is an id; a string is not
+            return tokens[-k:]
+
+    with Engine(model, tok, max_batch_size=4, speculative=Faulty()) as engine:
+        with pytest.warns(UserWarning, match="proposer failed .*RuntimeError: proposer bug"):
+            outs = engine.generate_many(PROMPTS, max_new_tokens=40)
+    assert [o.token_ids for o in outs] == reference
+    assert engine.proposer_errors > 0 and engine.drafted > 0
+
+
 def test_prometheus_counts_drafts(tiny, mlp_draft):
     from llmopt.monitoring import EngineMetrics
     model, tok = tiny
