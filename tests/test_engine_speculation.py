@@ -177,6 +177,22 @@ def test_a_busy_engine_stops_speculating(tiny, mlp_draft, reference):
         assert sum(d for rows, d in drafted if rows <= 2) == engine.drafted > 0
 
 
+def test_checkpoints_of_each_family_speculate_to_transformers_own_greedy_tokens(hf_checkpoint):
+    """Llama, Qwen2 and Mistral checkpoints in the engine with prompt lookup: the greedy tokens of transformers'
+    own generate (random weights repeat themselves, so lookup finds drafts and some are accepted)."""
+    family, folder, hf_model = hf_checkpoint
+    model, tok = llmopt.load_model(folder)
+    prompts = [tok.encode(t) for t in ("Friends, Romans, countrymen", "Now is the winter", "To be, or not")]
+    with Engine(model, tok, max_batch_size=3, speculative="lookup") as engine:
+        outs = engine.generate_many(prompts, max_new_tokens=24, ignore_eos=True)
+    for p, o in zip(prompts, outs):
+        with torch.no_grad():
+            want = hf_model.generate(torch.tensor([p]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                                     pad_token_id=0)[0, len(p):].tolist()
+        assert o.token_ids == want
+    assert engine.draft_accepted > 0
+
+
 def test_a_faulty_proposer_costs_drafts_not_requests(tiny, reference):
     """A proposer that raises, or proposes what is not a token id, never fails a request: the step runs without
     those drafts (a warning the first time) and every output is still plain greedy decoding's."""
