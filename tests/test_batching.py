@@ -613,11 +613,12 @@ def test_engine_graph_steps_equal_unbatched(tiny, reference, overlap, mixed):
     alone = 0 if mixed else sum(s["prefills"] for s in engine.step_log)
     assert g.steps == engine.forwards - alone > 0
     assert g.replays == g.recorded == 0 and g.error is None      # a CPU records nothing
-    rows, queries, _ = map(set, zip(*g.buckets))
+    rows, queries, _, every = map(set, zip(*g.buckets))
+    assert every == {False}                          # no speculation: only the last position's logits
     assert rows == {1, 2, 4}                         # 3 rows pad to 4; the batch shrank at the end
     # decode steps add one token a row; mixed steps a prompt (1-21 tokens, padded to 32 at most)
     assert queries == ({1} if not mixed else {1, 4, 16, 32})
-    assert {w for r, q, w in g.buckets if q == 1} == {4, 8, 16}   # 4 to 15 blocks of 4 tokens, as rows grew
+    assert {w for r, q, w, _ in g.buckets if q == 1} == {4, 8, 16}   # 4 to 15 blocks of 4 tokens, as rows grew
     assert sum(r["steps"] for r in g.table()) == g.steps
     assert cache.scratch_block == cache.manager.num_blocks and cache.pool_blocks == cache.manager.num_blocks + 1
     assert cache.manager.num_free == cache.manager.num_blocks
@@ -657,7 +658,7 @@ def test_engine_steps_over_the_graph_token_budget_run_eagerly(tiny, reference):
     out = engine.generate_many(PROMPTS, max_new_tokens=24, ignore_eos=True)
     assert [g.token_ids for g in out] == [reference[p][:24] for p in PROMPTS]
     assert 0 < engine.graphs.steps < engine.forwards
-    assert max(q for _, q, _ in engine.graphs.buckets) <= 16
+    assert max(q for _, q, _, _ in engine.graphs.buckets) <= 16
 
 
 class _FakeGraph:
