@@ -26,8 +26,9 @@ cached and new token counts, the slots of its new tokens and its block table) ar
 copied into the bucket's own buffers, in one copy, before each replay. A step over the
 token budget (rows x new tokens per row, padded, above 1,024) runs eagerly, as without
 graphs. A speculative step (rows verifying drafts: 1 to k + 1 new tokens a row) is a mixed
-step whose buckets keep the logits of every position, not only the last. The padding is real work, negligible on a GPU for a small model whose steps wait
-on the host, and a cost on a CPU.
+step whose buckets keep the logits of every position, not only the last. The padding is
+real work, negligible on a GPU for a small model whose steps wait on the host, and a cost
+on a CPU.
 
 The first step of a bucket runs eagerly on a side stream (its logits are real), then
 is recorded (`record_cuda_graph`); every graph shares one memory pool, as they never

@@ -380,7 +380,8 @@ class Scheduler:
         blocks are taken while more than the watermark is left, but nothing is evicted or preempted
         for a guess."""
         n = seq.num_tokens + seq.inflight
-        while self.manager.blocks_needed(n + extra) > len(seq.blocks) and self.manager.can_allocate(1 + self.watermark):
+        while (self.manager.blocks_needed(n + extra) > len(seq.blocks)
+               and self.manager.can_allocate(1 + self.watermark)):
             seq.blocks += self.manager.allocate(1)
         return max(0, min(extra, len(seq.blocks) * self.manager.block_size - n))
 
@@ -460,10 +461,10 @@ class Engine:
     and one token of the model's own, so 1 to k + 1 tokens a step (`speculative.verify_drafts`:
     greedy output is unchanged, sampled output follows the same distribution; log-probabilities
     are read at every kept position). Rows asking for penalties or a logit bias decode one token
-    a step. Drafts only take free
-    blocks (never preempting a row for a guess). With `speculative_max_batch`, a step with more
-    rows than that decodes without drafts: speculation pays at small batch and costs once the
-    step is compute-bound (notebook 09 measures where; vLLM's disable_by_batch_size).
+    a step. Drafts only take free blocks (never preempting a row for a guess), and a proposer
+    that fails costs its step the drafts, not a request. With `speculative_max_batch`, a step
+    with more rows than that decodes without drafts: speculation pays at small batch and costs
+    once the step is compute-bound (notebook 09 measures where; vLLM's disable_by_batch_size).
     `engine.drafted`, `.draft_accepted` and `.acceptance_rate` count them (per request:
     `Generation.stats`). It needs `overlap=False` (drafts are proposed from the last step's
     tokens, on the host); with `cuda_graphs`, verifying steps are mixed steps whose buckets keep

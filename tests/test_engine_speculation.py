@@ -240,3 +240,7 @@ def test_bad_speculation_options_are_refused(tiny):
             (dict(speculative="lookup", speculative_max_batch=0), "speculative_max_batch")]:
         with pytest.raises(ValueError, match=message):
             Engine(model, tok, **kwargs)
+    from llmopt.workload import speculation_by_batch
+    for sizes in ((), (0, 4), (1.5,)):
+        with pytest.raises(ValueError, match="sizes must be positive integers"):
+            speculation_by_batch(model, tok, "lookup", sizes=sizes)
