@@ -150,9 +150,27 @@ def test_sampling_keeps_the_target_distribution(draft_kind):
     assert tv < 0.05, f"total variation {tv:.3f} from the target's distribution"
 
 
+def _lookup_by_definition(tokens, k, max_ngram=3, min_ngram=1):
+    """Prompt lookup as its docstring defines it: for n from the longest down, the latest earlier place where
+    the last n tokens occur, and the up to k tokens after it."""
+    for n in range(min(max_ngram, len(tokens) - 1), min_ngram - 1, -1):
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == tokens[len(tokens) - n:]:
+                return tokens[start + n:start + n + k]
+    return []
+
+
 def test_lookup_and_ngram_proposals():
     assert lookup_draft([5, 6, 7, 8, 5, 6], 3) == [7, 8, 5]
     assert lookup_draft([1, 2, 3], 2) == []
+    assert lookup_draft([4, 1, 2, 9, 2, 7, 1, 2], 2) == [9, 2]       # the 2-gram beats a later 1-gram match
+    import random
+    rng = random.Random(0)
+    for _ in range(5000):     # small vocabularies: many partial matches, ties of length, k past the end
+        toks = [rng.randrange(rng.choice([2, 3, 5, 20])) for _ in range(rng.randint(0, 50))]
+        k, top = rng.randint(0, 5), rng.randint(1, 4)
+        low = rng.randint(1, top)
+        assert lookup_draft(toks, k, top, low) == (_lookup_by_definition(toks, k, top, low) if k else [])
     table = NGramDraft.from_ids([1, 2, 3, 1, 2, 3, 1, 2, 4])
     assert table.propose([9, 1, 2], 3) == [3, 1, 2]
     assert PromptLookup(fallback=table).propose([7, 1, 2], 2) == [3, 1]
