@@ -74,6 +74,17 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tens
     return logits
 
 
+def apply_penalties_rows(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor,
+                         presence: torch.Tensor, frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+    """`apply_penalties` for many rows at once (the engine's step): logits, counts [A, V] (fp32),
+    seen [A, V] bool, and each row's penalties as [A, 1] tensors. Element for element the same
+    arithmetic, so a row's result equals `apply_penalties` on it alone (a repetition penalty of 1
+    and penalties of 0 leave a logit as it was)."""
+    scaled = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where((counts > 0) | seen, scaled, logits)
+    return logits - frequency * counts - presence * (counts > 0)
+
+
 def check_seed(seed) -> None:
     """Raise ValueError unless `seed` is an integer or None (None: a fresh random seed)."""
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):

@@ -46,6 +46,22 @@ def test_penalties_follow_their_definitions():
     assert apply_penalties(logits, counts, None).tolist() == logits.tolist()
 
 
+def test_penalties_of_many_rows_at_once_equal_each_rows_alone():
+    """The engine's batched form, bit for bit, for rows with every mix of penalties (and none)."""
+    from llmopt.sampling import apply_penalties_rows
+    g = torch.Generator().manual_seed(0)
+    asks = ASKS + [dict(repetition_penalty=0.7), dict(presence_penalty=-1.0)]
+    logits = torch.randn(len(asks), 300, generator=g) * 4
+    counts = torch.randint(0, 3, (len(asks), 300), generator=g).float()
+    counts *= torch.rand(len(asks), 300, generator=g) < 0.1
+    seen = torch.rand(len(asks), 300, generator=g) < 0.05
+    params = torch.tensor([[a.get("presence_penalty", 0.0), a.get("frequency_penalty", 0.0),
+                            a.get("repetition_penalty", 1.0)] for a in asks])
+    got = apply_penalties_rows(logits, counts, seen, *params.unsqueeze(-1).unbind(1))
+    for i, ask in enumerate(asks):
+        assert torch.equal(got[i], apply_penalties(logits[i], counts[i], seen[i], **ask))
+
+
 def test_the_repetition_penalty_is_transformers_own(hf_checkpoint):
     """Against transformers' RepetitionPenaltyLogitsProcessor, and greedy generation against its generate."""
     from transformers import RepetitionPenaltyLogitsProcessor
@@ -70,15 +86,20 @@ def test_the_repetition_penalty_is_transformers_own(hf_checkpoint):
                                      dict(chunked_prefill=True, max_prefill_tokens=8), dict(mixed_steps=False),
                                      dict(cuda_graphs=True)])
 def test_engine_penalties_equal_the_reference_under_every_option(tiny, options):
-    """Four requests at once, each with other penalties (one with none); num_blocks=5 preempts and recomputes,
-    rebuilding a row's counts from its tokens."""
+    """Four requests at once, each with other penalties (one with none), and a fifth after them; num_blocks=5
+    preempts and recomputes, rebuilding a row's counts from its tokens."""
     model, tok = tiny
     with Engine(model, tok, max_batch_size=4, **options) as engine:
-        handles = [engine.submit(p, max_new_tokens=20, ignore_eos=True, **ask) for p, ask in zip(PROMPTS, ASKS)]
+        # a fifth request waits for a slot, then takes over a finished one's row of token counts; its negative
+        # frequency penalty makes it repeat tokens, so every count past the first matters
+        asks = ASKS + [dict(frequency_penalty=-0.6)]
+        handles = [engine.submit(p, max_new_tokens=20, ignore_eos=True, **ask)
+                   for p, ask in zip(PROMPTS + ["HAMLET:"], asks)]
         gens = [h.result(timeout=120) for h in handles]
     if options.get("num_blocks"):
         assert engine.scheduler.preemptions > 0
-    for g, ask in zip(gens, ASKS):
+    assert max(gens[4].token_ids.count(t) for t in gens[4].token_ids) > 3
+    for g, ask in zip(gens, asks):
         assert g.token_ids == penalized_greedy(model, g.prompt_ids, 20, **ask), ask
     assert gens[0].token_ids != llmopt.generate(model, tok, PROMPTS[0], max_new_tokens=20, ignore_eos=True).token_ids
 
