@@ -459,8 +459,9 @@ class Engine:
     sequence, beside the new prompts); a row keeps the drafts up to the first the model rejects
     and one token of the model's own, so 1 to k + 1 tokens a step (`speculative.verify_drafts`:
     greedy output is unchanged, sampled output follows the same distribution; log-probabilities
-    are read at every kept position). Rows asking for penalties or a logit bias decode one token
-    a step. Drafts only take free blocks (never preempting a row for a guess), and a proposer
+    are read at every kept position; penalties and a logit bias apply at each verified position
+    as plain decoding applies them, the drafts before it counted). Drafts only take free blocks
+    (never preempting a row for a guess), and a proposer
     that fails costs its step the drafts, not a request. With `speculative_max_batch`, a step
     with more rows than that decodes without drafts: speculation pays at small batch and costs
     once the step is compute-bound (notebook 09 measures where; vLLM's disable_by_batch_size).
@@ -803,8 +804,7 @@ class Engine:
 
     def _propose(self, rows: list[Sequence]) -> None:
         """Speculation: each row's drafts for this step (`seq.draft`), as many as its token budget
-        and the free blocks allow; none for rows with penalties or a logit bias, and none at all when
-        more rows run than `speculative_max_batch`."""
+        and the free blocks allow; none at all when more rows run than `speculative_max_batch`."""
         want = []
         busy = self.speculative_max_batch is not None and len(rows) > self.speculative_max_batch
         for seq in rows:
@@ -812,7 +812,7 @@ class Engine:
             if busy:
                 continue
             room = min(self.num_speculative_tokens, seq.max_new_tokens - len(seq.generated) - 1)
-            if room > 0 and seq.penalties is None and not seq.logit_bias:
+            if room > 0:
                 want.append((seq, room))
         if not want:
             return
@@ -1021,8 +1021,16 @@ class Engine:
             if not all(ok[at:end]):
                 self._finish(seq, "failed", error=self._not_finite(seq))
             elif seq.state == "running":
-                tokens, n_ok = verify_drafts(mine[at:end], draft, temperature=seq.temperature, top_k=seq.top_k,
-                                             top_p=seq.top_p, generator=seq.generator, best=best[at:end])
+                here, picks = mine[at:end], best[at:end]
+                if seq.penalties is not None or seq.logit_bias:     # adjusted as plain decoding would, each position
+                    here = self._adjusted_positions(seq, here, draft)
+                    picks = greedy(here).tolist() if seq.temperature == 0 else None
+                tokens, n_ok = verify_drafts(here, draft, temperature=seq.temperature, top_k=seq.top_k,
+                                             top_p=seq.top_p, generator=seq.generator, best=picks)
+                if seq.penalties is not None:                       # the kept tokens, counted
+                    self._counts.index_put_((to_device([seq.slot] * len(tokens), here.device),
+                                             to_device(tokens, here.device)),
+                                            torch.ones(len(tokens), device=here.device), accumulate=True)
                 seq.proposed += len(draft)
                 seq.accepted += n_ok
                 seq.rejected += n_ok < len(draft)
@@ -1035,6 +1043,30 @@ class Engine:
                     if seq.state != "running":
                         break
             at = end
+        return logits
+
+    def _adjusted_positions(self, seq: Sequence, logits: torch.Tensor, draft: list[int]) -> torch.Tensor:
+        """A verifying row's logits at its last token and each draft [m + 1, V] with its penalties and logit bias
+        applied as plain decoding would apply them there: position j counts drafts[:j] as generated, on top
+        of the row's token counts (`_adjust`'s arithmetic)."""
+        logits = logits.float()
+        m, device = len(draft), logits.device
+        if seq.penalties is not None:
+            slot = self._count_slots([seq], logits.shape[-1], device)[0]
+            counts = self._counts[slot].repeat(m + 1, 1)
+            if m:        # draft i counts from position i + 1 on
+                at = [(j, draft[i]) for i in range(m) for j in range(i + 1, m + 1)]
+                counts.index_put_(tuple(to_device(list(x), device) for x in zip(*at)),
+                                  torch.ones(len(at), device=device), accumulate=True)
+            params = to_device([[seq.penalties[k] for k in ("presence_penalty", "frequency_penalty",
+                                                            "repetition_penalty")]], device, dtype=torch.float32)
+            logits = apply_penalties_rows(logits, counts, self._seen[slot].expand(m + 1, -1),
+                                          *params.unsqueeze(-1).unbind(1))
+        if seq.logit_bias:
+            if seq.bias is None:
+                seq.bias = (to_device(list(seq.logit_bias), device),
+                            to_device(list(seq.logit_bias.values()), device, dtype=torch.float32))
+            logits = logits.index_add(1, seq.bias[0], seq.bias[1].expand(m + 1, -1))
         return logits
 
     @staticmethod

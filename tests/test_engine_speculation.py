@@ -79,29 +79,47 @@ def test_a_row_stops_where_plain_decoding_stops(tiny, mlp_draft):
     assert {o.finish_reason for o in outs} >= {"stop", "length"}
 
 
-def test_rows_that_cannot_speculate_run_beside_those_that_do(tiny, mlp_draft):
-    """Penalties or a logit bias: those rows decode a token a step, with the same tokens as an engine without
-    speculation, while the other rows speculate; rows asking for log-probabilities speculate and report the
-    model's own at every kept token, as the engine without speculation does (greedy and sampled to one token)."""
+def test_rows_with_penalties_bias_or_logprobs_speculate_as_they_decode(tiny, mlp_draft):
+    """Penalties and a logit bias apply at every verified position as plain decoding applies them there (each draft
+    counted from the next position on), so those rows keep the tokens of a loop of full forwards with the penalties;
+    rows asking for log-probabilities report the model's own at every kept token, as the engine without drafts does
+    (greedy and sampled narrowed to one token)."""
+    from test_penalties import penalized_greedy
     model, tok = tiny
-    asks = [dict(repetition_penalty=1.3), {}, dict(logprobs=2), dict(logit_bias={5: -100}), {},
-            dict(frequency_penalty=0.5), dict(logprobs=0, temperature=1.0, top_k=1, seed=4)]
+    asks = [dict(repetition_penalty=1.3), {}, dict(logprobs=2), dict(logit_bias={5: -100}), dict(frequency_penalty=-0.6),
+            dict(frequency_penalty=0.5, presence_penalty=0.5), dict(logprobs=0, temperature=1.0, top_k=1, seed=4)]
     prompts = PROMPTS[:len(asks)]
-    with Engine(model, tok, max_batch_size=6) as plain:
-        want = [plain.submit(p, max_new_tokens=30, **a) for p, a in zip(prompts, asks)]
-        want = [h.result() for h in want]
-    with Engine(model, tok, max_batch_size=6, speculative=mlp_draft) as engine:
-        got = [engine.submit(p, max_new_tokens=30, **a) for p, a in zip(prompts, asks)]
-        got = [h.result() for h in got]
-    for g, w, a in zip(got, want, asks):
-        assert g.token_ids == w.token_ids
-        assert (g.stats["proposed"] > 0) == (not a or "logprobs" in a)
-        if "logprobs" in a:
-            assert g.stats["accepted"] > 0 and len(g.logprobs) == len(g.top_logprobs) == len(g.token_ids)
-            assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
-            assert [[i for i, _ in t] for t in g.top_logprobs] == [[i for i, _ in t] for t in w.top_logprobs]
-            assert [v for t in g.top_logprobs for _, v in t] == \
-                pytest.approx([v for t in w.top_logprobs for _, v in t], abs=1e-4)
+    with Engine(model, tok, max_batch_size=7) as plain:
+        want = [h.result() for h in [plain.submit(p, max_new_tokens=30, ignore_eos=True, **a)
+                                     for p, a in zip(prompts, asks)]]
+    for ahead in (False, True):      # drafts from the MLP, and drafts that are the reference's own next tokens
+        if ahead:
+            refs = {tuple(w.prompt_ids): w.prompt_ids + w.token_ids for w in want}
+
+            class Ahead:           # proposes what the penalized reference generates next: every draft accepted
+                def propose(self, tokens, k):
+                    ref = next(r for p, r in refs.items() if list(p) == tokens[:len(p)])
+                    return ref[len(tokens):len(tokens) + k]
+            draft = Ahead()
+        else:
+            draft = mlp_draft
+        with Engine(model, tok, max_batch_size=7, speculative=draft) as engine:
+            got = [h.result() for h in [engine.submit(p, max_new_tokens=30, ignore_eos=True, **a)
+                                        for p, a in zip(prompts, asks)]]
+        for g, w, a in zip(got, want, asks):
+            assert g.token_ids == w.token_ids, (ahead, a)
+            assert g.stats["accepted"] > 0, (ahead, a)
+            if "logprobs" in a:
+                assert len(g.logprobs) == len(g.top_logprobs) == len(g.token_ids)
+                assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+                assert [[i for i, _ in t] for t in g.top_logprobs] == [[i for i, _ in t] for t in w.top_logprobs]
+                assert [v for t in g.top_logprobs for _, v in t] == \
+                    pytest.approx([v for t in w.top_logprobs for _, v in t], abs=1e-4)
+        if ahead:
+            assert engine.draft_accepted == engine.drafted
+    for g, a in zip(want, asks):
+        if any(k.endswith("penalty") for k in a):
+            assert g.token_ids == penalized_greedy(model, g.prompt_ids, 30, **a)
 
 
 def test_sampled_rows_narrowed_to_one_token_equal_greedy(tiny, mlp_draft, reference):
