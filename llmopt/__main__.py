@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
                         "reduce-overhead (CUDA graphs on a GPU), max-autotune")
     g.add_argument("--sync-every", type=int, default=1, help="read tokens back every k steps (GPU)")
     g.add_argument("--graph-steps", type=int, default=1, help="greedy: k decode steps per CUDA graph (GPU)")
+    g.add_argument("--draft", metavar="DRAFT",
+                   help="speculative decoding: 'lookup' (prompt lookup), 'tiny-draft' (the MLP draft), "
+                        "'tiny-draft-llama' or your draft's folder; with --stats also the acceptance rate")
+    g.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens a round, with --draft")
     g.add_argument("--logprobs", type=int, metavar="K",
                    help="after the text, each token's probability and the others among the K most likely there")
     g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, -2 to 2 (default 0: none)")
@@ -97,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
         prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+        if args.draft is not None:
+            return _speculate(args, model, tok, prompt, options, on_engine)
         if args.stats or on_engine:   # the whole text at the end, then its log-probabilities or timings
             g = generate(model, tok, prompt, **options, **on_engine)
             print(g.text)
@@ -117,6 +123,30 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:    # a bad option, an unknown or incomplete model
         parser.error(str(e))
     print()
+    return 0
+
+
+def _speculate(args, model, tok, prompt, options: dict, on_engine: dict) -> int:
+    """`generate --draft`: speculative decoding (llmopt.speculative), the text at the end; with --stats its timings,
+    the acceptance rate and tokens per target forward on stderr."""
+    from . import load_model
+    from .speculative import speculative_generate
+    unsupported = [f"--{k.replace('_', '-')}" for k, v in on_engine.items()]
+    unsupported += [flag for flag, on in (("--compile", options.pop("compile")),
+                                          ("--sync-every", options.pop("sync_every") != 1),
+                                          ("--graph-steps", options.pop("graph_steps") != 1)) if on]
+    if unsupported:
+        raise ValueError(f"--draft runs speculative decoding, which does not take {', '.join(unsupported)}: "
+                         "leave them out, or the draft")
+    draft = args.draft if args.draft == "lookup" else load_model(args.draft, device=args.device)[0]
+    g = speculative_generate(model, draft, tok, prompt, k=args.num_speculative_tokens, **options)
+    print(g.text)
+    if args.stats:
+        st = g.stats
+        print(f"{st['new_tokens']} tokens ({g.finish_reason}); TTFT {st['ttft_s'] * 1e3:.1f} ms, TPOT "
+              f"{st['tpot_s'] * 1e3:.2f} ms, {st['decode_tokens_per_s']:.1f} tokens/s decoding; draft "
+              f"{st['draft']}, k={st['k']}: acceptance {st['acceptance_rate']:.2f}, "
+              f"{st['tokens_per_target_forward']:.2f} tokens per target forward", file=sys.stderr)
     return 0
 
 

@@ -222,6 +222,13 @@ def test_command_line_generates_and_refuses_bad_input_with_a_usage_error(capsys,
     assert len(table) == 12
     for line, t, lp in zip(table, g.token_ids, g.logprobs):
         assert line.lstrip().startswith(f"{tok.decode([t])!r} {math.exp(lp):.3f}")
+    # --draft: speculative decoding, the same greedy text; --stats adds the acceptance rate
+    for draft in ("tiny-draft", "lookup"):
+        assert main(["generate", "ROMEO:", "--max-new-tokens", "24", "--draft", draft, "--stats"]) == 0
+        out = capsys.readouterr()
+        assert out.out == llmopt.generate(model, tok, "ROMEO:", max_new_tokens=24).text + "\n"
+        assert "24 tokens (length)" in out.err and "k=4: acceptance" in out.err
+        assert "tokens per target forward" in out.err
     # --chat: the prompt as a user's message, through the checkpoint's chat template
     chat = shutil.copytree(llmopt.load.resolve("tiny"), tmp_path / "chat")
     config = json.loads((chat / "tokenizer_config.json").read_text())
@@ -239,6 +246,10 @@ def test_command_line_generates_and_refuses_bad_input_with_a_usage_error(capsys,
                           (["generate", "Hi", "--compile", "fast"], "compile must be"),
                           (["generate", "Hi", "--frequency-penalty", "5"], "frequency_penalty must be a number in"),
                           (["generate", "Hi", "--logprobs", "3", "--compile"], "run on the engine's paged cache"),
+                          (["generate", "Hi", "--draft", "lookup", "--logprobs", "2", "--sync-every", "4"],
+                           "does not take --logprobs, --sync-every"),
+                          (["generate", "Hi", "--draft", "no-such-draft"], "no checkpoint at 'no-such-draft'"),
+                          (["generate", "Hi", "--draft", "lookup", "--num-speculative-tokens", "0"], "k (draft tokens"),
                           (["generate", "Hi", "--dtype", "int3"], "dtype must be one of"),
                           (["generate", "Hi", "--device", "cuda"], "CPU-only build"),
                           (["bench", "--device", "cuda", "cache"], "CPU-only build"),
