@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="compute long prompts in chunks over several steps, so running requests do not stall")
     v.add_argument("--max-prefill-tokens", type=int, default=512, help="prompt tokens a step (default 512)")
     v.add_argument("--speculative", metavar="DRAFT",
-                   help="speculative decoding: 'lookup' (prompt lookup) or an MLP draft ('tiny-draft', or a folder "
-                        "from python -m llmopt.draft) proposing tokens each step for every request")
+                   help="speculative decoding: 'lookup' (prompt lookup), an MLP draft ('tiny-draft', or a folder "
+                        "from python -m llmopt.draft) or a smaller model with the same tokenizer ('tiny-draft-llama') "
+                        "proposing tokens each step for every request")
     v.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens a request a step (default 4)")
     v.add_argument("--speculative-max-batch", type=int,
                    help="no drafts in a step with more requests decoding than this (default: always speculate)")

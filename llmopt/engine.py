@@ -39,6 +39,7 @@ from .generate import (NO_PENALTIES, Generation, TextStream, _as_stop_list, _che
 from .cuda_graphs import EngineGraphs
 from . import kv_cache
 from .kv_cache import BlockManager, PagedKVCache, kv_bytes_per_token, to_device
+from .config import ModelConfig
 from .model import check_llmopt_model
 from .sampling import apply_penalties_rows, check_penalties, checked_logit_bias, greedy, sample, seeded_generator
 from .speculative import PromptLookup, verify_drafts
@@ -81,6 +82,7 @@ class Sequence:
         self.cached_tokens = 0                 # prompt tokens found in the prefix cache (or forked)
         self.computed: int | None = None       # while its prompt is prefilled in chunks: tokens done so far
         self.draft: list[int] = []             # speculation: this step's proposed tokens, to verify
+        self.draft_cached = 0                  # with a draft transformer: tokens its cache holds for this row
         self.proposed = self.accepted = self.rejected = 0   # draft tokens, and verifications that rejected one
         self.siblings: list["Sequence"] = []   # samples of the same prompt that may fork from this one
         self.state = "waiting"                 # waiting, running, finished, failed, cancelled
@@ -389,6 +391,7 @@ class Scheduler:
         self.remove(seq)
         seq.computed = None
         seq.slot = None                # counts rebuilt from its tokens: a sample still in flight is dropped
+        seq.draft_cached = 0
         seq.state = "waiting"
         seq.preemptions += 1
         self.preemptions += 1
@@ -453,7 +456,9 @@ class Engine:
     instead of one per kernel. On a CPU the same padded steps run eagerly (slower: padding
     is real work there). `engine.graphs` counts what ran how.
     With `speculative` (a proposer: "lookup" for prompt lookup, an `NGramDraft`, the MLP draft
-    `load_model("tiny-draft")[0]`, or any object with `propose(tokens, k)`), each decode step
+    `load_model("tiny-draft")[0]`, or any object with `propose(tokens, k)`; or a smaller llmopt
+    model with the same tokenizer, `load_model("tiny-draft-llama")[0]`, whose keys and values go
+    in a pool of its own under the same block ids), each decode step
     first proposes up to `num_speculative_tokens` tokens for every running row, and the step's
     one forward computes each row's last token and its drafts (in the mixed step's packed
     sequence, beside the new prompts); a row keeps the drafts up to the first the model rejects
@@ -512,10 +517,17 @@ class Engine:
         cfg = model.config
         self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
         num_blocks = num_blocks or max_batch_size * -(-min(self.max_seq_len, SLOT_TOKENS) // block_size)
-        _check_cache_fits(cfg, model, num_blocks, block_size)
+        draft = self.proposer if isinstance(getattr(self.proposer, "config", None), ModelConfig) else None
+        _check_cache_fits(cfg, model, num_blocks, block_size, draft)
         self.cache = PagedKVCache(cfg, max_batch_size, self.max_seq_len, block_size=block_size,
                                   num_blocks=num_blocks, device=model.device, dtype=model.dtype,
                                   keep_gathered=keep_gathered, scratch_block=cuda_graphs)
+        # a draft transformer keeps its keys and values in a pool of its own under the same block ids, so
+        # a sequence's blocks serve both models; `seq.draft_cached` says how far the draft's are computed
+        self.draft_model, self.draft_cache, self.draft_forwards = draft, None, 0
+        if draft is not None:
+            self.draft_cache = PagedKVCache(draft.config, max_batch_size, self.max_seq_len, block_size=block_size,
+                                            device=model.device, dtype=draft.dtype, manager=self.cache.manager)
         self.graphs = EngineGraphs(model, self.cache, max_batch_size, graph_max_tokens) if cuda_graphs else None
         self.prefix_cache = PrefixCache(self.cache.manager) if prefix_caching else None
         self.scheduler = Scheduler(self.cache.manager, max_batch_size,
@@ -728,6 +740,8 @@ class Engine:
         rows = sched.grow(decode_rows)
         if sched.copies:
             self.cache.copy_blocks([(a, b) for a, b, _ in sched.copies])
+            if self.draft_cache is not None:
+                self.draft_cache.copy_blocks([(a, b) for a, b, _ in sched.copies])
             self.blocks_copied += len(sched.copies)
         admitted, joining = self._admit()
         if self.proposer is not None:
@@ -817,6 +831,9 @@ class Engine:
         if not want:
             return
         try:
+            if self.draft_model is not None:
+                self._model_drafts(want)
+                return
             if hasattr(self.proposer, "propose_many"):              # one batched call (the MLP draft)
                 drafts = self.proposer.propose_many([s.all_ids for s, _ in want], [room for _, room in want])
             else:
@@ -830,6 +847,43 @@ class Engine:
             return
         for (seq, room), draft in zip(want, drafts):
             seq.draft = draft[:self.scheduler.room_for(seq, len(draft))] if draft else []
+
+    def _model_drafts(self, want: list[tuple[Sequence, int]]) -> None:
+        """A draft transformer's greedy guesses for the rows of `want` ((sequence, most drafts)), over its own paged
+        cache: one forward catches every row's draft cache up (the tokens since it last ran, at least the row's
+        last token, all rows packed as a mixed step's prompts are), giving each its first guess; then one batched
+        decode step per further guess. Its keys and values are written into the rows' blocks, so the room for
+        them is taken first. `seq.draft_cached` ends past the last guess fed; `_verify` cuts it back to what was
+        accepted."""
+        draft, cache = self.draft_model, self.draft_cache
+        seqs, rooms = [], []
+        for seq, room in want:
+            room = min(room, draft.config.max_seq_len + 1 - seq.num_tokens)       # the draft's context
+            room = self.scheduler.room_for(seq, room) if room > 0 else 0
+            if room > 0:
+                seqs.append(seq)
+                rooms.append(room)
+        if not seqs:
+            return
+        device = self.model.device
+        chunks = [seq.all_ids[seq.draft_cached:] for seq in seqs]
+        pos = cache.set_mixed([], [], [(s.blocks, s.draft_cached, len(c)) for s, c in zip(seqs, chunks)])
+        ends = list(itertools.accumulate(len(c) for c in chunks))
+        logits = draft(to_device([t for c in chunks for t in c], device)[None], pos, cache, positions=pos[None],
+                       logits_to_keep=to_device([e - 1 for e in ends], device))[0]
+        self.draft_forwards += 1
+        out = torch.zeros(len(seqs), max(rooms), dtype=torch.long, device=device)
+        out[:, 0] = greedy(logits)
+        for i in range(1, max(rooms)):                                     # guess i + 1 from guess i
+            live = [r for r in range(len(seqs)) if rooms[r] > i]
+            at = to_device(live, device)
+            logits = _decode_rows(draft, cache, [seqs[r].blocks for r in live],
+                                  [seqs[r].num_tokens + i - 1 for r in live], out[at, i - 1][:, None])
+            self.draft_forwards += 1
+            out[at, i] = greedy(logits)
+        for seq, room, guesses in zip(seqs, rooms, out.tolist()):          # one copy to the host
+            seq.draft = guesses[:room]
+            seq.draft_cached = seq.num_tokens + room - 1
 
     def _prefill(self, seq: Sequence) -> None:
         """Compute a newly admitted (or readmitted) sequence's KV cache and its next token."""
@@ -1037,6 +1091,8 @@ class Engine:
                 self.drafted += len(draft)
                 self.draft_accepted += n_ok
                 self.draft_rejected += n_ok < len(draft)
+                if self.draft_model is not None:          # the draft's cache holds the accepted guesses only
+                    seq.draft_cached = min(seq.draft_cached, seq.num_tokens + n_ok)
                 found = self._verified_logprobs(seq, mine[at:at + len(tokens)], tokens)
                 for j, tok in enumerate(tokens):
                     self._accept(seq, tok, found[j] if found else None)
@@ -1082,16 +1138,11 @@ class Engine:
 
     def _forward_rows(self, rows: list[Sequence], lengths: list[int], tokens: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] for one new token per row (tokens [B, 1]); row b has lengths[b] tokens cached."""
-        device = self.model.device
         if self.graphs is not None:
             self.forwards += 1
             return self.graphs.forward([s.blocks for s in rows], lengths, tokens[:, 0])
-        S = self.cache.set_rows([s.blocks for s in rows], lengths)          # key slots attention reads
-        lens = self.cache.row_lengths                                          # lengths, on the device
-        key_mask = torch.arange(S, device=device)[None, :] <= lens[:, None]      # [B, S]
         self.forwards += 1
-        return self.model(tokens, to_device([S - 1], device), self.cache,
-                          positions=lens[:, None], key_mask=key_mask)[:, -1]
+        return _decode_rows(self.model, self.cache, [s.blocks for s in rows], lengths, tokens)
 
     def _forward_mixed(self, rows: list[Sequence], lengths: list[int], tokens: torch.Tensor,
                        joining: list[tuple[Sequence, int]], verify: list[Sequence] = ()) -> torch.Tensor:
@@ -1290,12 +1341,14 @@ def sample_seeds(seed: int | None, n: int) -> list[int]:
     return [base + i for i in range(n)]
 
 
-def _check_cache_fits(cfg, model, num_blocks: int, block_size: int) -> None:
+def _check_cache_fits(cfg, model, num_blocks: int, block_size: int, draft=None) -> None:
     """On a GPU, a clear error naming a `num_blocks` that fits, before a KV pool larger than the free
     memory is allocated (the default sizes it by slots, not by what the device has left: vLLM's
-    gpu_memory_utilization sizes it from free memory instead)."""
+    gpu_memory_utilization sizes it from free memory instead). A draft transformer's pool counts too."""
     free = kv_cache.free_device_bytes(model.device)
     per_block = block_size * kv_bytes_per_token(cfg, model.dtype)
+    if draft is not None:
+        per_block += block_size * kv_bytes_per_token(draft.config, draft.dtype)
     if free is None or (num_blocks + 1) * per_block <= free:      # + 1: the CUDA graphs' scratch block
         return
     fits = int(0.9 * free) // per_block - 1
@@ -1304,6 +1357,17 @@ def _check_cache_fits(cfg, model, num_blocks: int, block_size: int) -> None:
     raise ValueError(f"the engine's KV cache ({num_blocks:,} blocks of {block_size} tokens: "
                      f"{num_blocks * per_block / 2**30:.2f} GiB) does not fit in the {free / 2**30:.2f} GiB free on "
                      f"{model.device}: {fix}, or give the engine a smaller max_batch_size or max_seq_len")
+
+
+def _decode_rows(model, cache: PagedKVCache, blocks: list[list[int]], lengths: list[int],
+                 tokens: torch.Tensor) -> torch.Tensor:
+    """Logits [B, V] of `model` for one new token per row (tokens [B, 1]) over the paged `cache`, row b owning
+    `blocks[b]` and caching lengths[b] tokens (the engine's decode step, and its draft model's)."""
+    device = model.device
+    S = cache.set_rows(blocks, lengths)                                  # key slots attention reads
+    lens = cache.row_lengths                                             # lengths, on the device
+    key_mask = torch.arange(S, device=device)[None, :] <= lens[:, None]  # [B, S]
+    return model(tokens, to_device([S - 1], device), cache, positions=lens[:, None], key_mask=key_mask)[:, -1]
 
 
 def _valid_draft(draft, room: int, vocab_size: int) -> list[int]:
@@ -1330,11 +1394,11 @@ def _checked_proposer(speculative, model, overlap: bool):
             raise ValueError(f"speculative must be 'lookup' (prompt lookup) or a proposer with propose(tokens, k), "
                              f"got {speculative!r}")
         speculative = PromptLookup()
-    if not hasattr(speculative, "propose"):
-        raise ValueError(f"speculative must be 'lookup' or a proposer with propose(tokens, k) (an NGramDraft, the "
-                         f"MLP draft load_model('tiny-draft')[0]), got {type(speculative).__name__}: a draft "
-                         "transformer needs a KV cache of its own, which the engine does not keep; "
-                         "llmopt.speculative.speculative_generate runs one for a single stream")
+    is_model = isinstance(getattr(speculative, "config", None), ModelConfig)     # a draft transformer
+    if not is_model and not hasattr(speculative, "propose"):
+        raise ValueError(f"speculative must be 'lookup', a proposer with propose(tokens, k) (an NGramDraft, the "
+                         f"MLP draft load_model('tiny-draft')[0]) or a smaller llmopt model with the same "
+                         f"tokenizer, got {type(speculative).__name__}")
     vocab = getattr(getattr(speculative, "config", None), "vocab_size", None)
     if vocab is not None and vocab != model.config.vocab_size:
         raise ValueError(f"the draft's vocabulary ({vocab}) differs from the model's ({model.config.vocab_size}): "

@@ -30,6 +30,11 @@ def reference(tiny):
 
 
 @pytest.fixture(scope="module")
+def llama_draft():
+    return llmopt.load_model("tiny-draft-llama")[0]
+
+
+@pytest.fixture(scope="module")
 def ngram(tiny):
     from llmopt.data import load_split
     return NGramDraft.from_text(tiny[1], load_split("train")[0][:100_000])
@@ -42,13 +47,14 @@ def ngram(tiny):
     dict(cuda_graphs=True), dict(cuda_graphs=True, graph_max_tokens=16)],
     ids=["default", "prefix-caching", "separate-prefills", "gather-every-step", "chunked", "preemption",
          "k=1", "k=8", "cuda-graphs", "cuda-graphs-some-steps-eager"])
-@pytest.mark.parametrize("kind", ["lookup", "mlp", "ngram"])
-def test_greedy_output_is_unchanged(tiny, mlp_draft, ngram, reference, kind, options):
+@pytest.mark.parametrize("kind", ["lookup", "mlp", "ngram", "transformer"])
+def test_greedy_output_is_unchanged(tiny, mlp_draft, ngram, llama_draft, reference, kind, options):
     """Whatever the drafts, a greedy row keeps exactly the tokens plain decoding gives, and a step yields more than
     one token a row once drafts are accepted."""
     model, tok = tiny
     options = dict(dict(max_batch_size=4), **options)
-    with Engine(model, tok, speculative=dict(lookup="lookup", mlp=mlp_draft, ngram=ngram)[kind], **options) as engine:
+    draft = dict(lookup="lookup", mlp=mlp_draft, ngram=ngram, transformer=llama_draft)[kind]
+    with Engine(model, tok, speculative=draft, **options) as engine:
         outs = engine.generate_many(PROMPTS, max_new_tokens=40)
         assert [o.token_ids for o in outs] == reference
         assert engine.drafted > 0 and 0 < engine.draft_accepted <= engine.drafted
@@ -61,9 +67,60 @@ def test_greedy_output_is_unchanged(tiny, mlp_draft, ngram, reference, kind, opt
             assert verifying and all(b["queries"] > 1 for b in verifying)
             if options.get("graph_max_tokens") == 16:          # the bigger steps ran outside the buckets
                 assert engine.graphs.steps < engine.forwards
+        if kind == "transformer":
+            assert engine.draft_forwards > 0
         if kind == "mlp" and "num_blocks" not in options:
             # the trained draft agrees often: fewer forwards than one per token per batch
             assert engine.forwards < engine.tokens_generated / options["max_batch_size"]
+
+
+@pytest.mark.parametrize("options", [dict(), dict(prefix_caching=True), dict(num_blocks=12, max_batch_size=6),
+                                     dict(cuda_graphs=True), dict(chunked_prefill=True, max_prefill_tokens=8),
+                                     dict(num_speculative_tokens=7, block_size=4)],
+                         ids=["default", "prefix-caching", "preemption", "cuda-graphs", "chunked", "k=7-small-blocks"])
+def test_a_draft_transformer_keeps_its_own_cache_exactly(tiny, reference, options):
+    """The target as its own draft: every greedy guess is accepted only if the draft's paged cache holds exactly
+    the keys and values of the tokens before it (caught up after prefill, cut back after each verification,
+    dropped on preemption, shared blocks copied on write), since the draft then computes what the target will."""
+    model, tok = tiny
+    system = "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    prompts = PROMPTS[:5] + [system + p for p in ("ROMEO:", "KING:")]
+    want = reference[:5] + [llmopt.generate(model, tok, p, max_new_tokens=40).token_ids for p in prompts[5:]]
+    options = dict(dict(max_batch_size=4), **options)
+    with Engine(model, tok, speculative=model, **options) as engine:
+        outs = engine.generate_many(prompts, max_new_tokens=40)
+        assert [o.token_ids for o in outs] == want
+        assert engine.draft_accepted == engine.drafted > 0
+        forks = engine.sample_n(PROMPTS[2], 3, max_new_tokens=30, temperature=1.0, top_k=1, seed=0)
+        assert [f.token_ids for f in forks] == [reference[2][:30]] * 3
+        assert engine.draft_accepted == engine.drafted
+        if "num_blocks" in options:
+            assert engine.scheduler.preemptions > 0
+        if options.get("prefix_caching"):
+            assert outs[-1].stats["cached_prompt_tokens"] > 0
+    assert engine.forwards < engine.tokens_generated / 4
+
+
+@pytest.mark.parametrize("options", [dict(), dict(num_blocks=12, max_batch_size=6), dict(prefix_caching=True)],
+                         ids=["default", "preemption", "prefix-caching"])
+def test_a_draft_transformers_guesses_are_its_own_greedy_continuation(tiny, llama_draft, options):
+    """With a smaller draft that the target often overrules, every guess the engine's draft makes equals what the
+    draft model alone, recomputing the whole sequence, would guess next: its cache is cut back to the accepted
+    tokens after each verification, and rebuilt after a preemption."""
+    model, tok = tiny
+    guesses = []
+
+    class Recorded(Engine):
+        def _model_drafts(self, want):
+            super()._model_drafts(want)
+            guesses.extend((s.all_ids, s.draft) for s, _ in want if s.draft)
+
+    with Recorded(model, tok, speculative=llama_draft, **dict(dict(max_batch_size=4), **options)) as engine:
+        engine.generate_many(PROMPTS, max_new_tokens=40)
+        assert engine.draft_rejected > 10
+    assert len(guesses) > 50
+    for ids, draft in guesses:
+        assert draft == llmopt.generate(llama_draft, tok, ids, max_new_tokens=len(draft), ignore_eos=True).token_ids
 
 
 def test_a_row_stops_where_plain_decoding_stops(tiny, mlp_draft):
@@ -86,8 +143,9 @@ def test_rows_with_penalties_bias_or_logprobs_speculate_as_they_decode(tiny, mlp
     (greedy and sampled narrowed to one token)."""
     from test_penalties import penalized_greedy
     model, tok = tiny
-    asks = [dict(repetition_penalty=1.3), {}, dict(logprobs=2), dict(logit_bias={5: -100}), dict(frequency_penalty=-0.6),
-            dict(frequency_penalty=0.5, presence_penalty=0.5), dict(logprobs=0, temperature=1.0, top_k=1, seed=4)]
+    asks = [dict(repetition_penalty=1.3), {}, dict(logprobs=2), dict(logit_bias={5: -100}),
+            dict(frequency_penalty=-0.6), dict(frequency_penalty=0.5, presence_penalty=0.5),
+            dict(logprobs=0, temperature=1.0, top_k=1, seed=4)]
     prompts = PROMPTS[:len(asks)]
     with Engine(model, tok, max_batch_size=7) as plain:
         want = [h.result() for h in [plain.submit(p, max_new_tokens=30, ignore_eos=True, **a)
@@ -249,10 +307,13 @@ def test_prometheus_counts_drafts(tiny, mlp_draft):
 
 def test_bad_speculation_options_are_refused(tiny):
     model, tok = tiny
-    draft_llama, _ = llmopt.load_model("tiny-draft-llama")
+    import dataclasses
+    other_vocab = llmopt.build_model(dataclasses.replace(llmopt.load_model("tiny-draft-llama")[0].config,
+                                                         vocab_size=100))
     for kwargs, message in [
             (dict(speculative="medusa"), "'lookup'"),
-            (dict(speculative=draft_llama), "KV cache of its own"),
+            (dict(speculative=object()), "a smaller llmopt model with the same tokenizer"),
+            (dict(speculative=other_vocab), r"the draft's vocabulary \(100\) differs from the model's \(4096\)"),
             (dict(speculative="lookup", overlap=True), "overlap=False"),
             (dict(speculative="lookup", num_speculative_tokens=0), "num_speculative_tokens"),
             (dict(speculative="lookup", speculative_max_batch=0), "speculative_max_batch")]:

@@ -311,7 +311,8 @@ def test_serve_command_refuses_bad_options(capsys):
                           (["serve", "--model", "no-such-model", "--port", "0"], "no checkpoint at 'no-such-model'"),
                           (["serve", "--max-batch-size", "0", "--port", "0"], "max_batch_size"),
                           (["serve", "--max-prefill-tokens", "0", "--port", "0"], "max_prefill_tokens"),
-                          (["serve", "--speculative", "tiny-draft-llama", "--port", "0"], "KV cache of its own"),
+                          (["serve", "--speculative", "no-such-draft", "--port", "0"],
+                           "no checkpoint at 'no-such-draft'"),
                           (["serve", "--speculative", "lookup", "--num-speculative-tokens", "0", "--port", "0"],
                            "num_speculative_tokens")]:
         with pytest.raises(SystemExit) as exit_:
