@@ -451,8 +451,9 @@ def main(argv=None) -> int:
                 "rows": [{k: r.get(k) for k in keep} for r in res["rows"]]}
 
     def speculative_engine():
-        """Speculation inside the engine at batch 1, 4, 16 (smoke: 1, 4): tiny + tiny-draft and prompt lookup, k=4,
-        greedy; eager steps, then both engines' steps as CUDA graphs (on a CPU the padded steps run eagerly)."""
+        """Speculation inside the engine at batch 1, 4, 16 (smoke: 1, 4): tiny + tiny-draft, tiny-draft-llama and
+        prompt lookup, k=4, greedy; eager steps, then both engines' steps as CUDA graphs (on a CPU the padded
+        steps run eagerly)."""
         from llmopt.bench import bench_speculative_engine
         keep = ("label", "batch_size", "plain_tokens_per_s", "speculative_tokens_per_s", "speedup",
                 "acceptance_rate", "speculative_forwards_per_token", "identical")

@@ -663,7 +663,7 @@ def bench_speculative_engine(quick: bool, device: str, model: str = "tiny",
                              text: str | None = None, cuda_graphs: bool = False) -> dict:
     """Speculative decoding inside the continuous-batching engine as the batch grows
     (`workload.speculation_by_batch`): k=4, greedy, the engine with and without drafts at batch
-    1, 4 and 16 (quick: 1 and 4). Drafts: prompt lookup, and with `tiny` its MLP draft. Prompts
+    1, 4 and 16 (quick: 1 and 4). Drafts: prompt lookup, and with `tiny` its MLP and transformer drafts. Prompts
     from the plays' held-out text (the engine's own prompts; `text` is not used here). With
     `cuda_graphs`, both engines run their steps as CUDA graphs (the GPU suite)."""
     from .load import load_model
@@ -672,7 +672,8 @@ def bench_speculative_engine(quick: bool, device: str, model: str = "tiny",
     target, tok = load_model(path, device=device)
     drafts = {"prompt lookup": "lookup"}
     if path == "tiny":
-        drafts = {"tiny-draft (MLP)": load_model("tiny-draft", device=device)[0], **drafts}
+        drafts = {"tiny-draft (MLP)": load_model("tiny-draft", device=device)[0],
+                  "tiny-draft-llama (transformer)": load_model("tiny-draft-llama", device=device)[0], **drafts}
     sizes, new = ((1, 4), 16) if quick else ((1, 4, 16), 64)
     rows = []
     for label, d in drafts.items():

@@ -68,7 +68,7 @@ def test_gpu_session_smoke(tmp_path):
         assert res[part]["rows"]
     assert all(r["identical"] for r in res["batching"]["rows"] + res["batching_dialogue"]["rows"])
     assert all(r["identical"] for r in res["speculative"]["rows"][1:] + res["speculative_engine"]["rows"])
-    assert [r["batch_size"] for r in res["speculative_engine"]["rows"]] == [1, 4, 1, 4] * 2
+    assert [r["batch_size"] for r in res["speculative_engine"]["rows"]] == [1, 4] * 6     # 3 drafts, eager and graphs
     md = (tmp_path / "suite" / "gpu_results.md").read_text()
     assert "| tiny-draft (MLP), batch 4 |" in md and "| prompt lookup, batch 1, CUDA graphs |" in md
     assert md.startswith("# GPU suite") and "| decode MBU (batch 1, bf16, compiled) | 70% | not run | - |" in md
