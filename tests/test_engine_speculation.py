@@ -76,8 +76,10 @@ def test_greedy_output_is_unchanged(tiny, mlp_draft, ngram, llama_draft, referen
 
 @pytest.mark.parametrize("options", [dict(), dict(prefix_caching=True), dict(num_blocks=12, max_batch_size=6),
                                      dict(cuda_graphs=True), dict(chunked_prefill=True, max_prefill_tokens=8),
-                                     dict(num_speculative_tokens=7, block_size=4)],
-                         ids=["default", "prefix-caching", "preemption", "cuda-graphs", "chunked", "k=7-small-blocks"])
+                                     dict(num_speculative_tokens=7, block_size=4), dict(mixed_steps=False),
+                                     dict(keep_gathered=False)],
+                         ids=["default", "prefix-caching", "preemption", "cuda-graphs", "chunked", "k=7-small-blocks",
+                              "separate-prefills", "gather-every-step"])
 def test_a_draft_transformer_keeps_its_own_cache_exactly(tiny, reference, options):
     """The target as its own draft: every greedy guess is accepted only if the draft's paged cache holds exactly
     the keys and values of the tokens before it (caught up after prefill, cut back after each verification,
