@@ -339,15 +339,18 @@ def prefill_stall(model, tokenizer, *, running: int = 8, long_prompt_tokens: int
 
 
 def speculation_by_batch(model, tokenizer, speculative, *, sizes=(1, 4, 16), k: int = 4, max_new_tokens: int = 64,
-                         prompt_tokens: int = 32, repeats: int = 3, label: str = "", **engine_options) -> list[dict]:
+                         prompt_tokens: int = 32, repeats: int = 3, temperature: float = 0.0, label: str = "",
+                         **engine_options) -> list[dict]:
     """Speculative decoding inside the engine, as the batch grows (notebook 09): for each batch
     size B, B requests (`prompt_tokens`-token prompts from the held-out text, `max_new_tokens`
-    each, greedy) served at once by an `Engine(max_batch_size=B)`, without speculation and with
-    `speculative` (a proposer, as `Engine` takes) proposing `k` tokens a row a step.
+    each, greedy, or sampled at `temperature` with request i seeded i) served at once by an
+    `Engine(max_batch_size=B)`, without speculation and with `speculative` (a draft, as `Engine`
+    takes) proposing `k` tokens a row a step.
 
     One row per batch size: each engine's tokens/s (the median of `repeats` runs, after one
     warm-up), their ratio `speedup`, the model forwards per generated token of each, the
-    acceptance rate and whether the outputs were identical. At batch 1 a decode step reads the
+    acceptance rate and whether the outputs were identical (greedy; None when sampled: the same
+    distribution, other draws). At batch 1 a decode step reads the
     weights for one token, so verifying k more costs little on a GPU; as the batch grows the step
     becomes compute-bound and the drafts' extra tokens cost as much as real ones, so the speed-up
     shrinks (`speculative.speculation_vs_batch` predicts where from timed forwards).
@@ -362,17 +365,18 @@ def speculation_by_batch(model, tokenizer, speculative, *, sizes=(1, 4, 16), k: 
     rows = []
     for b in sizes:
         prompts = [text[i * (prompt_tokens + 40):i * (prompt_tokens + 40) + prompt_tokens] for i in range(b)]
-        row = dict(label=label, batch_size=b, k=k)
+        row = dict(label=label, batch_size=b, k=k, temperature=temperature)
+        seeds = dict(temperature=temperature, seed=list(range(b))) if temperature else {}
         outputs = {}
         for name, spec in (("plain", None), ("speculative", speculative)):
             with Engine(model, tokenizer, max_batch_size=b, speculative=spec,
                         num_speculative_tokens=k, **engine_options) as engine:
-                engine.generate_many(prompts, max_new_tokens=8, ignore_eos=True)      # warm-up
+                engine.generate_many(prompts, max_new_tokens=8, ignore_eos=True, **seeds)      # warm-up
                 rates = []
                 for _ in range(repeats):
                     tokens, forwards, drafted = engine.tokens_generated, engine.forwards, engine.drafted
                     t0 = time.perf_counter()
-                    outs = engine.generate_many(prompts, max_new_tokens=max_new_tokens, ignore_eos=True)
+                    outs = engine.generate_many(prompts, max_new_tokens=max_new_tokens, ignore_eos=True, **seeds)
                     rates.append((engine.tokens_generated - tokens) / (time.perf_counter() - t0))
                 row[f"{name}_tokens_per_s"] = statistics.median(rates)
                 row[f"{name}_forwards_per_token"] = (engine.forwards - forwards) / (engine.tokens_generated - tokens)
@@ -381,7 +385,7 @@ def speculation_by_batch(model, tokenizer, speculative, *, sizes=(1, 4, 16), k: 
                     row["acceptance_rate"] = engine.acceptance_rate
                     row["drafted_per_token"] = (engine.drafted - drafted) / (engine.tokens_generated - tokens)
         row["speedup"] = row["speculative_tokens_per_s"] / row["plain_tokens_per_s"]
-        row["identical"] = outputs["plain"] == outputs["speculative"]
+        row["identical"] = outputs["plain"] == outputs["speculative"] if not temperature else None
         rows.append(row)
     return rows
 

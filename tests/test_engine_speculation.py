@@ -307,6 +307,15 @@ def test_prometheus_counts_drafts(tiny, mlp_draft):
     assert snap["tokens"] == engine.tokens_generated
 
 
+def test_speculation_by_batch_measures_sampling_too(tiny, mlp_draft):
+    """Sampled (request i seeded i): no identity to check, fewer forwards a token with the draft all the same."""
+    from llmopt.workload import speculation_by_batch
+    model, tok = tiny
+    row, = speculation_by_batch(model, tok, mlp_draft, sizes=(2,), max_new_tokens=32, repeats=1, temperature=0.8)
+    assert row["identical"] is None and row["temperature"] == 0.8 and row["acceptance_rate"] > 0
+    assert row["speculative_forwards_per_token"] < row["plain_forwards_per_token"] == 0.5
+
+
 def test_bad_speculation_options_are_refused(tiny):
     model, tok = tiny
     import dataclasses
