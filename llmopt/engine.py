@@ -35,7 +35,7 @@ import torch
 
 from .config import check_count
 from .generate import (NO_PENALTIES, Generation, TextStream, _as_stop_list, _checked_request, _eos_ids,
-                       per_prompt_options, timing_stats)
+                       not_finite_error, per_prompt_options, timing_stats)
 from .cuda_graphs import EngineGraphs
 from . import kv_cache
 from .kv_cache import BlockManager, PagedKVCache, kv_bytes_per_token, to_device
@@ -1040,10 +1040,7 @@ class Engine:
 
     @staticmethod
     def _not_finite(seq: Sequence) -> FloatingPointError:
-        return FloatingPointError(
-            f"request {seq.id}: the model's logits were not finite (NaN or inf) at new token "
-            f"{len(seq.generated) + 1}; in fp16 activations can overflow (notebook 05): load the model in "
-            "bf16 or fp32")
+        return not_finite_error(len(seq.generated) + 1, seq.id)
 
     def _prefilled(self, rows: list[Sequence], joining: list[tuple[Sequence, int]], logits: torch.Tensor):
         """After a forward with the prompt chunks of `joining`: the sequences whose prompts are now
@@ -1114,15 +1111,11 @@ class Engine:
                 at = [(j, draft[i]) for i in range(m) for j in range(i + 1, m + 1)]
                 counts.index_put_(tuple(to_device(list(x), device) for x in zip(*at)),
                                   torch.ones(len(at), device=device), accumulate=True)
-            params = to_device([[seq.penalties[k] for k in ("presence_penalty", "frequency_penalty",
-                                                            "repetition_penalty")]], device, dtype=torch.float32)
             logits = apply_penalties_rows(logits, counts, self._seen[slot].expand(m + 1, -1),
-                                          *params.unsqueeze(-1).unbind(1))
+                                          *_penalty_params([seq], device))
         if seq.logit_bias:
-            if seq.bias is None:
-                seq.bias = (to_device(list(seq.logit_bias), device),
-                            to_device(list(seq.logit_bias.values()), device, dtype=torch.float32))
-            logits = logits.index_add(1, seq.bias[0], seq.bias[1].expand(m + 1, -1))
+            ids, values = _bias_tensors(seq, device)
+            logits = logits.index_add(1, ids, values.expand(m + 1, -1))
         return logits
 
     @staticmethod
@@ -1192,41 +1185,33 @@ class Engine:
         logits = torch.nan_to_num(logits)                             # a copy: the model's own stay as they were
         penalized = [i for i, s in enumerate(rows) if s.penalties is not None]
         biased = [i for i, s in enumerate(rows) if s.logit_bias]
+        if penalized:            # their rows in the step and in the count matrix, on the device, once
+            slots = self._count_slots([rows[i] for i in penalized], logits.shape[-1], logits.device)
+            at, slots = to_device(penalized + slots, logits.device).split(len(penalized))
         if penalized or biased:
-            logits = self._adjust(rows, logits.float(), penalized, biased)
+            logits = self._adjust(rows, logits.float(), (penalized, at, slots) if penalized else None, biased)
         out = greedy(logits)
         for i, seq in enumerate(rows):
             if seq.temperature > 0:
                 out[i] = sample(logits[i:i + 1], seq.temperature, seq.top_k, seq.top_p, seq.generator)[0]
         if penalized:            # counted now, on the device: an overlapped next step sees it before the host
-            at = to_device(penalized, out.device)
-            self._counts.index_put_((to_device([rows[i].slot for i in penalized], out.device), out[at]),
-                                    torch.ones(len(penalized), device=out.device), accumulate=True)
+            self._counts.index_put_((slots, out[at]), torch.ones(len(penalized), device=out.device), accumulate=True)
         return out, finite
 
-    def _adjust(self, rows: list[Sequence], logits: torch.Tensor, penalized: list[int],
+    def _adjust(self, rows: list[Sequence], logits: torch.Tensor, penalized: tuple | None,
                 biased: list[int]) -> torch.Tensor:
-        """The step's logits [B, V] (fp32) with the penalties of the rows `penalized` applied and the
-        logit bias of the rows `biased` added, all rows at once: each penalized sequence owns a row of
-        the engine's token-count matrix (vLLM's persistent batch), so the step costs the same dozen
-        operations for one such request or sixty-four, where a loop over them cost a dozen each."""
+        """The step's logits [B, V] (fp32) with the penalties of the penalized rows applied (`penalized`:
+        their indices in the step, the same and their count-matrix rows on the device) and the logit bias of the
+        rows `biased` added, all rows at once: each penalized sequence owns a row of the engine's
+        token-count matrix (vLLM's persistent batch), so the step costs the same dozen operations for
+        one such request or sixty-four, where a loop over them cost a dozen each."""
         device = logits.device
-        if penalized:
-            slots = to_device(self._count_slots([rows[i] for i in penalized], logits.shape[-1], device), device)
-            at = to_device(penalized, device)
-            params = to_device([[rows[i].penalties[k] for k in ("presence_penalty", "frequency_penalty",
-                                                                 "repetition_penalty")] for i in penalized],
-                               device, dtype=torch.float32)
+        if penalized is not None:
+            where, at, slots = penalized
             logits[at] = apply_penalties_rows(logits[at], self._counts[slots], self._seen[slots],
-                                              *params.unsqueeze(-1).unbind(1))
+                                              *_penalty_params([rows[i] for i in where], device))
         if biased:
-            for i in biased:
-                if rows[i].bias is None:
-                    bias = rows[i].logit_bias
-                    rows[i].bias = (to_device(list(bias), device),
-                                    to_device(list(bias.values()), device, dtype=torch.float32))
-            ids = torch.cat([rows[i].bias[0] for i in biased])
-            values = torch.cat([rows[i].bias[1] for i in biased])
+            ids, values = (torch.cat(t) for t in zip(*(_bias_tensors(rows[i], device) for i in biased)))
             where = to_device([i for i in biased for _ in rows[i].logit_bias], device)
             logits.index_put_((where, ids), values, accumulate=True)
         return logits
@@ -1357,6 +1342,21 @@ def _check_cache_fits(cfg, model, num_blocks: int, block_size: int, draft=None) 
     raise ValueError(f"the engine's KV cache ({num_blocks:,} blocks of {block_size} tokens: "
                      f"{num_blocks * per_block / 2**30:.2f} GiB) does not fit in the {free / 2**30:.2f} GiB free on "
                      f"{model.device}: {fix}, or give the engine a smaller max_batch_size or max_seq_len")
+
+
+def _penalty_params(seqs: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The presence, frequency and repetition penalties of `seqs`, each [len(seqs), 1] on the device (one copy)."""
+    params = to_device([[seq.penalties[k] for k in ("presence_penalty", "frequency_penalty", "repetition_penalty")]
+                        for seq in seqs], device, dtype=torch.float32)
+    return params.unsqueeze(-1).unbind(1)
+
+
+def _bias_tensors(seq: Sequence, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`seq`'s logit bias as (token ids, values) on the device, made the first time it is needed."""
+    if seq.bias is None:
+        seq.bias = (to_device(list(seq.logit_bias), device),
+                    to_device(list(seq.logit_bias.values()), device, dtype=torch.float32))
+    return seq.bias
 
 
 def _decode_rows(model, cache: PagedKVCache, blocks: list[list[int]], lengths: list[int],

@@ -427,9 +427,7 @@ def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tok
                     if check:
                         tok, ok = tok
                         if not ok:
-                            raise FloatingPointError(
-                                f"the model's logits were not finite (NaN or inf) at new token {i + 2 - len(toks) + j}"
-                                "; in fp16 activations can overflow (notebook 05): load the model in bf16 or fp32")
+                            raise not_finite_error(i + 2 - len(toks) + j)
                     yield tok, now
                     if tok in eos:
                         return
@@ -444,6 +442,13 @@ def _token_stream(model, tokenizer, ids: list[int], start: float, *, max_new_tok
     finally:
         if release is not None:
             release()
+
+
+def not_finite_error(token: int, request: int | None = None) -> FloatingPointError:
+    """What a generation loop raises when the logits of its new token number `token` are NaN or inf."""
+    who = "" if request is None else f"request {request}: "
+    return FloatingPointError(f"{who}the model's logits were not finite (NaN or inf) at new token {token}; in fp16 "
+                              "activations can overflow (notebook 05): load the model in bf16 or fp32")
 
 
 def _graph_tokens(model, kv, logits, pos: int, max_len: int, start: float, *, max_new_tokens: int,
